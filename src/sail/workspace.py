@@ -1,0 +1,228 @@
+"""Workspace layout, atomic writes and stage manifests (see docs/artifacts.md).
+
+Every artifact is written to a temp name in its own folder and renamed into place, so an
+interrupted run never leaves a half-written file that a later run would trust. A stage is
+skipped when the manifest beside its main artifact records the same config hash and the same
+input fingerprints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sail import __version__
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIX = ".manifest.json"
+# Inputs smaller than this are content-hashed; larger ones are fingerprinted by size and,
+# when they are workspace artifacts, by the hash of their own manifest.
+CONTENT_HASH_LIMIT = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_csv_atomic(path: str | os.PathLike, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def write_parquet_atomic(
+    path: str | os.PathLike, table: pa.Table | pd.DataFrame, metadata: Mapping[str, str] | None = None
+) -> None:
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def hash_config(obj: Any) -> str:
+    """Stable hash of a JSON-able object (dict keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Cheap identity of an input: its manifest's hash if it has one, else content or size."""
+    path = Path(path)
+    manifest = manifest_path(path)
+    if manifest.exists():
+        return "manifest:" + hash_file(manifest)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        listing = [(str(p.relative_to(path)), p.stat().st_size) for p in files]
+        return "dir:" + hash_config(listing)
+    if not path.exists():
+        return "missing"
+    size = path.stat().st_size
+    if size <= CONTENT_HASH_LIMIT:
+        return "sha256:" + hash_file(path)
+    return f"size:{size}"
+
+
+def manifest_path(artifact: str | os.PathLike) -> Path:
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + MANIFEST_SUFFIX)
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a finished stage promises about one artifact."""
+
+    stage: str
+    config_hash: str
+    inputs: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "config_hash": self.config_hash,
+            "inputs": self.inputs,
+            "sail_version": __version__,
+        }
+
+
+def is_done(artifact: str | os.PathLike, record: StageRecord) -> bool:
+    """True when ``artifact`` exists and its manifest matches ``record``."""
+    artifact = Path(artifact)
+    manifest = manifest_path(artifact)
+    if not artifact.exists() or not manifest.exists():
+        return False
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (
+        saved.get("stage") == record.stage
+        and saved.get("config_hash") == record.config_hash
+        and saved.get("inputs") == record.inputs
+    )
+
+
+def mark_done(artifact: str | os.PathLike, record: StageRecord, extra: Mapping[str, Any] | None = None) -> None:
+    payload = record.to_json()
+    if extra:
+        payload["summary"] = dict(extra)
+    write_json_atomic(manifest_path(artifact), payload)
+
+
+class Workspace:
+    """Paths of every artifact in one run folder (layout in docs/artifacts.md)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+    def ensure(self) -> Workspace:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def phantom_dir(self) -> Path:
+        return self.root / "phantom"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def slices_dir(self) -> Path:
+        return self.data_dir / "slices"
+
+    @property
+    def slices_table(self) -> Path:
+        return self.data_dir / "slices.parquet"
+
+    @property
+    def skipped_csv(self) -> Path:
+        return self.data_dir / "skipped.csv"
+
+    @property
+    def split_csv(self) -> Path:
+        return self.data_dir / "split.csv"
+
+    def embeddings(self, encoder: str) -> Path:
+        return self.root / "embeddings" / f"{encoder}.parquet"
+
+    def sae_dir(self, encoder: str, variant: str, config_name: str) -> Path:
+        return self.root / "sae" / encoder / variant / config_name
+
+    def activations(self, encoder: str, variant: str, config_name: str, split: str) -> Path:
+        return self.root / "activations" / encoder / variant / config_name / f"{split}.parquet"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def interpret_dir(self) -> Path:
+        return self.root / "interpret"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    def relative(self, path: str | os.PathLike) -> str:
+        return Path(path).relative_to(self.root).as_posix()
