@@ -1,0 +1,123 @@
+"""Structure vocabularies, harmonised cross-modality flags, body regions and age groups.
+
+The vocabularies are TotalSegmentator's own mask names (CT v2.0.1 task "total": 117; MRI v2.0.0
+task "total_mr": 50). This module owns the one structure -> body-region map used by prompts and
+queries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+_RIBS = [f"rib_{side}_{i}" for side in ("left", "right") for i in range(1, 13)]
+_CERVICAL = [f"vertebrae_C{i}" for i in range(1, 8)]
+_THORACIC = [f"vertebrae_T{i}" for i in range(1, 13)]
+_LUMBAR = [f"vertebrae_L{i}" for i in range(1, 6)]
+LUNG_LOBES_LEFT = ["lung_lower_lobe_left", "lung_upper_lobe_left"]
+LUNG_LOBES_RIGHT = ["lung_lower_lobe_right", "lung_middle_lobe_right", "lung_upper_lobe_right"]
+
+_SHARED = [
+    "adrenal_gland_left", "adrenal_gland_right", "aorta", "autochthon_left", "autochthon_right", "brain",
+    "clavicula_left", "clavicula_right", "colon", "duodenum", "esophagus", "femur_left", "femur_right",
+    "gallbladder", "gluteus_maximus_left", "gluteus_maximus_right", "gluteus_medius_left",
+    "gluteus_medius_right", "gluteus_minimus_left", "gluteus_minimus_right", "heart", "hip_left", "hip_right",
+    "humerus_left", "humerus_right", "iliac_artery_left", "iliac_artery_right", "iliac_vena_left",
+    "iliac_vena_right", "iliopsoas_left", "iliopsoas_right", "inferior_vena_cava", "kidney_left",
+    "kidney_right", "liver", "pancreas", "portal_vein_and_splenic_vein", "prostate", "sacrum", "scapula_left",
+    "scapula_right", "small_bowel", "spinal_cord", "spleen", "stomach", "urinary_bladder",
+]
+_CT_ONLY = [
+    "atrial_appendage_left", "brachiocephalic_trunk", "brachiocephalic_vein_left", "brachiocephalic_vein_right",
+    "common_carotid_artery_left", "common_carotid_artery_right", "costal_cartilages", "kidney_cyst_left",
+    "kidney_cyst_right", "pulmonary_vein", "skull", "sternum", "subclavian_artery_left",
+    "subclavian_artery_right", "superior_vena_cava", "thyroid_gland", "trachea", "vertebrae_S1",
+    *LUNG_LOBES_LEFT, *LUNG_LOBES_RIGHT, *_RIBS, *_CERVICAL, *_THORACIC, *_LUMBAR,
+]
+_MRI_ONLY = ["intervertebral_discs", "lung_left", "lung_right", "vertebrae"]
+
+# Python string sort, as TotalSegmentator lists them (rib_left_1, rib_left_10, ...).
+CT_STRUCTURES: list[str] = sorted(_SHARED + _CT_ONLY)
+MRI_STRUCTURES: list[str] = sorted(_SHARED + _MRI_ONLY)
+ALL_STRUCTURES: list[str] = sorted(set(CT_STRUCTURES) | set(MRI_STRUCTURES))
+VOCABULARY = {"ct": CT_STRUCTURES, "mri": MRI_STRUCTURES}
+
+PROBE_STRUCTURES: list[str] = [
+    "gallbladder", "kidney_left", "liver", "spleen", "prostate",
+    "brain", "heart", "sternum", "clavicula_left", "clavicula_right",
+]
+
+# MRI names that CT splits into parts: the CT flag is the OR of its parts, so one column means
+# the same thing in both modalities.
+HARMONISED: dict[str, list[str]] = {
+    "lung_left": LUNG_LOBES_LEFT,
+    "lung_right": LUNG_LOBES_RIGHT,
+    "vertebrae": _CERVICAL + _THORACIC + _LUMBAR + ["vertebrae_S1"],
+}
+
+
+def _regions() -> dict[str, str]:
+    groups: dict[str, list[str]] = {
+        "cervical spine": _CERVICAL,
+        "thoracic spine": _THORACIC,
+        "lumbar spine": _LUMBAR,
+        "sacrum": ["sacrum", "vertebrae_S1"],
+        "spinal canal": ["spinal_cord", "intervertebral_discs", "vertebrae"],
+        "paraspinal muscles": ["autochthon_left", "autochthon_right"],
+        "brain": ["brain"],
+        "skull": ["skull"],
+        "thyroid": ["thyroid_gland"],
+        "lungs": ["lung_left", "lung_right", *LUNG_LOBES_LEFT, *LUNG_LOBES_RIGHT],
+        "heart": ["heart", "atrial_appendage_left", "pulmonary_vein"],
+        "mediastinum": [
+            "trachea", "esophagus", "brachiocephalic_trunk", "brachiocephalic_vein_left",
+            "brachiocephalic_vein_right", "superior_vena_cava", "subclavian_artery_left",
+            "subclavian_artery_right", "common_carotid_artery_left", "common_carotid_artery_right",
+        ],
+        "rib cage": ["sternum", "costal_cartilages", *_RIBS],
+        "shoulder girdle": [
+            "scapula_left", "scapula_right", "humerus_left", "humerus_right", "clavicula_left", "clavicula_right",
+        ],
+        "liver": ["liver"],
+        "gallbladder": ["gallbladder"],
+        "spleen": ["spleen"],
+        "pancreas": ["pancreas"],
+        "stomach": ["stomach"],
+        "kidneys": ["kidney_left", "kidney_right", "kidney_cyst_left", "kidney_cyst_right"],
+        "adrenal glands": ["adrenal_gland_left", "adrenal_gland_right"],
+        "bowel": ["colon", "small_bowel", "duodenum"],
+        "abdominal vasculature": ["aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein"],
+        "pelvic vasculature": ["iliac_artery_left", "iliac_artery_right", "iliac_vena_left", "iliac_vena_right"],
+        "bony pelvis": ["hip_left", "hip_right"],
+        "proximal femur": ["femur_left", "femur_right"],
+        "gluteal muscles": [
+            "gluteus_maximus_left", "gluteus_maximus_right", "gluteus_medius_left",
+            "gluteus_medius_right", "gluteus_minimus_left", "gluteus_minimus_right",
+        ],
+        "hip flexors": ["iliopsoas_left", "iliopsoas_right"],
+        "urinary bladder": ["urinary_bladder"],
+        "prostate": ["prostate"],
+    }
+    return {s: region for region, names in groups.items() for s in names}
+
+
+STRUCTURE_REGION: dict[str, str] = _regions()
+REGIONS: list[str] = sorted(set(STRUCTURE_REGION.values()))
+assert set(STRUCTURE_REGION) == set(ALL_STRUCTURES), set(ALL_STRUCTURES) ^ set(STRUCTURE_REGION)
+
+AGE_GROUPS: list[str] = ["<40", "40-60", "60-80", ">=80"]
+
+
+def regions_of(structures) -> list[str]:
+    """Sorted, de-duplicated body regions of the given structures (unknown names ignored)."""
+    return sorted({STRUCTURE_REGION[s] for s in structures if s in STRUCTURE_REGION})
+
+
+def age_group(age, style: str = "canonical") -> pd.Series:
+    """Age groups with left-closed edges [0,40) [40,60) [60,80) [80,inf) (canonical) or the
+    published right-closed bins [0,40] (40,60] (60,80] (80,inf). Missing ages give null."""
+    ages = pd.to_numeric(pd.Series(age), errors="coerce").astype(float)
+    edges = [0.0, 40.0, 60.0, 80.0, np.inf]
+    right = style == "published"
+    groups = pd.cut(ages, bins=edges, labels=AGE_GROUPS, right=right, include_lowest=True)
+    return groups.astype(object).where(groups.notna(), None)

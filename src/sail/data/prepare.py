@@ -1,0 +1,202 @@
+"""The ``phantom`` and ``prepare`` stages: dataset folder -> PNG slices, slices.parquet, skipped.csv.
+
+Scans are sliced in parallel worker processes (one volume in memory per worker). Each finished
+scan leaves a part file keyed by the config hash, so an interrupted run resumes where it stopped
+and the final table is the same as an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from sail.config import SailConfig
+from sail.console import progress
+from sail.data.labels import HARMONISED
+from sail.data.phantom import write_phantom_dataset
+from sail.data.slicing import ScanResult, SliceOptions, slice_scan
+from sail.data.totalseg import DATASET_FOLDERS, ScanRef, discover
+from sail.errors import SailError
+from sail.workspace import (
+    StageRecord,
+    Workspace,
+    fingerprint,
+    hash_config,
+    is_done,
+    mark_done,
+    write_csv_atomic,
+    write_parquet_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+SKIP_COLUMNS = ["modality", "image_id", "plane", "slice_from", "slice_to", "action", "reason"]
+META_ORDER = [
+    "slice_id", "modality", "image_id", "plane", "slice_idx", "png_path", "sex", "age", "age_group", "institute",
+    "study_type", "manufacturer", "scanner_model", "kvp", "pathology", "pathology_location",
+    "magnetic_field_strength", "slice_thickness", "repetition_time", "echo_time", "scanning_sequence", "source",
+    "official_split", "pixel_spacing_mm", "slice_spacing_mm", "slice_position_mm", "crop_r0", "crop_c0",
+    "crop_size", "window_center", "window_width",
+]
+
+
+def dataset_source(cfg: SailConfig, ws: Workspace) -> Path:
+    """The dataset prepare reads: the configured folder, else the workspace's phantom."""
+    return Path(cfg.prepare.source) if cfg.prepare.source is not None else ws.phantom_dir
+
+
+def run_phantom(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
+    """Write the phantom dataset into ``<ws>/phantom`` when no dataset source is configured."""
+    if cfg.prepare.source is not None:
+        log.info("phantom: skipped (prepare.source is %s)", cfg.prepare.source)
+        return
+    record = StageRecord("phantom", hash_config(cfg.phantom.model_dump(mode="json")), {})
+    truth = ws.phantom_dir / "phantom_truth.json"
+    if not force and is_done(truth, record):
+        log.info("phantom: up to date")
+        return
+    if ws.phantom_dir.exists():
+        shutil.rmtree(ws.phantom_dir)
+    write_phantom_dataset(ws.phantom_dir, cfg.phantom, workers=_workers(cfg.prepare.workers, cfg.phantom.n_ct + cfg.phantom.n_mri))
+    mark_done(truth, record)
+
+
+def _workers(configured: int | None, n_tasks: int) -> int:
+    return max(1, min(configured or os.cpu_count() or 1, n_tasks))
+
+
+def _meta_fingerprint(source: Path, modalities: list[str]) -> dict[str, str]:
+    out = {}
+    for m in modalities:
+        root = source / DATASET_FOLDERS[m]
+        if root.is_dir():
+            out[f"{m}_meta"] = fingerprint(root / "meta.csv")
+            out[f"{m}_scans"] = hash_config(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    return out
+
+
+def _part_path(parts: Path, ref: ScanRef) -> Path:
+    return parts / f"{ref.modality}_{ref.image_id}.parquet"
+
+
+def _slice_and_store(ref: ScanRef, opts: SliceOptions, root: Path, parts: Path) -> ScanResult:
+    result = slice_scan(ref, opts, root)
+    skips = pd.DataFrame(result.skips, columns=SKIP_COLUMNS)
+    rows = result.rows if result.rows is not None else pd.DataFrame()
+    # one part per scan: rows + skip records, written atomically after its PNGs
+    write_parquet_atomic(_part_path(parts, ref), rows, {"skips": skips.to_json(orient="records")})
+    return result
+
+
+def _read_part(path: Path) -> ScanResult:
+    table = pq.read_table(path)
+    skips = pd.read_json(io.StringIO(table.schema.metadata[b"skips"].decode()), orient="records")
+    rows = table.to_pandas() if table.num_rows else None
+    return ScanResult(rows, skips.to_dict("records") if len(skips) else [])
+
+
+def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
+    pc = cfg.prepare
+    source = dataset_source(cfg, ws)
+    if pc.source is None and not source.exists():
+        run_phantom(cfg, ws)
+    opts = SliceOptions(style=pc.style, image_size=pc.image_size, slice_stride=pc.slice_stride,
+                        ct_spacing_mm=pc.ct_spacing_mm)
+    settings = pc.model_dump(mode="json", exclude={"workers", "source"})
+    config_hash = hash_config(settings)
+    record = StageRecord("prepare", config_hash, _meta_fingerprint(source, pc.modalities) | {"source": str(source.resolve())})
+    if not force and is_done(ws.slices_table, record):
+        log.info("prepare: up to date (%s)", ws.slices_table)
+        return
+    scans, skips = discover(source, pc.modalities)
+    if pc.max_scans is not None:
+        scans = [s for m in pc.modalities for s in [r for r in scans if r.modality == m][: pc.max_scans]]
+    if not scans:
+        raise SailError(f"{source}: no scans found for modalities {', '.join(pc.modalities)}")
+    parts = ws.data_dir / ".parts" / config_hash
+    if force and parts.exists():
+        shutil.rmtree(parts)
+    if force and ws.slices_dir.exists():
+        shutil.rmtree(ws.slices_dir)
+    parts.mkdir(parents=True, exist_ok=True)
+
+    results: dict[tuple[str, str], ScanResult] = {}
+    todo = []
+    for ref in scans:
+        part = _part_path(parts, ref)
+        if part.exists():
+            results[(ref.modality, ref.image_id)] = _read_part(part)
+        else:
+            todo.append(ref)
+    if results:
+        log.info("prepare: resuming, %d of %d scans already sliced", len(results), len(scans))
+    workers = _workers(pc.workers, len(todo))
+    with progress() as bar:
+        task = bar.add_task("slicing scans", total=len(scans), completed=len(results))
+        if workers == 1:
+            for ref in todo:
+                results[(ref.modality, ref.image_id)] = _slice_and_store(ref, opts, ws.root, parts)
+                bar.advance(task)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(_slice_and_store, ref, opts, ws.root, parts): ref for ref in todo}
+                for future in as_completed(futures):
+                    ref = futures[future]
+                    results[(ref.modality, ref.image_id)] = future.result()
+                    bar.advance(task)
+
+    frames = [results[k].rows for k in sorted(results) if results[k].rows is not None]
+    for k in sorted(results):
+        skips.extend(results[k].skips)
+    _write_skips(ws, skips)
+    if not frames:
+        raise SailError(f"{source}: every scan was skipped; reasons in {ws.skipped_csv}")
+    table = _assemble(frames)
+    write_parquet_atomic(ws.slices_table, table)
+    n_skipped = sum(1 for s in skips if s["action"] == "skip_scan")
+    summary = {"slices": len(table), "scans": int(table.groupby(["modality", "image_id"]).ngroups),
+               "skipped_scans": n_skipped}
+    mark_done(ws.slices_table, record, summary)
+    shutil.rmtree(parts, ignore_errors=True)
+    by_plane = table.groupby(["modality", "plane"]).size().to_dict()
+    log.info("prepare: %d slices from %d scans (%s); %d scans skipped -> %s", len(table), summary["scans"],
+             ", ".join(f"{m}/{p}: {n}" for (m, p), n in by_plane.items()), n_skipped, ws.relative(ws.skipped_csv))
+
+
+def _write_skips(ws: Workspace, skips: list[dict]) -> None:
+    write_csv_atomic(ws.skipped_csv, pd.DataFrame(skips, columns=SKIP_COLUMNS))
+
+
+def _assemble(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate per-scan rows: structure flags null where a modality lacks the structure,
+    harmonised flags added, columns in the documented order, rows sorted by slice_id."""
+    table = pd.concat(frames, ignore_index=True, sort=False)
+    flag_cols = sorted(c for c in table.columns if c.startswith("has_"))
+    for col in flag_cols:
+        table[col] = table[col].astype("boolean")
+    for name, parts in HARMONISED.items():
+        cols = [f"has_{p}" for p in parts if f"has_{p}" in table.columns]
+        if not cols:
+            continue
+        derived = table[cols].fillna(False).any(axis=1)
+        has_parts = table[cols].notna().any(axis=1)
+        target = f"has_{name}"
+        if target not in table.columns:
+            table[target] = pd.array([pd.NA] * len(table), dtype="boolean")
+        fill = table[target].isna() & has_parts
+        table.loc[fill, target] = derived[fill]
+    flag_cols = sorted(c for c in table.columns if c.startswith("has_"))
+    for col in META_ORDER:
+        if col not in table.columns:
+            table[col] = None
+    table = table[META_ORDER + flag_cols].sort_values("slice_id", kind="stable").reset_index(drop=True)
+    table["slice_idx"] = table["slice_idx"].astype(np.int32)
+    return table

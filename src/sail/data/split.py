@@ -1,0 +1,120 @@
+"""The ``split`` stage: scan-level train/valid/test, shared by every encoder.
+
+Published algorithm: scans from the held-out institutes (A, D, E) -> test; the rest split by
+scan, stratified by modality x sex x age group (StratifiedShuffleSplit, train fraction 0.8, seed
+42); scans with unknown sex or age split by a seeded shuffle. Fix: strata holding a single scan
+are merged into their nearest stratum (same modality, then same sex) with a warning instead of
+crashing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedShuffleSplit
+
+from sail.config import SailConfig, SplitConfig
+from sail.errors import SailError
+from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done, write_csv_atomic
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+
+
+def _merge_singletons(strata: pd.Series) -> pd.Series:
+    """Relabel each single-scan stratum to its nearest stratum: same modality first, then the
+    most shared fields (sex, age group), then the largest."""
+    strata = strata.copy()
+    while True:
+        counts = strata.value_counts()
+        singles = sorted(counts[counts < 2].index)
+        if not singles or len(counts) < 2:
+            return strata
+        label = singles[0]
+        fields = label.split("|")
+
+        def nearness(other: str) -> tuple[int, int, int]:
+            o = other.split("|")
+            return (o[0] == fields[0], sum(a == b for a, b in zip(o, fields)), int(counts[other]))
+
+        best = max((o for o in counts.index if o != label), key=lambda o: (nearness(o), o))
+        log.warning("split: stratum %s has a single scan; merged into %s", label, best)
+        strata[strata == label] = best
+
+
+def make_split(scans: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
+    """scans: one row per (modality, image_id) with institute, sex, age_group -> + split column."""
+    scans = scans.reset_index(drop=True).copy()
+    test = scans["institute"].isin(cfg.test_institutes).to_numpy()
+    split = np.full(len(scans), "", dtype=object)
+    split[test] = "test"
+    rest = scans.loc[~test]
+    known = rest["sex"].notna() & rest["age_group"].notna() & rest["modality"].notna()
+    kn, unk = rest[known], rest[~known]
+    if len(kn) >= 2:
+        strata = kn["modality"].astype(str) + "|" + kn["sex"].astype(str) + "|" + kn["age_group"].astype(str)
+        strata = _merge_singletons(strata)
+        n_train = int(np.floor(cfg.train_fraction * len(kn)))
+        n_classes = strata.nunique()
+        if n_classes > 1 and n_classes <= n_train and n_classes <= len(kn) - n_train:
+            sss = StratifiedShuffleSplit(n_splits=1, train_size=n_train, test_size=len(kn) - n_train,
+                                         random_state=cfg.seed)
+            tr, va = next(sss.split(np.zeros(len(kn)), strata.to_numpy()))
+        else:
+            log.warning("split: too few scans (%d) for %d strata; splitting without stratification", len(kn), n_classes)
+            perm = np.random.default_rng(cfg.seed).permutation(len(kn))
+            tr, va = perm[:n_train], perm[n_train:]
+        split[kn.index[tr]] = "train"
+        split[kn.index[va]] = "valid"
+    elif len(kn) == 1:
+        split[kn.index] = "train"
+    if len(unk):
+        perm = np.random.default_rng(cfg.seed).permutation(len(unk))
+        n_train = int(cfg.train_fraction * len(unk))
+        split[unk.index[perm[:n_train]]] = "train"
+        split[unk.index[perm[n_train:]]] = "valid"
+        log.info("split: %d scans with unknown sex/age assigned by seed", len(unk))
+    scans["split"] = split
+    return scans
+
+
+def scans_of(slices: pd.DataFrame) -> pd.DataFrame:
+    """One row per scan; a scan whose slices disagree on a field takes its first value."""
+    cols = ["modality", "image_id", "institute", "sex", "age_group"]
+    missing = [c for c in cols if c not in slices.columns]
+    if missing:
+        raise SailError(f"slices table lacks column(s) {', '.join(missing)}")
+    return slices[cols].groupby(["modality", "image_id"], sort=True, dropna=False).first().reset_index()
+
+
+def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
+    if not ws.slices_table.exists():
+        raise SailError(f"{ws.slices_table} not found: run `sail prepare` first")
+    record = StageRecord("split", hash_config(cfg.split.model_dump(mode="json")),
+                         {"slices": fingerprint(ws.slices_table)})
+    if not force and is_done(ws.split_csv, record):
+        log.info("split: up to date (%s)", ws.split_csv)
+        return
+    slices = pd.read_parquet(ws.slices_table, columns=["modality", "image_id", "institute", "sex", "age_group"])
+    scans = make_split(scans_of(slices), cfg.split)
+    out = scans[["modality", "image_id", "split"]].sort_values(["modality", "image_id"], kind="stable")
+    write_csv_atomic(ws.split_csv, out)
+    counts = scans.groupby("split").size().reindex(SPLITS, fill_value=0)
+    slice_counts = slices.merge(out, on=["modality", "image_id"]).groupby("split").size().reindex(SPLITS, fill_value=0)
+    summary = {f"{s}_scans": int(counts[s]) for s in SPLITS} | {f"{s}_slices": int(slice_counts[s]) for s in SPLITS}
+    mark_done(ws.split_csv, record, summary)
+    for s in SPLITS:
+        log.info("split: %-5s %4d scans %7d slices", s, counts[s], slice_counts[s])
+
+
+def read_split(ws: Workspace) -> pd.DataFrame:
+    if not ws.split_csv.exists():
+        raise SailError(f"{ws.split_csv} not found: run `sail split` first")
+    split = pd.read_csv(ws.split_csv, dtype=str)
+    bad = sorted(set(split["split"]) - set(SPLITS))
+    if bad:
+        raise SailError(f"{ws.split_csv}: unknown split value(s) {bad}; expected {', '.join(SPLITS)}")
+    return split
