@@ -1,0 +1,185 @@
+"""SAE grids: the built-in ``demo`` and ``paper`` grids, YAML grid files, families and shards.
+
+A grid is a list of SAE configs plus shared training settings. Configs with the same variant,
+dictionary sizes and top-k mode form a *family* that trains in one pass on the same batches.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sail.config import TrainingSettings
+from sail.errors import SailError
+from sail.sae.model import SAESpec
+from sail.workspace import hash_config
+
+PAPER_DICT_SIZES = [[16, 64, 256, 1024], [32, 128, 512, 2048], [64, 256, 1024, 4096], [128, 512, 2048, 8192]]
+PAPER_K_VALUES = [
+    [5, 5, 5, 5], [10, 10, 10, 10], [20, 20, 20, 20], [30, 30, 30, 30],
+    [5, 10, 20, 40], [10, 20, 40, 80], [20, 40, 80, 160], [30, 60, 120, 240],
+]  # fmt: skip
+
+# Small enough to train both variants in seconds on a CPU (the `sail demo` budget).
+DEMO_GRID: dict[str, Any] = {
+    "training": {"epochs": 25, "batch_size": 256, "lr": 2e-3, "dead_window": 5000},
+    "configs": [
+        {"dict_sizes": [32, 128, 512], "k_values": [4, 8, 16]},
+        {"dict_sizes": [32, 128, 512], "k_values": [8, 16, 32]},
+        {"variant": "matryoshka", "topk_mode": "global", "dict_sizes": [32, 128, 512], "k_values": [16]},
+    ],
+}
+
+ENTRY_KEYS = {"variant", "dict_sizes", "k_values", "topk_mode"}
+# Settings that change a trained model; each variant ignores the others when naming folders.
+_RESULT_SETTINGS = {
+    "sail": ["epochs", "batch_size", "lr", "lr_min", "warmup_steps", "clip_norm", "seed", "permutation"],
+    "matryoshka": list(TrainingSettings.model_fields),
+}
+
+
+def paper_grid() -> dict[str, Any]:
+    """The published grid: dictionary sizes outermost, K schedules fastest (ParameterGrid order)."""
+    return {"training": {}, "configs": [{"dict_sizes": d, "k_values": k} for d in PAPER_DICT_SIZES for k in PAPER_K_VALUES]}
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    """One SAE to train: its spec, the shared settings and its folder name."""
+
+    spec: SAESpec
+    settings: TrainingSettings
+
+    @property
+    def name(self) -> str:
+        """Published name, ``-global`` for global top-k, ``-h<6 hex>`` for non-default settings."""
+        name = self.spec.published_name
+        if self.spec.topk_mode == "global":
+            name += "-global"
+        changed = non_default_settings(self.settings, self.spec.variant)
+        if changed:
+            name += "-h" + hash_config(changed)[:6]
+        return name
+
+    def record_config(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_json(), "settings": self.settings.model_dump(mode="json")}
+
+
+def non_default_settings(settings: TrainingSettings, variant: str) -> dict[str, Any]:
+    default = TrainingSettings()
+    return {
+        key: getattr(settings, key)
+        for key in _RESULT_SETTINGS[variant]
+        if getattr(settings, key) != getattr(default, key)
+    }
+
+
+def _read_grid(grid: str | list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    if isinstance(grid, list):
+        return {"training": {}, "configs": grid}, "train.grid"
+    if grid == "demo":
+        return DEMO_GRID, "grid demo"
+    if grid == "paper":
+        return paper_grid(), "grid paper"
+    path = Path(grid)
+    if not path.is_file():
+        raise SailError(f"grid {grid!r}: not demo, paper or an existing YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SailError(f"{path}: not valid YAML: {exc}") from exc
+    if isinstance(raw, list):
+        raw = {"configs": raw}
+    if not isinstance(raw, dict) or not isinstance(raw.get("configs"), list):
+        raise SailError(f"{path}: a grid file needs a 'configs' list (and optionally 'training')")
+    unknown = set(raw) - {"configs", "training"}
+    if unknown:
+        raise SailError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected configs, training")
+    return raw, str(path)
+
+
+def load_grid(
+    grid: str | list[dict[str, Any]],
+    variants: list[str],
+    variants_explicit: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> list[GridEntry]:
+    """Expand a grid into entries; entries naming no variant get each of ``variants``.
+
+    An entry that names a variant outside explicitly requested ``variants`` is an error; configs
+    whose K exceeds a level's size are skipped, as published.
+    """
+    raw, origin = _read_grid(grid)
+    training = dict(raw.get("training") or {})
+    training.update(overrides or {})
+    try:
+        settings = TrainingSettings.model_validate(training)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise SailError(f"{origin}: training setting '{key}': {first['msg']}") from None
+    entries: list[GridEntry] = []
+    for i, item in enumerate(raw["configs"]):
+        where = f"{origin}: configs[{i}]"
+        if not isinstance(item, dict):
+            raise SailError(f"{where}: expected a mapping with dict_sizes and k_values")
+        unknown = set(item) - ENTRY_KEYS
+        if unknown:
+            raise SailError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(ENTRY_KEYS)}")
+        for key in ("dict_sizes", "k_values"):
+            if not isinstance(item.get(key), list):
+                raise SailError(f"{where}: '{key}' must be a list of integers")
+        mode = item.get("topk_mode", "per_level")
+        if "variant" in item:
+            if variants_explicit and item["variant"] not in variants:
+                raise SailError(f"{where}: variant {item['variant']!r} conflicts with --variant {','.join(variants)}")
+            names = [item["variant"]]
+        else:
+            names = [v for v in variants if not (v == "sail" and mode == "global")]
+        for variant in names:
+            spec = SAESpec(variant, tuple(item["dict_sizes"]), tuple(item["k_values"]), mode)
+            if spec.valid:
+                entries.append(GridEntry(spec, settings))
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for e in entries:
+        if (e.spec.variant, e.name) not in seen:
+            seen.add((e.spec.variant, e.name))
+            unique.append(e)
+    return unique
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"i/n"`` (0-based i) -> (i, n); None -> (0, 1)."""
+    if shard is None:
+        return 0, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise SailError(f"--shard {shard!r}: expected i/n with 0 <= i < n")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_entries(entries: list[GridEntry], shard: str | None) -> list[GridEntry]:
+    """Contiguous chunks of the grid, so each shard keeps whole families where it can."""
+    i, n = parse_shard(shard)
+    lo = (len(entries) * i) // n
+    hi = (len(entries) * (i + 1)) // n
+    return entries[lo:hi]
+
+
+def families(entries: list[GridEntry]) -> list[list[GridEntry]]:
+    """Group entries that can share batches (same family and settings), keeping grid order."""
+    def key(e: GridEntry):
+        return (e.spec.family, e.settings.model_dump_json())
+
+    order = {}
+    for e in entries:
+        order.setdefault(key(e), len(order))
+    ordered = sorted(entries, key=lambda e: order[key(e)])
+    return [list(group) for _, group in groupby(ordered, key=key)]

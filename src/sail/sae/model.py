@@ -1,0 +1,518 @@
+"""Matryoshka BatchTopK sparse autoencoders, stacked so a dictionary family trains in one pass.
+
+Two variants share one module:
+
+- ``sail``: the published model exactly (reference/spec_sae.md §1-2, §7.5): tied weights, the
+  decoder is a stop-gradient copy of the encoder, an independent BatchTopK per nested prefix with
+  its own K and no ReLU, mean of the level MSEs, and a soft shifted threshold at inference.
+- ``matryoshka``: the corrected model: ReLU before top-k, a trained unit-norm decoder, ``per_level``
+  (a K per prefix) or ``global`` (one BatchTopK, prefix reconstructions of the same code) top-k,
+  AuxK for dead latents, and per-level JumpReLU thresholds calibrated after training.
+
+Several SAEs with the same variant, dictionary sizes and top-k mode (a *family*, e.g. the 8 K
+schedules of one dictionary) are stacked along a leading model axis M; they see the same batch and
+their parameters never interact, so training them together equals training each alone.
+
+Selections are kept sparse: (flat index into the (M, B, D) pre-activations, value). The ``dense``
+decode scatters them into prefix-width code matrices (fast on GPUs); the ``sparse`` decode is an
+``embedding_bag`` over the selected decoder rows with a sparse encoder-weight gradient (fast on
+CPUs, where it skips most of the matmul work).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sail.errors import SailError
+
+VARIANTS = ("matryoshka", "sail")
+TOPK_MODES = ("per_level", "global")
+DECODE_IMPLS = ("dense", "sparse")
+# The published code switches validation to its threshold once this many steps contributed.
+SAIL_THRESHOLD_MIN_STEPS = 100
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """What makes one SAE: variant, nested dictionary sizes, K per level (or one K in global mode)."""
+
+    variant: str
+    dict_sizes: tuple[int, ...]
+    k_values: tuple[int, ...]
+    topk_mode: str = "per_level"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dict_sizes", tuple(int(v) for v in self.dict_sizes))
+        object.__setattr__(self, "k_values", tuple(int(v) for v in self.k_values))
+        where = f"SAE config {self.published_name}"
+        if self.variant not in VARIANTS:
+            raise SailError(f"{where}: variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
+        if self.topk_mode not in TOPK_MODES:
+            raise SailError(f"{where}: topk_mode {self.topk_mode!r} is not one of {', '.join(TOPK_MODES)}")
+        if self.variant == "sail" and self.topk_mode != "per_level":
+            raise SailError(f"{where}: the sail variant only has per_level top-k")
+        sizes = self.dict_sizes
+        if not sizes or any(s <= 0 for s in sizes) or any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise SailError(f"{where}: dict_sizes must be positive and strictly increasing, got {list(sizes)}")
+        want = len(sizes) if self.topk_mode == "per_level" else 1
+        if len(self.k_values) != want:
+            raise SailError(f"{where}: topk_mode {self.topk_mode} needs {want} k_values, got {len(self.k_values)}")
+        if any(k <= 0 for k in self.k_values):
+            raise SailError(f"{where}: k_values must be positive, got {list(self.k_values)}")
+
+    @property
+    def published_name(self) -> str:
+        return f"D_{'_'.join(map(str, self.dict_sizes))}_K_{'_'.join(map(str, self.k_values))}"
+
+    @property
+    def valid(self) -> bool:
+        """The published grid skips any config whose K exceeds its level's size."""
+        sizes = self.dict_sizes if self.topk_mode == "per_level" else self.dict_sizes[-1:]
+        return all(k <= d for k, d in zip(self.k_values, sizes))
+
+    @property
+    def family(self) -> tuple:
+        return (self.variant, self.dict_sizes, self.topk_mode)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.dict_sizes)
+
+    def to_json(self) -> dict:
+        return {
+            "variant": self.variant,
+            "dict_sizes": list(self.dict_sizes),
+            "k_values": list(self.k_values),
+            "topk_mode": self.topk_mode,
+        }
+
+
+@dataclass
+class Selection:
+    """Selected entries of the stacked pre-activations for one (level, model), sorted row-major."""
+
+    flat: Tensor  # (nnz,) int64 index into the (M, B, D) pre-activation tensor
+    level: int
+    model: int
+
+
+@dataclass
+class ForwardOut:
+    loss: Tensor  # scalar: sum over models of each model's loss
+    sse_LM: Tensor  # float64 summed squared error per level and model
+    l0_LM: Tensor  # selected entries per level and model (summed over the batch)
+    auxk_M: Tensor  # AuxK residual FVU per model (0 for sail or with no dead latents)
+    fired_MF: Tensor  # bool, latents selected at any level in this batch
+
+
+def _prefix_pairs(spec_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    lo = (0,) + spec_sizes[:-1]
+    return list(zip(lo, spec_sizes))
+
+
+class _SparseGradEncode(torch.autograd.Function):
+    """pre = x W^T + (b_enc - W b_dec); backward builds dW only from the nonzero gradient entries.
+
+    Only the selected (top-k) pre-activations receive gradient, so dW = G^T x is a sparse-dense
+    product: ``embedding_bag`` over the batch rows, bagged by latent, costs nnz*d instead of B*D*d.
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor, b_dec_MD: Tensor) -> Tensor:
+        ctx.save_for_backward(x_BD, W_MFD, b_dec_MD)
+        return _dense_pre(x_BD, W_MFD, b_enc_MF, b_dec_MD)
+
+    @staticmethod
+    def backward(ctx, g_MBF: Tensor):
+        x_BD, W_MFD, b_dec_MD = ctx.saved_tensors
+        M, B, Fd = g_MBF.shape
+        g_MFB = g_MBF.transpose(1, 2)
+        nz = g_MFB.nonzero()  # sorted by (model, latent, row)
+        bag = nz[:, 0] * Fd + nz[:, 1]
+        weights = g_MFB[nz[:, 0], nz[:, 1], nz[:, 2]]
+        offsets = torch.searchsorted(bag, torch.arange(M * Fd, device=bag.device))
+        gW = F.embedding_bag(nz[:, 2], x_BD, offsets, mode="sum", per_sample_weights=weights.to(x_BD.dtype))
+        gsum_MF = g_MBF.sum(1)
+        gW_MFD = gW.view(M, Fd, -1) - gsum_MF[..., None] * b_dec_MD[:, None, :]
+        g_bdec = -torch.bmm(gsum_MF[:, None, :], W_MFD).squeeze(1)
+        return None, gW_MFD, gsum_MF, g_bdec
+
+
+def _dense_pre(x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor, b_dec_MD: Tensor) -> Tensor:
+    """(x - b_dec) W^T + b_enc with b_dec folded into a bias, so no input gradient GEMM is needed."""
+    bias_MF = b_enc_MF - torch.bmm(W_MFD, b_dec_MD[..., None]).squeeze(-1)
+    return torch.matmul(x_BD, W_MFD.transpose(1, 2)) + bias_MF[:, None, :]
+
+
+class StackedSAE(nn.Module):
+    """M SAEs of one family; ``M == 1`` is a plain single SAE (what checkpoints hold)."""
+
+    def __init__(self, specs: list[SAESpec], d_in: int):
+        super().__init__()
+        if not specs:
+            raise SailError("StackedSAE needs at least one SAE config")
+        fam = {s.family for s in specs}
+        if len(fam) != 1:
+            raise SailError(f"configs of different families cannot be stacked: {sorted(map(str, fam))}")
+        self.specs = list(specs)
+        self.variant, self.dict_sizes, self.topk_mode = specs[0].family
+        self.d_in = int(d_in)
+        M, D, d, L = len(specs), self.dict_sizes[-1], self.d_in, len(self.dict_sizes)
+        self.n_models, self.n_latents, self.n_levels = M, D, L
+        self.register_buffer("k_ML", torch.tensor([s.k_values for s in specs], dtype=torch.int64), persistent=False)
+        if self.variant == "sail":
+            self.W = nn.Parameter(torch.zeros(M, D, d))
+            self.register_buffer("theta_sum", torch.zeros(M))
+            self.register_buffer("theta_count", torch.zeros(M, dtype=torch.int64))
+        else:
+            self.W_enc = nn.Parameter(torch.zeros(M, D, d))
+            self.W_dec = nn.Parameter(torch.zeros(M, D, d))
+            n_thr = L if self.topk_mode == "per_level" else 1
+            self.register_buffer("thresholds", torch.full((M, n_thr), math.inf))
+            self.register_buffer("calibrated", torch.zeros(M, dtype=torch.bool))
+        self.b_enc = nn.Parameter(torch.zeros(M, D))
+        self.b_dec = nn.Parameter(torch.zeros(M, d))
+
+    # ----- parameters -----------------------------------------------------------------------
+    @property
+    def W_encoder(self) -> Tensor:
+        return self.W if self.variant == "sail" else self.W_enc
+
+    @property
+    def W_decoder(self) -> Tensor:
+        # Published: the tied decoder reads the encoder's `.data`, so reconstructions train nothing.
+        return self.W.detach() if self.variant == "sail" else self.W_dec
+
+    @torch.no_grad()
+    def initialize(self, seeds: list[int], x_sample_ND: Tensor | None = None, b_dec_init: str = "zeros") -> None:
+        """Published init for sail (Xavier, unit rows, zero biases); tied unit-norm init for matryoshka.
+
+        One seed per stacked model, so a model's init does not depend on the family it trains in.
+        """
+        if len(seeds) != self.n_models:
+            raise ValueError(f"need {self.n_models} seeds, got {len(seeds)}")
+        D, d = self.n_latents, self.d_in
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        if self.variant == "sail":
+            bound = math.sqrt(6.0 / (d + D))
+            W = torch.stack([(torch.rand(D, d, generator=g) * 2 - 1) * bound for g in gens])
+            self.W.copy_(W / (W.norm(dim=-1, keepdim=True) + 1e-8))
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+            return
+        W = torch.stack([torch.randn(D, d, generator=g) for g in gens])
+        W = W / W.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(W)
+        self.W_enc.copy_(W)
+        self.b_enc.zero_()
+        M = self.n_models
+        if b_dec_init == "zeros" or x_sample_ND is None:
+            self.b_dec.zero_()
+        elif b_dec_init == "mean":
+            self.b_dec.copy_(x_sample_ND.double().mean(0).float().expand(M, d))
+        elif b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x_sample_ND).expand(M, d))
+        else:
+            raise SailError(f"b_dec_init {b_dec_init!r}: expected zeros, mean or geometric_median")
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component parallel to each unit-norm decoder row (matryoshka)."""
+        if self.variant == "sail" or self.W_dec.grad is None:
+            return
+        g = self.W_dec.grad
+        g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.variant != "sail":
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    # ----- selection --------------------------------------------------------------------------
+    def _select_batch_topk(self, s_MBF: Tensor, level_sizes: list[int], k_per_level_M: Tensor, B: int) -> list[Selection]:
+        """Independent BatchTopK per (level, model): the top K*B entries of the level's prefix."""
+        M, _, D = s_MBF.shape
+        out = []
+        k_host = k_per_level_M.tolist()
+        for li, Dl in enumerate(level_sizes):
+            for m in range(M):
+                flat = s_MBF[m, :, :Dl].reshape(-1)
+                k = min(int(k_host[m][li]) * B, flat.numel())
+                f = flat.topk(k, sorted=False).indices.sort().values  # row-major: (row, latent)
+                out.append(Selection(m * B * D + (f // Dl) * D + f % Dl, li, m))
+        return out
+
+    def _select_sample_topk(self, s_MBF: Tensor) -> list[Selection]:
+        """Per-sample top-K_i per prefix (the published fallback before its threshold exists)."""
+        M, B, D = s_MBF.shape
+        out = []
+        k_host = self.k_ML.tolist()
+        for li, Dl in enumerate(self.dict_sizes):
+            for m in range(M):
+                k = min(int(k_host[m][li]), Dl)
+                j = s_MBF[m, :, :Dl].topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+                rows = torch.arange(B, device=j.device)[:, None]
+                out.append(Selection((m * B * D + rows * D + j).reshape(-1), li, m))
+        return out
+
+    def _select_threshold(self, keep_MBF: Tensor) -> list[Selection]:
+        """One code per sample (inference): level i is the prefix [0, D_i) of it."""
+        M, B, D = keep_MBF.shape
+        out = []
+        for m in range(M):
+            nz = keep_MBF[m].reshape(-1).nonzero().squeeze(1)
+            latent = nz % D
+            for li, Dl in enumerate(self.dict_sizes):
+                out.append(Selection(m * B * D + nz[latent < Dl], li, m))
+        return out
+
+    def train_selections(self, acts_MBF: Tensor) -> list[Selection]:
+        """The training-time selection of both variants (per-level or global BatchTopK)."""
+        B = acts_MBF.shape[1]
+        if self.topk_mode == "per_level":
+            return self._select_batch_topk(acts_MBF, list(self.dict_sizes), self.k_ML, B)
+        full = self._select_batch_topk(acts_MBF, [self.n_latents], self.k_ML[:, :1], B)
+        D = self.n_latents
+        out = []
+        for sel in full:
+            latent = sel.flat % D
+            for li, Dl in enumerate(self.dict_sizes):
+                out.append(Selection(sel.flat[latent < Dl], li, sel.model))
+        return out
+
+    # ----- forward pieces ----------------------------------------------------------------------
+    def pre_activations(self, x_BD: Tensor, impl: str = "dense") -> Tensor:
+        W, b_enc, b_dec = self.W_encoder, self.b_enc, self.b_dec
+        if impl == "sparse" and torch.is_grad_enabled():
+            return _SparseGradEncode.apply(x_BD, W, b_enc, b_dec)
+        return _dense_pre(x_BD, W, b_enc, b_dec)
+
+    def activations(self, pre_MBF: Tensor) -> Tensor:
+        return pre_MBF if self.variant == "sail" else F.relu(pre_MBF)
+
+    def decode(self, sels: list[Selection], vals: list[Tensor], B: int, impl: str = "dense") -> Tensor:
+        """Reconstructions (L, M, B, d) of each level from its selection, decoding at prefix width."""
+        M, D, L, d = self.n_models, self.n_latents, self.n_levels, self.d_in
+        Wd = self.W_decoder
+        b_dec = self.b_dec
+        order = sorted(range(len(sels)), key=lambda i: (sels[i].level, sels[i].model))
+        sels, vals = [sels[i] for i in order], [vals[i] for i in order]
+        if impl == "sparse":
+            # Bags (level, model, row) are sorted because each selection is row-major.
+            rows = torch.cat([(s.level * M + s.model) * B + (s.flat // D) % B for s in sels])
+            emb_idx = torch.cat([s.model * D + s.flat % D for s in sels])
+            v = torch.cat(vals)
+            offsets = torch.searchsorted(rows, torch.arange(L * M * B, device=rows.device))
+            R = F.embedding_bag(emb_idx, Wd.reshape(M * D, d), offsets, mode="sum", per_sample_weights=v.to(Wd.dtype))
+            return R.view(L, M, B, d) + b_dec[None, :, None, :]
+        out = torch.empty(L, M, B, d, device=Wd.device, dtype=torch.float32)
+        for sel, v in zip(sels, vals):
+            Dl = self.dict_sizes[sel.level]
+            local = sel.flat - sel.model * B * D
+            rows, latent = local // D, local % D
+            codes = torch.zeros(B, Dl, device=v.device, dtype=v.dtype).index_put((rows, latent), v)
+            out[sel.level, sel.model] = codes @ Wd[sel.model, :Dl].to(codes.dtype) + b_dec[sel.model]
+        return out
+
+    def forward_train(
+        self,
+        x_BD: Tensor,
+        impl: str = "dense",
+        dead_MF: Tensor | None = None,
+        auxk_k: int = 0,
+        auxk_alpha: float = 0.0,
+    ) -> ForwardOut:
+        """Training loss of every stacked model on one batch, plus device-side metric sums."""
+        M, D, L = self.n_models, self.n_latents, self.n_levels
+        B = x_BD.shape[0]
+        pre = self.pre_activations(x_BD, impl)
+        acts = self.activations(pre)
+        with torch.no_grad():
+            sels = self.train_selections(acts.detach())
+        flat_all = torch.cat([s.flat for s in sels])
+        vals_all = acts.reshape(-1)[flat_all]
+        vals = list(torch.split(vals_all, [s.flat.numel() for s in sels]))
+        R_LMBD = self.decode(sels, vals, B, impl)
+        err = R_LMBD.float() - x_BD.float()[None, None]
+        mse_LM = err.pow(2).mean(dim=(2, 3))
+        loss_M = mse_LM.mean(0)
+        with torch.no_grad():
+            sse_LM = err.detach().pow(2).sum(dim=2).double().sum(-1)
+            l0_LM = torch.tensor([[0] * M] * L, device=x_BD.device, dtype=torch.int64)
+            fired = torch.zeros(M * D, dtype=torch.bool, device=x_BD.device)
+            for s in sels:
+                l0_LM[s.level, s.model] = s.flat.numel()
+                fired[s.model * D + s.flat % D] = True
+            fired_MF = fired.view(M, D)
+        auxk_M = torch.zeros(M, device=x_BD.device)
+        if self.variant == "sail":
+            self._update_theta(sels, vals)
+        elif auxk_alpha > 0 and dead_MF is not None and auxk_k > 0:
+            aux_loss_M, auxk_M = self._auxk_loss(x_BD, acts, R_LMBD[-1].detach(), dead_MF, auxk_k)
+            loss_M = loss_M + auxk_alpha * aux_loss_M
+        return ForwardOut(loss_M.sum(), sse_LM, l0_LM, auxk_M.detach(), fired_MF)
+
+    def _auxk_loss(self, x_BD: Tensor, acts_MBF: Tensor, R_MBD: Tensor, dead_MF: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+        """AuxK (Gao et al.): the top-k_aux dead latents reconstruct the residual, bias-free.
+
+        Returns (loss term, normalised value for metrics). The loss term is an MSE in the same
+        units as the main loss (as in Gao et al., where both share one normalisation), scaled down
+        when fewer than k_aux latents are dead; the metric divides it by the residual's variance.
+        """
+        M, B, D = acts_MBF.shape
+        k = min(k_aux, D)
+        e_MBD = (x_BD.float()[None] - R_MBD.float()).detach()
+        dead_acts = torch.where(dead_MF[:, None, :], acts_MBF, torch.zeros((), dtype=acts_MBF.dtype, device=acts_MBF.device))
+        top = dead_acts.topk(k, dim=-1)
+        offset = torch.arange(M, device=acts_MBF.device)[:, None, None] * D
+        e_hat = F.embedding_bag(
+            (top.indices + offset).reshape(M * B, k), self.W_dec.reshape(M * D, -1), mode="sum",
+            per_sample_weights=top.values.reshape(M * B, k).to(self.W_dec.dtype),
+        ).view(M, B, -1).float()
+        mse = (e_hat - e_MBD).pow(2).mean(dim=(1, 2))
+        var = (e_MBD - e_MBD.mean(1, keepdim=True)).pow(2).mean(dim=(1, 2)).clamp_min(1e-12)
+        scale = (dead_MF.sum(-1).to(mse.dtype) / k).clamp(max=1.0)
+        return scale * mse, (mse / var).detach()
+
+    @torch.no_grad()
+    def _update_theta(self, sels: list[Selection], vals: list[Tensor]) -> None:
+        """Published threshold: running mean of the smallest positive value kept at the last level."""
+        last = self.n_levels - 1
+        for s, v in zip(sels, vals):
+            if s.level != last:
+                continue
+            pos = torch.where(v > 0, v.detach().float(), torch.full_like(v, math.inf, dtype=torch.float32))
+            low = pos.min() if pos.numel() else torch.tensor(math.inf, device=v.device)
+            has = torch.isfinite(low)
+            self.theta_sum[s.model] += torch.where(has, low, torch.zeros_like(low))
+            self.theta_count[s.model] += has.to(torch.int64)
+
+    # ----- inference -----------------------------------------------------------------------------
+    def theta_M(self) -> Tensor:
+        """sail's inference threshold θ = sum / count (0 before any step)."""
+        return self.theta_sum / self.theta_count.clamp_min(1).to(self.theta_sum.dtype)
+
+    def latent_thresholds_MF(self) -> Tensor:
+        """Per-latent JumpReLU threshold from the per-level (or single global) thresholds."""
+        if self.topk_mode == "global":
+            return self.thresholds[:, :1].expand(self.n_models, self.n_latents)
+        sizes = torch.tensor([hi - lo for lo, hi in _prefix_pairs(self.dict_sizes)], device=self.thresholds.device)
+        return torch.repeat_interleave(self.thresholds, sizes, dim=1)
+
+    @torch.no_grad()
+    def inference_codes(self, x_BD: Tensor) -> Tensor:
+        """Dense (M, B, D) codes as stored: soft threshold (sail) or calibrated JumpReLU (matryoshka)."""
+        pre = _dense_pre(x_BD, self.W_encoder, self.b_enc, self.b_dec)
+        if self.variant == "sail":
+            return F.relu(pre - self.theta_M()[:, None, None])
+        if not bool(self.calibrated.all()):
+            raise SailError("matryoshka SAE has no calibrated thresholds; run calibration on held-out data first")
+        acts = F.relu(pre)
+        return acts * (acts > self.latent_thresholds_MF()[:, None, :])
+
+    @torch.no_grad()
+    def eval_levels(self, x_BD: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+        """(sse_LM float64, l0_LM) of each level on a batch with the given selection mode.
+
+        ``train``: BatchTopK as in training; ``inference``: the stored code's prefixes;
+        ``published``: what the published validation used (threshold after 100 steps, else per-sample top-k).
+        """
+        B = x_BD.shape[0]
+        if mode == "published":
+            mode = "inference" if bool((self.theta_count >= SAIL_THRESHOLD_MIN_STEPS).all()) else "sample_topk"
+        pre = _dense_pre(x_BD, self.W_encoder, self.b_enc, self.b_dec)
+        if mode == "train":
+            acts = self.activations(pre)
+            sels = self.train_selections(acts)
+        elif mode == "sample_topk":
+            acts = self.activations(pre)
+            sels = self._select_sample_topk(acts)
+        elif mode == "inference":
+            acts = self.inference_codes(x_BD)
+            sels = self._select_threshold(acts != 0)
+        else:
+            raise ValueError(mode)
+        vals = [acts.reshape(-1)[s.flat] for s in sels]
+        R = self.decode(sels, vals, B, "dense")
+        sse = (R.float() - x_BD.float()[None, None]).pow(2).sum(dim=2).double().sum(-1)
+        l0 = torch.zeros(self.n_levels, self.n_models, dtype=torch.int64, device=x_BD.device)
+        for s in sels:
+            l0[s.level, s.model] = s.flat.numel()
+        return sse, l0
+
+    @torch.no_grad()
+    def calibrate(self, x_ND: Tensor, batch_size: int = 4096) -> None:
+        """Per-level JumpReLU thresholds so prefix i of the stored code has L0 ≈ K_i on ``x_ND``.
+
+        Level i's latents [D_{i-1}, D_i) get the threshold that leaves K_i*N - (entries already kept
+        in the inner prefix) entries; values are kept as they are (never shrunk). Global mode uses
+        one threshold over the whole dictionary.
+        """
+        if self.variant == "sail":
+            raise SailError("the sail variant uses the published soft threshold; it is not calibrated")
+        N = x_ND.shape[0]
+        if N == 0:
+            raise SailError("cannot calibrate thresholds on an empty split")
+        ranges = _prefix_pairs(self.dict_sizes) if self.topk_mode == "per_level" else [(0, self.n_latents)]
+        k_host = self.k_ML.tolist()
+        for m in range(self.n_models):
+            kept = 0
+            for li, (lo, hi) in enumerate(ranges):
+                need = int(k_host[m][li]) * N - kept
+                if need <= 0:
+                    self.thresholds[m, li] = math.inf
+                    continue
+                top = torch.empty(0, device=x_ND.device)
+                W = self.W_enc[m, lo:hi]
+                bias = self.b_enc[m, lo:hi] - W @ self.b_dec[m]
+                for start in range(0, N, batch_size):
+                    a = F.relu(x_ND[start : start + batch_size] @ W.T + bias).reshape(-1)
+                    a = a[a > 0]
+                    if top.numel() > need:
+                        a = a[a > top.min()]
+                    top = torch.cat([top, a])
+                    if top.numel() > need + 1:
+                        top = top.topk(need + 1, sorted=False).values
+                if top.numel() > need:
+                    self.thresholds[m, li] = top.min()
+                    kept += need
+                else:
+                    self.thresholds[m, li] = 0.0
+                    kept += int(top.numel())
+            self.calibrated[m] = True
+
+    # ----- per-model state -------------------------------------------------------------------------
+    def model_state(self, m: int) -> dict[str, Tensor]:
+        """Tensors of model m alone (what model.safetensors holds)."""
+        names = ["W", "b_enc", "b_dec", "theta_sum", "theta_count"] if self.variant == "sail" else [
+            "W_enc", "b_enc", "W_dec", "b_dec", "thresholds"]
+        return {n: getattr(self, n)[m].detach().clone().contiguous() for n in names}
+
+    @torch.no_grad()
+    def load_model_state(self, m: int, state: dict[str, Tensor]) -> None:
+        for name, value in state.items():
+            target = getattr(self, name)
+            if tuple(target[m].shape) != tuple(value.shape):
+                raise SailError(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(target[m].shape)}")
+            target[m].copy_(value)
+        if self.variant != "sail":
+            self.calibrated[m] = bool(torch.isfinite(self.thresholds[m]).any())
+
+
+def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
+    """Weiszfeld's algorithm in float64 (a robust b_dec init, as dictionary_learning uses)."""
+    x = x_ND.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() < tol:
+            y = y_new
+            break
+        y = y_new
+    return y.float()

@@ -1,0 +1,512 @@
+"""Device-resident SAE trainer: the whole L2-normalised embedding matrix lives on the device,
+batches are gathers through a device permutation, and a whole dictionary family trains per step.
+
+Metrics are summed on the device and read back every ``log_every`` steps; the published training
+recipe (Adam 1e-4, linear warmup then cosine to 1e-6, clip 0.5, batch 2048, 100 epochs) is the
+default. A family resumes from its members' ``train_state.pt`` with identical final weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from sail.config import SailConfig, TrainConfig, TrainingSettings
+from sail.console import progress
+from sail.encoders.table import read_embeddings
+from sail.errors import SailError
+from sail.sae.checkpoint import METRIC_COLUMNS, WEIGHTS, save_sae
+from sail.sae.grid import GridEntry, families, load_grid, shard_entries
+from sail.sae.model import StackedSAE
+from sail.workspace import StageRecord, Workspace, atomic_path, fingerprint, hash_config, is_done, mark_done
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+STATE_FILE = "train_state.pt"
+
+
+# ----- data -----------------------------------------------------------------------------------
+def split_labels(slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = "data/split.csv") -> np.ndarray:
+    """Split label per slice_id ("modality/image_id/plane/idx") from a modality,image_id,split table."""
+    for col in ("modality", "image_id", "split"):
+        if col not in split_df.columns:
+            raise SailError(f"{source}: missing column '{col}'")
+    bad = ~split_df["split"].isin(SPLITS)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise SailError(f"{source}: line {row + 2}: split {split_df['split'].iloc[row]!r} is not train, valid or test")
+    parts = pd.Series(slice_ids, dtype=object).str.split("/", n=2, expand=True)
+    if parts.shape[1] < 3 or parts.isna().any().any():
+        first = slice_ids[int(np.flatnonzero(parts.isna().any(axis=1).to_numpy())[0])] if parts.shape[1] >= 3 else slice_ids[0]
+        raise SailError(f"slice_id {first!r} is not 'modality/image_id/plane/index'")
+    key = split_df.astype({"modality": str, "image_id": str}).drop_duplicates(["modality", "image_id"])
+    merged = pd.DataFrame({"modality": parts[0], "image_id": parts[1]}).merge(
+        key[["modality", "image_id", "split"]], on=["modality", "image_id"], how="left"
+    )
+    missing = merged["split"].isna().to_numpy()
+    if missing.any():
+        first = slice_ids[int(np.flatnonzero(missing)[0])]
+        raise SailError(f"{source}: no split for {int(missing.sum())} slice(s), e.g. {first!r}")
+    return merged["split"].to_numpy(dtype=object)
+
+
+def seeded_split(n: int, groups: np.ndarray | None, seed: int) -> np.ndarray:
+    """80/10/10 split of rows (or of the distinct values of ``groups``), reproducible per seed."""
+    keys, inverse = (np.arange(n), np.arange(n)) if groups is None else np.unique(groups.astype(str), return_inverse=True)
+    g = len(keys)
+    order = np.random.default_rng(seed).permutation(g)
+    n_valid = max(1, round(0.1 * g)) if g >= 3 else 0
+    n_test = max(1, round(0.1 * g)) if g >= 3 else 0
+    label = np.empty(g, dtype=object)
+    label[order[: g - n_valid - n_test]] = "train"
+    label[order[g - n_valid - n_test : g - n_test]] = "valid"
+    label[order[g - n_test :]] = "test"
+    return label[inverse]
+
+
+@dataclass
+class EmbeddingData:
+    """One table's rows with their split labels and the provenance the checkpoints record."""
+
+    encoder: str
+    slice_ids: np.ndarray
+    x_ND: np.ndarray
+    split: np.ndarray
+    inputs: dict[str, str]
+    split_info: dict[str, Any] = field(default_factory=dict)
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+
+def load_data(
+    ws: Workspace,
+    encoder: str | None = None,
+    embeddings: Path | None = None,
+    name: str | None = None,
+    group_by: str | None = None,
+    seed: int = 42,
+) -> EmbeddingData:
+    """Rows + splits: the workspace table with data/split.csv, or any table (§8 of DESIGN)."""
+    if embeddings is not None:
+        path = Path(embeddings)
+        table = read_embeddings(path)
+        schema = pq.read_schema(path)
+        encoder = name or path.stem
+        if "split" in schema.names:
+            split = np.asarray(pq.read_table(path, columns=["split"]).column("split").to_pylist(), dtype=object)
+            bad = ~np.isin(split, SPLITS)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise SailError(f"{path}: column 'split' row {row}: {split[row]!r} is not train, valid or test")
+            info = {"source": "column"}
+        else:
+            groups = None
+            if group_by is not None:
+                if group_by not in schema.names:
+                    raise SailError(f"{path}: --group-by column '{group_by}' not found (columns: {schema.names})")
+                groups = np.asarray(pq.read_table(path, columns=[group_by]).column(group_by).to_pylist(), dtype=object)
+            split = seeded_split(len(table.slice_ids), groups, seed)
+            info = {"source": "seeded", "fractions": [0.8, 0.1, 0.1], "group_by": group_by, "seed": seed}
+        inputs = {"embeddings": fingerprint(path), "split": hash_config(info)}
+    else:
+        if encoder is None:
+            raise SailError("name an --encoder or give --embeddings TABLE.parquet")
+        path = ws.embeddings(encoder)
+        table = read_embeddings(path)
+        if not ws.split_csv.is_file():
+            raise SailError(f"{ws.split_csv} not found; run `sail split` first (or train with --embeddings)")
+        split = split_labels(table.slice_ids, pd.read_csv(ws.split_csv, dtype=str), str(ws.split_csv))
+        info = {"source": "split.csv", "fingerprint": fingerprint(ws.split_csv)}
+        inputs = {"embeddings": fingerprint(path), "split": fingerprint(ws.split_csv)}
+    if not np.isfinite(table.x_ND).all():
+        row = int(np.flatnonzero(~np.isfinite(table.x_ND).all(1))[0])
+        raise SailError(f"{path}: row {row} ({table.slice_ids[row]}) holds NaN or inf")
+    info["counts"] = {s: int((split == s).sum()) for s in SPLITS}
+    return EmbeddingData(encoder, table.slice_ids, table.x_ND, split, inputs, info)
+
+
+def to_device_normalized(x_ND: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Per-sample L2 normalisation (as published), done once, on the device."""
+    x = torch.from_numpy(np.require(x_ND, np.float32, ["C", "W"])).to(device)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+# ----- schedule, clipping, metrics --------------------------------------------------------------
+def lr_at(step: int, total: int, settings: TrainingSettings) -> float:
+    """Published schedule: linear warmup from 0.1x, then cosine to lr_min (per optimizer step)."""
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else min(1000, total // 10)
+    base = settings.lr
+    if step < warmup:
+        return base * (0.1 + 0.9 * step / warmup)
+    span = max(total - warmup, 1)
+    t = min(step - warmup, span)
+    return settings.lr_min + (base - settings.lr_min) * (1 + math.cos(math.pi * t / span)) / 2
+
+
+@torch.no_grad()
+def clip_per_model(params: list[torch.nn.Parameter], n_models: int, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ applied to each stacked model separately (models never share a norm)."""
+    sq = torch.zeros(n_models, device=params[0].device, dtype=torch.float32)
+    for p in params:
+        if p.grad is not None:
+            sq += p.grad.reshape(n_models, -1).float().pow(2).sum(1)
+    norm = sq.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale.view(-1, *[1] * (p.grad.dim() - 1)).to(p.grad.dtype))
+    return norm
+
+
+class Meter:
+    """Device-side sums for per-dimension FVU (float64), published R², L0 and AuxK."""
+
+    def __init__(self, n_levels: int, n_models: int, d: int, device: torch.device):
+        self.shape = (n_levels, n_models)
+        self.d = d
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sse = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+        self.l0 = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
+        self.sum_x = torch.zeros(self.d, dtype=torch.float64, device=self.device)
+        self.sumsq_x = torch.zeros(self.d, dtype=torch.float64, device=self.device)
+        self.auxk = torch.zeros(self.shape[1], dtype=torch.float64, device=self.device)
+        self.n = 0
+        self.steps = 0
+
+    def add(self, x_BD: torch.Tensor, sse_LM: torch.Tensor, l0_LM: torch.Tensor, auxk_M: torch.Tensor | None = None) -> None:
+        xd = x_BD.double()
+        self.sum_x += xd.sum(0)
+        self.sumsq_x += xd.pow(2).sum(0)
+        self.sse += sse_LM
+        self.l0 += l0_LM
+        if auxk_M is not None:
+            self.auxk += auxk_M.double()
+            self.steps += 1
+        self.n += x_BD.shape[0]
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """(L, M) arrays of fvu, r2_published, l0 and (M,) auxk since the last reset."""
+        n = max(self.n, 1)
+        var_per_dim = (self.sumsq_x - self.sum_x.pow(2) / n).sum()
+        var_scalar = self.sumsq_x.sum() - self.sum_x.sum().pow(2) / (n * self.d)
+        return {
+            "fvu": (self.sse / var_per_dim.clamp_min(1e-30)).cpu().numpy(),
+            "r2_published": (1 - self.sse / var_scalar.clamp_min(1e-30)).cpu().numpy(),
+            "l0": (self.l0.double() / n).cpu().numpy(),
+            "auxk": (self.auxk / max(self.steps, 1)).cpu().numpy(),
+        }
+
+
+# ----- trainer ----------------------------------------------------------------------------------
+@dataclass
+class Runtime:
+    """How (not what) to train: none of these change the result beyond float tolerance."""
+
+    device: torch.device
+    precision: str = "fp32"
+    decode: str = "dense"
+    log_every: int = 50
+    checkpoint_every: int = 1
+    show_progress: bool = True
+
+    @classmethod
+    def from_config(cls, tc: TrainConfig) -> Runtime:
+        device = resolve_device(tc.device)
+        precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        decode = tc.decode if tc.decode != "auto" else ("dense" if device.type == "cuda" else "sparse")
+        return cls(device, precision, decode, tc.log_every, tc.checkpoint_every)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SailError(f"device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SailError(f"device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, fixed: bool) -> torch.Tensor:
+    """A fresh permutation per epoch, derived from (seed, epoch) so a resumed run sees the same."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + (0 if fixed else epoch))
+    return torch.randperm(n, generator=g)
+
+
+@dataclass
+class FamilyResult:
+    model: StackedSAE
+    metrics: list[pd.DataFrame]
+    final: list[dict[str, Any]]
+
+
+def _state_key(entries: list[GridEntry], n_train: int, d: int) -> str:
+    return hash_config({"names": [e.name for e in entries], "settings": entries[0].settings.model_dump(mode="json"),
+                        "n_train": n_train, "d": d})
+
+
+def _save_states(dirs: list[Path], model: StackedSAE, opt: torch.optim.Optimizer, names: list[str],
+                 since_fired: torch.Tensor, rows: list[list[dict]], step: int, epoch: int, key: str) -> None:
+    params = dict(model.named_parameters())
+    for m, out in enumerate(dirs):
+        opt_state = {}
+        for name, p in params.items():
+            st = opt.state.get(p, {})
+            if st:
+                opt_state[name] = {"exp_avg": st["exp_avg"][m].cpu().clone(), "exp_avg_sq": st["exp_avg_sq"][m].cpu().clone(),
+                                   "step": float(st["step"])}
+        state = {"key": key, "step": step, "epoch": epoch, "member": names[m],
+                 "model": {k: v.cpu() for k, v in model.model_state(m).items()},
+                 "since_fired": since_fired[m].cpu().clone(), "opt": opt_state, "rows": rows[m]}
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / STATE_FILE) as tmp:
+            torch.save(state, tmp)
+
+
+def _load_states(dirs: list[Path], key: str) -> list[dict] | None:
+    paths = [d / STATE_FILE for d in dirs]
+    if not any(p.is_file() for p in paths):
+        return None
+    try:
+        states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    except (OSError, RuntimeError, FileNotFoundError) as exc:
+        log.warning("cannot resume (%s); training the family from scratch", exc)
+        return None
+    if any(s["key"] != key for s in states) or len({s["step"] for s in states}) != 1:
+        log.warning("train_state.pt files do not match this family and settings; training from scratch")
+        return None
+    return states
+
+
+def _restore(states: list[dict], model: StackedSAE, opt: torch.optim.Optimizer, fused: bool) -> torch.Tensor:
+    for m, st in enumerate(states):
+        model.load_model_state(m, {k: v.to(model.b_dec.device) for k, v in st["model"].items()})
+    for name, p in model.named_parameters():
+        if name not in states[0]["opt"]:
+            continue
+        step_dev = p.device if fused else torch.device("cpu")
+        opt.state[p] = {
+            "step": torch.tensor(states[0]["opt"][name]["step"], dtype=torch.float32, device=step_dev),
+            "exp_avg": torch.stack([s["opt"][name]["exp_avg"] for s in states]).to(p.device),
+            "exp_avg_sq": torch.stack([s["opt"][name]["exp_avg_sq"] for s in states]).to(p.device),
+        }
+    return torch.stack([s["since_fired"] for s in states]).to(model.b_dec.device)
+
+
+def _rows(meter: Meter, model: StackedSAE, step: int, epoch: int, split: str, dead_MF: torch.Tensor,
+          lr: float, out: list[list[dict]]) -> dict[str, np.ndarray]:
+    s = meter.summary()
+    dead = dead_MF.float()
+    dead_frac = np.stack([dead[:, :Dl].mean(1).cpu().numpy() for Dl in model.dict_sizes])  # (L, M)
+    for m in range(model.n_models):
+        for li in range(model.n_levels):
+            out[m].append({
+                "step": step, "epoch": epoch, "split": split, "level": li,
+                "fvu": float(s["fvu"][li, m]), "r2_published": float(s["r2_published"][li, m]),
+                "l0": float(s["l0"][li, m]), "dead_frac": float(dead_frac[li, m]),
+                "auxk_loss": float(s["auxk"][m]) if split == "train" else float("nan"), "lr": lr,
+            })
+    s["dead_frac"] = dead_frac
+    return s
+
+
+def _evaluate(model: StackedSAE, x_ND: torch.Tensor, batch_size: int, mode: str, meter: Meter) -> None:
+    meter.reset()
+    for start in range(0, x_ND.shape[0], batch_size):
+        xb = x_ND[start : start + batch_size]
+        sse, l0 = model.eval_levels(xb, mode)
+        meter.add(xb, sse, l0)
+
+
+def train_family(
+    entries: list[GridEntry],
+    x_train: torch.Tensor,
+    x_valid: torch.Tensor,
+    dirs: list[Path],
+    rt: Runtime,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> FamilyResult:
+    """Train every entry of one family together on the same batches; returns the trained stack.
+
+    ``x_train``/``x_valid`` are L2-normalised (N, d) tensors on ``rt.device``. A ``train_state.pt``
+    is written to each member folder every ``rt.checkpoint_every`` epochs and resumed from.
+    """
+    settings = entries[0].settings
+    variant = entries[0].spec.variant
+    device = rt.device
+    N, d = x_train.shape
+    if N == 0:
+        raise SailError("the training split is empty")
+    M = len(entries)
+    model = StackedSAE([e.spec for e in entries], d).to(device)
+    B = min(settings.batch_size, N)
+    steps_per_epoch = math.ceil(N / B)
+    total = settings.epochs * steps_per_epoch
+    window = min(settings.dead_window, N)
+    auxk_k = settings.auxk_k or max(1, d // 2)
+    alpha = settings.auxk_alpha if variant == "matryoshka" else 0.0
+    key = _state_key(entries, N, d)
+
+    sample_idx = torch.randperm(N, generator=torch.Generator().manual_seed(settings.seed))[:8192].to(device)
+    seeds = [int(hash_config([settings.seed, e.spec.to_json()]), 16) % (2**62) for e in entries]
+    model.initialize(seeds, x_train[sample_idx], settings.b_dec_init)
+    fused = device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+    params = list(model.parameters())
+    since_fired = torch.zeros(M, model.n_latents, dtype=torch.int64, device=device)
+    rows: list[list[dict]] = [[] for _ in range(M)]
+    step, start_epoch = 0, 0
+    states = _load_states(dirs, key)
+    if states is not None:
+        since_fired = _restore(states, model, opt, fused)
+        step, start_epoch = states[0]["step"], states[0]["epoch"]
+        rows = [list(s["rows"]) for s in states]
+        log.info("resuming %s at epoch %d (step %d)", ", ".join(e.name for e in entries), start_epoch, step)
+
+    autocast = rt.precision == "bf16"
+    meter = Meter(model.n_levels, M, d, device)
+    vmeter = Meter(model.n_levels, M, d, device)
+    val_mode = "published" if variant == "sail" else "train"
+    names = [e.name for e in entries]
+    label = f"{variant} {entries[0].spec.published_name.split('_K_')[0]} x{M}"
+    lr = lr_at(step, total, settings)
+    with progress() as bar:
+        task = bar.add_task(label, total=total, completed=step, visible=rt.show_progress)
+        for epoch in range(start_epoch, settings.epochs):
+            perm = epoch_permutation(N, settings.seed, epoch, settings.permutation == "fixed").to(device)
+            model.train()
+            for b in range(steps_per_epoch):
+                idx = perm[b * B : (b + 1) * B]
+                x = x_train[idx]
+                lr = lr_at(step, total, settings)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                dead = since_fired >= window
+                use_aux = alpha > 0 and (device.type != "cpu" or bool(dead.any()))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    out = model.forward_train(x, rt.decode, dead if use_aux else None, auxk_k, alpha if use_aux else 0.0)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                model.project_decoder_grad()
+                if settings.clip_norm is not None:
+                    clip_per_model(params, M, settings.clip_norm)
+                opt.step()
+                model.normalize_decoder()
+                since_fired = torch.where(out.fired_MF, torch.zeros_like(since_fired), since_fired + idx.numel())
+                meter.add(x, out.sse_LM, out.l0_LM, out.auxk_M)
+                step += 1
+                if step % rt.log_every == 0 or b == steps_per_epoch - 1:
+                    _rows(meter, model, step, epoch, "train", since_fired >= window, lr, rows)
+                    meter.reset()
+                    bar.update(task, completed=step)
+            model.eval()
+            if x_valid.shape[0]:
+                _evaluate(model, x_valid, B, val_mode, vmeter)
+                _rows(vmeter, model, step, epoch, "valid", since_fired >= window, lr, rows)
+            done = epoch + 1 == settings.epochs
+            if not done and (epoch + 1) % rt.checkpoint_every == 0:
+                _save_states(dirs, model, opt, names, since_fired, rows, step, epoch + 1, key)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+
+    calib = x_valid if x_valid.shape[0] else x_train
+    if variant == "matryoshka":
+        if not x_valid.shape[0]:
+            log.warning("no validation rows: calibrating thresholds on the training split")
+        model.calibrate(calib)
+    _evaluate(model, calib, B, "inference", vmeter)
+    calib_split = "valid" if x_valid.shape[0] else "train"
+    final = _rows(vmeter, model, step, settings.epochs, calib_split, since_fired >= window, lr, rows)
+    finals = [{
+        "split": calib_split, "mode": "inference",
+        "fvu": final["fvu"][:, m].tolist(), "r2_published": final["r2_published"][:, m].tolist(),
+        "l0": final["l0"][:, m].tolist(), "dead_frac": final["dead_frac"][:, m].tolist(),
+        "steps": step,
+    } for m in range(M)]
+    metrics = [pd.DataFrame(r, columns=METRIC_COLUMNS) for r in rows]
+    return FamilyResult(model, metrics, finals)
+
+
+# ----- stage ------------------------------------------------------------------------------------
+def _encoders(cfg: SailConfig, ws: Workspace) -> list[str]:
+    if cfg.train.encoders:
+        return list(cfg.train.encoders)
+    found = sorted(p.stem for p in (ws.root / "embeddings").glob("*.parquet"))
+    if not found:
+        raise SailError(f"no embeddings tables in {ws.root / 'embeddings'}; run `sail encode` or pass --embeddings")
+    return found
+
+
+def grid_entries(tc: TrainConfig) -> list[GridEntry]:
+    entries = load_grid(tc.grid, list(tc.variants), "variants" in tc.model_fields_set, tc.training)
+    entries = shard_entries(entries, tc.shard)
+    if not entries:
+        log.warning("this shard of the grid is empty")
+    return entries
+
+
+def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: list[GridEntry],
+                  force: bool = False, on_epoch_end: Callable[[int], None] | None = None) -> list[Path]:
+    """Train the entries (skipping finished ones) for one table; returns the checkpoint folders."""
+    rt = Runtime.from_config(cfg.train)
+    records = {e.name + e.spec.variant: StageRecord("train", hash_config(e.record_config()), data.inputs) for e in entries}
+    todo = [
+        e for e in entries
+        if force or not is_done(ws.sae_dir(data.encoder, e.spec.variant, e.name) / WEIGHTS, records[e.name + e.spec.variant])
+    ]
+    for e in entries:
+        if e not in todo:
+            log.info("%s/%s/%s: up to date", data.encoder, e.spec.variant, e.name)
+    if not todo:
+        return [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in entries]
+    x_train = to_device_normalized(data.x_ND[data.rows("train")], rt.device)
+    x_valid = to_device_normalized(data.x_ND[data.rows("valid")], rt.device)
+    for fam in families(todo):
+        dirs = [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in fam]
+        if force:
+            for d in dirs:
+                (d / STATE_FILE).unlink(missing_ok=True)
+        log.info("training %s on %d %s rows: %s", fam[0].spec.variant, x_train.shape[0], data.encoder,
+                 ", ".join(e.name for e in fam))
+        result = train_family(fam, x_train, x_valid, dirs, rt, on_epoch_end)
+        for m, (e, out) in enumerate(zip(fam, dirs)):
+            extra = {
+                "encoder": data.encoder,
+                "embeddings_fingerprint": data.inputs["embeddings"],
+                "split": {**data.split_info, "fingerprint": data.inputs["split"]},
+                "training": e.settings.model_dump(mode="json"),
+                "final_metrics": result.final[m],
+            }
+            save_sae(out, result.model, m, e.name, extra, result.metrics[m])
+            mark_done(out / WEIGHTS, records[e.name + e.spec.variant], {"final": result.final[m]})
+            (out / STATE_FILE).unlink(missing_ok=True)
+    return [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in entries]
+
+
+def run_train(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
+    """Pipeline stage: train the grid for every encoder (or for ``train.embeddings``)."""
+    tc = cfg.train
+    entries = grid_entries(tc)
+    seed = TrainingSettings.model_validate(tc.training).seed
+    if tc.embeddings is not None:
+        data = load_data(ws, embeddings=tc.embeddings, name=tc.name, group_by=tc.group_by, seed=seed)
+        train_encoder(cfg, ws, data, entries, force)
+        return
+    for encoder in _encoders(cfg, ws):
+        train_encoder(cfg, ws, load_data(ws, encoder=encoder), entries, force)

@@ -1,0 +1,63 @@
+"""Grids: the published 28, demo, YAML files, variant rules, shards and families."""
+
+from __future__ import annotations
+
+import pytest
+
+from sail.errors import SailError
+from sail.sae.grid import families, load_grid, parse_shard, shard_entries
+
+
+def test_paper_grid_has_28_configs_in_4_families():
+    entries = load_grid("paper", ["sail"])
+    assert len(entries) == 28
+    names = [e.name for e in entries]
+    assert names[0] == "D_16_64_256_1024_K_5_5_5_5"
+    assert "D_128_512_2048_8192_K_20_40_80_160" in names
+    assert "D_16_64_256_1024_K_20_20_20_20" not in names  # K > D at level 0: skipped as published
+    assert [len(f) for f in families(entries)] == [4, 8, 8, 8]
+
+
+def test_demo_grid_expands_variants_and_global_is_matryoshka_only():
+    entries = load_grid("demo", ["matryoshka", "sail"])
+    by_variant = {v: [e.name for e in entries if e.spec.variant == v] for v in ("matryoshka", "sail")}
+    assert len(by_variant["matryoshka"]) == 3 and len(by_variant["sail"]) == 2
+    assert any(n.startswith("D_32_128_512_K_16-global-h") for n in by_variant["matryoshka"])
+    assert len(families(entries)) == 3
+
+
+def test_yaml_grid_file_and_errors(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("training: {epochs: 100, batch_size: 2048, lr: 1.0e-4, seed: 42}\nconfigs:\n"
+                    "  - {variant: sail, dict_sizes: [128, 512, 2048, 8192], k_values: [20, 40, 80, 160]}\n"
+                    "  - {variant: matryoshka, topk_mode: global, dict_sizes: [64, 256, 1024, 4096], k_values: [40]}\n")
+    entries = load_grid(str(path), ["matryoshka"])
+    assert [e.name for e in entries] == ["D_128_512_2048_8192_K_20_40_80_160", "D_64_256_1024_4096_K_40-global"]
+    with pytest.raises(SailError, match="conflicts with --variant"):
+        load_grid(str(path), ["matryoshka"], variants_explicit=True)
+    path.write_text("configs:\n  - {dict_sizes: [4, 8], k_values: [1, 2], width: 3}\n")
+    with pytest.raises(SailError, match=r"configs\[0\].*width"):
+        load_grid(str(path), ["sail"])
+    path.write_text("training: {epoch: 3}\nconfigs: []\n")
+    with pytest.raises(SailError, match="epoch"):
+        load_grid(str(path), ["sail"])
+    with pytest.raises(SailError, match="nope.yaml"):
+        load_grid("nope.yaml", ["sail"])
+
+
+def test_non_default_settings_change_the_folder_name():
+    a = load_grid([{"dict_sizes": [4, 8], "k_values": [1, 2]}], ["sail"])[0]
+    b = load_grid([{"dict_sizes": [4, 8], "k_values": [1, 2]}], ["sail"], overrides={"epochs": 3})[0]
+    c = load_grid([{"dict_sizes": [4, 8], "k_values": [1, 2]}], ["sail"], overrides={"auxk_alpha": 0.5})[0]
+    assert a.name == "D_4_8_K_1_2" and b.name.startswith("D_4_8_K_1_2-h") and c.name == a.name
+
+
+def test_shards_are_contiguous_and_cover_the_grid():
+    entries = load_grid("paper", ["sail"])
+    parts = [shard_entries(entries, f"{i}/4") for i in range(4)]
+    assert [e for p in parts for e in p] == entries
+    assert [len(p) for p in parts] == [7, 7, 7, 7]
+    assert parse_shard(None) == (0, 1)
+    for bad in ("4/4", "1-2", "0/0"):
+        with pytest.raises(SailError, match="shard"):
+            parse_shard(bad)

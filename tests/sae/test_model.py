@@ -1,0 +1,190 @@
+"""Hand-computed behaviour of both variants on tiny weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sail.errors import SailError
+from sail.sae.model import SAESpec, StackedSAE
+
+X = torch.tensor([[0.9, 0.1, -0.3, 0.5], [0.2, 0.8, 0.4, -0.1]])
+
+
+def identity_sae(variant: str, k=(1, 2), mode="per_level") -> StackedSAE:
+    """d = D = 4 with W = I and zero biases, so pre-activations equal the input."""
+    model = StackedSAE([SAESpec(variant, (2, 4), k, mode)], 4)
+    with torch.no_grad():
+        for name in ("W",) if variant == "sail" else ("W_enc", "W_dec"):
+            getattr(model, name).copy_(torch.eye(4)[None])
+    return model
+
+
+@pytest.mark.parametrize("impl", ["dense", "sparse"])
+def test_batch_topk_budget_and_reconstructions_per_level(impl):
+    model = identity_sae("sail")
+    out = model.forward_train(X, impl)
+    # level 0: top 1*2 of the first two latents = 0.9 (row 0) and 0.8 (row 1);
+    # level 1: top 2*2 of all = 0.9, 0.8, 0.5, 0.4 (row 0 uses 2 latents, row 1 uses 2).
+    assert out.l0_LM.tolist() == [[2], [4]]
+    mse0 = (0.01 + 0.09 + 0.25 + 0.04 + 0.16 + 0.01) / 8
+    mse1 = (0.01 + 0.09 + 0.04 + 0.01) / 8
+    assert out.loss.item() == pytest.approx((mse0 + mse1) / 2, abs=1e-7)
+    assert out.sse_LM[:, 0].tolist() == pytest.approx([mse0 * 8, mse1 * 8], abs=1e-6)
+
+
+def test_budget_is_shared_across_the_batch():
+    model = StackedSAE([SAESpec("matryoshka", (4, 8), (2, 3))], 8)
+    model.initialize([0])
+    x = torch.nn.functional.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    sels = model.train_selections(model.activations(model.pre_activations(x)))
+    counts = {s.level: s.flat.numel() for s in sels}
+    assert counts == {0: 2 * 16, 1: 3 * 16}
+    rows = (sels[1].flat // 8) % 16
+    assert torch.bincount(rows, minlength=16).sum() == 48  # per sample it varies; the batch total does not
+
+
+def test_sail_keeps_negative_values_matryoshka_applies_relu():
+    x = torch.tensor([[-0.1, -0.2, -0.3, -0.4]])
+    sail = identity_sae("sail")
+    out = sail.forward_train(x)
+    # no ReLU: level 0 keeps -0.1, level 1 keeps -0.1 and -0.2 (budget 2)
+    mse0 = (0.0 + 0.04 + 0.09 + 0.16) / 4
+    mse1 = (0.09 + 0.16) / 4
+    assert out.loss.item() == pytest.approx((mse0 + mse1) / 2, abs=1e-7)
+    mat = identity_sae("matryoshka")
+    assert mat.forward_train(x).loss.item() == pytest.approx((0.30 / 4 + 0.30 / 4) / 2, abs=1e-7)
+
+
+def test_sail_decoder_is_stop_gradient_matryoshka_decoder_trains():
+    sail = identity_sae("sail")
+    sail.forward_train(X).loss.backward()
+    # The residual is zero at every selected coordinate, so the encoder path gives no gradient,
+    # and the decoder path gives none either (stop-gradient): W.grad is exactly zero.
+    assert torch.equal(sail.W.grad, torch.zeros_like(sail.W))
+    # b_dec: only the output add, (2 / (L*B*d)) * sum of (R - x) over levels and rows
+    assert sail.b_dec.grad[0].tolist() == pytest.approx([-0.05, -0.025, 0.025, -0.0375], abs=1e-7)
+
+    mat = identity_sae("matryoshka")
+    mat.forward_train(X).loss.backward()
+    assert torch.equal(mat.W_enc.grad, torch.zeros_like(mat.W_enc))
+    # latent 0 decodes 0.9 (row 0) at both levels: 0.9 * 2/16 * ([0,-.1,.3,-.5] + [0,-.1,.3,0])
+    assert mat.W_dec.grad[0, 0].tolist() == pytest.approx([0.0, -0.0225, 0.0675, -0.05625], abs=1e-7)
+
+
+def test_published_threshold_update():
+    sail = identity_sae("sail")
+    sail.forward_train(X)
+    assert sail.theta_sum.item() == pytest.approx(0.4)  # smallest positive value kept at the last level
+    assert sail.theta_count.item() == 1
+    sail.forward_train(torch.tensor([[-0.1, -0.2, -0.3, -0.4]]))  # nothing positive: no update
+    assert sail.theta_count.item() == 1
+
+
+def test_inference_soft_threshold_vs_jumprelu():
+    sail = identity_sae("sail")
+    with torch.no_grad():
+        sail.theta_sum.fill_(0.6)
+        sail.theta_count.fill_(2)
+    assert sail.inference_codes(X[:1])[0, 0].tolist() == pytest.approx([0.6, 0.0, 0.0, 0.2])
+    mat = identity_sae("matryoshka")
+    with torch.no_grad():
+        mat.thresholds.copy_(torch.tensor([[0.5, 0.3]]))
+        mat.calibrated.fill_(True)
+    # latents [0,2) need > 0.5, latents [2,4) need > 0.3; kept values are not shrunk
+    torch.testing.assert_close(mat.inference_codes(X)[0], torch.tensor([[0.9, 0.0, 0.0, 0.5], [0.0, 0.8, 0.4, 0.0]]))
+
+
+def test_uncalibrated_matryoshka_refuses_inference():
+    with pytest.raises(SailError, match="calibrated"):
+        identity_sae("matryoshka").inference_codes(X)
+
+
+def test_global_mode_levels_are_prefixes_of_one_code():
+    model = StackedSAE([SAESpec("matryoshka", (3, 6, 12), (4,), "global")], 5)
+    model.initialize([2])
+    x = torch.nn.functional.normalize(torch.randn(7, 5, generator=torch.Generator().manual_seed(3)), dim=1)
+    acts = model.activations(model.pre_activations(x))
+    sels = model.train_selections(acts)
+    full = sels[-1].flat
+    assert full.numel() == 4 * 7
+    for s, size in zip(sels, (3, 6, 12)):
+        assert torch.equal(s.flat, full[full % 12 < size])
+    vals = [acts.reshape(-1)[s.flat] for s in sels]
+    R = model.decode(sels, vals, 7)
+    codes = torch.zeros(7 * 12).index_put((full,), acts.reshape(-1)[full]).view(7, 12)
+    for li, size in enumerate((3, 6, 12)):
+        expect = codes[:, :size] @ model.W_dec[0, :size] + model.b_dec[0]
+        torch.testing.assert_close(R[li, 0], expect)
+
+
+@pytest.mark.parametrize("variant,mode,ks", [("sail", "per_level", [(2, 3, 4), (1, 2, 5)]),
+                                             ("matryoshka", "per_level", [(2, 3, 4), (1, 2, 5)]),
+                                             ("matryoshka", "global", [(4,), (6,)])])
+def test_sparse_and_dense_paths_agree(variant, mode, ks):
+    x = torch.nn.functional.normalize(torch.randn(10, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    dead = torch.zeros(2, 16, dtype=torch.bool)
+    dead[:, 10:] = True
+    results = []
+    for impl in ("dense", "sparse"):
+        model = StackedSAE([SAESpec(variant, (4, 8, 16), k, mode) for k in ks], 6)
+        model.initialize([0] * model.n_models, x, "mean")
+        with torch.no_grad():
+            model.b_enc.normal_(generator=torch.Generator().manual_seed(1))
+        out = model.forward_train(x, impl, dead, 3, 1 / 32)
+        out.loss.backward()
+        results.append((out.loss, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_stacked_models_do_not_interact():
+    x = torch.nn.functional.normalize(torch.randn(9, 6, generator=torch.Generator().manual_seed(4)), dim=1)
+    specs = [SAESpec("matryoshka", (4, 8), (2, 3)), SAESpec("matryoshka", (4, 8), (1, 4))]
+    both = StackedSAE(specs, 6)
+    both.initialize([0, 1])
+    both.forward_train(x, "sparse").loss.backward()
+    alone = StackedSAE(specs[1:], 6)
+    alone.load_model_state(0, both.model_state(1))
+    alone.forward_train(x, "sparse").loss.backward()
+    torch.testing.assert_close(alone.W_dec.grad[0], both.W_dec.grad[1])
+    torch.testing.assert_close(alone.W_enc.grad[0], both.W_enc.grad[1])
+
+
+def test_calibrated_l0_within_ten_percent_on_held_out_data():
+    from tests.sae.conftest import planted
+
+    x, _ = planted(4000, 16, 40, 3, seed=5)
+    model = StackedSAE([SAESpec("matryoshka", (8, 32, 64), (2, 5, 9))], 16)
+    model.initialize([0] * model.n_models, x, "mean")
+    model.calibrate(x[:2000], batch_size=512)
+    codes = model.inference_codes(x[2000:])[0]
+    for size, k in zip((8, 32, 64), (2, 5, 9)):
+        l0 = (codes[:, :size] != 0).sum(1).float().mean().item()
+        assert abs(l0 - k) / k < 0.10, (size, l0, k)
+    gmodel = StackedSAE([SAESpec("matryoshka", (8, 64), (6,), "global")], 16)
+    gmodel.initialize([0] * model.n_models, x, "mean")
+    gmodel.calibrate(x[:2000])
+    l0 = (gmodel.inference_codes(x[2000:])[0] != 0).sum(1).float().mean().item()
+    assert abs(l0 - 6) / 6 < 0.10
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"variant": "other", "dict_sizes": (2, 4), "k_values": (1, 1)}, "variant"),
+    ({"variant": "sail", "dict_sizes": (4, 2), "k_values": (1, 1)}, "strictly increasing"),
+    ({"variant": "sail", "dict_sizes": (2, 4), "k_values": (1,)}, "k_values"),
+    ({"variant": "sail", "dict_sizes": (2, 4), "k_values": (1,), "topk_mode": "global"}, "per_level"),
+])
+def test_spec_validation(kwargs, match):
+    with pytest.raises(SailError, match=match):
+        SAESpec(**kwargs)
+
+
+def test_published_name_and_validity():
+    spec = SAESpec("sail", (16, 64, 256, 1024), (20, 20, 20, 20))
+    assert spec.published_name == "D_16_64_256_1024_K_20_20_20_20"
+    assert not spec.valid
+    assert math.isinf(StackedSAE([SAESpec("matryoshka", (2, 4), (1, 1))], 3).thresholds[0, 0].item())
