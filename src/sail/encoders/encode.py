@@ -1,0 +1,353 @@
+"""The ``encode`` stage: every slice in data/slices.parquet -> embeddings/<name>.parquet.
+
+The sorted slice list is cut into fixed chunks (``chunk_size`` rows) and each chunk into fixed
+batches, so the same slice always meets the same batch: an interrupted run, a resumed run and a
+sharded run (``--shard i/n`` takes chunks i, i+n, ...) compute identical numbers. Finished chunks
+are written atomically to ``embeddings/<name>.parts/`` and skipped on the next run; a merge joins
+them into the final table (an unsharded run merges itself; shards need ``sail encode --merge``).
+DataLoader workers decode whole batches of PNGs; resizing and normalising happen on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from sail import __version__
+from sail.console import progress
+from sail.encoders.base import EncoderSpec, Precision, Preprocess, get_spec, resolve_device, resolve_precision
+from sail.encoders.table import read_embeddings, write_embeddings
+from sail.errors import SailError
+from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done, write_json_atomic
+
+if TYPE_CHECKING:
+    from sail.config import EncodeConfig, SailConfig
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+ENCODER_FILE = "encoder.json"
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """One embeddings table to produce, with every setting resolved."""
+
+    spec: EncoderSpec
+    name: str
+    weights: str | None
+    image_size: int
+    device: torch.device
+    precision: Precision
+    requested_precision: str
+    batch_size: int
+    workers: int
+    chunk_size: int
+
+    def identity(self) -> dict[str, Any]:
+        """What the numbers depend on (the manifest's config hash). Device and batch size are not in it."""
+        return {
+            "encoder": self.spec.name,
+            "weights": self.spec.weights_identity(self.weights),
+            "image_size": self.image_size,
+            "precision": self.requested_precision,
+        }
+
+    def plan_key(self) -> str:
+        """Parts made under another key are stale (other chunks, or other resolved precision)."""
+        return hash_config({**self.identity(), "resolved_precision": self.precision, "chunk_size": self.chunk_size})
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0 <= i < n) -> (i, n); also picks up torchrun's RANK/WORLD_SIZE when no shard is given."""
+    if shard is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    try:
+        i, n = (int(p) for p in shard.split("/"))
+    except ValueError:
+        raise SailError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise SailError(f"--shard {shard}: need 0 <= i < n (shards are numbered from 0)")
+    return i, n
+
+
+def default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def make_job(
+    encoder: str, settings: EncodeConfig, name: str | None = None, weights: str | None = None, image_size: int | None = None
+) -> EncodeJob:
+    """Resolve one table's settings (``settings`` needs device, precision, batch_size, workers, chunk_size)."""
+    spec = get_spec(encoder)
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return EncodeJob(
+        spec=spec,
+        name=name or spec.name,
+        weights=weights,
+        image_size=image_size or spec.default_image_size,
+        device=device,
+        precision=resolve_precision(spec, device, settings.precision),
+        requested_precision=settings.precision,
+        batch_size=settings.batch_size or (spec.batch_size if device.type == "cuda" else spec.cpu_batch_size),
+        workers=default_workers() if settings.workers is None else settings.workers,
+        chunk_size=settings.chunk_size,
+    )
+
+
+def read_slice_index(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
+    """(slice_ids, png_paths), sorted by slice_id, from data/slices.parquet."""
+    path = ws.slices_table
+    if not path.is_file():
+        raise SailError(f"{path} not found: run `sail prepare` first (or `sail import-embeddings` for your own vectors)")
+    schema = pq.read_schema(path)
+    for col in ("slice_id", "png_path"):
+        if col not in schema.names:
+            raise SailError(f"{path}: missing column '{col}'")
+    table = pq.read_table(path, columns=["slice_id", "png_path"])
+    ids = np.asarray(table.column("slice_id").to_pylist(), dtype=str)
+    pngs = np.asarray(table.column("png_path").to_pylist(), dtype=str)
+    if len(ids) == 0:
+        raise SailError(f"{path}: no slices to encode")
+    order = np.argsort(ids, kind="stable")
+    ids, pngs = ids[order], pngs[order]
+    dup = ids[1:][ids[1:] == ids[:-1]]
+    if len(dup):
+        raise SailError(f"{path}: column 'slice_id' has {len(dup)} duplicate values, e.g. {dup[0]!r}")
+    return ids, pngs
+
+
+class _BatchDecoder(torch.utils.data.Dataset):
+    """Item k = batch k, decoded in a worker: uint8 (B, 1, H, W), plus the rows that failed to read.
+
+    Batches whose images differ in size are resized here (float, the encoder's own resize) to the
+    model's input size, so the device always receives one stacked tensor.
+    """
+
+    def __init__(self, root: Path, png_paths: np.ndarray, batches: list[tuple[int, int, int]], preprocess: Preprocess):
+        self.root = str(root)
+        self.png_paths = png_paths  # fixed-width unicode: no per-item refcounts touched in forked workers
+        self.batches = batches
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        _, start, stop = self.batches[k]
+        images: list[np.ndarray | None] = []
+        bad: list[tuple[int, str]] = []
+        for row in range(start, stop):
+            try:
+                with Image.open(os.path.join(self.root, self.png_paths[row])) as im:
+                    images.append(np.array(im if im.mode == "L" else im.convert("L")))
+            except (OSError, ValueError) as exc:
+                bad.append((row, f"{type(exc).__name__}: {exc}"))
+                images.append(None)
+        shapes = {im.shape for im in images if im is not None}
+        fill = np.zeros(next(iter(shapes)) if shapes else (1, 1), dtype=np.uint8)
+        arrays = [fill if im is None else im for im in images]
+        if len(shapes) <= 1:
+            batch = torch.from_numpy(np.stack(arrays))[:, None]
+        else:
+            batch = torch.cat([self.preprocess.resize(torch.from_numpy(a)[None, None]) for a in arrays])
+        return {"index": k, "images": batch, "bad": bad}
+
+
+class PartsDir:
+    """``embeddings/<name>.parts/``: plan.json, encoder.json and one parquet per finished chunk."""
+
+    def __init__(self, ws: Workspace, name: str):
+        self.dir = ws.embeddings(name).with_name(f"{name}.parts")
+
+    def chunk(self, k: int) -> Path:
+        return self.dir / f"chunk_{k:06d}.parquet"
+
+    def has(self, k: int) -> bool:
+        return self.chunk(k).is_file()
+
+    def plan(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.dir / PLAN_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def encoder_metadata(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.dir / ENCODER_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def start(self, plan: dict[str, Any], discard: list[int]) -> None:
+        """Keep matching finished chunks; drop stale ones (another plan) and the ``discard`` list."""
+        old = self.plan()
+        if old is not None and old.get("key") != plan["key"]:
+            stale = sorted(self.dir.glob("chunk_*.parquet"))
+            if stale:
+                log.info("%s: discarding %d parts made with other settings", self.dir, len(stale))
+            for path in stale:
+                path.unlink(missing_ok=True)
+            (self.dir / ENCODER_FILE).unlink(missing_ok=True)
+        for k in discard:
+            self.chunk(k).unlink(missing_ok=True)
+        write_json_atomic(self.dir / PLAN_FILE, plan)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _chunk_batches(chunks: list[int], n_rows: int, chunk_size: int, batch_size: int) -> list[tuple[int, int, int]]:
+    out = []
+    for k in chunks:
+        lo, hi = k * chunk_size, min(n_rows, (k + 1) * chunk_size)
+        out.extend((k, s, min(hi, s + batch_size)) for s in range(lo, hi, batch_size))
+    return out
+
+
+def _non_finite_error(name: str, ids: np.ndarray) -> SailError:
+    shown = ", ".join(ids[:5])
+    more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+    return SailError(f"encoder {name}: non-finite (NaN/inf) embeddings for {len(ids)} slices: {shown}{more}")
+
+
+def encode_chunks(ws: Workspace, job: EncodeJob, ids: np.ndarray, pngs: np.ndarray, chunks: list[int], parts: PartsDir) -> int:
+    """Encode ``chunks`` and write each as soon as it is complete. Returns the number of slices encoded."""
+    encoder = job.spec.build(weights=job.weights, image_size=job.image_size).to(job.device, job.precision)
+    write_json_atomic(parts.dir / ENCODER_FILE, encoder.metadata())
+    batches = _chunk_batches(chunks, len(ids), job.chunk_size, job.batch_size)
+    loader = torch.utils.data.DataLoader(
+        _BatchDecoder(ws.root, pngs, batches, encoder.preprocess),
+        batch_size=None,
+        shuffle=False,
+        num_workers=job.workers,
+        pin_memory=job.device.type == "cuda",
+        prefetch_factor=2 if job.workers > 0 else None,
+    )
+    n_total = sum(stop - start for _, start, stop in batches)
+    pending: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"encode {job.name}", total=n_total)
+        for item in loader:
+            k, start, stop = batches[item["index"]]
+            if item["bad"]:
+                row, msg = item["bad"][0]
+                raise SailError(
+                    f"cannot read {len(item['bad'])} PNG(s) for encoding, e.g. {ws.root / pngs[row]} "
+                    f"(slice {ids[row]}): {msg}"
+                )
+            pending.append(encoder.encode(item["images"]))  # stays on the device: no sync per batch
+            bar.advance(task, stop - start)
+            if stop == min(len(ids), (k + 1) * job.chunk_size):
+                x_ND = torch.cat(pending)
+                pending = []
+                lo = k * job.chunk_size
+                finite_N = torch.isfinite(x_ND).all(dim=1).cpu().numpy()
+                if not finite_N.all():
+                    raise _non_finite_error(job.name, ids[lo:stop][~finite_N])
+                write_embeddings(parts.chunk(k), ids[lo:stop], x_ND.cpu().numpy(), {"chunk": k})
+    seconds = time.perf_counter() - t0
+    log.info("encoded %d slices with %s in %.1f s (%.1f slices/s)", n_total, job.name, seconds, n_total / max(seconds, 1e-9))
+    return n_total
+
+
+def encode_job(ws: Workspace, job: EncodeJob, force: bool = False, shard: tuple[int, int] | None = None) -> Path | None:
+    """Produce embeddings/<job.name>.parquet (or this shard's parts). Returns the table once it exists."""
+    final = ws.embeddings(job.name)
+    record = StageRecord("encode", hash_config(job.identity()), {"slices": fingerprint(ws.slices_table)})
+    if not force and is_done(final, record):
+        log.info("encode %s: up to date (%s)", job.name, ws.relative(final))
+        return final
+    ids, pngs = read_slice_index(ws)
+    n_chunks = -(-len(ids) // job.chunk_size)
+    mine = list(range(n_chunks)) if shard is None else list(range(shard[0], n_chunks, shard[1]))
+    parts = PartsDir(ws, job.name)
+    plan = {
+        "key": job.plan_key(),
+        "record": record.to_json(),
+        "identity": job.identity(),
+        "name": job.name,
+        "n_slices": len(ids),
+        "chunk_size": job.chunk_size,
+        "n_chunks": n_chunks,
+    }
+    parts.start(plan, discard=mine if force else [])
+    todo = [k for k in mine if not parts.has(k)]
+    if len(todo) < len(mine):
+        log.info("encode %s: resuming, %d of %d chunks already done", job.name, len(mine) - len(todo), len(mine))
+    if todo:
+        encode_chunks(ws, job, ids, pngs, todo, parts)
+    if shard is not None:
+        log.info(
+            "encode %s: shard %d/%d finished (%d chunks); once every shard is done run `sail encode --merge --name %s`",
+            job.name, shard[0], shard[1], len(mine), job.name,
+        )
+        return None
+    return merge_parts(ws, job.name)
+
+
+def merge_parts(ws: Workspace, name: str) -> Path:
+    """Join finished chunks into embeddings/<name>.parquet (identical to an unsharded run), then drop them."""
+    parts = PartsDir(ws, name)
+    plan = parts.plan()
+    if plan is None:
+        try:
+            canonical = get_spec(name).name
+        except SailError:
+            canonical = name
+        if canonical != name:
+            return merge_parts(ws, canonical)
+        raise SailError(f"{parts.dir}: no encoding parts to merge; run `sail encode --encoder ... --name {name} --shard i/n` first")
+    ids, _ = read_slice_index(ws)
+    record = StageRecord(plan["record"]["stage"], plan["record"]["config_hash"], plan["record"]["inputs"])
+    if record.inputs.get("slices") != fingerprint(ws.slices_table) or plan["n_slices"] != len(ids):
+        raise SailError(f"{ws.slices_table} changed after the parts in {parts.dir} were started; encode again")
+    missing = [k for k in range(plan["n_chunks"]) if not parts.has(k)]
+    if missing:
+        shown = ", ".join(str(k) for k in missing[:10])
+        raise SailError(
+            f"{parts.dir}: {len(missing)} of {plan['n_chunks']} chunks are not finished yet (chunks {shown}"
+            f"{' ...' if len(missing) > 10 else ''}); run the remaining shards, then merge"
+        )
+    meta = parts.encoder_metadata()
+    if meta is None:
+        raise SailError(f"{parts.dir}: {ENCODER_FILE} is missing; encode again")
+    tables = [read_embeddings(parts.chunk(k)) for k in range(plan["n_chunks"])]
+    merged_ids = np.concatenate([t.slice_ids for t in tables]).astype(str)
+    if not np.array_equal(merged_ids, ids):
+        raise SailError(f"{parts.dir}: the parts do not cover the slices of {ws.slices_table} in order; encode again")
+    x_ND = np.concatenate([t.x_ND for t in tables])
+    final = ws.embeddings(name)
+    metadata = {**meta, "name": name, "n_slices": len(ids), "sail_version": __version__}
+    write_embeddings(final, merged_ids, x_ND, metadata)
+    mark_done(final, record, {"n_slices": len(ids), "dim": int(x_ND.shape[1])})
+    parts.remove()
+    log.info("encode %s: wrote %s (%d x %d)", name, ws.relative(final), *x_ND.shape)
+    return final
+
+
+def run_encode(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
+    """Pipeline stage: one table per entry of ``encode.encoders``."""
+    settings = cfg.encode
+    shard = parse_shard(settings.shard)
+    names = [e.name or get_spec(e.encoder).name for e in settings.encoders]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise SailError(f"config encode.encoders: output name {sorted(dup)[0]!r} is used twice; give each a distinct 'name'")
+    for entry, name in zip(settings.encoders, names):
+        job = make_job(entry.encoder, settings, name=name, weights=entry.weights, image_size=entry.image_size)
+        encode_job(ws, job, force=force, shard=shard)

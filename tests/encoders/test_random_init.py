@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sail.encoders.biomedparse import FocalNetArch
+from sail.encoders.random_init import build_random_biomedparse, build_random_dinov3
+
+from .conftest import TINY_DINOV3, TINY_FOCALNET
+
+ARCH = FocalNetArch(**TINY_FOCALNET)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_random_biomedparse_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_random_biomedparse(image_size=32, arch=ARCH)
+    after = torch.rand(1)
+    assert torch.equal(before, after), "building the control must not consume the caller's RNG"
+    b = build_random_biomedparse(image_size=32, arch=ARCH)
+    assert _same_weights(a.model, b.model)
+    x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(a.encode(x), b.encode(x), rtol=0, atol=0)
+    assert a.name == "random-biomedparse" and a.weights_id.startswith("random-init:seed42")
+
+
+def test_random_biomedparse_follows_the_published_init():
+    enc = build_random_biomedparse(image_size=32, arch=ARCH)
+    weights = []
+    for m in enc.model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            weights.append(m.weight.detach().flatten())
+            assert m.bias is None or not m.bias.any()
+        elif isinstance(m, nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any()
+    w = torch.cat(weights)
+    assert w.std().item() == pytest.approx(0.02, rel=0.05)
+    gammas = [p for n, p in enc.model.named_parameters() if n.endswith(".gamma")]
+    assert gammas and all(torch.allclose(g, torch.full_like(g, 1e-4)) for g in gammas)  # constructor value kept
+
+
+def test_random_dinov3_is_deterministic():
+    a = build_random_dinov3(image_size=32, config=TINY_DINOV3)
+    b = build_random_dinov3(image_size=32, config=TINY_DINOV3)
+    assert _same_weights(a.model, b.model)
+    x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    out = a.encode(x)
+    assert out.shape == (2, 32) and a.dim == 32
+    torch.testing.assert_close(out, b.encode(x), rtol=0, atol=0)
+    lin = [m.weight.detach().flatten() for m in a.model.modules() if isinstance(m, nn.Linear)]
+    assert torch.cat(lin).std().item() == pytest.approx(0.02, rel=0.1)
