@@ -1,0 +1,1 @@
+"""Interpretability: sparse fingerprint retrieval, autointerpretation, language-driven retrieval."""

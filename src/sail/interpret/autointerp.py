@@ -1,0 +1,297 @@
+"""Autointerpretation: select features, show a describer their top slices, judge the descriptions.
+
+Features are ranked by monosemanticity and probe importance (confound tasks excluded). Each gets
+5 diverse slices from its top 20 volumes of the concept split and enrichment statistics against
+the base rate; the describer (metadata, openai or transformers) names its concept. The judge
+sees the feature's held-out slices and ranks the true concept among seeded distractors' concepts
+(success = rank <= 2; chance 2/(1+n_distractors)), averaged over seeded label permutations.
+Failed calls are recorded and excluded from metrics, never replaced by random ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from sail.config import AutointerpSettings
+from sail.errors import SailError
+from sail.interpret import prompts
+from sail.interpret.backends.base import CallBudget, CallCache, ChatRequest, call_validated
+from sail.interpret.data import SplitData, Target
+from sail.interpret.enrichment import Enrichment, EnrichmentTable
+from sail.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def select_features(ws: Workspace, target: Target, data: SplitData, cfg: AutointerpSettings) -> pd.DataFrame:
+    """Features ordered by the mean of their monosemanticity rank and probe-importance rank."""
+    eligible = ~data.always_on & (data.active_count > 0)
+    if cfg.selection == "custom":
+        feats = np.asarray(cfg.features, dtype=int)
+        bad = feats[(feats < 0) | (feats >= data.codes.shape[1])]
+        if len(bad):
+            raise SailError(f"interpret.autointerp.features: feature {int(bad[0])} outside 0..{data.codes.shape[1] - 1}")
+        return pd.DataFrame({"feature": feats, "selection_rank": np.arange(1, len(feats) + 1), "source": "custom"})
+    if cfg.selection == "all":
+        feats = np.flatnonzero(eligible & (data.active_count >= cfg.min_active))
+        return pd.DataFrame({"feature": feats, "selection_rank": np.arange(1, len(feats) + 1), "source": "all"})
+    ranks = []
+    mono_csv = ws.eval_dir / "monosemanticity_features.csv"
+    if mono_csv.is_file():
+        mono = pd.read_csv(mono_csv, dtype={"sae_config": str})
+        mono = mono[(mono.encoder == target.encoder) & (mono.variant == target.variant) & (mono.sae_config == target.sae_config)]
+        if len(mono):
+            if "split" in mono and (mono.split == "valid").any():
+                mono = mono[mono.split == "valid"]
+            sizes = sorted(mono.top_n.unique(), key=lambda t: (abs(t - cfg.monosemanticity_top_n), t))
+            mono = mono[mono.top_n == sizes[0]].groupby("feature").monosemanticity.max().sort_values(ascending=False, kind="stable")
+            ranks.append(pd.Series(np.arange(1, len(mono) + 1, dtype=float), index=mono.index, name="monosem_rank"))
+            mono_score = mono
+    coef_path = ws.eval_dir / "probe_coefficients.parquet"
+    if coef_path.is_file():
+        coef = pd.read_parquet(coef_path)
+        coef = coef[(coef.encoder == target.encoder) & (coef.variant == target.variant) & (coef.sae_config.astype(str) == target.sae_config)]
+        coef = coef[~coef.task.isin(cfg.exclude_tasks) & (coef["rank"] <= cfg.coef_top)]
+        if len(coef):
+            lists = coef.groupby(["task", "target"]).ngroups
+            # a feature missing from a list counts as rank coef_top + 1 there, so a feature seen in one
+            # list at a good rank does not beat one that is important everywhere
+            total = coef.groupby("feature")["rank"].sum() + (lists - coef.groupby("feature").size()) * (cfg.coef_top + 1)
+            avg = (total / lists).sort_values(kind="stable")
+            ranks.append(pd.Series(avg.rank(method="min").to_numpy(), index=avg.index, name="coef_rank"))
+    if ranks:
+        table = pd.concat(ranks, axis=1)
+        table = table.fillna(table.max() + 1)
+        table["combined_rank"] = table.mean(axis=1)
+        if "monosem_rank" in table:
+            table["monosemanticity"] = mono_score.reindex(table.index).to_numpy()
+        table.index.name = "feature"
+        table = table.reset_index()
+        table["source"] = "eval"
+    else:
+        log.info("autointerp %s: no eval tables; ranking features by the number of volumes they fire in", target.key)
+        n_vol = _volumes_active(data)
+        table = pd.DataFrame({"feature": np.arange(len(n_vol)), "combined_rank": (-n_vol).argsort(kind="stable").argsort() + 1.0, "source": "activity"})
+    table = table[table.feature.map(lambda f: 0 <= f < len(eligible) and eligible[f])]
+    table = table.sort_values(["combined_rank", "feature"], kind="stable").head(cfg.n_features).reset_index(drop=True)
+    table["selection_rank"] = np.arange(1, len(table) + 1)
+    return table
+
+
+def _volumes_active(data: SplitData) -> np.ndarray:
+    csc = data.csc
+    out = np.zeros(csc.shape[1], dtype=int)
+    for f in range(csc.shape[1]):
+        rows = csc.indices[csc.indptr[f]:csc.indptr[f + 1]]
+        out[f] = len(np.unique(data.volume[rows]))
+    return out
+
+
+def top_rows(data: SplitData, feature: int, n: int | None = None, per_volume: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Active rows of a feature by activation (desc, ties by row); optionally first per volume."""
+    csc = data.csc
+    lo, hi = csc.indptr[feature], csc.indptr[feature + 1]
+    rows, vals = csc.indices[lo:hi], csc.data[lo:hi]
+    keep = vals > 0
+    rows, vals = rows[keep], vals[keep]
+    order = np.lexsort((rows, -vals))
+    rows, vals = rows[order], vals[order]
+    if per_volume:
+        _, first = np.unique(data.volume[rows], return_index=True)
+        first = np.sort(first)
+        rows, vals = rows[first], vals[first]
+    return (rows[:n], vals[:n]) if n is not None else (rows, vals)
+
+
+def diverse_pick(codes: sp.csr_matrix, rows: np.ndarray, n: int) -> np.ndarray:
+    """Greedy max-min cosine dissimilarity on full sparse codes, starting from the top activator."""
+    if len(rows) <= n:
+        return np.arange(len(rows))
+    X = codes[rows].astype(np.float64)
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(1)).ravel())
+    norms[norms == 0] = 1.0
+    sim = (X @ X.T).toarray() / np.outer(norms, norms)
+    picked = [0]
+    max_sim = sim[0].copy()
+    for _ in range(n - 1):
+        cand = max_sim.copy()
+        cand[picked] = np.inf
+        nxt = int(np.argmin(cand))
+        picked.append(nxt)
+        max_sim = np.maximum(max_sim, sim[nxt])
+    return np.asarray(picked)
+
+
+@dataclass
+class Evidence:
+    feature: int
+    rows: np.ndarray
+    acts: np.ndarray
+    enrichment: Enrichment
+    n_active: int
+    n_volumes: int
+
+
+def gather(data: SplitData, table: EnrichmentTable, feature: int, cfg: AutointerpSettings) -> Evidence:
+    rows_all, vals_all = top_rows(data, feature)
+    cand_rows, cand_vals = top_rows(data, feature, cfg.n_candidates, per_volume=True)
+    pick = diverse_pick(data.codes, cand_rows, cfg.n_images)
+    n_vol = len(np.unique(data.volume[rows_all]))
+    return Evidence(feature, cand_rows[pick], cand_vals[pick], table.of(rows_all[:cfg.enrichment_top]), len(rows_all), n_vol)
+
+
+@dataclass
+class Roles:
+    """The model objects and shared state of one run."""
+
+    describer: str
+    describer_model: object | None
+    judge: str
+    judge_model: object | None
+    cache: CallCache
+    budget: CallBudget
+    cfg: AutointerpSettings
+    dry_run: bool = False
+    dry_prompts: list[str] = field(default_factory=list)
+    embedder: object | None = None
+
+
+def _images(ws: Workspace, data: SplitData, rows: np.ndarray) -> list[bytes]:
+    out = []
+    for p in data.meta["png_path"].to_numpy()[rows]:
+        path = ws.root / str(p)
+        if not path.is_file():
+            raise SailError(f"slice image not found: {path} (png_path in data/slices.parquet)")
+        out.append(path.read_bytes())
+    return out
+
+
+def _concept_request(ws: Workspace, data: SplitData, ev: Evidence) -> ChatRequest:
+    blocks = prompts.sample_blocks(data.meta, data.structures, data.H_NS, ev.rows, ev.acts)
+    text = prompts.concept_prompt(len(ev.rows), blocks, prompts.enrichment_text(ev.enrichment))
+    return ChatRequest(prompts.SYSTEM, text, _images(ws, data, ev.rows), prompts.CONCEPT_SCHEMA, "concept")
+
+
+def describe_all(ws: Workspace, data: SplitData, evidence: dict[int, Evidence], roles: Roles) -> dict[int, dict]:
+    """feature -> {status, description, raw, error, calls}."""
+    from sail.interpret.backends.metadata_describer import describe
+
+    if roles.describer == "metadata":
+        return {f: {"status": "ok", "description": describe(ev.enrichment), "raw": "", "error": "", "calls": 0}
+                for f, ev in evidence.items()}
+
+    def one(f: int) -> dict:
+        ev = evidence[f]
+        if ev.n_active == 0:
+            return {"status": "skipped", "description": "", "raw": "", "error": "inactive on the concept split", "calls": 0}
+        req = _concept_request(ws, data, ev)
+        if roles.dry_run:
+            roles.dry_prompts.append(f"[describe feature {f}, {len(req.images)} images]\n{req.text}")
+            return {"status": "dry_run", "description": "", "raw": "", "error": "", "calls": 0}
+        res = call_validated(roles.describer_model, roles.cache, roles.budget, req, prompts.TEMPLATE_VERSION,
+                             "describe", prompts.parse_concept, roles.cfg.parse_retries)
+        return {"status": "ok" if res.ok else "failed", "description": res.value if res.ok else "", "raw": res.raw,
+                "error": res.error, "calls": res.calls}
+
+    workers = getattr(getattr(roles.describer_model, "settings", None), "concurrency", 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(evidence, pool.map(one, list(evidence))))
+
+
+def draw_distractors(feature: int, pool: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Seeded per target, independent of the processing order."""
+    rng = np.random.default_rng([seed, int(feature)])
+    cand = pool[pool != feature]
+    return np.sort(rng.choice(cand, size=min(n, len(cand)), replace=False))
+
+
+def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable, targets: list[int],
+              concepts: dict[int, str], distractors: dict[int, np.ndarray], roles: Roles) -> pd.DataFrame:
+    """One row per (target, permutation): the true concept's rank among the candidates, or the failure."""
+    cfg = roles.cfg
+    rows = []
+
+    def one(f: int) -> list[dict]:
+        ev = gather(judge_data, judge_table, f, cfg)
+        feats = [f, *map(int, distractors[f])]
+        out = []
+        if ev.n_active == 0:
+            return [{"feature": f, "permutation": 0, "status": "skipped", "error": f"inactive on the {cfg.judge_split} split"}]
+        if roles.judge == "embedding":
+            from sail.interpret.backends.metadata_describer import describe
+            from sail.interpret.text_embed import embed
+
+            held_out = describe(ev.enrichment)
+            e = embed([held_out, *[concepts[g] for g in feats]])
+            sims = e[1:] @ e[0]
+            order = np.lexsort((np.arange(len(feats)), -sims))
+            rank = int(np.flatnonzero(order == 0)[0]) + 1
+            return [{"feature": f, "permutation": 0, "status": "ok", "candidates": ";".join(map(str, feats)),
+                     "true_rank": rank, "held_out_description": held_out, "error": ""}]
+        blocks = prompts.sample_blocks(judge_data.meta, judge_data.structures, judge_data.H_NS, ev.rows, ev.acts)
+        images = _images(ws, judge_data, ev.rows)
+        labels = list(LETTERS[:len(feats)])
+        rng = np.random.default_rng([cfg.seed, f, 1])
+        for p in range(cfg.judge_permutations):
+            perm = rng.permutation(len(feats))
+            shown = [concepts.get(feats[i], f"<concept of feature {feats[i]}>") for i in perm]
+            true_label = labels[int(np.flatnonzero(perm == 0)[0])]
+            req = ChatRequest(prompts.SYSTEM, prompts.judge_prompt(len(ev.rows), blocks, labels, shown), images,
+                              prompts.judge_schema(labels), "ranking")
+            base = {"feature": f, "permutation": p, "candidates": ";".join(str(feats[i]) for i in perm), "true_label": true_label}
+            if roles.dry_run:
+                roles.dry_prompts.append(f"[judge feature {f}, permutation {p}]\n{req.text}")
+                out.append(base | {"status": "dry_run"})
+                continue
+            res = call_validated(roles.judge_model, roles.cache, roles.budget, req, prompts.TEMPLATE_VERSION, "judge",
+                                 prompts.make_parse_ranking(labels), cfg.parse_retries)
+            if res.ok:
+                out.append(base | {"status": "ok", "ranking": "".join(res.value), "true_rank": res.value.index(true_label) + 1, "raw": res.raw, "error": ""})
+            else:
+                out.append(base | {"status": "failed", "raw": res.raw, "error": res.error})
+        return out
+
+    if roles.judge == "embedding":
+        from sail.interpret.backends.metadata_describer import describe
+        from sail.interpret.text_embed import embed
+
+        held = {f: describe(gather(judge_data, judge_table, f, cfg).enrichment) for f in targets}
+        embed(sorted(set(held.values()) | {concepts[g] for f in targets for g in [f, *map(int, distractors[f])]}))
+        for f in targets:
+            rows += one(f)
+    else:
+        workers = getattr(getattr(roles.judge_model, "settings", None), "concurrency", 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for r in pool.map(one, targets):
+                rows += r
+    return pd.DataFrame(rows)
+
+
+def judge_metrics(judged: pd.DataFrame, n_candidates: int, judge_name: str) -> dict:
+    ok = judged[judged.status == "ok"] if len(judged) else judged
+    if not len(ok):
+        return {"judge": judge_name, "n_judged": 0, "n_judge_failures": int((judged.status == "failed").sum()) if len(judged) else 0}
+    per_feature = ok.groupby("feature").true_rank.agg(["mean", lambda r: float((r <= 2).mean())])
+    per_feature.columns = ["rank_mean", "success"]
+    hist = ok.true_rank.value_counts().reindex(range(1, n_candidates + 1), fill_value=0)
+    return {
+        "judge": judge_name,
+        "n_judged": int(len(per_feature)),
+        "n_calls_ok": int(len(ok)),
+        "n_judge_failures": int((judged.status == "failed").sum()),
+        "success_rate": float(per_feature.success.mean()),
+        "mean_rank": float(per_feature.rank_mean.mean()),
+        "median_rank": float(ok.true_rank.median()),
+        "rank_histogram": {int(k): int(v) for k, v in hist.items()},
+        "chance_success_rate": 2.0 / n_candidates,
+        "chance_mean_rank": (n_candidates + 1) / 2.0,
+    }

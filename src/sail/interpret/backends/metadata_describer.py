@@ -1,0 +1,56 @@
+"""The offline, deterministic describer: a concept phrase built from enrichment statistics.
+
+Modality and plane are named when the top-activating slices agree (>= 80%); structures when
+they are present in most top slices and enriched against the split's base rate; sex and age
+only when enriched (so a 62% male feature in a 62% male dataset is not called "male").
+"""
+
+from __future__ import annotations
+
+from sail.interpret.enrichment import Enrichment
+
+CONSISTENT = 0.8
+MAX_STRUCTURES = 3
+
+
+def display_name(structure: str) -> str:
+    """kidney_left -> left kidney, urinary_bladder -> urinary bladder."""
+    parts = structure.split("_")
+    side = [p for p in parts if p in ("left", "right")]
+    rest = [p for p in parts if p not in ("left", "right")]
+    return " ".join(side + rest)
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def describe(ev: Enrichment) -> str:
+    if ev.n_top == 0:
+        return "Inactive feature"
+    mod = ev.dominant("modality", CONSISTENT)
+    plane = ev.dominant("plane", CONSISTENT)
+    head = " ".join(x for x in [plane.capitalize() if plane else "", mod.upper() if mod else "CT or MRI"] if x)
+    structures = ev.enriched_structures()
+    named = [s for s, *_ in structures[:MAX_STRUCTURES]]
+    text = head
+    if named:
+        text += " of the " + _join([display_name(s) for s in named])
+        from sail.data.labels import STRUCTURE_REGION
+
+        covered = {STRUCTURE_REGION.get(s) for s in named}
+        extra = [r for r, *_ in ev.enriched_regions() if r not in covered][:2]
+        if extra:
+            text += " (" + _join(extra) + " region" + ("s" if len(extra) > 1 else "") + ")"
+    else:
+        regions = [r for r, *_ in ev.enriched_regions()][:MAX_STRUCTURES]
+        text += (" of the " + _join(regions)) if regions else " slices with no specific structure"
+    demo = []
+    sex = ev.enriched_value("sex")
+    if sex:
+        demo.append({"f": "female", "m": "male"}.get(sex, sex))
+    age = ev.enriched_value("age_group")
+    if demo or age:
+        who = " ".join(demo + ["patients"])
+        text += f" in {who}" + (f" aged {age}" if age else "")
+    return text

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sail.config import SailConfig
+from sail.interpret.language import PUBLISHED_QUERIES, load_queries, parse_query, rank_per_volume
+from sail.interpret.stage import run_autointerp, run_language
+
+from .conftest import STRUCTURES, make_codes, synthetic_slices
+
+OUT = "toyenc/matryoshka/D_16_64_K_4_8"
+
+
+def test_parse_published_queries():
+    qs = {q.name: q for q in load_queries(True, [], STRUCTURES)}
+    assert len(qs) == len(PUBLISHED_QUERIES) == 12
+    q = qs["ct_thorax_female"]
+    assert (q.modality, q.plane, q.sex) == ("ct", "axial", "f") and "heart" in q.structures
+    assert qs["mri_pelvis"].modality == "mri" and "urinary_bladder" in qs["mri_pelvis"].structures
+    assert qs["ct_abdomen_elderly"].age_min == 65 and "liver" in qs["ct_abdomen_elderly"].structures
+    assert parse_query("x", "urinary bladder", STRUCTURES).structures == ["urinary_bladder"]
+
+
+def test_metadata_describer_names_structure_and_demographics_only_when_enriched(toy_ws):
+    cfg = SailConfig(workspace=toy_ws.root, interpret={"judge": "none", "autointerp": {"selection": "all", "n_features": 40}})
+    run_autointerp(cfg, toy_ws)
+    desc = pd.read_csv(toy_ws.interpret_dir / "autointerp" / OUT / "descriptions.csv").set_index("feature")
+    _, names = make_codes(synthetic_slices())
+    from sail.interpret.backends.metadata_describer import display_name
+
+    for f, name in enumerate(names[:len(STRUCTURES)]):
+        assert display_name(name) in desc.loc[f, "description"], (name, desc.loc[f, "description"])
+    # sex in this data is a coin flip per volume: a structure feature must not claim a sex
+    # unless its top slices really are enriched for it
+    for f in range(len(STRUCTURES)):
+        enr = json.loads(desc.loc[f, "enrichment"])
+        claims = any(w in desc.loc[f, "description"] for w in ("female", "male"))
+        top_sex = enr["sex"][0]
+        assert claims == (top_sex["share"] >= 0.7 and top_sex["lift"] >= 1.2 and top_sex["p"] < 0.01)
+    assert desc.loc[names.index("mri"), "description"].startswith("MRI")
+
+
+def test_language_embedding_matcher_precision_and_ties(toy_ws):
+    queries = [{"name": s, "text": s.replace("_", " ")} for s in ("liver", "urinary_bladder", "brain")]
+    cfg = SailConfig(workspace=toy_ws.root, interpret={"judge": "none", "autointerp": {"n_features": 30},
+                                                       "language": {"queries": queries, "n_features": 1}})
+    run_autointerp(cfg, toy_ws)
+    run_language(cfg, toy_ws)
+    out = toy_ws.interpret_dir / "language" / OUT
+    metrics = pd.read_csv(out / "metrics.csv")
+    hits = pd.read_csv(out / "hits.csv")
+    split = pd.read_csv(toy_ws.split_csv)
+    for s in ("liver", "urinary_bladder", "brain"):
+        m = metrics[(metrics["query"] == s) & (metrics.scoring == "published_cosine")].iloc[0]
+        assert m.precision >= 0.8 and m.chance < 0.5, (s, m.precision)
+        h = hits[(hits["query"] == s) & (hits.scoring == "published_cosine")]
+        assert len(h) == 10 and not h.slice_id.str.rsplit("/", n=2).str[0].duplicated().any()  # one hit per volume
+    assert {"published_cosine", "weighted_sum", "soft_and"} == set(metrics.scoring)
+    assert {"n_tied_hits", "boundary_tie"} <= set(metrics.columns)
+    published = metrics.merge(pd.read_csv(out / "queries.csv"), on="query")
+    assert len(published) == 3 * 15
+
+
+def test_lexical_matcher_runs(toy_ws):
+    cfg = SailConfig(workspace=toy_ws.root, interpret={"judge": "none", "matcher": "lexical", "autointerp": {"n_features": 30}})
+    run_autointerp(cfg, toy_ws)
+    run_language(cfg, toy_ws)
+    matches = pd.read_csv(toy_ws.interpret_dir / "language" / OUT / "matches.csv")
+    assert set(matches.matcher) == {"lexical"} and matches["query"].nunique() == 12
+
+
+def test_rank_per_volume_reports_boundary_tie(toy_ws):
+    from sail.interpret.data import load_split, read_slices, select_targets
+
+    cfg = SailConfig(workspace=toy_ws.root)
+    data = load_split(toy_ws, select_targets(cfg, toy_ws)[0], "test", read_slices(toy_ws))
+    rows, scores, tie = rank_per_volume(np.ones(data.n), data, 3)
+    assert tie and len(set(data.volume[rows])) == 3

@@ -1,0 +1,216 @@
+"""A real OpenAI-compatible HTTP server on 127.0.0.1, driven through the real client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+
+from sail.config import SailConfig
+from sail.errors import SailError
+from sail.interpret.stage import run_autointerp, run_language
+
+SECRET = "sk-test-DO-NOT-WRITE-7f3a9c"
+
+
+class Server:
+    """mode(request_json, n) -> (status, body or dict, delay_s); every request is recorded."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                outer.headers.append(dict(self.headers))
+                status, out, delay = outer.mode(body, len(outer.requests))
+                time.sleep(delay)
+                data = out.encode() if isinstance(out, str) else json.dumps(out).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def chat(content: str) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+
+
+def good_answer(body: dict) -> str:
+    """Valid structured answers for the describe, judge and match schemas."""
+    fmt = body.get("response_format", {}).get("json_schema", {})
+    name, schema = fmt.get("name"), fmt.get("schema", {})
+    if name == "concept":
+        text = body["messages"][1]["content"][-1]["text"]
+        return json.dumps({"concept": "Axial CT of the liver" if "liver" in text else "CT of the pelvis"})
+    if name == "ranking":
+        labels = schema["properties"]["ranking"]["items"]["enum"]
+        return json.dumps({"ranking": labels})
+    if name == "match":
+        n = schema["properties"]["feature_numbers"]["minItems"]
+        return json.dumps({"feature_numbers": list(range(1, n + 1))})
+    raise AssertionError(name)
+
+
+@pytest.fixture
+def server():
+    holder = {}
+
+    def start(mode):
+        holder["s"] = Server(mode)
+        return holder["s"]
+
+    yield start
+    if "s" in holder:
+        holder["s"].close()
+
+
+def _cfg(ws, url, **interpret):
+    endpoint = {"base_url": url, "model": "tiny-vlm", "timeout_s": 2.0, "max_retries": 2, "backoff_s": 0.01, "concurrency": 2}
+    endpoint |= interpret.pop("endpoint", {})
+    section = {"describer": "openai", "judge": "openai", "matcher": "llm", "openai": endpoint,
+               "autointerp": {"n_features": 4, "n_distractors": 2, "judge_permutations": 2, "parse_retries": 1},
+               "language": {"published_queries": False, "queries": [{"name": "liver", "text": "Axial CT of the liver"}]}} | interpret
+    return SailConfig(workspace=ws.root, interpret=section)
+
+
+OUT = ("toyenc", "matryoshka", "D_16_64_K_4_8")
+
+
+def test_valid_answers_cache_and_key_never_written(toy_ws, server, monkeypatch):
+    monkeypatch.setenv("SAIL_OPENAI_API_KEY", SECRET)
+    srv = server(lambda body, n: (200, chat(good_answer(body)), 0))
+    cfg = _cfg(toy_ws, srv.url)
+    run_autointerp(cfg, toy_ws)
+    run_language(cfg, toy_ws)
+    out = toy_ws.interpret_dir / "autointerp" / "/".join(OUT)
+    desc = pd.read_csv(out / "descriptions.csv")
+    assert (desc.status == "ok").all() and desc.description.str.contains("CT").all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the server always ranks A first: success iff the true concept was shown as A or B
+    judge = pd.read_csv(out / "judge.csv")
+    assert (judge.true_rank == judge.true_label.map({"A": 1, "B": 2, "C": 3})).all()
+    assert metrics["n_judged"] == 4 and metrics["chance_success_rate"] == pytest.approx(2 / 3)
+    # images went as data URLs, the key as a header
+    first = srv.requests[0]["messages"][1]["content"]
+    assert sum(c["type"] == "image_url" for c in first) == 5
+    assert first[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert all(h.get("Authorization") == f"Bearer {SECRET}" for h in srv.headers)
+    n_calls = len(srv.requests)
+    assert n_calls > 0
+    # a second run (forced) finds every answer in calls.jsonl: zero calls
+    run_autointerp(cfg, toy_ws, force=True)
+    run_language(cfg, toy_ws, force=True)
+    assert len(srv.requests) == n_calls
+    lines = [json.loads(x) for x in (out / "calls.jsonl").read_text().splitlines()]
+    assert {"key", "model", "template", "prompt_sha", "image_shas", "params"} <= set(lines[0])
+    for path in toy_ws.root.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_http_500_retried_then_ok(toy_ws, server):
+    def mode(body, n):
+        return (500, {"error": "boom"}, 0) if n % 2 == 1 else (200, chat(good_answer(body)), 0)
+
+    srv = server(mode)
+    cfg = _cfg(toy_ws, srv.url, judge="none", endpoint={"concurrency": 1})
+    run_autointerp(cfg, toy_ws)
+    desc = pd.read_csv(toy_ws.interpret_dir / "autointerp" / "/".join(OUT) / "descriptions.csv")
+    assert (desc.status == "ok").all()
+    assert len(srv.requests) == 2 * len(desc)
+
+
+def test_slow_and_failing_server_failures_recorded_not_invented(toy_ws, server):
+    srv = server(lambda body, n: (200, chat(good_answer(body)), 5.0) if n <= 100 else (503, "", 0))
+    cfg = _cfg(toy_ws, srv.url, judge="none", endpoint={"timeout_s": 0.3, "max_retries": 1})
+    run_autointerp(cfg, toy_ws)
+    out = toy_ws.interpret_dir / "autointerp" / "/".join(OUT)
+    desc = pd.read_csv(out / "descriptions.csv")
+    assert (desc.status == "failed").all() and desc.description.isna().all()
+    assert desc.error.str.contains("timeout").all()
+    assert json.loads((out / "metrics.json").read_text())["n_failed"] == len(desc)
+    assert not (out / "calls.jsonl").exists()  # failures are not cached: a rerun retries them
+
+
+def test_malformed_answers_retried_with_feedback_then_excluded(toy_ws, server):
+    def mode(body, n):
+        if body.get("response_format", {}).get("json_schema", {}).get("name") == "ranking":
+            return 200, chat("Rationale: the first one, clearly"), 0
+        if len(body["messages"]) == 2:  # first attempt: prose instead of JSON
+            return 200, chat("I think this is the liver."), 0
+        return 200, chat(good_answer(body)), 0
+
+    srv = server(mode)
+    cfg = _cfg(toy_ws, srv.url)
+    run_autointerp(cfg, toy_ws)
+    out = toy_ws.interpret_dir / "autointerp" / "/".join(OUT)
+    desc = pd.read_csv(out / "descriptions.csv")
+    assert (desc.status == "ok").all()
+    retried = [r for r in srv.requests if r.get("response_format", {}).get("json_schema", {}).get("name") == "concept" and len(r["messages"]) == 4]
+    assert retried and "could not be used" in retried[0]["messages"][3]["content"]
+    judge = pd.read_csv(out / "judge.csv")
+    assert (judge.status == "failed").all() and judge.true_rank.isna().all() if "true_rank" in judge else True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_judged"] == 0 and metrics["n_judge_failures"] > 0  # no random ranks
+    # the malformed body (not JSON at all) is a transport-level failure
+    srv2 = Server(lambda body, n: (200, "<html>oops</html>", 0))
+    try:
+        from sail.interpret.backends.base import BackendError, ChatRequest
+        from sail.interpret.backends.openai_compat import OpenAIChat
+
+        client = OpenAIChat(_cfg(toy_ws, srv2.url).interpret.openai, allow_remote=False)
+        with pytest.raises(BackendError, match="malformed"):
+            client.complete(ChatRequest("s", "t"))
+        assert len(srv2.requests) == 3
+    finally:
+        srv2.close()
+
+
+def test_remote_endpoint_needs_allow_remote_and_dry_run_calls_nothing(toy_ws, server, capsys):
+    cfg = _cfg(toy_ws, "http://10.1.2.3:8000/v1")
+    with pytest.raises(SailError, match="allow-remote"):
+        run_autointerp(cfg, toy_ws)
+    srv = server(lambda body, n: (200, chat(good_answer(body)), 0))
+    cfg = _cfg(toy_ws, srv.url, dry_run=True)
+    run_autointerp(cfg, toy_ws)
+    assert srv.requests == []
+    assert not (toy_ws.interpret_dir / "autointerp").exists()
+    text = capsys.readouterr().err
+    assert "Sample 1:" in text and "model calls needed" in text
+
+
+def test_call_budget(toy_ws, server):
+    srv = server(lambda body, n: (200, chat(good_answer(body)), 0))
+    cfg = _cfg(toy_ws, srv.url, judge="none", max_calls=2, endpoint={"concurrency": 1})
+    run_autointerp(cfg, toy_ws)
+    desc = pd.read_csv(toy_ws.interpret_dir / "autointerp" / "/".join(OUT) / "descriptions.csv")
+    assert len(srv.requests) == 2 and (desc.status == "ok").sum() == 2
+    assert desc.error.fillna("").str.contains("budget").sum() == len(desc) - 2
