@@ -21,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts say "[default: ...]" literally; markup would eat it
 )
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
@@ -119,6 +120,251 @@ def run(
         run_pipeline(cfg, start, stop, force)
     except SailError as exc:
         _fail(exc)
+
+
+@app.command()
+def evaluate(
+    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Encoder(s) to evaluate [default: every embeddings table].")] = None,
+    published_ranking: Annotated[Optional[bool], typer.Option("--published-ranking/--no-published-ranking", help="Rank configs with the published choices (Table 1).")] = None,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Probes, monosemanticity, performance recovery, config ranking and concepts -> eval/."""
+    from sail.pipeline import run_pipeline
+
+    section: dict[str, Any] = {"encoders": encoder or None}
+    if published_ranking is not None:
+        section["ranking"] = {"published": published_ranking}
+    try:
+        cfg = _load(config, workspace, evaluate=section)
+        run_pipeline(cfg, "evaluate", "evaluate", force)
+    except SailError as exc:
+        _fail(exc)
+
+
+@app.command()
+def figures(config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False) -> None:
+    """SAE quality vs L0 and performance recovery figures (PNG + PDF) -> figures/."""
+    from sail.pipeline import run_pipeline
+
+    try:
+        cfg = _load(config, workspace)
+        run_pipeline(cfg, "figures", "figures", force)
+    except SailError as exc:
+        _fail(exc)
+
+
+@app.command()
+def encode(
+    encoder: Annotated[Optional[str], typer.Option(help="dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0 [default: the config's encode.encoders].")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Table name: embeddings/NAME.parquet [default: the encoder's name].")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local file/folder or Hugging Face hub id [default: the published weights].")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Model input side in pixels [default: the published size].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 [default: auto = bf16 on GPU where published].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: per encoder].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="PNG-decoding worker processes [default: CPUs - 1, max 8].")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n (0-based): encode only this shard's chunks; then --merge.")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Join the finished shard parts of --name into the final table.")] = False,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Encode every slice -> embeddings/NAME.parquet (resumable; shard with --shard i/n, join with --merge)."""
+    from sail.pipeline import run_pipeline
+
+    entry = {"encoder": encoder, "name": name, "weights": weights, "image_size": image_size}
+    section: dict[str, Any] = {"device": device, "precision": precision, "batch_size": batch_size, "workers": workers, "shard": shard}
+    try:
+        if encoder is not None:
+            section["encoders"] = [entry]
+        elif not merge and (name or weights or image_size):
+            raise SailError("--name/--weights/--image-size describe one encoder: give --encoder too")
+        if merge and not (name or encoder):
+            raise SailError("--merge needs --name (or --encoder) of the table to join")
+        cfg = _load(config, workspace, encode=section)
+        if merge:
+            from sail.encoders.encode import merge_parts
+            from sail.workspace import Workspace
+
+            merge_parts(Workspace(cfg.workspace), name or encoder)
+        else:
+            run_pipeline(cfg, "encode", "encode", force)
+    except SailError as exc:
+        _fail(exc)
+
+
+@app.command("import-embeddings")
+def import_embeddings(
+    table: Annotated[Path, typer.Argument(help="Parquet with slice_id + a vector (fixed-size list, list, or one column per dimension).")],
+    name: Annotated[str, typer.Option(help="Table name: embeddings/NAME.parquet.")],
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Accept a table that covers only some slices.")] = False,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Bring your own embeddings: validate them against data/slices.parquet -> embeddings/NAME.parquet."""
+    from sail.encoders.imported import import_embeddings as run_import
+    from sail.workspace import Workspace
+
+    try:
+        cfg = _load(config, workspace)
+        run_import(Workspace(cfg.workspace), table, name, force=force, allow_missing=allow_missing)
+    except SailError as exc:
+        _fail(exc)
+
+
+@app.command()
+def train(
+    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Encoder(s) to train on [default: every embeddings table].")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="matryoshka (default) and/or sail, for grid entries naming none.")] = None,
+    grid: Annotated[Optional[str], typer.Option(help="demo, paper or a grid YAML file [default: paper].")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: train only part i (0-based) of n of the grid.")] = None,
+    embeddings: Annotated[Optional[Path], typer.Option(help="Train on any table (slice_id + embedding), no prepared data needed.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")] = None,
+    group_by: Annotated[Optional[str], typer.Option(help="Column of --embeddings grouping rows for the seeded 80/10/10 split.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Override the grid's epochs.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")] = None,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train a grid of Matryoshka SAEs (families share batches) -> sae/<encoder>/<variant>/<config>/."""
+    from sail.pipeline import run_pipeline
+
+    section: dict[str, Any] = {"encoders": encoder or None, "variants": variant or None, "grid": grid, "shard": shard,
+                               "embeddings": embeddings, "name": name, "group_by": group_by, "device": device,
+                               "training": {"epochs": epochs} if epochs else None}
+    try:
+        cfg = _load(config, workspace, train=section)
+        run_pipeline(cfg, "train", "train", force)
+    except SailError as exc:
+        _fail(exc)
+
+
+@app.command()
+def activations(
+    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Encoder(s) [default: every encoder with SAEs].")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Only these variants [default: all].")] = None,
+    sae_config: Annotated[Optional[str], typer.Option(help="Config folder (D_.._K_..) or all [default: all].")] = None,
+    embeddings: Annotated[Optional[Path], typer.Option(help="The table SAEs were trained on with `sail train --embeddings`.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda ... [default: auto].")] = None,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Sparse codes of every split -> activations/<encoder>/<variant>/<config>/<split>.parquet."""
+    from sail.pipeline import run_pipeline
+
+    section = {"encoders": encoder or None, "variants": variant or None, "sae_config": sae_config,
+               "embeddings": embeddings, "name": name, "device": device}
+    try:
+        cfg = _load(config, workspace, activations=section)
+        run_pipeline(cfg, "activations", "activations", force)
+    except SailError as exc:
+        _fail(exc)
+
+
+@app.command("import-sae")
+def import_sae(
+    ckpt: Annotated[Path, typer.Argument(help="Published Lightning checkpoint (last.ckpt).")],
+    hparams: Annotated[Path, typer.Option(help="Its hparams.yaml (input_dim, dictionary_sizes, k_values).")],
+    encoder: Annotated[str, typer.Option(help="Encoder the SAE belongs to (e.g. biomedparse, dinov3).")],
+    trust_checkpoint: Annotated[bool, typer.Option(help="Allow full unpickling if weights-only loading fails.")] = False,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Convert a published SAIL checkpoint into sae/<encoder>/sail/<config>/ (safetensors + cfg.json)."""
+    from sail.sae.checkpoint import import_published
+    from sail.workspace import Workspace
+
+    try:
+        cfg = _load(config, workspace)
+        out = import_published(ckpt, hparams, Workspace(cfg.workspace).root / "sae", encoder, trust_checkpoint)
+    except SailError as exc:
+        _fail(exc)
+    console.print(f"imported to {out}")
+
+
+@app.command()
+def report(config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False) -> None:
+    """Write the static HTML feature browser -> report/index.html (opens from file://, no network)."""
+    from sail.pipeline import run_pipeline
+
+    try:
+        cfg = _load(config, workspace)
+        run_pipeline(cfg, "report", "report", force)
+    except SailError as exc:
+        _fail(exc)
+
+
+@app.command()
+def demo(
+    workspace: WorkspaceOpt = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Override the packaged demo config.")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Phantom dataset + the whole pipeline on the demo config: offline, about 5 minutes on 2 CPU cores."""
+    from sail.pipeline import check_phantom_defines_metrics, demo_config_path, print_summary, run_pipeline
+
+    try:
+        cfg = _load(config or demo_config_path(), workspace)
+        check_phantom_defines_metrics(cfg)
+        ws = run_pipeline(cfg, force=force)
+        print_summary(ws)
+    except SailError as exc:
+        _fail(exc)
+
+
+interpret_app = typer.Typer(help="Fingerprint retrieval, autointerpretation and language retrieval -> interpret/.", no_args_is_help=True)
+app.add_typer(interpret_app, name="interpret")
+
+
+def _interpret(verb: str, config, workspace, force, sae_config, describer, judge, matcher, allow_remote, dry_run) -> None:
+    from sail.interpret.stage import VERBS
+    from sail.workspace import Workspace
+
+    section: dict[str, Any] = {"describer": describer, "judge": judge, "matcher": matcher,
+                               "sae_configs": [sae_config] if sae_config else None,
+                               "allow_remote": allow_remote or None, "dry_run": dry_run or None}
+    try:
+        cfg = _load(config, workspace, interpret=section)
+        VERBS[verb](cfg, Workspace(cfg.workspace).ensure(), force)
+    except SailError as exc:
+        _fail(exc)
+
+
+SaeConfigOpt = Annotated[Optional[str], typer.Option("--sae-config", help="Also interpret this config (D_.._K_..) or all [default: final_rank 1 per encoder+variant].")]
+DescriberOpt = Annotated[Optional[str], typer.Option("--describer", help="metadata (offline), openai or transformers.")]
+JudgeOpt = Annotated[Optional[str], typer.Option("--judge", help="embedding (offline MiniLM), openai, transformers or none.")]
+MatcherOpt = Annotated[Optional[str], typer.Option("--matcher", help="embedding (offline MiniLM), lexical or llm.")]
+AllowRemoteOpt = Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback model endpoint (images leave this machine).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print prompts and call counts; call and write nothing.")]
+
+
+@interpret_app.command("fingerprint")
+def interpret_fingerprint(sae_config: SaeConfigOpt = None, config: ConfigOpt = None, workspace: WorkspaceOpt = None,
+                          force: ForceOpt = False, dry_run: DryRunOpt = False) -> None:
+    """Sparse fingerprint retrieval vs dense baselines, K sweep, metadata precision and chance."""
+    _interpret("fingerprint", config, workspace, force, sae_config, None, None, None, False, dry_run)
+
+
+@interpret_app.command("autointerp")
+def interpret_autointerp(sae_config: SaeConfigOpt = None, describer: DescriberOpt = None, judge: JudgeOpt = None,
+                         allow_remote: AllowRemoteOpt = False, dry_run: DryRunOpt = False, config: ConfigOpt = None,
+                         workspace: WorkspaceOpt = None, force: ForceOpt = False) -> None:
+    """Describe selected features from their top slices and judge the descriptions."""
+    _interpret("autointerp", config, workspace, force, sae_config, describer, judge, None, allow_remote, dry_run)
+
+
+@interpret_app.command("language")
+def interpret_language(sae_config: SaeConfigOpt = None, matcher: MatcherOpt = None, allow_remote: AllowRemoteOpt = False,
+                       dry_run: DryRunOpt = False, config: ConfigOpt = None, workspace: WorkspaceOpt = None,
+                       force: ForceOpt = False) -> None:
+    """Text queries -> matched features -> ranked slices, with precision@k against parsed constraints."""
+    _interpret("language", config, workspace, force, sae_config, None, None, matcher, allow_remote, dry_run)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m sail`

@@ -31,6 +31,8 @@ MANIFEST_SUFFIX = ".manifest.json"
 # Inputs smaller than this are content-hashed; larger ones are fingerprinted by size and,
 # when they are workspace artifacts, by the hash of their own manifest.
 CONTENT_HASH_LIMIT = 64 * 1024 * 1024
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -39,6 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; artifacts get the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
     try:

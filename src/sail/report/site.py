@@ -1,0 +1,348 @@
+"""The feature browser: a static site that works from ``file://`` with no network.
+
+Every page inlines its data (tables, SVG charts); images are relative links to thumbnails in
+``report/thumbs/``. Jinja2 autoescaping is on, so model-written text (descriptions) is shown as
+text, never run. Sections whose artifacts are missing are left out, so the report renders at
+any point of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from PIL import Image
+
+from sail.config import SailConfig
+from sail.console import track
+from sail.data.labels import STRUCTURE_REGION
+from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
+from sail.interpret.data import select_targets
+from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).parent / "templates"
+LABEL_COLUMNS = ["modality", "plane", "sex", "age_group", "institute"]
+
+
+@dataclass
+class ConfigUnit:
+    encoder: str
+    variant: str
+    config: str
+    rank: int | None = None
+    quality: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.encoder}__{self.variant}__{self.config}"
+
+
+def _ranks(ws: Workspace) -> dict[tuple[str, str, str], int]:
+    ranking = _read_csv(ws.eval_dir / "ranking.csv")
+    if ranking is None:
+        return {}
+    return {(r.encoder, r.variant, str(r.sae_config)): int(r.final_rank) for r in ranking.itertuples()}
+
+
+def _env() -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]),
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = lambda v, nd=3: "" if v is None or (isinstance(v, float) and np.isnan(v)) else (
+        f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+    return env
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size > 0 else None
+
+
+def _svg_bars(values: list[float], labels: list[str] | None = None, width: int = 320, height: int = 80) -> str:
+    """A tiny inline SVG bar chart (numbers only; the template marks it safe)."""
+    vals = np.asarray(values, float)
+    if vals.size == 0 or not np.isfinite(vals).any():
+        return ""
+    top = float(np.nanmax(vals)) or 1.0
+    bw = width / len(vals)
+    bars = []
+    for i, v in enumerate(vals):
+        h = 0 if not np.isfinite(v) else (height - 12) * v / top
+        title = f"<title>{_esc(labels[i]) if labels else i}: {v:.3g}</title>"
+        bars.append(f'<rect x="{i * bw:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" height="{h:.1f}" fill="#3b6ea8">{title}</rect>')
+    return f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">{"".join(bars)}</svg>'
+
+
+def _esc(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def _thumb(ws: Workspace, out: Path, slice_id: str, png_path: str, size: int) -> str:
+    name = slice_id.replace("/", "_") + ".png"
+    dst = out / "thumbs" / name
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with Image.open(ws.root / png_path) as img:
+                img = img.convert("L")
+                img.thumbnail((size, size))
+                img.save(dst)
+        except (OSError, ValueError) as exc:
+            log.warning("report: cannot read %s (%s); thumbnail left out", png_path, exc)
+            return ""
+    return f"thumbs/{name}"
+
+
+def _enrichment(data: EvalData, rows: np.ndarray, codes: sp.csc_matrix, features: np.ndarray, top_n: int,
+                volumes: np.ndarray) -> dict[int, list[dict]]:
+    """Per feature: label frequencies among its top-``top_n`` slices (one per volume) vs base rate."""
+    slices = data.slices.iloc[rows].reset_index(drop=True)
+    onehots, names = [], []
+    for col in LABEL_COLUMNS:
+        dummies = pd.get_dummies(slices[col].astype("string"), prefix=col, prefix_sep="=", dtype=np.float32)
+        onehots.append(dummies.to_numpy())
+        names += list(dummies.columns)
+    flags = [c for c in slices.columns if c.startswith("has_")]
+    regions = sorted({STRUCTURE_REGION.get(c[4:], "other") for c in flags})
+    region_onehot = np.zeros((len(slices), len(regions)), np.float32)
+    for c in flags:
+        region_onehot[:, regions.index(STRUCTURE_REGION.get(c[4:], "other"))] = np.maximum(
+            region_onehot[:, regions.index(STRUCTURE_REGION.get(c[4:], "other"))], slices[c].fillna(False).to_numpy(np.float32))
+    onehots.append(region_onehot)
+    names += [f"region={r}" for r in regions]
+    onehots.append(slices[flags].fillna(False).to_numpy(np.float32))
+    names += [f"structure={c[4:]}" for c in flags]
+    L = np.hstack(onehots)
+    base = L.mean(axis=0)
+    out = {}
+    for f in features:
+        top = top_slices(codes, int(f), volumes, top_n)
+        if top.size == 0:
+            continue
+        freq = L[top].mean(axis=0)
+        lift = (freq + 1e-3) / (base + 1e-3)
+        order = np.argsort(-(freq - base), kind="stable")[:8]
+        out[int(f)] = [{"label": names[j], "freq": float(freq[j]), "base": float(base[j]), "lift": float(lift[j])}
+                       for j in order if freq[j] > base[j]]
+    return out
+
+
+def top_slices(codes: sp.csc_matrix, feature: int, volumes: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the ``k`` highest activations of ``feature``, at most one per volume."""
+    lo, hi = codes.indptr[feature], codes.indptr[feature + 1]
+    rows, vals = codes.indices[lo:hi], codes.data[lo:hi]
+    order = np.argsort(-vals, kind="stable")
+    rows = rows[order]
+    _, first = np.unique(volumes[rows], return_index=True)
+    return rows[np.sort(first)][:k]
+
+
+def _feature_scores(ws: Workspace, unit: ConfigUnit, n_features: int, active_counts: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Selection score per feature: monosemanticity (top-10) where evaluated, else activation rate."""
+    score = active_counts.astype(float) / max(active_counts.max(), 1) * 1e-3
+    mono = _read_csv(ws.eval_dir / "monosemanticity_features.csv")
+    extra: dict[int, dict] = {}
+    if mono is not None:
+        m = mono[(mono.encoder == unit.encoder) & (mono.variant == unit.variant) & (mono.sae_config == unit.config)
+                 & (mono.top_n == 10)]
+        for row in m.itertuples():
+            if 0 <= row.feature < n_features and np.isfinite(row.monosemanticity):
+                score[row.feature] += row.monosemanticity
+                extra.setdefault(int(row.feature), {})["monosemanticity"] = float(row.monosemanticity)
+    return score, extra
+
+
+def _descriptions(ws: Workspace, unit: ConfigUnit) -> dict[int, dict]:
+    path = ws.interpret_dir / "autointerp" / unit.encoder / unit.variant / unit.config / "descriptions.csv"
+    table = _read_csv(path)
+    if table is None or "feature" not in table.columns:
+        return {}
+    keep = [c for c in ("description", "status", "describer", "judge", "judge_success", "judge_rank_mean")
+            if c in table.columns]
+    return {int(r["feature"]): {k: r[k] for k in keep} for r in table.to_dict("records")}
+
+
+def _decoder_neighbours(ws: Workspace, unit: ConfigUnit, features: np.ndarray, k: int = 5) -> dict[int, list[tuple[int, float]]]:
+    from sail.sae.checkpoint import load_sae
+
+    sae_dir = ws.sae_dir(unit.encoder, unit.variant, unit.config)
+    if not (sae_dir / "model.safetensors").is_file():
+        return {}
+    model, _ = load_sae(sae_dir)
+    W = model.W_decoder[0].detach().float().numpy()
+    W = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
+    sims = W[features] @ W.T
+    sims[np.arange(len(features)), features] = -np.inf
+    nearest = np.argsort(-sims, axis=1)[:, :k]
+    return {int(f): [(int(j), float(sims[i, j])) for j in nearest[i]] for i, f in enumerate(features)}
+
+
+def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, data: EvalData, rcfg) -> dict:
+    codes = load_sparse(ws, unit.encoder, unit.variant, unit.config, data)
+    rows = data.split_rows["valid"] if len(data.split_rows["valid"]) else np.arange(len(data.slices))
+    sub = codes[rows].tocsc()
+    sub.sort_indices()
+    volumes = data.volume[rows]
+    active = np.diff(sub.indptr)
+    n_features = sub.shape[1]
+    score, extra = _feature_scores(ws, unit, n_features, active)
+    score[active == 0] = -np.inf
+    chosen = np.argsort(-score, kind="stable")[: rcfg.max_features]
+    chosen = chosen[np.isfinite(score[chosen])]
+    enrich = _enrichment(data, rows, sub, chosen, rcfg.top_slices, volumes)
+    descriptions = _descriptions(ws, unit)
+    neighbours = _decoder_neighbours(ws, unit, chosen) if len(chosen) else {}
+    slices = data.slices.iloc[rows].reset_index(drop=True)
+    flag_cols = [c for c in slices.columns if c.startswith("has_")]
+    flags = slices[flag_cols].fillna(False).to_numpy(bool)
+    feature_dir = out / "features" / unit.key
+    feature_dir.mkdir(parents=True, exist_ok=True)
+    cards = []
+    for f in track(chosen, f"report pages {unit.key}"):
+        f = int(f)
+        top = top_slices(sub, f, volumes, rcfg.top_slices)
+        lo, hi = sub.indptr[f], sub.indptr[f + 1]
+        hist, edges = np.histogram(sub.data[lo:hi], bins=20)
+        tiles = []
+        for r in top:
+            row = slices.iloc[r]
+            present = [flag_cols[j][4:] for j in np.flatnonzero(flags[r])]
+            tiles.append({"thumb": _thumb(ws, out, row.slice_id, row.png_path, rcfg.thumb_size),
+                          "slice_id": row.slice_id, "value": float(sub[r, f]),
+                          "meta": f"{row.modality} {row.plane} {row.sex or '?'} {row.age_group or '?'} inst {row.institute}",
+                          "structures": ", ".join(present[:8]) + (" …" if len(present) > 8 else "")})
+        info = {"feature": f, "n_active": int(active[f]), "frac_active": float(active[f] / max(len(rows), 1)),
+                "monosemanticity": extra.get(f, {}).get("monosemanticity"), **descriptions.get(f, {})}
+        page = env.get_template("feature.html.j2").render(
+            unit=unit, info=info, tiles=tiles, enrichment=enrich.get(f, []),
+            histogram=_svg_bars(hist.tolist(), [f"{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(hist))]),
+            neighbours=neighbours.get(f, []))
+        write_text_atomic(feature_dir / f"f{f:05d}.html", page)
+        cards.append(info | {"href": f"../features/{unit.key}/f{f:05d}.html",
+                             "thumb": tiles[0]["thumb"] if tiles else "", "top_label": (enrich.get(f) or [{}])[0].get("label", "")})
+    recovery = _read_csv(ws.eval_dir / "recovery_summary.csv")
+    rec_rows = []
+    if recovery is not None:
+        rec = recovery[(recovery.encoder == unit.encoder) & (recovery.variant == unit.variant) & (recovery.sae_config == unit.config)]
+        rec_rows = rec.drop(columns=["encoder", "variant", "sae_config"]).to_dict("records")
+    cfg_json = ws.sae_dir(unit.encoder, unit.variant, unit.config) / "cfg.json"
+    quality = json.loads(cfg_json.read_text()) if cfg_json.is_file() else {}
+    metrics = quality.get("final_metrics") or quality.get("metrics") or {}
+    page = env.get_template("config.html.j2").render(
+        unit=unit, cards=cards, recovery=rec_rows, metrics=metrics, n_features=n_features,
+        fingerprint=_fingerprint_section(ws, out, unit, data.slices, rcfg),
+        language=_language_section(ws, out, unit, data.slices, rcfg),
+        dead=int((active == 0).sum()), l0=float(np.diff(codes[rows].tocsr().indptr).mean()) if len(rows) else 0.0)
+    write_text_atomic(out / "configs" / f"{unit.key}.html", page)
+    return {"unit": unit, "href": f"configs/{unit.key}.html", "n_pages": len(cards), "dead": int((active == 0).sum()),
+            "n_features": n_features}
+
+
+def _fingerprint_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg, n_examples: int = 4) -> dict:
+    """Retrieval examples (reference + its sparse-fingerprint hits) and the metric summary."""
+    folder = ws.interpret_dir / "fingerprint" / unit.encoder / unit.variant / unit.config
+    hits, summary = _read_csv(folder / "hits.csv"), _read_csv(folder / "summary.csv")
+    if hits is None:
+        return {}
+    paths = slices.set_index("slice_id").png_path
+    thumb = lambda sid: _thumb(ws, out, sid, paths[sid], rcfg.thumb_size) if sid in paths.index else ""  # noqa: E731
+    sparse = hits[hits.method == "sparse"]
+    examples = []
+    for ref in sparse.reference.drop_duplicates().head(n_examples):
+        rows = sparse[sparse.reference == ref].sort_values("rank").head(5)
+        examples.append({"reference": ref, "thumb": thumb(ref),
+                         "hits": [{"slice_id": r.hit, "thumb": thumb(r.hit), "similarity": float(r.similarity)}
+                                  for r in rows.itertuples()]})
+    table = []
+    if summary is not None:
+        k = int(sparse.k.dropna().iloc[0]) if sparse.k.notna().any() else None
+        pick = summary[(summary.k == k) | summary.k.isna()] if k is not None else summary
+        table = pick.pivot_table(index="metric", columns="method", values="mean").reset_index().to_dict("records")
+    return {"examples": examples, "summary": table}
+
+
+def _language_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg) -> list[dict]:
+    """Per query: its text, precision@k against its constraints vs chance, and the top hits."""
+    folder = ws.interpret_dir / "language" / unit.encoder / unit.variant / unit.config
+    hits, metrics, queries = (_read_csv(folder / f) for f in ("hits.csv", "metrics.csv", "queries.csv"))
+    if hits is None or metrics is None or queries is None:
+        return []
+    paths = slices.set_index("slice_id").png_path
+    scoring = metrics.scoring.iloc[0]
+    rows = []
+    for q in queries.itertuples():
+        m = metrics[(metrics["query"] == q.query) & (metrics.scoring == scoring)]
+        top = hits[(hits["query"] == q.query) & (hits.scoring == scoring)].sort_values("rank").head(6)
+        rows.append({"query": q.query, "text": q.text, "scoring": scoring,
+                     "precision": float(m.precision.iloc[0]) if len(m) else None,
+                     "chance": float(m.chance.iloc[0]) if len(m) else None,
+                     "hits": [{"slice_id": h.slice_id, "ok": bool(h.meets_all), "score": float(h.score),
+                               "thumb": _thumb(ws, out, h.slice_id, paths[h.slice_id], rcfg.thumb_size)
+                               if h.slice_id in paths.index else ""} for h in top.itertuples()]})
+    return rows
+
+
+def build_site(cfg: SailConfig, ws: Workspace) -> Path:
+    rcfg = cfg.report
+    out = ws.report_dir
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    env = _env()
+    data = load_eval_data(ws)
+    ranks = _ranks(ws)
+    units = [ConfigUnit(t.encoder, t.variant, t.sae_config, ranks.get((t.encoder, t.variant, t.sae_config)))
+             for t in select_targets(cfg, ws)]
+    unit_cards = [_unit_pages(ws, env, out, u, data, rcfg) for u in units]
+    figures = []
+    if ws.figures_dir.is_dir():
+        (out / "figures").mkdir(exist_ok=True)
+        for png in sorted(ws.figures_dir.glob("*.png")):
+            shutil.copy(png, out / "figures" / png.name)
+            figures.append({"src": f"figures/{png.name}", "name": png.stem.replace("_", " ")})
+    split_counts = data.slices.groupby(["split", "modality"]).size().unstack(fill_value=0)
+    probes = _read_csv(ws.eval_dir / "probes.csv")
+    probe_rows = []
+    if probes is not None:
+        test = probes[probes.split == "test"]
+        for (enc, task, target), grp in test.groupby(["encoder", "task", "target"]):
+            dense = grp[grp.sae_config == "dense"].roc_auc
+            sparse = grp[grp.sae_config != "dense"]
+            best = sparse.loc[sparse.roc_auc.idxmax()] if len(sparse) and sparse.roc_auc.notna().any() else None
+            probe_rows.append({"encoder": enc, "task": task, "target": target,
+                               "dense": float(dense.iloc[0]) if len(dense) else None,
+                               "sparse": float(best.roc_auc) if best is not None else None,
+                               "config": f"{best.variant}/{best.sae_config}" if best is not None else ""})
+    ranking = _read_csv(ws.eval_dir / "ranking.csv")
+    page = env.get_template("index.html.j2").render(
+        n_slices=len(data.slices), n_volumes=int(data.volume.max() + 1) if len(data.volume) else 0,
+        split_counts=split_counts.reset_index().to_dict("records"), split_columns=list(split_counts.columns),
+        units=unit_cards, figures=figures, probes=probe_rows,
+        ranking=ranking.to_dict("records") if ranking is not None else [])
+    write_text_atomic(out / "index.html", page)
+    log.info("report: %s (%d configs, %d feature pages)", out / "index.html", len(unit_cards),
+             sum(u["n_pages"] for u in unit_cards))
+    return out / "index.html"
+
+
+def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
+    inputs = {"slices": fingerprint(ws.slices_table), "split": fingerprint(ws.split_csv)}
+    for folder in (ws.eval_dir, ws.interpret_dir, ws.figures_dir, ws.root / "activations", ws.root / "sae"):
+        if folder.is_dir():
+            inputs[folder.name] = hash_config(sorted(
+                (str(p.relative_to(ws.root)), p.stat().st_size) for p in folder.rglob("*") if p.is_file()
+                and not p.name.startswith(".")))
+    record = StageRecord("report", hash_config(cfg.report.model_dump(mode="json")), inputs)
+    index = ws.report_dir / "index.html"
+    if not force and is_done(index, record):
+        log.info("report: up to date (%s)", index)
+        return
+    build_site(cfg, ws)
+    mark_done(index, record)
