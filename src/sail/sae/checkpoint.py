@@ -70,7 +70,10 @@ def save_sae(
     spec = model.specs[m]
     state = {k: v.detach().cpu().contiguous() for k, v in model.model_state(m).items()}
     with atomic_path(out_dir / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"schema_version": str(SCHEMA_VERSION), "variant": spec.variant})
+        # one metadata key: safetensors writes a multi-key metadata map in hash order, which would
+        # make the bytes of identical models differ between processes
+        meta = json.dumps({"schema_version": SCHEMA_VERSION, "variant": spec.variant}, sort_keys=True)
+        save_file(state, str(tmp), metadata={"sail": meta})
     cfg = {
         "schema_version": SCHEMA_VERSION,
         "sail_version": __version__,
