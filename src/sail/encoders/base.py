@@ -195,19 +195,6 @@ def get_spec(name: str) -> EncoderSpec:
     return _REGISTRY[canonical]
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise SailError(f"--device {device!r}: {exc}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise SailError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
-    return resolved
-
-
 def resolve_precision(spec: EncoderSpec, device: torch.device, requested: str = "auto") -> Precision:
     """bf16 on GPU where the published setup used it; fp32 on CPU (bf16 is ~5x slower there)."""
     if requested == "auto":

@@ -26,7 +26,8 @@ from PIL import Image
 
 from sail import __version__
 from sail.console import progress
-from sail.encoders.base import EncoderSpec, Precision, Preprocess, get_spec, resolve_device, resolve_precision
+from sail.device import resolve_device
+from sail.encoders.base import EncoderSpec, Precision, Preprocess, get_spec, resolve_precision
 from sail.encoders.table import read_embeddings, write_embeddings
 from sail.errors import SailError
 from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done, write_json_atomic

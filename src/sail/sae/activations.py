@@ -18,7 +18,8 @@ from sail.errors import SailError
 from sail.sae.activations_io import write_activations
 from sail.sae.checkpoint import CFG, WEIGHTS, load_sae, read_cfg
 from sail.sae.model import StackedSAE
-from sail.sae.train import EmbeddingData, load_data, resolve_device
+from sail.device import resolve_device
+from sail.sae.train import EmbeddingData, load_data
 from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done
 
 log = logging.getLogger(__name__)

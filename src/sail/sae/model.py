@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sail.errors import SailError
+from sail.sae.distributed import DistContext, global_topk_flat
 
 VARIANTS = ("matryoshka", "sail")
 TOPK_MODES = ("per_level", "global")
@@ -234,11 +235,23 @@ class StackedSAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     # ----- selection --------------------------------------------------------------------------
-    def _select_batch_topk(self, s_MBF: Tensor, level_sizes: list[int], k_per_level_M: Tensor, B: int) -> list[Selection]:
-        """Independent BatchTopK per (level, model): the top K*B entries of the level's prefix."""
+    def _select_batch_topk(self, s_MBF: Tensor, level_sizes: list[int], k_per_level_M: Tensor, B: int,
+                           ctx: DistContext | None = None, B_global: int | None = None) -> list[Selection]:
+        """Independent BatchTopK per (level, model): the top K*B entries of the level's prefix.
+
+        With ``ctx`` the rows are this rank's slice of a global batch of ``B_global`` rows and
+        the top K*B_global entries are chosen over the whole global batch.
+        """
         M, _, D = s_MBF.shape
         out = []
         k_host = k_per_level_M.tolist()
+        if ctx is not None:
+            pairs = [(li, Dl, m) for li, Dl in enumerate(level_sizes) for m in range(M)]
+            flats = [s_MBF[m, :, :Dl].reshape(-1) for _, Dl, m in pairs]
+            ks = [min(int(k_host[m][li]) * B_global, B_global * Dl) for li, Dl, m in pairs]
+            for (li, Dl, m), f in zip(pairs, global_topk_flat(flats, ks, ctx)):
+                out.append(Selection(m * B * D + (f // Dl) * D + f % Dl, li, m))
+            return out
         for li, Dl in enumerate(level_sizes):
             for m in range(M):
                 flat = s_MBF[m, :, :Dl].reshape(-1)
@@ -271,12 +284,12 @@ class StackedSAE(nn.Module):
                 out.append(Selection(m * B * D + nz[latent < Dl], li, m))
         return out
 
-    def train_selections(self, acts_MBF: Tensor) -> list[Selection]:
+    def train_selections(self, acts_MBF: Tensor, ctx: DistContext | None = None, B_global: int | None = None) -> list[Selection]:
         """The training-time selection of both variants (per-level or global BatchTopK)."""
         B = acts_MBF.shape[1]
         if self.topk_mode == "per_level":
-            return self._select_batch_topk(acts_MBF, list(self.dict_sizes), self.k_ML, B)
-        full = self._select_batch_topk(acts_MBF, [self.n_latents], self.k_ML[:, :1], B)
+            return self._select_batch_topk(acts_MBF, list(self.dict_sizes), self.k_ML, B, ctx, B_global)
+        full = self._select_batch_topk(acts_MBF, [self.n_latents], self.k_ML[:, :1], B, ctx, B_global)
         D = self.n_latents
         out = []
         for sel in full:
@@ -326,20 +339,27 @@ class StackedSAE(nn.Module):
         dead_MF: Tensor | None = None,
         auxk_k: int = 0,
         auxk_alpha: float = 0.0,
+        ctx: DistContext | None = None,
+        B_global: int | None = None,
     ) -> ForwardOut:
-        """Training loss of every stacked model on one batch, plus device-side metric sums."""
+        """Training loss of every stacked model on one batch, plus device-side metric sums.
+
+        With ``ctx``, ``x_BD`` is this rank's slice of a ``B_global``-row batch: selections are
+        global and the loss is this slice's share of the global-batch loss (rank gradients sum
+        to the single-process gradient); ``fired_MF`` stays local (the caller reduces it).
+        """
         M, D, L = self.n_models, self.n_latents, self.n_levels
         B = x_BD.shape[0]
         pre = self.pre_activations(x_BD, impl)
         acts = self.activations(pre)
         with torch.no_grad():
-            sels = self.train_selections(acts.detach())
+            sels = self.train_selections(acts.detach(), ctx, B_global)
         flat_all = torch.cat([s.flat for s in sels])
         vals_all = acts.reshape(-1)[flat_all]
         vals = list(torch.split(vals_all, [s.flat.numel() for s in sels]))
         R_LMBD = self.decode(sels, vals, B, impl)
         err = R_LMBD.float() - x_BD.float()[None, None]
-        mse_LM = err.pow(2).mean(dim=(2, 3))
+        mse_LM = err.pow(2).mean(dim=(2, 3)) if ctx is None else err.pow(2).sum(dim=(2, 3)) / (B_global * self.d_in)
         loss_M = mse_LM.mean(0)
         with torch.no_grad():
             sse_LM = err.detach().pow(2).sum(dim=2).double().sum(-1)
@@ -351,18 +371,20 @@ class StackedSAE(nn.Module):
             fired_MF = fired.view(M, D)
         auxk_M = torch.zeros(M, device=x_BD.device)
         if self.variant == "sail":
-            self._update_theta(sels, vals)
+            self._update_theta(sels, vals, ctx)
         elif auxk_alpha > 0 and dead_MF is not None and auxk_k > 0:
-            aux_loss_M, auxk_M = self._auxk_loss(x_BD, acts, R_LMBD[-1].detach(), dead_MF, auxk_k)
+            aux_loss_M, auxk_M = self._auxk_loss(x_BD, acts, R_LMBD[-1].detach(), dead_MF, auxk_k, ctx, B_global)
             loss_M = loss_M + auxk_alpha * aux_loss_M
         return ForwardOut(loss_M.sum(), sse_LM, l0_LM, auxk_M.detach(), fired_MF)
 
-    def _auxk_loss(self, x_BD: Tensor, acts_MBF: Tensor, R_MBD: Tensor, dead_MF: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    def _auxk_loss(self, x_BD: Tensor, acts_MBF: Tensor, R_MBD: Tensor, dead_MF: Tensor, k_aux: int,
+                   ctx: DistContext | None = None, B_global: int | None = None) -> tuple[Tensor, Tensor]:
         """AuxK (Gao et al.): the top-k_aux dead latents reconstruct the residual, bias-free.
 
         Returns (loss term, normalised value for metrics). The loss term is an MSE in the same
         units as the main loss (as in Gao et al., where both share one normalisation), scaled down
         when fewer than k_aux latents are dead; the metric divides it by the residual's variance.
+        With ``ctx`` both are normalised over the global batch (variance from all-reduced sums).
         """
         M, B, D = acts_MBF.shape
         k = min(k_aux, D)
@@ -374,23 +396,39 @@ class StackedSAE(nn.Module):
             (top.indices + offset).reshape(M * B, k), self.W_dec.reshape(M * D, -1), mode="sum",
             per_sample_weights=top.values.reshape(M * B, k).to(self.W_dec.dtype),
         ).view(M, B, -1).float()
+        scale = (dead_MF.sum(-1).to(e_hat.dtype) / k).clamp(max=1.0)
+        if ctx is not None:
+            n = B_global * e_MBD.shape[-1]
+            sse = (e_hat - e_MBD).pow(2).sum(dim=(1, 2))
+            stats = ctx.all_reduce(torch.cat([sse.detach().double(), e_MBD.double().pow(2).sum(dim=(1, 2)),
+                                              e_MBD.double().sum(1).reshape(-1)]))
+            mu_MD = stats[2 * M :].view(M, -1) / B_global
+            var = ((stats[M : 2 * M] - B_global * mu_MD.pow(2).sum(-1)) / n).clamp_min(1e-12)
+            return scale * sse / n, (stats[:M] / n / var).to(e_hat.dtype)
         mse = (e_hat - e_MBD).pow(2).mean(dim=(1, 2))
         var = (e_MBD - e_MBD.mean(1, keepdim=True)).pow(2).mean(dim=(1, 2)).clamp_min(1e-12)
-        scale = (dead_MF.sum(-1).to(mse.dtype) / k).clamp(max=1.0)
         return scale * mse, (mse / var).detach()
 
     @torch.no_grad()
-    def _update_theta(self, sels: list[Selection], vals: list[Tensor]) -> None:
-        """Published threshold: running mean of the smallest positive value kept at the last level."""
+    def _update_theta(self, sels: list[Selection], vals: list[Tensor], ctx: DistContext | None = None) -> None:
+        """Published threshold: running mean of the smallest positive value kept at the last level.
+
+        With ``ctx`` the minimum is taken over the global batch (all-reduced across ranks).
+        """
         last = self.n_levels - 1
+        lows = {}
         for s, v in zip(sels, vals):
             if s.level != last:
                 continue
             pos = torch.where(v > 0, v.detach().float(), torch.full_like(v, math.inf, dtype=torch.float32))
-            low = pos.min() if pos.numel() else torch.tensor(math.inf, device=v.device)
+            lows[s.model] = pos.min() if pos.numel() else torch.tensor(math.inf, device=v.device)
+        if ctx is not None:
+            reduced = ctx.all_reduce(torch.stack([lows[m] for m in sorted(lows)]), "min")
+            lows = dict(zip(sorted(lows), reduced))
+        for m, low in lows.items():
             has = torch.isfinite(low)
-            self.theta_sum[s.model] += torch.where(has, low, torch.zeros_like(low))
-            self.theta_count[s.model] += has.to(torch.int64)
+            self.theta_sum[m] += torch.where(has, low, torch.zeros_like(low))
+            self.theta_count[m] += has.to(torch.int64)
 
     # ----- inference -----------------------------------------------------------------------------
     def theta_M(self) -> Tensor:

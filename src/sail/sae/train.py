@@ -22,9 +22,11 @@ import torch
 
 from sail.config import SailConfig, TrainConfig, TrainingSettings
 from sail.console import progress
+from sail.device import resolve_device
 from sail.encoders.table import read_embeddings
 from sail.errors import SailError
 from sail.sae.checkpoint import METRIC_COLUMNS, WEIGHTS, save_sae
+from sail.sae.distributed import DistContext, from_env, local_device
 from sail.sae.grid import GridEntry, families, load_grid, shard_entries
 from sail.sae.model import StackedSAE
 from sail.workspace import StageRecord, Workspace, atomic_path, fingerprint, hash_config, is_done, mark_done
@@ -198,6 +200,13 @@ class Meter:
             self.steps += 1
         self.n += x_BD.shape[0]
 
+    def all_reduce(self, ctx: DistContext) -> None:
+        """Sum the ranks' accumulators (AuxK is already a global-batch value, so it is kept)."""
+        for t in (self.sse, self.l0, self.sum_x, self.sumsq_x):
+            ctx.all_reduce(t)
+        n = torch.tensor([self.n], dtype=torch.int64, device=self.device)
+        self.n = int(ctx.all_reduce(n).item())
+
     def summary(self) -> dict[str, np.ndarray]:
         """(L, M) arrays of fvu, r2_published, l0 and (M,) auxk since the last reset."""
         n = max(self.n, 1)
@@ -222,25 +231,19 @@ class Runtime:
     log_every: int = 50
     checkpoint_every: int = 1
     show_progress: bool = True
+    dist: DistContext | None = None  # data-parallel group (torchrun); None: one process
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> Runtime:
-        device = resolve_device(tc.device)
+        device = local_device(resolve_device(tc.device))
         precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         decode = tc.decode if tc.decode != "auto" else ("dense" if device.type == "cuda" else "sparse")
-        return cls(device, precision, decode, tc.log_every, tc.checkpoint_every)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise SailError(f"device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SailError(f"device {name!r}: CUDA is not available on this machine")
-    return device
+        ctx = from_env(device)
+        return cls(device, precision, decode, tc.log_every, tc.checkpoint_every, ctx is None or ctx.is_main, ctx)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, fixed: bool) -> torch.Tensor:
@@ -309,6 +312,15 @@ def _restore(states: list[dict], model: StackedSAE, opt: torch.optim.Optimizer, 
     return torch.stack([s["since_fired"] for s in states]).to(model.b_dec.device)
 
 
+@torch.no_grad()
+def all_reduce_grads(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Sum the ranks' gradients in one flat buffer (each rank's loss is its share of the global mean)."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    ctx.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
 def _rows(meter: Meter, model: StackedSAE, step: int, epoch: int, split: str, dead_MF: torch.Tensor,
           lr: float, out: list[list[dict]]) -> dict[str, np.ndarray]:
     s = meter.summary()
@@ -345,7 +357,9 @@ def train_family(
     """Train every entry of one family together on the same batches; returns the trained stack.
 
     ``x_train``/``x_valid`` are L2-normalised (N, d) tensors on ``rt.device``. A ``train_state.pt``
-    is written to each member folder every ``rt.checkpoint_every`` epochs and resumed from.
+    is written to each member folder every ``rt.checkpoint_every`` epochs and resumed from. With
+    ``rt.dist`` every rank passes the same tensors, trains on its contiguous slice of each global
+    batch and ends with the same weights; only rank 0 writes train_state.pt.
     """
     settings = entries[0].settings
     variant = entries[0].spec.variant
@@ -386,6 +400,7 @@ def train_family(
     names = [e.name for e in entries]
     label = f"{variant} {entries[0].spec.published_name.split('_K_')[0]} x{M}"
     lr = lr_at(step, total, settings)
+    ctx = rt.dist
     with progress() as bar:
         task = bar.add_task(label, total=total, completed=step, visible=rt.show_progress)
         for epoch in range(start_epoch, settings.epochs):
@@ -393,25 +408,36 @@ def train_family(
             model.train()
             for b in range(steps_per_epoch):
                 idx = perm[b * B : (b + 1) * B]
-                x = x_train[idx]
+                if ctx is None:
+                    x = x_train[idx]
+                else:
+                    lo, hi = ctx.batch_bounds(idx.numel())
+                    x = x_train[idx[lo:hi]]
                 lr = lr_at(step, total, settings)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 dead = since_fired >= window
                 use_aux = alpha > 0 and (device.type != "cpu" or bool(dead.any()))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    out = model.forward_train(x, rt.decode, dead if use_aux else None, auxk_k, alpha if use_aux else 0.0)
+                    out = model.forward_train(x, rt.decode, dead if use_aux else None, auxk_k, alpha if use_aux else 0.0,
+                                              ctx, idx.numel())
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
+                fired_MF = out.fired_MF
+                if ctx is not None:
+                    all_reduce_grads(params, ctx)
+                    fired_MF = ctx.all_reduce(fired_MF.to(torch.int32), "max").bool()
                 model.project_decoder_grad()
                 if settings.clip_norm is not None:
                     clip_per_model(params, M, settings.clip_norm)
                 opt.step()
                 model.normalize_decoder()
-                since_fired = torch.where(out.fired_MF, torch.zeros_like(since_fired), since_fired + idx.numel())
+                since_fired = torch.where(fired_MF, torch.zeros_like(since_fired), since_fired + idx.numel())
                 meter.add(x, out.sse_LM, out.l0_LM, out.auxk_M)
                 step += 1
                 if step % rt.log_every == 0 or b == steps_per_epoch - 1:
+                    if ctx is not None:
+                        meter.all_reduce(ctx)
                     _rows(meter, model, step, epoch, "train", since_fired >= window, lr, rows)
                     meter.reset()
                     bar.update(task, completed=step)
@@ -420,7 +446,7 @@ def train_family(
                 _evaluate(model, x_valid, B, val_mode, vmeter)
                 _rows(vmeter, model, step, epoch, "valid", since_fired >= window, lr, rows)
             done = epoch + 1 == settings.epochs
-            if not done and (epoch + 1) % rt.checkpoint_every == 0:
+            if not done and (epoch + 1) % rt.checkpoint_every == 0 and rt.is_main:
                 _save_states(dirs, model, opt, names, since_fired, rows, step, epoch + 1, key)
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
@@ -479,13 +505,15 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
     x_valid = to_device_normalized(data.x_ND[data.rows("valid")], rt.device)
     for fam in families(todo):
         dirs = [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in fam]
-        if force:
+        if force and rt.is_main:
             for d in dirs:
                 (d / STATE_FILE).unlink(missing_ok=True)
+        if rt.dist is not None:
+            rt.dist.barrier()  # no rank may resume from a state rank 0 is about to discard
         log.info("training %s on %d %s rows: %s", fam[0].spec.variant, x_train.shape[0], data.encoder,
                  ", ".join(e.name for e in fam))
         result = train_family(fam, x_train, x_valid, dirs, rt, on_epoch_end)
-        for m, (e, out) in enumerate(zip(fam, dirs)):
+        for m, (e, out) in enumerate(zip(fam, dirs) if rt.is_main else []):
             extra = {
                 "encoder": data.encoder,
                 "embeddings_fingerprint": data.inputs["embeddings"],
@@ -496,6 +524,8 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
             save_sae(out, result.model, m, e.name, extra, result.metrics[m])
             mark_done(out / WEIGHTS, records[e.name + e.spec.variant], {"final": result.final[m]})
             (out / STATE_FILE).unlink(missing_ok=True)
+        if rt.dist is not None:
+            rt.dist.barrier()  # checkpoints are on disk before any rank moves on
     return [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in entries]
 
 
