@@ -389,13 +389,17 @@ class StackedSAE(nn.Module):
         M, B, D = acts_MBF.shape
         k = min(k_aux, D)
         e_MBD = (x_BD.float()[None] - R_MBD.float()).detach()
-        dead_acts = torch.where(dead_MF[:, None, :], acts_MBF, torch.zeros((), dtype=acts_MBF.dtype, device=acts_MBF.device))
-        top = dead_acts.topk(k, dim=-1)
-        offset = torch.arange(M, device=acts_MBF.device)[:, None, None] * D
-        e_hat = F.embedding_bag(
-            (top.indices + offset).reshape(M * B, k), self.W_dec.reshape(M * D, -1), mode="sum",
-            per_sample_weights=top.values.reshape(M * B, k).to(self.W_dec.dtype),
-        ).view(M, B, -1).float()
+        # Decode over the dead columns only (the union over models), as a dense bmm: k_aux is large
+        # (d/2), so a gather-based sparse decode of B x k_aux rows costs more than this matmul.
+        cols = dead_MF.any(0).nonzero().squeeze(1)
+        if cols.numel() == 0:
+            e_hat = torch.zeros_like(e_MBD)
+        else:
+            sub = torch.where(dead_MF[:, None, cols], acts_MBF[:, :, cols],
+                              torch.zeros((), dtype=acts_MBF.dtype, device=acts_MBF.device))
+            top = sub.topk(min(k, cols.numel()), dim=-1)
+            codes = torch.zeros_like(sub).scatter_(-1, top.indices, top.values)
+            e_hat = torch.bmm(codes.to(self.W_dec.dtype), self.W_dec[:, cols]).float()
         scale = (dead_MF.sum(-1).to(e_hat.dtype) / k).clamp(max=1.0)
         if ctx is not None:
             n = B_global * e_MBD.shape[-1]

@@ -1,0 +1,80 @@
+"""Issue acceptance on a real phantom workspace: every stage from phantom to interpret.
+
+Slow (a few minutes on 2 cores): `pytest -m slow tests/interpret/test_phantom_acceptance.py`.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from sail.config import load_config
+from sail.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+QUERIES = [{"name": "liver", "text": "liver"}, {"name": "urinary_bladder", "text": "urinary bladder"},
+           {"name": "brain", "text": "brain"}]
+
+
+@pytest.fixture(scope="module")
+def phantom_ws(tmp_path_factory):
+    cfg = load_config(None, {
+        "workspace": tmp_path_factory.mktemp("acceptance"),
+        "phantom": {"n_ct": 90, "n_mri": 20, "size": 32, "seed": 11},
+        "prepare": {"image_size": 64, "ct_spacing_mm": 10.0, "slice_stride": 2},
+        "split": {"train_fraction": 0.6},
+        "encode": {"encoders": [{"encoder": "efficientnet-lite0", "image_size": 64}]},
+        "train": {"grid": "demo", "variants": ["matryoshka"]},
+        "evaluate": {"probe": {"max_iter": 100, "train_samples": 2000}, "recovery": {"max_iter": 100},
+                     "concepts": {"bootstrap": 0}},
+        "interpret": {"language": {"queries": QUERIES, "published_queries": False},
+                      "fingerprint": {"n_references": 250}},
+    })
+    ws = run_pipeline(cfg, "phantom", "interpret")
+    return cfg, ws
+
+
+def _one(folder_glob, ws):
+    folders = sorted(ws.root.glob(folder_glob))
+    assert folders, folder_glob
+    return folders[0]
+
+
+@pytest.mark.xfail(reason="open (issue 6): measured best P@10 liver 0.8, urinary bladder 0.7, brain 0.7 on this "
+                          "110-scan phantom with the demo grid; brain is in only 10 test volumes", strict=False)
+def test_single_structure_queries_reach_precision_at_10(phantom_ws):
+    _, ws = phantom_ws
+    folder = _one("interpret/language/*/*/*", ws)
+    metrics = pd.read_csv(folder / "metrics.csv")
+    hits = pd.read_csv(folder / "hits.csv")
+    best = metrics.groupby("query").precision.max()
+    assert (best >= 0.8).all(), metrics
+    top = hits[hits["rank"] <= 10]
+    per_volume = top.assign(volume=top.slice_id.str.rsplit("/", n=2).str[0]).groupby(["query", "scoring"]).volume
+    assert (per_volume.nunique() == per_volume.size()).all()  # one hit per volume
+
+
+def test_fingerprint_beats_chance(phantom_ws):
+    _, ws = phantom_ws
+    summary = pd.read_csv(_one("interpret/fingerprint/*/*/*", ws) / "summary.csv")
+    sparse = summary[(summary.method == "sparse") & (summary.k == 5)].set_index("metric")
+    for metric in ("p_modality", "p_plane", "jaccard_structures"):
+        assert sparse.loc[metric, "p_vs_chance"] < 0.01, metric
+        assert sparse.loc[metric, "n"] >= 200
+    assert {"p_sex", "p_age_group"} <= set(sparse.index)
+
+
+def test_structure_feature_description_names_its_structure(phantom_ws):
+    _, ws = phantom_ws
+    concepts = pd.read_csv(ws.eval_dir / "concepts.csv")
+    desc = pd.read_csv(_one("interpret/autointerp/*/*/*", ws) / "descriptions.csv")
+    described = set(desc.feature)
+    structural = concepts[concepts.label.str.startswith("has_") & concepts.best_feature.isin(described)
+                          & (concepts.best_roc_auc > 0.75)]
+    assert len(structural), "no described feature is best for a structure"
+    named = 0
+    for row in structural.itertuples():
+        text = desc.set_index("feature").loc[int(row.best_feature), "description"].lower()
+        named += row.label[4:].replace("_", " ") in text.replace("_", " ")
+    assert named >= 1
