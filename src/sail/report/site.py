@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import escape
 from PIL import Image
 
 from sail.config import SailConfig
@@ -75,13 +76,9 @@ def _svg_bars(values: list[float], labels: list[str] | None = None, width: int =
     bars = []
     for i, v in enumerate(vals):
         h = 0 if not np.isfinite(v) else (height - 12) * v / top
-        title = f"<title>{_esc(labels[i]) if labels else i}: {v:.3g}</title>"
+        title = f"<title>{escape(labels[i]) if labels else i}: {v:.3g}</title>"
         bars.append(f'<rect x="{i * bw:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" height="{h:.1f}" fill="#3b6ea8">{title}</rect>')
     return f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">{"".join(bars)}</svg>'
-
-
-def _esc(text: str) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
 def _thumb(ws: Workspace, out: Path, slice_id: str, png_path: str, size: int) -> str:
@@ -202,6 +199,7 @@ def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, da
     slices = data.slices.iloc[rows].reset_index(drop=True)
     flag_cols = [c for c in slices.columns if c.startswith("has_")]
     flags = slices[flag_cols].fillna(False).to_numpy(bool)
+    paged = {int(f) for f in chosen}
     feature_dir = out / "features" / unit.key
     feature_dir.mkdir(parents=True, exist_ok=True)
     cards = []
@@ -223,7 +221,7 @@ def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, da
         page = env.get_template("feature.html.j2").render(
             unit=unit, info=info, tiles=tiles, enrichment=enrich.get(f, []),
             histogram=_svg_bars(hist.tolist(), [f"{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(hist))]),
-            neighbours=neighbours.get(f, []))
+            neighbours=[(j, sim, j in paged) for j, sim in neighbours.get(f, [])])
         write_text_atomic(feature_dir / f"f{f:05d}.html", page)
         cards.append(info | {"href": f"../features/{unit.key}/f{f:05d}.html",
                              "thumb": tiles[0]["thumb"] if tiles else "", "top_label": (enrich.get(f) or [{}])[0].get("label", "")})
