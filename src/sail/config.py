@@ -362,6 +362,14 @@ def deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def read_yaml(path: Path, error: type[SailError] = SailError) -> Any:
+    """Parse a YAML file; a syntax error becomes ``error`` naming the file."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SailConfig:
     """Read a YAML config (or the defaults) and apply CLI overrides (nested dicts)."""
     raw: dict[str, Any] = {}
@@ -371,10 +379,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         origin = str(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        loaded = read_yaml(path, ConfigError)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

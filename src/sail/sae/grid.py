@@ -12,10 +12,9 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from sail.config import TrainingSettings
+from sail.config import TrainingSettings, read_yaml
 from sail.errors import SailError
 from sail.sae.model import SAESpec
 from sail.workspace import hash_config
@@ -90,10 +89,7 @@ def _read_grid(grid: str | list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     path = Path(grid)
     if not path.is_file():
         raise SailError(f"grid {grid!r}: not demo, paper or an existing YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SailError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path)
     if isinstance(raw, list):
         raw = {"configs": raw}
     if not isinstance(raw, dict) or not isinstance(raw.get("configs"), list):
