@@ -107,20 +107,19 @@ def _enrichment(data: EvalData, rows: np.ndarray, codes: sp.csc_matrix, features
         onehots.append(dummies.to_numpy())
         names += list(dummies.columns)
     flags = [c for c in slices.columns if c.startswith("has_")]
-    regions = sorted({STRUCTURE_REGION.get(c[4:], "other") for c in flags})
-    region_onehot = np.zeros((len(slices), len(regions)), np.float32)
-    for c in flags:
-        region_onehot[:, regions.index(STRUCTURE_REGION.get(c[4:], "other"))] = np.maximum(
-            region_onehot[:, regions.index(STRUCTURE_REGION.get(c[4:], "other"))], slices[c].fillna(False).to_numpy(np.float32))
-    onehots.append(region_onehot)
+    present = slices[flags].fillna(False).to_numpy(np.float32)
+    region_of = pd.Series([STRUCTURE_REGION.get(c[4:], "other") for c in flags])
+    regions = sorted(set(region_of))
+    # a slice is in a region when any of the region's structures is present
+    onehots.append(np.stack([present[:, (region_of == r).to_numpy()].max(axis=1) for r in regions], axis=1))
     names += [f"region={r}" for r in regions]
-    onehots.append(slices[flags].fillna(False).to_numpy(np.float32))
+    onehots.append(present)
     names += [f"structure={c[4:]}" for c in flags]
     L = np.hstack(onehots)
     base = L.mean(axis=0)
     out = {}
     for f in features:
-        top = top_slices(codes, int(f), volumes, top_n)
+        top, _ = top_slices(codes, int(f), volumes, top_n)
         if top.size == 0:
             continue
         freq = L[top].mean(axis=0)
@@ -131,14 +130,15 @@ def _enrichment(data: EvalData, rows: np.ndarray, codes: sp.csc_matrix, features
     return out
 
 
-def top_slices(codes: sp.csc_matrix, feature: int, volumes: np.ndarray, k: int) -> np.ndarray:
-    """Rows of the ``k`` highest activations of ``feature``, at most one per volume."""
+def top_slices(codes: sp.csc_matrix, feature: int, volumes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and values of the ``k`` highest activations of ``feature``, at most one per volume."""
     lo, hi = codes.indptr[feature], codes.indptr[feature + 1]
     rows, vals = codes.indices[lo:hi], codes.data[lo:hi]
     order = np.argsort(-vals, kind="stable")
-    rows = rows[order]
+    rows, vals = rows[order], vals[order]
     _, first = np.unique(volumes[rows], return_index=True)
-    return rows[np.sort(first)][:k]
+    keep = np.sort(first)[:k]
+    return rows[keep], vals[keep]
 
 
 def _feature_scores(ws: Workspace, unit: ConfigUnit, n_features: int, active_counts: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -205,15 +205,15 @@ def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, da
     cards = []
     for f in track(chosen, f"report pages {unit.key}"):
         f = int(f)
-        top = top_slices(sub, f, volumes, rcfg.top_slices)
+        top, top_vals = top_slices(sub, f, volumes, rcfg.top_slices)
         lo, hi = sub.indptr[f], sub.indptr[f + 1]
         hist, edges = np.histogram(sub.data[lo:hi], bins=20)
         tiles = []
-        for r in top:
+        for r, value in zip(top, top_vals):
             row = slices.iloc[r]
             present = [flag_cols[j][4:] for j in np.flatnonzero(flags[r])]
             tiles.append({"thumb": _thumb(ws, out, row.slice_id, row.png_path, rcfg.thumb_size),
-                          "slice_id": row.slice_id, "value": float(sub[r, f]),
+                          "slice_id": row.slice_id, "value": float(value),
                           "meta": f"{row.modality} {row.plane} {row.sex or '?'} {row.age_group or '?'} inst {row.institute}",
                           "structures": ", ".join(present[:8]) + (" …" if len(present) > 8 else "")})
         info = {"feature": f, "n_active": int(active[f]), "frac_active": float(active[f] / max(len(rows), 1)),
