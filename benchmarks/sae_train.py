@@ -44,7 +44,7 @@ def bench_train(variant: str, n_models: int, batch: int, d: int, steps: int, dev
     ks = [(20, 40, 80, 160)] if n_models == 1 else [tuple(k) for k in PAPER_K_VALUES[:n_models]]
     model = StackedSAE([SAESpec(variant, DICT, k) for k in ks], d).to(device)
     model.initialize(list(range(n_models)))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu") or None)
     params = list(model.parameters())
     x = torch.nn.functional.normalize(torch.randn(batch * 4, d, device=device), dim=1)
     dead = torch.zeros(n_models, DICT[-1], dtype=torch.bool, device=device)

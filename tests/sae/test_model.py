@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sail.errors import SailError
-from sail.sae.model import SAESpec, StackedSAE
+from sail.sae.model import SAESpec, StackedSAE, topk_flat_sorted
 
 X = torch.tensor([[0.9, 0.1, -0.3, 0.5], [0.2, 0.8, 0.4, -0.1]])
 
@@ -139,6 +139,23 @@ def test_sparse_and_dense_paths_agree(variant, mode, ks):
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["continuous", "mostly_zero", "ties", "small"])
+def test_sampled_threshold_topk_equals_plain_topk(case):
+    g = torch.Generator().manual_seed(7)
+    n, k = (1 << 18, 5000) if case != "small" else (1000, 30)
+    v = torch.randn(n, generator=g)
+    if case == "mostly_zero":  # after ReLU with fewer positives than k: zeros fill the budget
+        v = torch.where(torch.rand(n, generator=g) < 0.01, v.abs(), torch.zeros(()))
+    if case == "ties":  # the k-th largest value is shared by many entries
+        v = torch.round(v * 4) / 4
+    got = topk_flat_sorted(v, k)
+    assert got.numel() == k and bool((got[1:] > got[:-1]).all())
+    expect = v.topk(k).values
+    torch.testing.assert_close(v[got].sort(descending=True).values, expect)
+    if case == "continuous":
+        assert torch.equal(got, v.topk(k).indices.sort().values)
 
 
 def test_stacked_models_do_not_interact():

@@ -116,38 +116,137 @@ def _prefix_pairs(spec_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(zip(lo, spec_sizes))
 
 
-class _SparseGradEncode(torch.autograd.Function):
-    """pre = x W^T + (b_enc - W b_dec); backward builds dW only from the nonzero gradient entries.
+def _encoder_grads(g_key: Tensor, key: Tensor, rows: Tensor, x_BD: Tensor, W_MFD: Tensor, b_dec_MD: Tensor):
+    """Gradients of pre = (x - b_dec) W^T + b_enc from gradient entries sorted by (model, latent).
 
-    Only the selected (top-k) pre-activations receive gradient, so dW = G^T x is a sparse-dense
-    product: ``embedding_bag`` over the batch rows, bagged by latent, costs nnz*d instead of B*D*d.
+    dW = G^T (x - b_dec) is a sparse-dense product: ``embedding_bag`` over the batch rows, bagged
+    by latent, costs nnz*d instead of B*D*d.
+    """
+    M, Fd, _ = W_MFD.shape
+    offsets = torch.searchsorted(key, torch.arange(M * Fd, device=key.device))
+    gW = F.embedding_bag(rows, x_BD, offsets, mode="sum", per_sample_weights=g_key.to(x_BD.dtype))
+    gsum_MF = torch.zeros(M * Fd, device=g_key.device, dtype=W_MFD.dtype).index_add_(0, key, g_key.to(W_MFD.dtype)).view(M, Fd)
+    gW_MFD = gW.view(M, Fd, -1) - gsum_MF[..., None] * b_dec_MD[:, None, :]
+    g_bdec = -torch.bmm(gsum_MF[:, None, :], W_MFD).squeeze(1)
+    return gW_MFD, gsum_MF, g_bdec
+
+
+class _EncodeAt(torch.autograd.Function):
+    """Values of the pre-activations at given flat (model, row, latent) entries, already computed.
+
+    The forward pass only attaches the autograd edge; the backward builds the parameter gradients
+    from the nnz entries alone, so no dense (M, B, D) gradient is ever formed. ``relu`` zeroes the
+    gradient where the value is not positive (matryoshka's ReLU).
     """
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor, b_dec_MD: Tensor) -> Tensor:
-        ctx.save_for_backward(x_BD, W_MFD, b_dec_MD)
-        return _dense_pre(x_BD, W_MFD, b_enc_MF, b_dec_MD)
+    def forward(ctx, vals: Tensor, flat: Tensor, relu: bool, x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor,
+                b_dec_MD: Tensor) -> Tensor:
+        ctx.save_for_backward(vals, flat, x_BD, W_MFD, b_dec_MD)
+        ctx.relu = relu
+        return vals.clone()
 
     @staticmethod
-    def backward(ctx, g_MBF: Tensor):
-        x_BD, W_MFD, b_dec_MD = ctx.saved_tensors
-        M, B, Fd = g_MBF.shape
-        g_MFB = g_MBF.transpose(1, 2)
-        nz = g_MFB.nonzero()  # sorted by (model, latent, row)
-        bag = nz[:, 0] * Fd + nz[:, 1]
-        weights = g_MFB[nz[:, 0], nz[:, 1], nz[:, 2]]
-        offsets = torch.searchsorted(bag, torch.arange(M * Fd, device=bag.device))
-        gW = F.embedding_bag(nz[:, 2], x_BD, offsets, mode="sum", per_sample_weights=weights.to(x_BD.dtype))
-        gsum_MF = g_MBF.sum(1)
-        gW_MFD = gW.view(M, Fd, -1) - gsum_MF[..., None] * b_dec_MD[:, None, :]
-        g_bdec = -torch.bmm(gsum_MF[:, None, :], W_MFD).squeeze(1)
-        return None, gW_MFD, gsum_MF, g_bdec
+    def backward(ctx, g: Tensor):
+        vals, flat, x_BD, W_MFD, b_dec_MD = ctx.saved_tensors
+        M, Fd, _ = W_MFD.shape
+        B = x_BD.shape[0]
+        if ctx.relu:
+            g = g * (vals > 0)
+        key = (flat // (B * Fd)) * Fd + flat % Fd
+        key, order = torch.sort(key, stable=True)  # flat is row-major, so rows stay ascending per latent
+        rows = (flat[order] // Fd) % B
+        gW, gb, gbd = _encoder_grads(g[order], key, rows, x_BD, W_MFD, b_dec_MD)
+        return None, None, None, None, gW, gb, gbd
+
+
+class _EncodeColumns(torch.autograd.Function):
+    """Codes (M, B, C) on a few latent columns, already computed; dense gradient on those columns.
+
+    AuxK's codes fill a large share of the dead columns, so their encoder gradient is one dense
+    matmul G^T (x - b_dec) over C columns instead of a gather per entry.
+    """
+
+    @staticmethod
+    def forward(ctx, codes_MBC: Tensor, cols: Tensor, x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor,
+                b_dec_MD: Tensor) -> Tensor:
+        ctx.save_for_backward(codes_MBC, cols, x_BD, W_MFD, b_dec_MD)
+        return codes_MBC.clone()
+
+    @staticmethod
+    def backward(ctx, g_MBC: Tensor):
+        codes_MBC, cols, x_BD, W_MFD, b_dec_MD = ctx.saved_tensors
+        G = g_MBC * (codes_MBC > 0)
+        gsum_MC = G.sum(1)
+        gW_MCD = torch.matmul(G.transpose(1, 2), x_BD.to(G.dtype)) - gsum_MC[..., None] * b_dec_MD[:, None, :]
+        gW = torch.zeros_like(W_MFD)
+        gW[:, cols] = gW_MCD.to(gW.dtype)
+        gb = torch.zeros(W_MFD.shape[:2], device=G.device, dtype=W_MFD.dtype)
+        gb[:, cols] = gsum_MC.to(gb.dtype)
+        g_bdec = -torch.bmm(gsum_MC[:, None, :].to(W_MFD.dtype), W_MFD[:, cols]).squeeze(1)
+        return None, None, None, gW, gb, g_bdec
+
+
+def topk_flat_sorted(v: Tensor, k: int) -> Tensor:
+    """Ascending indices of the k largest entries of a 1-D tensor (BatchTopK's selection).
+
+    On CPUs a full top-k over B*D entries dominates the step, so a threshold from a strided
+    sample keeps a candidate set slightly larger than k, and the exact top-k is taken among those;
+    anything unusual (ties at the boundary, too few candidates) falls back to the plain top-k.
+    """
+    n = v.numel()
+    if v.is_cuda or n < (1 << 16) or 4 * k > n:
+        return v.topk(k, sorted=False).indices.sort().values
+    stride = n // 32768
+    sample = v[::stride]
+    s = sample.numel()
+    expect = k * s / n
+    rank = int(expect * 1.1 + 5 * math.sqrt(expect) + 16)  # ~5 sigma above the expected count
+    if rank >= s:
+        return v.topk(k, sorted=False).indices.sort().values
+    t = sample.kthvalue(s - rank + 1).values
+    cand = (v >= t).nonzero().squeeze(1)
+    c = cand.numel()
+    if c == k:
+        return cand
+    if c < k or c > 4 * k:
+        return v.topk(k, sorted=False).indices.sort().values
+    cv = v[cand]
+    kth = cv.kthvalue(c - k + 1).values
+    keep = cv >= kth
+    if int(keep.sum()) != k:  # a tie at the boundary: let topk break it
+        return v.topk(k, sorted=False).indices.sort().values
+    return cand[keep]
 
 
 def _dense_pre(x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor, b_dec_MD: Tensor) -> Tensor:
     """(x - b_dec) W^T + b_enc with b_dec folded into a bias, so no input gradient GEMM is needed."""
+    M, B = W_MFD.shape[0], x_BD.shape[0]
     bias_MF = b_enc_MF - torch.bmm(W_MFD, b_dec_MD[..., None]).squeeze(-1)
-    return torch.matmul(x_BD, W_MFD.transpose(1, 2)) + bias_MF[:, None, :]
+    x_MBD = x_BD.to(W_MFD.dtype)[None].expand(M, B, -1)
+    return torch.baddbmm(bias_MF[:, None, :].expand(M, B, -1), x_MBD, W_MFD.transpose(1, 2))
+
+
+class _DecoderGradTap(torch.autograd.Function):
+    """Identity on sparse-decode output whose backward adds the decoder-weight gradient.
+
+    ``embedding_bag``'s own weight gradient is a slow scatter on CPUs; the same gradient is an
+    ``embedding_bag`` over the output-gradient rows bagged by latent (entries pre-sorted by latent).
+    """
+
+    @staticmethod
+    def forward(ctx, R: Tensor, W_flat: Tensor, bag_by_key: Tensor, key: Tensor, vals_by_key: Tensor) -> Tensor:
+        ctx.save_for_backward(bag_by_key, key, vals_by_key)
+        ctx.n_rows = W_flat.shape[0]
+        return R.view_as(R)
+
+    @staticmethod
+    def backward(ctx, g_R: Tensor):
+        bag_by_key, key, vals_by_key = ctx.saved_tensors
+        offsets = torch.searchsorted(key, torch.arange(ctx.n_rows, device=key.device))
+        gW = F.embedding_bag(bag_by_key, g_R.reshape(-1, g_R.shape[-1]), offsets, mode="sum",
+                             per_sample_weights=vals_by_key.to(g_R.dtype))
+        return g_R, gW, None, None, None
 
 
 class StackedSAE(nn.Module):
@@ -226,8 +325,9 @@ class StackedSAE(nn.Module):
         """Remove the gradient component parallel to each unit-norm decoder row (matryoshka)."""
         if self.variant == "sail" or self.W_dec.grad is None:
             return
-        g = self.W_dec.grad
-        g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+        g, W = self.W_dec.grad, self.W_dec
+        along = torch.matmul(g.unsqueeze(-2), W.unsqueeze(-1)).squeeze(-1)  # row-wise dot, no (M, D, d) temporary
+        g.sub_(along * W)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -256,7 +356,7 @@ class StackedSAE(nn.Module):
             for m in range(M):
                 flat = s_MBF[m, :, :Dl].reshape(-1)
                 k = min(int(k_host[m][li]) * B, flat.numel())
-                f = flat.topk(k, sorted=False).indices.sort().values  # row-major: (row, latent)
+                f = topk_flat_sorted(flat, k)  # row-major: (row, latent)
                 out.append(Selection(m * B * D + (f // Dl) * D + f % Dl, li, m))
         return out
 
@@ -299,11 +399,8 @@ class StackedSAE(nn.Module):
         return out
 
     # ----- forward pieces ----------------------------------------------------------------------
-    def pre_activations(self, x_BD: Tensor, impl: str = "dense") -> Tensor:
-        W, b_enc, b_dec = self.W_encoder, self.b_enc, self.b_dec
-        if impl == "sparse" and torch.is_grad_enabled():
-            return _SparseGradEncode.apply(x_BD, W, b_enc, b_dec)
-        return _dense_pre(x_BD, W, b_enc, b_dec)
+    def pre_activations(self, x_BD: Tensor) -> Tensor:
+        return _dense_pre(x_BD, self.W_encoder, self.b_enc, self.b_dec)
 
     def activations(self, pre_MBF: Tensor) -> Tensor:
         return pre_MBF if self.variant == "sail" else F.relu(pre_MBF)
@@ -321,7 +418,11 @@ class StackedSAE(nn.Module):
             emb_idx = torch.cat([s.model * D + s.flat % D for s in sels])
             v = torch.cat(vals)
             offsets = torch.searchsorted(rows, torch.arange(L * M * B, device=rows.device))
-            R = F.embedding_bag(emb_idx, Wd.reshape(M * D, d), offsets, mode="sum", per_sample_weights=v.to(Wd.dtype))
+            W_flat = Wd.reshape(M * D, d)
+            R = F.embedding_bag(emb_idx, W_flat.detach(), offsets, mode="sum", per_sample_weights=v.to(Wd.dtype))
+            if W_flat.requires_grad and torch.is_grad_enabled():
+                key, order = torch.sort(emb_idx, stable=True)
+                R = _DecoderGradTap.apply(R, W_flat, rows[order], key, v.detach()[order])
             return R.view(L, M, B, d) + b_dec[None, :, None, :]
         out = torch.empty(L, M, B, d, device=Wd.device, dtype=torch.float32)
         for sel, v in zip(sels, vals):
@@ -350,19 +451,30 @@ class StackedSAE(nn.Module):
         """
         M, D, L = self.n_models, self.n_latents, self.n_levels
         B = x_BD.shape[0]
-        pre = self.pre_activations(x_BD, impl)
-        acts = self.activations(pre)
-        with torch.no_grad():
-            sels = self.train_selections(acts.detach(), ctx, B_global)
-        flat_all = torch.cat([s.flat for s in sels])
-        vals_all = acts.reshape(-1)[flat_all]
+        if impl == "sparse":
+            # Autograd sees only the selected entries (and AuxK's columns), never the (M, B, D) tensor.
+            with torch.no_grad():
+                acts = self.pre_activations(x_BD)
+                acts = acts if self.variant == "sail" else acts.relu_()
+                sels = self.train_selections(acts, ctx, B_global)
+            flat_all = torch.cat([s.flat for s in sels])
+            flat_u = torch.unique(flat_all)
+            vals_u = _EncodeAt.apply(acts.reshape(-1)[flat_u], flat_u, self.variant != "sail", x_BD,
+                                     self.W_encoder, self.b_enc, self.b_dec)
+            vals_all = vals_u[torch.searchsorted(flat_u, flat_all)]
+        else:
+            acts = self.activations(self.pre_activations(x_BD))
+            with torch.no_grad():
+                sels = self.train_selections(acts.detach(), ctx, B_global)
+            flat_all = torch.cat([s.flat for s in sels])
+            vals_all = acts.reshape(-1)[flat_all]
         vals = list(torch.split(vals_all, [s.flat.numel() for s in sels]))
         R_LMBD = self.decode(sels, vals, B, impl)
-        err = R_LMBD.float() - x_BD.float()[None, None]
-        mse_LM = err.pow(2).mean(dim=(2, 3)) if ctx is None else err.pow(2).sum(dim=(2, 3)) / (B_global * self.d_in)
+        sq = (R_LMBD.float() - x_BD.float()[None, None]).pow(2)
+        mse_LM = sq.mean(dim=(2, 3)) if ctx is None else sq.sum(dim=(2, 3)) / (B_global * self.d_in)
         loss_M = mse_LM.mean(0)
         with torch.no_grad():
-            sse_LM = err.detach().pow(2).sum(dim=2).double().sum(-1)
+            sse_LM = sq.detach().sum(dim=2).double().sum(-1)
             l0_LM = torch.tensor([[0] * M] * L, device=x_BD.device, dtype=torch.int64)
             fired = torch.zeros(M * D, dtype=torch.bool, device=x_BD.device)
             for s in sels:
@@ -399,6 +511,8 @@ class StackedSAE(nn.Module):
                               torch.zeros((), dtype=acts_MBF.dtype, device=acts_MBF.device))
             top = sub.topk(min(k, cols.numel()), dim=-1)
             codes = torch.zeros_like(sub).scatter_(-1, top.indices, top.values)
+            if not acts_MBF.requires_grad:  # the sparse path: attach the encoder on these columns
+                codes = _EncodeColumns.apply(codes, cols, x_BD, self.W_enc, self.b_enc, self.b_dec)
             e_hat = torch.bmm(codes.to(self.W_dec.dtype), self.W_dec[:, cols]).float()
         scale = (dead_MF.sum(-1).to(e_hat.dtype) / k).clamp(max=1.0)
         if ctx is not None:
