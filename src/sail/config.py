@@ -98,6 +98,8 @@ class ProbeSettings(Section):
     tol: float = Field(1e-4, gt=0)
     train_samples: int = Field(10_000, ge=10, description="stratified training subsample per task")
     dense_input: Literal["raw", "l2"] = Field("raw", description="raw embeddings as published, or L2-normalised as the SAE saw them")
+    solver: Literal["sail", "sklearn"] = Field(
+        "sail", description="SAGA for the same objective: sail's O(nnz) lazy-update kernel, or sklearn's saga (published)")
     seed: int = 42
 
 

@@ -23,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sail.config import EvaluateConfig, ProbeSettings
 from sail.data.labels import age_group as derive_age_group
 from sail.evaluate.inputs import SPLITS, STRUCTURE_PREFIX, EvalData
+from sail.evaluate.saga import SagaLogistic
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,12 @@ def stratified_subsample(strata: np.ndarray, rows: np.ndarray, n: int, seed: int
     return np.sort(rows[rank < quota[inv]])
 
 
-def make_classifier(p: ProbeSettings, max_iter: int | None = None, warm_start: bool = False) -> LogisticRegression:
+def make_classifier(p: ProbeSettings, max_iter: int | None = None, warm_start: bool = False,
+                    solver: str | None = None) -> LogisticRegression | SagaLogistic:
+    """The published elastic-net probe (saga, balanced classes), fitted by ``p.solver`` unless given."""
+    if (solver or p.solver) == "sail":
+        return SagaLogistic(C=p.C, l1_ratio=p.l1_ratio, tol=p.tol, max_iter=max_iter or p.max_iter,
+                            random_state=p.seed, warm_start=warm_start)
     # l1_ratio with saga is the elastic net (sklearn >= 1.8 deprecates penalty='elasticnet').
     return LogisticRegression(
         C=p.C, l1_ratio=p.l1_ratio, solver="saga", class_weight="balanced", tol=p.tol,
@@ -172,8 +178,10 @@ def make_classifier(p: ProbeSettings, max_iter: int | None = None, warm_start: b
     )
 
 
-def fit_quiet(clf: LogisticRegression, x, y) -> tuple[LogisticRegression, bool]:
+def fit_quiet(clf, x, y):
     """Fit; report convergence instead of printing a warning per fit."""
+    if isinstance(clf, SagaLogistic):
+        return clf.fit(x, y), clf.converged_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(x, y)
