@@ -80,3 +80,17 @@ def test_rank_per_volume_reports_boundary_tie(toy_ws):
     data = load_split(toy_ws, select_targets(cfg, toy_ws)[0], "test", read_slices(toy_ws))
     rows, scores, tie = rank_per_volume(np.ones(data.n), data, 3)
     assert tie and len(set(data.volume[rows])) == 3
+
+
+def test_metadata_describer_names_only_structures_most_top_slices_hold():
+    from sail.interpret.backends.metadata_describer import describe
+    from sail.interpret.enrichment import Enrichment
+
+    def ev(structures):  # rows: (value, share, base, lift, p)
+        e = Enrichment(n_top=200, categorical={"modality": [("ct", 1.0, 0.8, 1.25, 1e-9)], "plane": [("axial", 0.5, 0.33, 1.5, 1e-3)]})
+        e.structures = e.regions = structures
+        return e
+
+    # enriched (lift 1.8, p tiny) but in only 56% of the top slices: not offered as the concept
+    assert describe(ev([("liver", 0.56, 0.31, 1.8, 1e-9)])) == "CT slices with no specific structure"
+    assert describe(ev([("liver", 0.87, 0.31, 2.8, 1e-9), ("spleen", 0.6, 0.15, 4.0, 1e-9)])) == "CT of the liver"
