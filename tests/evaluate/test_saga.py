@@ -90,3 +90,9 @@ def test_seeded_runs_are_identical_and_a_warm_start_at_the_optimum_stops_early()
 def test_single_class_is_a_clear_error():
     with pytest.raises(ValueError, match="two classes"):
         SagaLogistic().fit(sp.csr_matrix(np.eye(3)), np.zeros(3))
+
+
+def test_non_finite_input_is_a_clear_error():
+    X = sp.csr_matrix(np.array([[1.0, np.nan], [0.0, 1.0], [2.0, 0.0]]))
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        SagaLogistic().fit(X, np.array([0, 1, 0]))

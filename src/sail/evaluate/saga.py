@@ -199,6 +199,8 @@ class SagaLogistic:
     def fit(self, X, y) -> SagaLogistic:
         X = sp.csr_matrix(X, dtype=np.float64)
         X.sort_indices()
+        if not np.isfinite(X.data).all():  # sklearn refuses these too; SAGA would spread NaN silently
+            raise ValueError(f"input contains NaN or infinity ({int((~np.isfinite(X.data)).sum())} entries)")
         y = np.asarray(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
