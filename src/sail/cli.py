@@ -226,6 +226,9 @@ def train(
     group_by: Annotated[Optional[str], typer.Option(help="Column of --embeddings grouping rows for the seeded 80/10/10 split.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override the grid's epochs.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")] = None,
+    recalibrate: Annotated[bool, typer.Option(
+        "--recalibrate", help="Recompute thresholds and final metrics of existing checkpoints, without training "
+        "(after an upgrade that changed what they mean).")] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -235,7 +238,8 @@ def train(
 
     section: dict[str, Any] = {"encoders": encoder or None, "variants": variant or None, "grid": grid, "shard": shard,
                                "embeddings": embeddings, "name": name, "group_by": group_by, "device": device,
-                               "training": {"epochs": epochs} if epochs else None}
+                               "training": {"epochs": epochs} if epochs else None,
+                               "recalibrate": recalibrate or None}
     try:
         cfg = _load(config, workspace, train=section)
         run_pipeline(cfg, "train", "train", force)

@@ -274,6 +274,10 @@ class TrainingSettings(Section):
     auxk_alpha: float = Field(1 / 32, ge=0, description="AuxK weight (matryoshka)")
     auxk_k: int | None = Field(None, ge=1, description="dead latents used by AuxK; default d_in // 2")
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    calibration_fraction: float = Field(
+        0.1, gt=0, lt=1,
+        description="share of the training split's volumes kept out of training to calibrate matryoshka thresholds",
+    )
 
 
 class TrainConfig(Section):
@@ -294,6 +298,9 @@ class TrainConfig(Section):
     decode: Literal["auto", "dense", "sparse"] = Field("auto", description="auto: dense on GPU, sparse on CPU")
     log_every: int = Field(50, ge=1, description="steps between metrics.csv rows")
     checkpoint_every: int = Field(1, ge=1, description="epochs between resumable train_state.pt saves")
+    recalibrate: bool = Field(
+        False, description="recompute thresholds and final metrics of existing checkpoints; no training"
+    )
 
     @field_validator("training")
     @classmethod

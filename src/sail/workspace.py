@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ MANIFEST_SUFFIX = ".manifest.json"
 CONTENT_HASH_LIMIT = 64 * 1024 * 1024
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# What a stage's artifacts mean. Bump a stage's number when a fix changes the meaning of what it
+# wrote (not just its bytes): its manifests then stop matching and the stage reruns. 2: held-out
+# calibration reproducing the last level's selection, metrics from the stored codes (train and
+# everything downstream of the codes).
+SEMANTICS: dict[str, int] = {"train": 2, "activations": 2, "evaluate": 2, "interpret": 2, "figures": 2, "report": 2}
 
 
 @contextlib.contextmanager
@@ -128,17 +134,24 @@ class StageRecord:
     config_hash: str
     inputs: dict[str, str]
 
+    @property
+    def semantics(self) -> int:
+        """The stage family's entry in SEMANTICS ("evaluate/sae" and "interpret.language" share theirs)."""
+        return SEMANTICS.get(re.split(r"[./]", self.stage)[0], 1)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
             "config_hash": self.config_hash,
             "inputs": self.inputs,
+            "semantics": self.semantics,
             "sail_version": __version__,
         }
 
 
-def is_done(artifact: str | os.PathLike, record: StageRecord) -> bool:
-    """True when ``artifact`` exists and its manifest matches ``record``."""
+def is_done(artifact: str | os.PathLike, record: StageRecord, ignore_semantics: bool = False) -> bool:
+    """True when ``artifact`` exists and its manifest matches ``record`` (but for the artifact
+    semantics when ``ignore_semantics``: to tell a stale artifact from a missing one)."""
     artifact = Path(artifact)
     manifest = manifest_path(artifact)
     if not artifact.exists() or not manifest.exists():
@@ -151,6 +164,7 @@ def is_done(artifact: str | os.PathLike, record: StageRecord) -> bool:
         saved.get("stage") == record.stage
         and saved.get("config_hash") == record.config_hash
         and saved.get("inputs") == record.inputs
+        and (ignore_semantics or saved.get("semantics", 1) == record.semantics)
     )
 
 

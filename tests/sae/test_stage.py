@@ -62,6 +62,49 @@ def test_train_and_activations_stages(workspace, caplog):
         assert total == 400
 
 
+@pytest.mark.parametrize("ks", [[3, 3, 3], [2, 4, 8]], ids=["flat", "doubling"])
+def test_per_level_codes_use_every_range_on_held_out_rows(tmp_path, ks):
+    """Calibrated on held-out training volumes; stored codes: every range that fired in training,
+    L0 within 10% of K_last on valid, dead fraction from the codes."""
+    from sail.encoders.table import write_embeddings
+    from sail.sae.train import calibration_holdout, calibration_record
+    from tests.sae.conftest import planted, slice_ids
+
+    x, _ = planted(3000, 16, 48, 3, seed=2)
+    ids = np.asarray(slice_ids(3000), dtype=object)
+    ws = Workspace(tmp_path / "ws").ensure()
+    write_embeddings(ws.embeddings("toy"), list(ids), x.numpy())
+    vols = pd.Series(ids).str.rsplit("/", n=2).str[0].drop_duplicates().str.split("/", expand=True)
+    split = np.array(["train"] * 8 + ["valid"] * 2)[np.arange(len(vols)) % 10]
+    ws.data_dir.mkdir()
+    pd.DataFrame({"modality": vols[0], "image_id": vols[1], "split": split}).to_csv(ws.split_csv, index=False)
+    grid = [{"dict_sizes": [8, 32, 64], "k_values": ks}]
+    cfg = load_config(None, {"workspace": ws.root, "train": {"grid": grid, "training": {
+        "epochs": 4, "batch_size": 128, "lr": 3e-3, "auxk_k": 8, "dead_window": 1000}}})
+    run_train(cfg, ws)
+    run_activations(cfg, ws)
+    sae_dir = next((ws.root / "sae" / "toy" / "matryoshka").iterdir())
+    _, sae_cfg = load_sae(sae_dir)
+
+    train_ids = np.sort(ids)[np.isin(pd.Series(np.sort(ids)).str.rsplit("/", n=2).str[0], ["/".join(v) for v in
+                                                                                          vols[split == "train"].values])]
+    held = calibration_holdout(train_ids, 0.1, 42)
+    cal = sae_cfg["calibration"]
+    assert cal["held_out"] and cal["rows"] == held.sum() == 240 and cal["volumes"] == 12
+    assert cal["slice_ids_sha256"] == calibration_record(train_ids[held], 0.1, 42)["slice_ids_sha256"]
+    _, codes, _ = read_activations(ws.activations("toy", "matryoshka", sae_dir.name, "valid"))
+    fired_ranges = [r for r, n in zip(cal["ranges"], cal["selected"]) if n > 0]
+    assert len(fired_ranges) == 3
+    for lo, hi in fired_ranges:
+        assert codes[:, lo:hi].nnz > 0, (lo, hi)
+    assert abs(codes.getnnz(axis=1).mean() - ks[-1]) / ks[-1] < 0.10
+    final = sae_cfg["final_metrics"]
+    assert final["split"] == "valid" and final["rows"] == codes.shape[0]
+    dead_from_codes = 1 - np.count_nonzero(codes.getnnz(axis=0)) / 64
+    assert final["dead_frac"][-1] == pytest.approx(dead_from_codes)
+    assert final["l0"][-1] == pytest.approx(codes.getnnz(axis=1).mean(), rel=1e-6)
+
+
 def test_csr_export_equals_dense_codes_and_round_trips(tmp_path, tiny_table):
     from sail.encoders.table import read_embeddings
     from sail.sae.activations_io import write_activations
@@ -97,3 +140,56 @@ def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
     assert len(list((ws / "activations" / "tiny" / "sail").rglob("*.parquet"))) == 3
     res = runner.invoke(app, ["train", "--encoder", "missing", "--grid", "demo", "--workspace", str(ws)])
     assert res.exit_code == 2 and "embeddings table not found" in res.output
+
+
+def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, caplog):
+    """Artifact semantics: an old checkpoint is refused or retrained; --recalibrate keeps its weights."""
+    import json
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from sail.workspace import manifest_path
+
+    grid = [{"dict_sizes": [8, 32], "k_values": [3, 3]}]
+    cfg = load_config(None, {"workspace": workspace.root, "train": {"grid": grid, "training": TRAINING}})
+    run_train(cfg, workspace)
+    sae_dir = next((workspace.root / "sae" / "toy" / "matryoshka").iterdir())
+    weights = sae_dir / "model.safetensors"
+    # what SAIL <= 3e0f9d4 wrote: per-prefix thresholds (inf after the first range), no semantics
+    state = load_file(str(weights))
+    state["thresholds"] = torch.tensor([0.1, float("inf")])
+    save_file(state, str(weights), metadata={"sail": '{"schema_version": 1, "variant": "matryoshka"}'})
+    old_cfg = json.loads((sae_dir / "cfg.json").read_text())
+    for key in ("artifact_semantics", "calibration"):
+        old_cfg.pop(key)
+    (sae_dir / "cfg.json").write_text(json.dumps(old_cfg))
+    manifest = json.loads(manifest_path(weights).read_text())
+    manifest.pop("semantics")
+    manifest_path(weights).write_text(json.dumps(manifest))
+
+    with pytest.raises(Exception, match="--recalibrate"):
+        load_sae(sae_dir)
+    res = CliRunner().invoke(app, ["train", "--grid", str(_grid_file(workspace, grid)), "--recalibrate",
+                                   "--workspace", str(workspace.root)])
+    assert res.exit_code == 0, res.output
+    after = load_file(str(weights))
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(after[name], state[name]), name
+    assert bool(torch.isfinite(after["thresholds"]).all())
+    model, new_cfg = load_sae(sae_dir)
+    assert new_cfg["artifact_semantics"] == 2 and new_cfg["calibration"]["recalibrated"]
+    assert new_cfg["final_metrics"]["dead_frac_source"] == "stored codes"
+    logging.getLogger().addHandler(caplog.handler)  # the CLI's logging setup replaced the root handlers
+    caplog.set_level("INFO")
+    run_train(load_config(None, {"workspace": workspace.root, "train": {"grid": grid, "training": TRAINING}}),
+              workspace)
+    assert "up to date" in caplog.text and "retraining" not in caplog.text
+
+
+def _grid_file(ws: Workspace, grid: list[dict]):
+    import yaml
+
+    path = ws.root / "grid.yaml"
+    path.write_text(yaml.safe_dump({"training": TRAINING, "configs": grid}))
+    return path

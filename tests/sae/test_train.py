@@ -127,16 +127,19 @@ def test_resume_after_a_crash_gives_identical_weights_and_metrics(data, tmp_path
 def test_metrics_are_long_format_per_level(data, tmp_path):
     result, _ = _train(data, tmp_path, [SAESpec("matryoshka", (8, 32), (2, 4))], "m")
     df = result.metrics[0]
-    assert list(df.columns) == ["step", "epoch", "split", "level", "fvu", "r2_published", "l0", "dead_frac", "auxk_loss", "lr"]
+    assert list(df.columns) == ["step", "epoch", "split", "level", "fvu", "r2_published", "l0", "dead_frac", "auxk_loss",
+                                "lr", "mode"]
     assert set(df["split"]) == {"train", "valid"}
     assert set(df["level"]) == {0, 1}
     train = df[df["split"] == "train"]
     assert train.groupby("step").size().eq(2).all()
     first, last = train["fvu"].iloc[0], train["fvu"].iloc[-1]
     assert 0 <= last < first <= 1.5
-    final = df[df["epoch"] == 3]
-    assert final["l0"].tolist() == pytest.approx([2, 4], rel=0.15)  # calibrated inference on valid
-    assert result.final[0]["mode"] == "inference"
+    final = df[df["mode"] == "inference"]
+    assert final["epoch"].tolist() == [3, 3] and set(final["split"]) == {"valid"}
+    # the stored code is the last level's selection: L0 = K_last, level 0 is its prefix
+    assert final["l0"].iloc[-1] == pytest.approx(4, rel=0.15) and final["l0"].iloc[0] < final["l0"].iloc[-1]
+    assert result.final[0]["mode"] == "inference" and result.final[0]["dead_frac_source"] == "stored codes"
 
 
 def test_auxk_lowers_the_dead_fraction(tmp_path):

@@ -201,13 +201,20 @@ def load_sae_info(ws: Workspace, encoder: str, variant: str, config: str, n_feat
 
 
 def read_final_metrics(path: Path) -> dict[str, float]:
-    """Last validation row of the largest level: l0, fvu, r2_published, dead_frac."""
+    """The stored codes' metrics at the largest level: l0, fvu, r2_published, dead_frac.
+
+    These are the ``mode == inference`` rows training writes last (held-out rows, dead fraction
+    from the codes); files from before that column fall back to the last validation row.
+    """
     if not path.is_file():
         return {}
     df = pd.read_csv(path)
     if df.empty or "split" not in df.columns:
         return {}
-    df = df[df["split"].astype(str).isin(["valid", "val"])]
+    if "mode" in df.columns and (df["mode"] == "inference").any():
+        df = df[df["mode"] == "inference"]
+    else:
+        df = df[df["split"].astype(str).isin(["valid", "val"])]
     if df.empty:
         return {}
     if "level" in df.columns:

@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save_file
 from sail import __version__
 from sail.errors import SailError
 from sail.sae.model import SAESpec, StackedSAE
-from sail.workspace import atomic_path, write_csv_atomic, write_json_atomic
+from sail.workspace import SEMANTICS, atomic_path, write_csv_atomic, write_json_atomic
 
 SCHEMA_VERSION = 1
 WEIGHTS = "model.safetensors"
 CFG = "cfg.json"
 METRICS = "metrics.csv"
-METRIC_COLUMNS = ["step", "epoch", "split", "level", "fvu", "r2_published", "l0", "dead_frac", "auxk_loss", "lr"]
+METRIC_COLUMNS = ["step", "epoch", "split", "level", "fvu", "r2_published", "l0", "dead_frac", "auxk_loss", "lr", "mode"]
 
 
 def git_commit() -> str | None:
@@ -51,7 +51,9 @@ def inference_summary(model: StackedSAE, m: int = 0) -> dict[str, Any]:
         }
     return {
         "kind": "jumprelu",
-        "per": "level" if model.topk_mode == "per_level" else "dictionary",
+        "per": "range" if model.topk_mode == "per_level" else "dictionary",
+        "ranges": [list(r) for r in model.threshold_ranges()],
+        # null: the range never fired on the calibration rows (threshold inf, its latents are dead)
         "thresholds": _finite_or_none([float(t) for t in model.thresholds[m].tolist()]),
     }
 
@@ -84,6 +86,7 @@ def save_sae(
         "d_in": model.d_in,
         "input_normalization": "l2",
         "inference": inference_summary(model, m),
+        "artifact_semantics": SEMANTICS["train"],
         **extra,
     }
     write_json_atomic(out_dir / CFG, cfg)
@@ -110,13 +113,21 @@ def spec_from_cfg(cfg: dict[str, Any]) -> SAESpec:
     return SAESpec(cfg["variant"], tuple(cfg["dict_sizes"]), tuple(cfg["k_values"]), cfg.get("topk_mode", "per_level"))
 
 
-def load_sae(sae_dir: str | Path, device: str | torch.device = "cpu") -> tuple[StackedSAE, dict[str, Any]]:
-    """Load a checkpoint folder as a single-SAE :class:`StackedSAE` (M = 1) and its cfg.json."""
+def load_sae(sae_dir: str | Path, device: str | torch.device = "cpu",
+             allow_stale: bool = False) -> tuple[StackedSAE, dict[str, Any]]:
+    """Load a checkpoint folder as a single-SAE :class:`StackedSAE` (M = 1) and its cfg.json.
+
+    A matryoshka checkpoint calibrated by an older SAIL (artifact semantics 1: per-prefix
+    thresholds that collapse flat-K schedules) is refused unless ``allow_stale``.
+    """
     sae_dir = Path(sae_dir)
     cfg = read_cfg(sae_dir)
     weights = sae_dir / WEIGHTS
     if not weights.is_file():
         raise SailError(f"SAE weights not found: {weights}")
+    if not allow_stale and cfg["variant"] == "matryoshka" and cfg.get("artifact_semantics", 1) < SEMANTICS["train"]:
+        raise SailError(f"{sae_dir / CFG}: its thresholds were calibrated by an older SAIL whose rule is wrong for "
+                        "flat-K schedules; run `sail train --recalibrate` (keeps the weights) or retrain")
     model = StackedSAE([spec_from_cfg(cfg)], int(cfg["d_in"]))
     try:
         model.load_model_state(0, load_file(str(weights)))

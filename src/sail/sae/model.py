@@ -7,7 +7,8 @@ Two variants share one module:
   its own K and no ReLU, mean of the level MSEs, and a soft shifted threshold at inference.
 - ``matryoshka``: the corrected model: ReLU before top-k, a trained unit-norm decoder, ``per_level``
   (a K per prefix) or ``global`` (one BatchTopK, prefix reconstructions of the same code) top-k,
-  AuxK for dead latents, and per-level JumpReLU thresholds calibrated after training.
+  AuxK for dead latents, and JumpReLU thresholds calibrated after training on held-out rows so
+  the stored code is the last level's selection (``calibrate``).
 
 Several SAEs with the same variant, dictionary sizes and top-k mode (a *family*, e.g. the 8 K
 schedules of one dictionary) are stacked along a leading model axis M; they see the same batch and
@@ -100,6 +101,17 @@ class Selection:
     flat: Tensor  # (nnz,) int64 index into the (M, B, D) pre-activation tensor
     level: int
     model: int
+
+
+@dataclass
+class Calibration:
+    """How one matryoshka SAE's thresholds were set (recorded in cfg.json)."""
+
+    rows: int  # calibration rows
+    ranges: list[list[int]]  # [lo, hi) latent range of each threshold
+    selected: list[int]  # last-level BatchTopK picks per range over the calibration rows
+    share: list[float]  # training share of each range (selected / total)
+    dead_ranges: list[list[int]]  # ranges with no pick: threshold inf, every latent dead
 
 
 @dataclass
@@ -220,11 +232,18 @@ def topk_flat_sorted(v: Tensor, k: int) -> Tensor:
 
 
 def _dense_pre(x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor, b_dec_MD: Tensor) -> Tensor:
-    """(x - b_dec) W^T + b_enc with b_dec folded into a bias, so no input gradient GEMM is needed."""
-    M, B = W_MFD.shape[0], x_BD.shape[0]
-    bias_MF = b_enc_MF - torch.bmm(W_MFD, b_dec_MD[..., None]).squeeze(-1)
-    x_MBD = x_BD.to(W_MFD.dtype)[None].expand(M, B, -1)
-    return torch.baddbmm(bias_MF[:, None, :].expand(M, B, -1), x_MBD, W_MFD.transpose(1, 2))
+    """(x - b_dec) W^T + b_enc, with x - b_dec formed in fp32 before the GEMM.
+
+    Foundation-model embeddings share a large offset that b_dec learns. Folding b_dec into the
+    bias would compute x.W and W.b_dec apart (in bf16 under autocast) and subtract two large
+    numbers; centring first keeps the GEMM's inputs small, as the published code does. b_dec's
+    gradient comes from a bias term that is exactly zero in value (s.detach() - s), so the input
+    gradient of the (M, B, d) centred tensor is never needed.
+    """
+    xc_MBD = x_BD.float()[None] - b_dec_MD.detach().float()[:, None, :]
+    shift_MF = torch.bmm(W_MFD.detach(), b_dec_MD[..., None]).squeeze(-1)
+    bias_MF = b_enc_MF + (shift_MF.detach() - shift_MF)
+    return torch.baddbmm(bias_MF[:, None, :], xc_MBD, W_MFD.transpose(1, 2))
 
 
 class _DecoderGradTap(torch.autograd.Function):
@@ -273,7 +292,8 @@ class StackedSAE(nn.Module):
             self.W_enc = nn.Parameter(torch.zeros(M, D, d))
             self.W_dec = nn.Parameter(torch.zeros(M, D, d))
             n_thr = L if self.topk_mode == "per_level" else 1
-            self.register_buffer("thresholds", torch.full((M, n_thr), math.inf))
+            # NaN until calibrated; after calibration inf marks a range that never fired (dead)
+            self.register_buffer("thresholds", torch.full((M, n_thr), math.nan))
             self.register_buffer("calibrated", torch.zeros(M, dtype=torch.bool))
         self.b_enc = nn.Parameter(torch.zeros(M, D))
         self.b_dec = nn.Parameter(torch.zeros(M, d))
@@ -340,24 +360,26 @@ class StackedSAE(nn.Module):
         """Independent BatchTopK per (level, model): the top K*B entries of the level's prefix.
 
         With ``ctx`` the rows are this rank's slice of a global batch of ``B_global`` rows and
-        the top K*B_global entries are chosen over the whole global batch.
+        the top K*B_global entries are chosen over the whole global batch. For matryoshka (ReLU
+        codes) zero-valued picks are dropped: when a prefix has fewer positive values than K*B,
+        zeros fill the budget, and they must count neither as fired nor towards L0 (sail keeps
+        them, as published: without a ReLU its picks may be zero or negative).
         """
         M, _, D = s_MBF.shape
+        positive_only = self.variant != "sail"
         out = []
         k_host = k_per_level_M.tolist()
+        pairs = [(li, Dl, m) for li, Dl in enumerate(level_sizes) for m in range(M)]
+        flats = [s_MBF[m, :, :Dl].reshape(-1) for _, Dl, m in pairs]
         if ctx is not None:
-            pairs = [(li, Dl, m) for li, Dl in enumerate(level_sizes) for m in range(M)]
-            flats = [s_MBF[m, :, :Dl].reshape(-1) for _, Dl, m in pairs]
             ks = [min(int(k_host[m][li]) * B_global, B_global * Dl) for li, Dl, m in pairs]
-            for (li, Dl, m), f in zip(pairs, global_topk_flat(flats, ks, ctx)):
-                out.append(Selection(m * B * D + (f // Dl) * D + f % Dl, li, m))
-            return out
-        for li, Dl in enumerate(level_sizes):
-            for m in range(M):
-                flat = s_MBF[m, :, :Dl].reshape(-1)
-                k = min(int(k_host[m][li]) * B, flat.numel())
-                f = topk_flat_sorted(flat, k)  # row-major: (row, latent)
-                out.append(Selection(m * B * D + (f // Dl) * D + f % Dl, li, m))
+            picks = global_topk_flat(flats, ks, ctx)
+        else:
+            picks = [topk_flat_sorted(f, min(int(k_host[m][li]) * B, f.numel())) for (li, _, m), f in zip(pairs, flats)]
+        for (li, Dl, m), flat, f in zip(pairs, flats, picks):  # f is row-major: (row, latent)
+            if positive_only:
+                f = f[flat[f] > 0]
+            out.append(Selection(m * B * D + (f // Dl) * D + f % Dl, li, m))
         return out
 
     def _select_sample_topk(self, s_MBF: Tensor) -> list[Selection]:
@@ -553,11 +575,14 @@ class StackedSAE(nn.Module):
         """sail's inference threshold θ = sum / count (0 before any step)."""
         return self.theta_sum / self.theta_count.clamp_min(1).to(self.theta_sum.dtype)
 
+    def threshold_ranges(self) -> list[tuple[int, int]]:
+        """Latent ranges that share one JumpReLU threshold: the nested levels' new latents
+        [D_{i-1}, D_i) in per_level mode, the whole dictionary in global mode."""
+        return _prefix_pairs(self.dict_sizes) if self.topk_mode == "per_level" else [(0, self.n_latents)]
+
     def latent_thresholds_MF(self) -> Tensor:
-        """Per-latent JumpReLU threshold from the per-level (or single global) thresholds."""
-        if self.topk_mode == "global":
-            return self.thresholds[:, :1].expand(self.n_models, self.n_latents)
-        sizes = torch.tensor([hi - lo for lo, hi in _prefix_pairs(self.dict_sizes)], device=self.thresholds.device)
+        """Per-latent JumpReLU threshold from the per-range thresholds."""
+        sizes = torch.tensor([hi - lo for lo, hi in self.threshold_ranges()], device=self.thresholds.device)
         return torch.repeat_interleave(self.thresholds, sizes, dim=1)
 
     @torch.no_grad()
@@ -572,11 +597,12 @@ class StackedSAE(nn.Module):
         return acts * (acts > self.latent_thresholds_MF()[:, None, :])
 
     @torch.no_grad()
-    def eval_levels(self, x_BD: Tensor, mode: str) -> tuple[Tensor, Tensor]:
-        """(sse_LM float64, l0_LM) of each level on a batch with the given selection mode.
+    def eval_levels(self, x_BD: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(sse_LM float64, l0_LM, fired_MF) of each level on a batch with the given selection mode.
 
         ``train``: BatchTopK as in training; ``inference``: the stored code's prefixes;
         ``published``: what the published validation used (threshold after 100 steps, else per-sample top-k).
+        ``fired_MF`` marks the latents that are nonzero in some row of the batch.
         """
         B = x_BD.shape[0]
         if mode == "published":
@@ -597,50 +623,78 @@ class StackedSAE(nn.Module):
         R = self.decode(sels, vals, B, "dense")
         sse = (R.float() - x_BD.float()[None, None]).pow(2).sum(dim=2).double().sum(-1)
         l0 = torch.zeros(self.n_levels, self.n_models, dtype=torch.int64, device=x_BD.device)
+        fired = torch.zeros(self.n_models * self.n_latents, dtype=torch.bool, device=x_BD.device)
         for s in sels:
             l0[s.level, s.model] = s.flat.numel()
-        return sse, l0
+            fired[s.model * self.n_latents + s.flat % self.n_latents] = True
+        return sse, l0, fired.view(self.n_models, self.n_latents)
 
     @torch.no_grad()
-    def calibrate(self, x_ND: Tensor, batch_size: int = 4096) -> None:
-        """Per-level JumpReLU thresholds so prefix i of the stored code has L0 ≈ K_i on ``x_ND``.
+    def calibrate(self, x_ND: Tensor, batch_size: int = 4096) -> list[Calibration]:
+        """JumpReLU thresholds that make the stored code reproduce the last level's training selection.
 
-        Level i's latents [D_{i-1}, D_i) get the threshold that leaves K_i*N - (entries already kept
-        in the inner prefix) entries; values are kept as they are (never shrunk). Global mode uses
-        one threshold over the whole dictionary.
+        The stored code spans the whole dictionary. ``per_level``: the last level's BatchTopK
+        (K_last, at the training batch size ``batch_size``) is run over the calibration rows and
+        the selections are counted per range [D_{i-1}, D_i); range i's threshold then keeps exactly
+        that many of its activations over all rows, so every range keeps its training share and
+        L0 = K_last on these rows. ``global``: one range, the same rule with the single K. A range
+        that never fired gets threshold ``inf`` and is reported (its latents are dead). Kept
+        values are not shrunk.
         """
         if self.variant == "sail":
             raise SailError("the sail variant uses the published soft threshold; it is not calibrated")
         N = x_ND.shape[0]
         if N == 0:
-            raise SailError("cannot calibrate thresholds on an empty split")
-        ranges = _prefix_pairs(self.dict_sizes) if self.topk_mode == "per_level" else [(0, self.n_latents)]
-        k_host = self.k_ML.tolist()
-        for m in range(self.n_models):
-            kept = 0
-            for li, (lo, hi) in enumerate(ranges):
-                need = int(k_host[m][li]) * N - kept
-                if need <= 0:
-                    self.thresholds[m, li] = math.inf
-                    continue
-                top = torch.empty(0, device=x_ND.device)
-                W = self.W_enc[m, lo:hi]
-                bias = self.b_enc[m, lo:hi] - W @ self.b_dec[m]
-                for start in range(0, N, batch_size):
-                    a = F.relu(x_ND[start : start + batch_size] @ W.T + bias).reshape(-1)
-                    a = a[a > 0]
-                    if top.numel() > need:
-                        a = a[a > top.min()]
-                    top = torch.cat([top, a])
-                    if top.numel() > need + 1:
-                        top = top.topk(need + 1, sorted=False).values
-                if top.numel() > need:
-                    self.thresholds[m, li] = top.min()
-                    kept += need
-                else:
-                    self.thresholds[m, li] = 0.0
-                    kept += int(top.numel())
-            self.calibrated[m] = True
+            raise SailError("cannot calibrate thresholds on an empty set of rows")
+        ranges = self.threshold_ranges()
+        counts_MR = self._training_selection_counts(x_ND, batch_size, ranges)
+        thresholds_MR = self._thresholds_keeping(x_ND, batch_size, ranges, counts_MR)
+        self.thresholds.copy_(thresholds_MR)
+        self.calibrated.fill_(True)
+        total_M = counts_MR.sum(1).clamp_min(1)
+        return [Calibration(rows=N, ranges=[list(r) for r in ranges], selected=counts_MR[m].tolist(),
+                            share=(counts_MR[m] / total_M[m]).tolist(),
+                            dead_ranges=[list(r) for r, c in zip(ranges, counts_MR[m].tolist()) if c == 0])
+                for m in range(self.n_models)]
+
+    def _training_selection_counts(self, x_ND: Tensor, batch_size: int, ranges: list[tuple[int, int]]) -> Tensor:
+        """(M, R) number of the last level's BatchTopK picks per threshold range, over batches of x."""
+        bounds = torch.tensor([hi for _, hi in ranges], device=x_ND.device)
+        counts = torch.zeros(self.n_models, len(ranges), dtype=torch.int64, device=x_ND.device)
+        k_last = self.k_ML[:, -1].tolist()
+        for start in range(0, x_ND.shape[0], batch_size):
+            acts_MBF = F.relu(self.pre_activations(x_ND[start : start + batch_size]))
+            for m in range(self.n_models):
+                flat = acts_MBF[m].reshape(-1)
+                pick = topk_flat_sorted(flat, min(int(k_last[m]) * acts_MBF.shape[1], flat.numel()))
+                latent = pick[flat[pick] > 0] % self.n_latents
+                counts[m] += torch.bincount(torch.bucketize(latent, bounds, right=True), minlength=len(ranges))
+        return counts
+
+    def _thresholds_keeping(self, x_ND: Tensor, batch_size: int, ranges: list[tuple[int, int]],
+                            counts_MR: Tensor) -> Tensor:
+        """(M, R) thresholds: the (n+1)-th largest activation of each range over all rows, so that
+        ``acts > threshold`` keeps n of them (0 when the range has only n positive values)."""
+        M, R = counts_MR.shape
+        need = counts_MR.tolist()
+        tops: list[list[Tensor]] = [[torch.empty(0, device=x_ND.device) for _ in range(R)] for _ in range(M)]
+        for start in range(0, x_ND.shape[0], batch_size):
+            acts_MBF = F.relu(self.pre_activations(x_ND[start : start + batch_size]))
+            for m in range(M):
+                for r, (lo, hi) in enumerate(ranges):
+                    if need[m][r] == 0:
+                        continue
+                    a, top, n = acts_MBF[m, :, lo:hi].reshape(-1), tops[m][r], need[m][r]
+                    a = a[a > (top.min() if top.numel() > n else 0.0)]
+                    a = torch.cat([top, a])
+                    tops[m][r] = a.topk(n + 1, sorted=False).values if a.numel() > n + 1 else a
+        out = torch.full((M, R), math.inf, device=x_ND.device)
+        for m in range(M):
+            for r in range(R):
+                if need[m][r]:
+                    top = tops[m][r]
+                    out[m, r] = top.min() if top.numel() > need[m][r] else 0.0
+        return out
 
     # ----- per-model state -------------------------------------------------------------------------
     def model_state(self, m: int) -> dict[str, Tensor]:
@@ -657,7 +711,7 @@ class StackedSAE(nn.Module):
                 raise SailError(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(target[m].shape)}")
             target[m].copy_(value)
         if self.variant != "sail":
-            self.calibrated[m] = bool(torch.isfinite(self.thresholds[m]).any())
+            self.calibrated[m] = not bool(torch.isnan(self.thresholds[m]).any())
 
 
 def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:

@@ -8,10 +8,11 @@ default. A family resumes from its members' ``train_state.pt`` with identical fi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,36 @@ def seeded_split(n: int, groups: np.ndarray | None, seed: int) -> np.ndarray:
     label[order[g - n_valid - n_test : g - n_test]] = "valid"
     label[order[g - n_test :]] = "test"
     return label[inverse]
+
+
+VOLUME_ID = r"^([^/]+/[^/]+)/[^/]+/[^/]+$"  # modality/image_id of modality/image_id/plane/slice_idx
+
+
+def volume_ids(slice_ids: np.ndarray) -> np.ndarray:
+    """The volume (modality/image_id) of each slice_id; an id of another shape is its own volume."""
+    ids = pd.Series(slice_ids, dtype=object).astype(str)
+    return ids.str.extract(VOLUME_ID, expand=False).fillna(ids).to_numpy(dtype=object)
+
+
+def calibration_holdout(slice_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Mask of the training rows kept out of training to calibrate thresholds.
+
+    A seeded share of the training split's volumes (at least one, never all), so the rows that
+    set the thresholds are unseen by the SAE and the validation split stays unseen by every choice.
+    With a single volume nothing is held out (the caller calibrates on the training rows, warned).
+    """
+    keys, inverse = np.unique(volume_ids(slice_ids), return_inverse=True)
+    n_cal = min(max(1, round(fraction * len(keys))), len(keys) - 1)
+    chosen = np.zeros(len(keys), dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(len(keys))[:n_cal]] = True
+    return chosen[inverse]
+
+
+def calibration_record(slice_ids: np.ndarray, fraction: float, seed: int) -> dict[str, Any]:
+    """What cfg.json records about the calibration rows: counts and a hash of their ids."""
+    ids = np.sort(np.asarray(slice_ids, dtype=str))
+    return {"rows": int(len(ids)), "volumes": int(len(np.unique(volume_ids(ids)))), "fraction": fraction,
+            "seed": seed, "slice_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
 
 
 @dataclass
@@ -256,7 +287,8 @@ def epoch_permutation(n: int, seed: int, epoch: int, fixed: bool) -> torch.Tenso
 class FamilyResult:
     model: StackedSAE
     metrics: list[pd.DataFrame]
-    final: list[dict[str, Any]]
+    final: list[dict[str, Any]]  # per model: metrics of the stored codes on held-out rows
+    calibration: list[dict[str, Any]] | None = None  # per model: how thresholds were set (matryoshka)
 
 
 def _state_key(entries: list[GridEntry], n_train: int, d: int) -> str:
@@ -322,14 +354,14 @@ def all_reduce_grads(params: list[torch.nn.Parameter], ctx: DistContext) -> None
 
 
 def _rows(meter: Meter, model: StackedSAE, step: int, epoch: int, split: str, dead_MF: torch.Tensor,
-          lr: float, out: list[list[dict]]) -> dict[str, np.ndarray]:
+          lr: float, out: list[list[dict]], mode: str) -> dict[str, np.ndarray]:
     s = meter.summary()
     dead = dead_MF.float()
     dead_frac = np.stack([dead[:, :Dl].mean(1).cpu().numpy() for Dl in model.dict_sizes])  # (L, M)
     for m in range(model.n_models):
         for li in range(model.n_levels):
             out[m].append({
-                "step": step, "epoch": epoch, "split": split, "level": li,
+                "step": step, "epoch": epoch, "split": split, "mode": mode, "level": li,
                 "fvu": float(s["fvu"][li, m]), "r2_published": float(s["r2_published"][li, m]),
                 "l0": float(s["l0"][li, m]), "dead_frac": float(dead_frac[li, m]),
                 "auxk_loss": float(s["auxk"][m]) if split == "train" else float("nan"), "lr": lr,
@@ -338,12 +370,16 @@ def _rows(meter: Meter, model: StackedSAE, step: int, epoch: int, split: str, de
     return s
 
 
-def _evaluate(model: StackedSAE, x_ND: torch.Tensor, batch_size: int, mode: str, meter: Meter) -> None:
+def _evaluate(model: StackedSAE, x_ND: torch.Tensor, batch_size: int, mode: str, meter: Meter) -> torch.Tensor:
+    """Metric sums of ``mode``'s codes on x into ``meter``; returns the latents that never fired (M, F)."""
     meter.reset()
+    fired_MF = torch.zeros(model.n_models, model.n_latents, dtype=torch.bool, device=x_ND.device)
     for start in range(0, x_ND.shape[0], batch_size):
         xb = x_ND[start : start + batch_size]
-        sse, l0 = model.eval_levels(xb, mode)
+        sse, l0, fired = model.eval_levels(xb, mode)
         meter.add(xb, sse, l0)
+        fired_MF |= fired
+    return ~fired_MF
 
 
 def train_family(
@@ -353,10 +389,13 @@ def train_family(
     dirs: list[Path],
     rt: Runtime,
     on_epoch_end: Callable[[int], None] | None = None,
+    x_calib: torch.Tensor | None = None,
 ) -> FamilyResult:
     """Train every entry of one family together on the same batches; returns the trained stack.
 
-    ``x_train``/``x_valid`` are L2-normalised (N, d) tensors on ``rt.device``. A ``train_state.pt``
+    ``x_train``/``x_valid``/``x_calib`` are L2-normalised (N, d) tensors on ``rt.device``;
+    ``x_calib`` holds training-split rows kept out of training to calibrate matryoshka
+    thresholds, so the validation split stays unseen by every choice. A ``train_state.pt``
     is written to each member folder every ``rt.checkpoint_every`` epochs and resumed from. With
     ``rt.dist`` every rank passes the same tensors, trains on its contiguous slice of each global
     batch and ends with the same weights; only rank 0 writes train_state.pt.
@@ -397,6 +436,7 @@ def train_family(
     meter = Meter(model.n_levels, M, d, device)
     vmeter = Meter(model.n_levels, M, d, device)
     val_mode = "published" if variant == "sail" else "train"
+    val_label = "published" if variant == "sail" else "batchtopk"
     names = [e.name for e in entries]
     label = f"{variant} {entries[0].spec.published_name.split('_K_')[0]} x{M}"
     lr = lr_at(step, total, settings)
@@ -438,35 +478,58 @@ def train_family(
                 if step % rt.log_every == 0 or b == steps_per_epoch - 1:
                     if ctx is not None:
                         meter.all_reduce(ctx)
-                    _rows(meter, model, step, epoch, "train", since_fired >= window, lr, rows)
+                    _rows(meter, model, step, epoch, "train", since_fired >= window, lr, rows, "batchtopk")
                     meter.reset()
                     bar.update(task, completed=step)
             model.eval()
             if x_valid.shape[0]:
                 _evaluate(model, x_valid, B, val_mode, vmeter)
-                _rows(vmeter, model, step, epoch, "valid", since_fired >= window, lr, rows)
+                _rows(vmeter, model, step, epoch, "valid", since_fired >= window, lr, rows, val_label)
             done = epoch + 1 == settings.epochs
             if not done and (epoch + 1) % rt.checkpoint_every == 0 and rt.is_main:
                 _save_states(dirs, model, opt, names, since_fired, rows, step, epoch + 1, key)
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
 
-    calib = x_valid if x_valid.shape[0] else x_train
-    if variant == "matryoshka":
-        if not x_valid.shape[0]:
-            log.warning("no validation rows: calibrating thresholds on the training split")
-        model.calibrate(calib)
-    _evaluate(model, calib, B, "inference", vmeter)
-    calib_split = "valid" if x_valid.shape[0] else "train"
-    final = _rows(vmeter, model, step, settings.epochs, calib_split, since_fired >= window, lr, rows)
+    calibration = _calibrate(model, names, x_calib, x_train, B)
+    held_split, x_held = _held_out(x_valid, x_calib, x_train)
+    dead_MF = _evaluate(model, x_held, B, "inference", vmeter)
+    final = _rows(vmeter, model, step, settings.epochs, held_split, dead_MF, lr, rows, "inference")
     finals = [{
-        "split": calib_split, "mode": "inference",
+        "split": held_split, "rows": int(x_held.shape[0]), "mode": "inference",
         "fvu": final["fvu"][:, m].tolist(), "r2_published": final["r2_published"][:, m].tolist(),
         "l0": final["l0"][:, m].tolist(), "dead_frac": final["dead_frac"][:, m].tolist(),
-        "steps": step,
+        "dead_frac_source": "stored codes", "steps": step,
     } for m in range(M)]
     metrics = [pd.DataFrame(r, columns=METRIC_COLUMNS) for r in rows]
-    return FamilyResult(model, metrics, finals)
+    return FamilyResult(model, metrics, finals, calibration)
+
+
+def _calibrate(model: StackedSAE, names: list[str], x_calib: torch.Tensor | None, x_train: torch.Tensor,
+               batch_size: int) -> list[dict[str, Any]] | None:
+    """Calibrate matryoshka thresholds on the held-out training rows (the training rows if none)."""
+    if model.variant == "sail":
+        return None
+    held_out = x_calib is not None and x_calib.shape[0] > 0
+    if not held_out:
+        log.warning("no held-out calibration rows: calibrating thresholds on the rows the SAE was trained on")
+    found = model.calibrate(x_calib if held_out else x_train, batch_size)
+    for name, cal in zip(names, found):
+        for lo, hi in cal.dead_ranges:
+            log.warning("%s: latents [%d, %d) were never selected at the last level on the calibration rows; "
+                        "threshold inf, counted dead", name, lo, hi)
+    return [{**asdict(cal), "held_out": held_out} for cal in found]
+
+
+def _held_out(x_valid: torch.Tensor, x_calib: torch.Tensor | None, x_train: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """Rows the final metrics come from: valid, else the calibration rows, else (warned) train."""
+    if x_valid.shape[0]:
+        return "valid", x_valid
+    if x_calib is not None and x_calib.shape[0]:
+        log.warning("no validation rows: final metrics come from the calibration rows")
+        return "calibration", x_calib
+    log.warning("no validation or calibration rows: final metrics come from the training rows")
+    return "train", x_train
 
 
 # ----- stage ------------------------------------------------------------------------------------
@@ -497,11 +560,16 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
         if force or not is_done(ws.sae_dir(data.encoder, e.spec.variant, e.name) / WEIGHTS, records[e.name + e.spec.variant])
     ]
     for e in entries:
+        sae_dir = ws.sae_dir(data.encoder, e.spec.variant, e.name)
         if e not in todo:
             log.info("%s/%s/%s: up to date", data.encoder, e.spec.variant, e.name)
+        elif not force and is_done(sae_dir / WEIGHTS, records[e.name + e.spec.variant], ignore_semantics=True):
+            log.warning("%s was written by an older SAIL whose thresholds/metrics meant something else; retraining "
+                        "it. `sail train --recalibrate` keeps the trained weights and only recomputes them", sae_dir)
     if not todo:
         return [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in entries]
-    x_train = to_device_normalized(data.x_ND[data.rows("train")], rt.device)
+    train_rows = data.rows("train")
+    x_train = to_device_normalized(data.x_ND[train_rows], rt.device)
     x_valid = to_device_normalized(data.x_ND[data.rows("valid")], rt.device)
     for fam in families(todo):
         dirs = [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in fam]
@@ -510,9 +578,10 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
                 (d / STATE_FILE).unlink(missing_ok=True)
         if rt.dist is not None:
             rt.dist.barrier()  # no rank may resume from a state rank 0 is about to discard
-        log.info("training %s on %d %s rows: %s", fam[0].spec.variant, x_train.shape[0], data.encoder,
+        fit, x_calib, calib_info = _fit_and_calibration_rows(fam[0], data.slice_ids[train_rows], x_train)
+        log.info("training %s on %d %s rows: %s", fam[0].spec.variant, fit.shape[0], data.encoder,
                  ", ".join(e.name for e in fam))
-        result = train_family(fam, x_train, x_valid, dirs, rt, on_epoch_end)
+        result = train_family(fam, fit, x_valid, dirs, rt, on_epoch_end, x_calib=x_calib)
         for m, (e, out) in enumerate(zip(fam, dirs) if rt.is_main else []):
             extra = {
                 "encoder": data.encoder,
@@ -521,12 +590,30 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
                 "training": e.settings.model_dump(mode="json"),
                 "final_metrics": result.final[m],
             }
+            if result.calibration is not None:
+                extra["calibration"] = {**calib_info, **result.calibration[m]}
             save_sae(out, result.model, m, e.name, extra, result.metrics[m])
             mark_done(out / WEIGHTS, records[e.name + e.spec.variant], {"final": result.final[m]})
             (out / STATE_FILE).unlink(missing_ok=True)
         if rt.dist is not None:
             rt.dist.barrier()  # checkpoints are on disk before any rank moves on
     return [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in entries]
+
+
+def _fit_and_calibration_rows(entry: GridEntry, train_ids: np.ndarray, x_train: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """Split the training rows into the rows trained on and the held-out calibration rows.
+
+    Only matryoshka calibrates; ``sail`` trains on the whole training split, as published.
+    """
+    if entry.spec.variant == "sail":
+        return x_train, None, {}
+    fraction, seed = entry.settings.calibration_fraction, entry.settings.seed
+    held = calibration_holdout(train_ids, fraction, seed)
+    if not held.any():
+        return x_train, None, {"rows": 0, "fraction": fraction, "seed": seed}
+    held_t = torch.from_numpy(held).to(x_train.device)
+    return x_train[~held_t], x_train[held_t], calibration_record(train_ids[held], fraction, seed)
 
 
 def run_train(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
@@ -536,7 +623,17 @@ def run_train(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     seed = TrainingSettings.model_validate(tc.training).seed
     if tc.embeddings is not None:
         data = load_data(ws, embeddings=tc.embeddings, name=tc.name, group_by=tc.group_by, seed=seed)
-        train_encoder(cfg, ws, data, entries, force)
+        _train_or_recalibrate(cfg, ws, data, entries, force)
         return
     for encoder in _encoders(cfg, ws):
-        train_encoder(cfg, ws, load_data(ws, encoder=encoder), entries, force)
+        _train_or_recalibrate(cfg, ws, load_data(ws, encoder=encoder), entries, force)
+
+
+def _train_or_recalibrate(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: list[GridEntry],
+                          force: bool) -> None:
+    if cfg.train.recalibrate:
+        from sail.sae.recalibrate import recalibrate_encoder
+
+        recalibrate_encoder(cfg, ws, data, entries)
+    else:
+        train_encoder(cfg, ws, data, entries, force)
