@@ -326,7 +326,7 @@ def section_export(emit: Emitter, args) -> None:
 
     device = args.device
     d, rows, dict_sizes, batch = (64, 4000, (16, 64, 256, 1024), 1024) if args.rehearse else (
-        1536, 400_000, (128, 512, 2048, 8192), 8192)
+        1536, 262_144, (128, 512, 2048, 8192), 8192)
     ks = (20, 40, 80, 160)
     x_ND = offset_embeddings(rows, d, device, seed=4).cpu().numpy()  # rows as a table holds them, on the host
     for variant in ("matryoshka", "sail"):
