@@ -137,14 +137,14 @@ def test_training_twice_gives_identical_weights(device, tmp_path):
     from sail.sae.grid import GridEntry
     from sail.sae.train import Runtime, train_family
 
-    x = offset_embeddings(720, D_IN, 3.0, seed=3).to(device)
+    x = offset_embeddings(448, D_IN, 3.0, seed=3).to(device)
     settings = TrainingSettings(epochs=2, batch_size=128, lr=1e-3, dead_window=200, b_dec_init="mean")
     entries = [GridEntry(SAESpec("matryoshka", DICT, ks), settings) for ks in [(4, 8, 16), (8, 16, 32)]]
     rt = Runtime(device, precision="bf16", decode="dense", log_every=5, checkpoint_every=10**6, show_progress=False)
     states = []
     for run in range(2):
         dirs = [tmp_path / f"run{run}" / e.name for e in entries]
-        result = train_family(entries, x[:640], x[640:], dirs, rt)
+        result = train_family(entries, x[:384], x[384:], dirs, rt)
         states.append([result.model.model_state(m) for m in range(len(entries))])
     for m, (first, second) in enumerate(zip(*states)):
         for name in first:

@@ -7,7 +7,8 @@ an installed distribution not on those lists is made invisible: ``import`` fails
 without it, so optional-dependency probes (transformers, timm) behave as they will there.
 Modules that belong to no installed distribution (the standard library, this repository's
 ``sail``, ``tests`` and ``benchmarks``) pass, and so do the installed requirements of listed
-distributions (a newer huggingface-hub here may need a package the machine's older one does not). Blocked names are listed on stderr at exit when
+distributions that SAIL does not require itself (a newer huggingface-hub here may need a package
+the machine's older one does not). Blocked names are listed on stderr at exit when
 ``SAIL_DEVICE_BLOCK_LOG`` is set.
 """
 
@@ -19,6 +20,7 @@ import importlib.metadata
 import os
 import re
 import sys
+from pathlib import Path
 
 
 def _norm(name: str) -> str:
@@ -37,8 +39,27 @@ def _listed(paths: list[str]) -> set[str]:
     return names
 
 
-def _with_requirements(names: set[str]) -> set[str]:
-    """``names`` plus, transitively, what their installed versions require (extras excluded)."""
+def _project_requirements() -> set[str]:
+    """Distributions SAIL itself requires (pyproject.toml): the ones this check is about."""
+    from packaging.requirements import Requirement
+
+    pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
+    try:
+        import tomllib
+
+        lines = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    except (ImportError, OSError, KeyError):
+        lines = importlib.metadata.requires("sail") or []
+    return {_norm(Requirement(line).name) for line in lines}
+
+
+def _with_requirements(names: set[str], keep_out: set[str]) -> set[str]:
+    """``names`` plus, transitively, what their installed versions require (extras excluded).
+
+    A newer package here may need something the machine's own version does not (huggingface-hub
+    and httpx2, say), so such requirements pass, except those in ``keep_out``: a package SAIL
+    requires directly must be on the lists itself (typer here requires pydantic; there, not).
+    """
     from packaging.requirements import Requirement
 
     requires = {_norm(d.metadata["Name"]): d.requires or [] for d in importlib.metadata.distributions()}
@@ -49,16 +70,15 @@ def _with_requirements(names: set[str]) -> set[str]:
             if req.marker is not None and not req.marker.evaluate({"extra": ""}):
                 continue
             name = _norm(req.name)
-            if name not in seen:
+            if name not in seen and name not in keep_out:
                 seen.add(name)
                 todo.append(name)
     return seen
 
 
 def _allowed(paths: list[str]) -> set[str]:
-    # "sail": the project itself (an editable install here, PYTHONPATH=src there); its own
-    # requirements are exactly what this blocker checks, so they are not expanded.
-    return _with_requirements(_listed(paths)) | {"sail"}
+    # "sail": the project itself (an editable install here, PYTHONPATH=src there).
+    return _with_requirements(_listed(paths), _project_requirements()) | {"sail"}
 
 
 class DeviceOnlyPathFinder:
