@@ -23,7 +23,7 @@ rehearse=0
 case "${1:-}" in
   --rehearse) rehearse=1 ;;
   "") ;;
-  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
   *) echo "usage: $0 [--rehearse]" >&2; exit 2 ;;
 esac
 
