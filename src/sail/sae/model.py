@@ -240,7 +240,8 @@ def _dense_pre(x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor, b_dec_MD: Tensor) 
     gradient comes from a bias term that is exactly zero in value (s.detach() - s), so the input
     gradient of the (M, B, d) centred tensor is never needed.
     """
-    xc_MBD = x_BD.float()[None] - b_dec_MD.detach().float()[:, None, :]
+    dt = torch.promote_types(W_MFD.dtype, torch.float32)  # fp32 at least (fp64 models stay fp64)
+    xc_MBD = x_BD.to(dt)[None] - b_dec_MD.detach().to(dt)[:, None, :]
     shift_MF = torch.bmm(W_MFD.detach(), b_dec_MD[..., None]).squeeze(-1)
     bias_MF = b_enc_MF + (shift_MF.detach() - shift_MF)
     return torch.baddbmm(bias_MF[:, None, :], xc_MBD, W_MFD.transpose(1, 2))
