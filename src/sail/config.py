@@ -37,7 +37,9 @@ class PhantomConfig(Section):
 class PrepareConfig(Section):
     """Volumes -> PNG slices + slices.parquet (``sail prepare``)."""
 
-    source: Path | None = Field(None, description="folder holding CT_Dataset_v201/ and/or MRI_Dataset_v200/")
+    source: Path | None = Field(
+        None, description="folder holding CT_Dataset_v201/ and/or MRI_Dataset_v200/, or a manifest (.csv/.parquet, "
+        "one row per volume: image, optional image_id, modality, segmentations, labels, group, metadata)")
     modalities: list[Modality] = Field(default_factory=lambda: ["ct", "mri"])
     style: Literal["canonical", "published"] = "canonical"
     image_size: int = Field(224, ge=16, le=4096)
