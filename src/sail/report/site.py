@@ -110,8 +110,9 @@ def _enrichment(data: EvalData, rows: np.ndarray, codes: sp.csc_matrix, features
     present = slices[flags].fillna(False).to_numpy(np.float32)
     region_of = pd.Series([STRUCTURE_REGION.get(c[4:], "other") for c in flags])
     regions = sorted(set(region_of))
-    # a slice is in a region when any of the region's structures is present
-    onehots.append(np.stack([present[:, (region_of == r).to_numpy()].max(axis=1) for r in regions], axis=1))
+    # a slice is in a region when any of the region's structures is present (none: a cohort without masks)
+    if regions:
+        onehots.append(np.stack([present[:, (region_of == r).to_numpy()].max(axis=1) for r in regions], axis=1))
     names += [f"region={r}" for r in regions]
     onehots.append(present)
     names += [f"structure={c[4:]}" for c in flags]
