@@ -69,7 +69,7 @@ def phantom(
 
 @app.command()
 def prepare(
-    source: Annotated[Optional[Path], typer.Option(help="TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/).")] = None,
+    source: Annotated[Optional[Path], typer.Option(help="TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/), or a manifest .csv/.parquet: one row per volume (image = NIfTI file or DICOM series folder; see docs/your-own-data.md).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="PNG side in pixels [default: 224; paper: 1024].")] = None,
     style: Annotated[Optional[str], typer.Option(help="canonical (RAS, anatomical planes) or published (paper geometry).")] = None,
     slice_stride: Annotated[Optional[int], typer.Option(help="Keep every n-th slice [default: 1].")] = None,
