@@ -152,7 +152,7 @@ def read_label_table(path: Path) -> dict[str, int]:
             raise SailError(f"{path}: {column} {dup.iloc[0]!r} appears twice")
     if (names == "").any():
         raise SailError(f"{path}: row {int(np.flatnonzero(names == '')[0]) + 1} has an empty name")
-    return dict(zip(names, values.astype(int)))
+    return dict(zip(names, values.astype(int), strict=True))
 
 
 def _mask_names(seg_dir: Path) -> list[str]:
