@@ -34,6 +34,7 @@ interpret:
   fingerprint: {{n_references: 20, k_values: [1, 5]}}
   autointerp: {{n_features: 4, n_candidates: 4, n_images: 2, min_active: 1}}
   language: {{published_queries: false, queries: [{{name: ct, text: CT}}]}}
+figures: {{formats: [png]}}
 report: {{max_features: 5}}
 """
 
@@ -53,7 +54,8 @@ def cohort(tmp_path_factory):
         for m in meta.itertuples():
             rows.append({"image": f"ts/{folder}/{m.image_id}/{image}", "image_id": f"{modality.lower()}{m.image_id}",
                          "modality": modality, "sex": m.gender, "age": m.age,
-                         "diagnosis": "lesion" if len(rows) % 3 == 0 else "normal", "group": f"p{len(rows) // 2}"})
+                         "diagnosis": "lesion" if modality == "MR" or len(rows) % 5 == 0 else "normal",
+                         "group": f"p{len(rows) // 2}"})
     pd.DataFrame(rows).to_csv(root / "cohort.csv", index=False)
     model = timm.create_model("test_vit", pretrained=False, img_size=32)
     save_for_hf(model, root / "vit", model_args={"img_size": 32})
@@ -80,3 +82,6 @@ def test_sail_run_on_a_manifest_with_a_timm_encoder(cohort, tmp_path):
     assert set(probes[probes.task == "diagnosis"].target) == {"lesion", "normal"}
     assert (ws / "report" / "index.html").is_file()
     assert list((ws / "report" / "thumbs").glob("*.png"))
+    pages = "".join(p.read_text() for p in (ws / "report" / "features").rglob("f*.html"))
+    assert "diagnosis=" in pages  # a probe-target column is enriched on the feature pages
+    assert ">group=" not in pages  # the patient key is not
