@@ -147,3 +147,19 @@ def test_encode_stage_with_a_timm_model(tiny_ws, timm_models):
     with pytest.raises(SailError, match="--pooling applies to timm:/hf: encoders"):
         make_job("efficientnet-lite0", settings, pooling="gem")
     assert Path(tiny_ws.embeddings("timm-test_vit")).is_file()
+
+
+def test_cli_encode_with_a_timm_name_and_pooling(tiny_ws, timm_models):
+    from typer.testing import CliRunner
+
+    from sail.cli import app
+
+    root, _, _ = timm_models
+    args = ["encode", "--encoder", "timm:test_vit", "--weights", str(root / "vit"), "--pooling", "gem",
+            "--device", "cpu", "--workers", "0", "--workspace", str(tiny_ws.root)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = read_embeddings(tiny_ws.embeddings("timm-test_vit"))
+    assert table.metadata["pooling"] == "gem" and table.x_ND.shape == (10, 64)
+    result = CliRunner().invoke(app, ["encode", "--pooling", "cls", "--workspace", str(tiny_ws.root)])
+    assert result.exit_code == 2 and "--pooling describe one encoder" in " ".join(result.output.split())
