@@ -163,3 +163,14 @@ def test_cli_encode_with_a_timm_name_and_pooling(tiny_ws, timm_models):
     assert table.metadata["pooling"] == "gem" and table.x_ND.shape == (10, 64)
     result = CliRunner().invoke(app, ["encode", "--pooling", "cls", "--workspace", str(tiny_ws.root)])
     assert result.exit_code == 2 and "--pooling describe one encoder" in " ".join(result.output.split())
+
+
+def test_bf16_runs_under_autocast_and_stays_close_to_fp32(timm_models):
+    root, _, _ = timm_models
+    spec = get_spec("timm:test_resnet")
+    images = _images()
+    fp32 = spec.build(weights=str(root / "resnet.safetensors"), image_size=64).to("cpu", "fp32").encode(images)
+    bf16 = spec.build(weights=str(root / "resnet.safetensors"), image_size=64).to("cpu", "bf16")
+    out = bf16.encode(images)
+    assert out.dtype == torch.float32 and bf16.metadata()["precision"] == "bf16"
+    assert not torch.equal(out, fp32) and torch.allclose(out, fp32, atol=0.1, rtol=0.05)
