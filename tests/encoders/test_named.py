@@ -174,3 +174,21 @@ def test_bf16_runs_under_autocast_and_stays_close_to_fp32(timm_models):
     out = bf16.encode(images)
     assert out.dtype == torch.float32 and bf16.metadata()["precision"] == "bf16"
     assert not torch.equal(out, fp32) and torch.allclose(out, fp32, atol=0.1, rtol=0.05)
+
+
+
+def test_timm_channels_last_feature_maps_are_pooled_per_channel(tmp_path):
+    import timm
+    from timm.models import save_for_hf
+
+    args = dict(depths=(1, 1), embed_dim=16, num_heads=(1, 1), img_size=32, window_size=4)
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **args).eval()
+    save_for_hf(swin, tmp_path / "swin", model_args=args)
+    assert swin.output_fmt == "NHWC"  # (B, H, W, C) maps: pooling must average over H and W
+    enc = get_spec("timm:swin_tiny_patch4_window7_224").build(weights=str(tmp_path / "swin"), image_size=32)
+    images = _images(size=32)
+    with torch.no_grad():
+        maps = swin.forward_features(_normalised(images, 32, enc.preprocess.mean, enc.preprocess.std, "bicubic"))
+    assert enc.pooling == "mean" and enc.dim == 32
+    torch.testing.assert_close(enc.encode(images), maps.mean((1, 2)), atol=1e-4, rtol=1e-4)

@@ -187,7 +187,10 @@ def _create_timm(ident: str, weights: str | None, name: str) -> nn.Module:
 
 
 def _timm_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_features(x)
+    out = model.forward_features(x)
+    if out.ndim == 4 and str(getattr(model, "output_fmt", "NCHW")) == "NHWC":  # Swin and friends
+        out = out.permute(0, 3, 1, 2)
+    return out
 
 
 def build_timm(weights: str | None, image_size: int, pooling: str = "auto", *, name: str = "",
