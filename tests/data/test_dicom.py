@@ -147,13 +147,15 @@ def test_dicom_defects_are_recorded_skips(tmp_path):
     junk.mkdir()
     (junk / "IM0001").write_bytes(b"not a dicom file" * 10)
     good = write_series(tmp_path / "good", vol, affine)
-    rows = [dict(image=str(p), modality="ct") for p in (mixed, gap, junk, good)]
+    single = sorted(write_series(tmp_path / "one", vol, affine).iterdir())[0].rename(tmp_path / "single.dcm")
+    rows = [dict(image=str(p), modality="ct") for p in (mixed, gap, junk, good, single)]
     _, table, skipped = _prepare(rows, tmp_path, "w", ct_spacing_mm=2.0)
     assert set(table.image_id) == {"good"}
     reasons = skipped[skipped.action == "skip_scan"].set_index("image_id").reason
     assert f"folder {mixed} holds 2 DICOM series" in reasons["mixed"]
     assert "missing, duplicate or irregularly spaced slices" in reasons["gap"] and str(gap) in reasons["gap"]
     assert f"no DICOM series in folder {junk}" in reasons["junk"]
+    assert "is a single DICOM file; give the folder holding its series" in reasons["single.dcm"]
 
 
 def test_reader_geometry_matches_the_written_affine(tmp_path):

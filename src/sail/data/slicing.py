@@ -116,6 +116,8 @@ def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
             data, affine = read_dicom_series(path)
         except DicomDefect as exc:
             raise ScanDefect(str(exc)) from None
+    elif path.suffix.lower() in (".dcm", ".ima"):
+        raise ScanDefect(f"image {path} is a single DICOM file; give the folder holding its series")
     else:
         img = _load_volume(path, "image")
         try:
