@@ -69,7 +69,7 @@ def phantom(
 
 @app.command()
 def prepare(
-    source: Annotated[Optional[Path], typer.Option(help="TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/).")] = None,
+    source: Annotated[Optional[Path], typer.Option(help="TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/), or a manifest .csv/.parquet: one row per volume (image = NIfTI file or DICOM series folder; see docs/your-own-data.md).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="PNG side in pixels [default: 224; paper: 1024].")] = None,
     style: Annotated[Optional[str], typer.Option(help="canonical (RAS, anatomical planes) or published (paper geometry).")] = None,
     slice_stride: Annotated[Optional[int], typer.Option(help="Keep every n-th slice [default: 1].")] = None,
@@ -157,10 +157,11 @@ def figures(config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: For
 
 @app.command()
 def encode(
-    encoder: Annotated[Optional[str], typer.Option(help="dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0 [default: the config's encode.encoders].")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, timm:MODEL_NAME or hf:MODEL_ID_OR_DIR [default: the config's encode.encoders].")] = None,
     name: Annotated[Optional[str], typer.Option(help="Table name: embeddings/NAME.parquet [default: the encoder's name].")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Local file/folder or Hugging Face hub id [default: the published weights].")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Model input side in pixels [default: the published size].")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Model input side in pixels [default: the published size, or the model's config].")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="timm:/hf: encoders: auto, cls, mean or gem [default: auto = cls if the model has a class token, else mean].")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 [default: auto = bf16 on GPU where published].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: per encoder].")] = None,
@@ -174,13 +175,14 @@ def encode(
     """Encode every slice -> embeddings/NAME.parquet (resumable; shard with --shard i/n, join with --merge)."""
     from sail.pipeline import run_pipeline
 
-    entry = {"encoder": encoder, "name": name, "weights": weights, "image_size": image_size}
+    entry = {k: v for k, v in {"encoder": encoder, "name": name, "weights": weights, "image_size": image_size,
+                               "pooling": pooling}.items() if v is not None}
     section: dict[str, Any] = {"device": device, "precision": precision, "batch_size": batch_size, "workers": workers, "shard": shard}
     try:
         if encoder is not None:
             section["encoders"] = [entry]
-        elif not merge and (name or weights or image_size):
-            raise SailError("--name/--weights/--image-size describe one encoder: give --encoder too")
+        elif not merge and (name or weights or image_size or pooling):
+            raise SailError("--name/--weights/--image-size/--pooling describe one encoder: give --encoder too")
         if merge and not (name or encoder):
             raise SailError("--merge needs --name (or --encoder) of the table to join")
         cfg = _load(config, workspace, encode=section)

@@ -37,7 +37,9 @@ class PhantomConfig(Section):
 class PrepareConfig(Section):
     """Volumes -> PNG slices + slices.parquet (``sail prepare``)."""
 
-    source: Path | None = Field(None, description="folder holding CT_Dataset_v201/ and/or MRI_Dataset_v200/")
+    source: Path | None = Field(
+        None, description="folder holding CT_Dataset_v201/ and/or MRI_Dataset_v200/, or a manifest (.csv/.parquet, "
+        "one row per volume: image, optional image_id, modality, segmentations, labels, group, metadata)")
     modalities: list[Modality] = Field(default_factory=lambda: ["ct", "mri"])
     style: Literal["canonical", "published"] = "canonical"
     image_size: int = Field(224, ge=16, le=4096)
@@ -59,16 +61,22 @@ class SplitConfig(Section):
 
     test_institutes: list[str] = Field(default_factory=lambda: ["A", "D", "E"])
     train_fraction: float = Field(0.8, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of scans (or patient groups) drawn, seeded, "
+                                 "as the test split when no scan comes from test_institutes")
     seed: int = 42
 
 
 class EncoderEntry(Section):
     """One embeddings table: an encoder from the registry, its weights and input size."""
 
-    encoder: str = Field("efficientnet-lite0", description="dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0")
+    encoder: str = Field("efficientnet-lite0", description=(
+        "dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, timm:MODEL_NAME or hf:MODEL_ID_OR_DIR"))
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="table name; default: the encoder's")
     weights: str | None = Field(None, description="local file/folder or hub id; default: the published weights")
     image_size: int | None = Field(None, ge=16, le=4096, description="model input side; default: the published size")
+    pooling: Literal["auto", "mean", "cls", "gem"] = Field(
+        "auto", description="timm:/hf: encoders: cls token, mean or GeM of the last tokens/feature map; auto = cls "
+        "when the model has a class token, else mean")
 
 
 class EncodeConfig(Section):
@@ -147,7 +155,9 @@ class EvaluateConfig(Section):
     tasks: list[Literal["modality", "plane", "sex", "age_group", "structures"]] = Field(
         default_factory=lambda: ["modality", "plane", "sex", "age_group", "structures"]
     )
-    extra_tasks: list[Literal["kvp", "institute", "manufacturer", "scanner_model", "pathology"]] = Field(default_factory=list)
+    extra_tasks: list[str] = Field(default_factory=list, description=(
+        "more probe targets: kvp, institute, manufacturer, scanner_model, pathology, or any metadata column of "
+        "slices.parquet (e.g. a manifest's diagnosis): one binary probe per value seen in training"))
     probe_structures: list[str] = Field(default_factory=lambda: list(PUBLISHED_PROBE_STRUCTURES))
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)

@@ -69,8 +69,25 @@ def test_single_scan_stratum_is_merged_with_warning(caplog):
     assert out.loc[out.index[0], "split"] in ("train", "valid")
 
 
-def test_tiny_dataset_still_splits():
+def test_tiny_dataset_without_held_out_institutes_gets_a_seeded_test_split():
     df = synthetic_scans(6)
     df["institute"] = "B"
     out = make_split(df, SplitConfig())
-    assert set(out.split) <= {"train", "valid"} and (out.split == "train").sum() >= 4
+    assert (out.split == "test").sum() == 1 and (out.split == "train").sum() >= 3
+    two = make_split(synthetic_scans(2).assign(institute=None), SplitConfig())
+    assert sorted(two.split) == ["test", "train"]  # never an empty test split
+
+
+def test_patient_groups_stay_on_one_side_and_fallback_test_is_grouped():
+    df = synthetic_scans(300, seed=3)
+    df["group"] = [f"p{i // 3}" for i in range(len(df))]  # three volumes per patient
+    df.loc[df.index[::7], "group"] = None  # some volumes without a patient key split alone
+    for institutes in (["A", "D", "E"], ["Z"]):
+        out = make_split(df, SplitConfig(test_institutes=institutes))
+        per_group = out.dropna(subset=["group"]).groupby("group").split.nunique()
+        assert (per_group == 1).all()
+        assert set(out.split) == {"train", "valid", "test"}
+        if institutes == ["Z"]:
+            share = out.dropna(subset=["group"]).groupby("group").split.first().eq("test").mean()
+            assert 0.1 < share < 0.3
+    assert make_split(df, SplitConfig(test_institutes=["Z"])).split.tolist() == out.split.tolist()

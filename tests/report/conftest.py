@@ -24,7 +24,7 @@ def report_ws(tmp_path_factory):
     src = write_phantom_dataset(root / "ts", PhantomConfig(n_ct=6, n_mri=3, size=32, seed=1))
     ws = Workspace(root / "w")
     cfg = SailConfig(workspace=ws.root, prepare={"source": src, "image_size": 32, "ct_spacing_mm": 8.0, "workers": 1},
-                     split={"test_institutes": ["A"]})
+                     split={"test_institutes": ["B"]})  # head + pelvis CT held out; two abdomens in valid
     run_prepare(cfg, ws)
     run_split(cfg, ws)
     slices = pd.read_parquet(ws.slices_table)

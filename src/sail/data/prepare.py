@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 from sail.config import SailConfig
 from sail.console import progress
 from sail.data.labels import HARMONISED
+from sail.data.manifest import ScanRef, discover_manifest, is_manifest
 from sail.data.phantom import write_phantom_dataset
 from sail.data.slicing import ScanResult, SliceOptions, slice_scan
-from sail.data.totalseg import DATASET_FOLDERS, ScanRef, discover
+from sail.data.totalseg import DATASET_FOLDERS, discover
 from sail.errors import SailError
 from sail.workspace import (
     StageRecord,
@@ -74,6 +75,8 @@ def _workers(configured: int | None, n_tasks: int) -> int:
 
 
 def _meta_fingerprint(source: Path, modalities: list[str]) -> dict[str, str]:
+    if is_manifest(source):
+        return {"manifest": fingerprint(source)}
     out = {}
     for m in modalities:
         root = source / DATASET_FOLDERS[m]
@@ -116,7 +119,7 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     if not force and is_done(ws.slices_table, record):
         log.info("prepare: up to date (%s)", ws.slices_table)
         return
-    scans, skips = discover(source, pc.modalities)
+    scans, skips = (discover_manifest if is_manifest(source) else discover)(source, pc.modalities)
     if pc.max_scans is not None:
         scans = [s for m in pc.modalities for s in [r for r in scans if r.modality == m][: pc.max_scans]]
     if not scans:
@@ -177,7 +180,8 @@ def _write_skips(ws: Workspace, skips: list[dict]) -> None:
 
 def _assemble(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate per-scan rows: structure flags null where a modality lacks the structure,
-    harmonised flags added, columns in the documented order, rows sorted by slice_id."""
+    harmonised flags added, columns in the documented order (a manifest's free metadata columns
+    after the known ones, before the flags), rows sorted by slice_id."""
     table = pd.concat(frames, ignore_index=True, sort=False)
     flag_cols = sorted(c for c in table.columns if c.startswith("has_"))
     for col in flag_cols:
@@ -197,6 +201,11 @@ def _assemble(frames: list[pd.DataFrame]) -> pd.DataFrame:
     for col in META_ORDER:
         if col not in table.columns:
             table[col] = None
-    table = table[META_ORDER + flag_cols].sort_values("slice_id", kind="stable").reset_index(drop=True)
+    free = [c for c in table.columns if c not in META_ORDER and not c.startswith("has_")]  # manifest order
+    for col in free:  # a free column whose every value is a number becomes float (e.g. a score)
+        numbers = pd.to_numeric(table[col], errors="coerce")
+        if table[col].notna().any() and numbers.notna().sum() == table[col].notna().sum():
+            table[col] = numbers.astype(float)
+    table = table[META_ORDER + free + flag_cols].sort_values("slice_id", kind="stable").reset_index(drop=True)
     table["slice_idx"] = table["slice_idx"].astype(np.int32)
     return table

@@ -28,8 +28,10 @@ import pandas as pd
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from PIL import Image
 
+from sail.data.dicom import DicomDefect, read_dicom_series
 from sail.data.labels import age_group
-from sail.data.totalseg import ScanRef, _skip
+from sail.data.manifest import KNOWN_METADATA, ScanRef
+from sail.data.manifest import skip_record as _skip
 
 log = logging.getLogger(__name__)
 
@@ -108,37 +110,75 @@ def _load_volume(path: Path, what: str) -> nib.spatialimages.SpatialImage:
 
 
 def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    img = _load_volume(path, "image")
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    except Exception as exc:
-        raise ScanDefect(f"cannot decode image {path}: {exc}") from None
+    """A NIfTI file or a DICOM series folder -> (float32 volume, RAS affine)."""
+    if path.is_dir():
+        try:
+            data, affine = read_dicom_series(path)
+        except DicomDefect as exc:
+            raise ScanDefect(str(exc)) from None
+    elif path.suffix.lower() in (".dcm", ".ima"):
+        raise ScanDefect(f"image {path} is a single DICOM file; give the folder holding its series")
+    else:
+        img = _load_volume(path, "image")
+        try:
+            data = np.asarray(img.get_fdata(dtype=np.float32))
+        except Exception as exc:
+            raise ScanDefect(f"cannot decode image {path}: {exc}") from None
+        affine = img.affine
     if not np.isfinite(data).all():
         raise ScanDefect(f"image {path} has {int((~np.isfinite(data)).sum())} non-finite voxels")
     if float(data.max()) == float(data.min()):
         raise ScanDefect(f"image {path} is an empty volume (constant intensity {float(data.min()):g})")
-    return data, img.affine
+    return data, affine
 
 
 def _read_packed_masks(ref: ScanRef, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
     """All masks as bits of uint64 words: (X, Y, Z, n_words); bit s = structure s."""
     n_words = max(1, math.ceil(len(ref.structures) / 64))
     packed = np.zeros((*shape, n_words), dtype=np.uint64)
+    if ref.seg_dir is not None and not ref.seg_dir.is_dir():
+        raise ScanDefect(f"segmentations folder missing: {ref.seg_dir}")
+    if ref.label_map is not None:
+        return _pack_label_map(ref, _mask_voxels(ref.label_map, "label map", shape, affine), packed)
     for s, name in enumerate(ref.structures):
         path = ref.seg_dir / f"{name}.nii.gz"
-        img = _load_volume(path, f"mask '{name}'")
-        if tuple(img.shape) != tuple(shape):
-            raise ScanDefect(f"mask '{name}' shape {tuple(img.shape)} differs from image shape {tuple(shape)} ({path})")
-        if not np.allclose(img.affine, affine, atol=1e-2):
-            raise ScanDefect(f"mask '{name}' affine differs from the image affine ({path})")
-        try:
-            voxels = np.asanyarray(img.dataobj)
-        except Exception as exc:
-            raise ScanDefect(f"cannot decode mask '{name}' {path}: {exc}") from None
-        inside = voxels != 0
+        if not path.is_file() and (ref.seg_dir / f"{name}.nii").is_file():
+            path = ref.seg_dir / f"{name}.nii"
+        inside = _mask_voxels(path, f"mask '{name}'", shape, affine) != 0
         if inside.any():
             word = packed[..., s // 64]  # a view: the in-place OR below writes into ``packed``
             word[inside] |= np.uint64(1) << np.uint64(s % 64)
+    return packed
+
+
+def _mask_voxels(path: Path, what: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    img = _load_volume(path, what)
+    if tuple(img.shape) != tuple(shape):
+        raise ScanDefect(f"{what} shape {tuple(img.shape)} differs from image shape {tuple(shape)} ({path})")
+    if not np.allclose(img.affine, affine, atol=1e-2):
+        raise ScanDefect(f"{what} affine differs from the image affine ({path})")
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise ScanDefect(f"cannot decode {what} {path}: {exc}") from None
+
+
+def _pack_label_map(ref: ScanRef, labels: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """One multi-label volume -> structure bits, through a value -> bit lookup (no loop over structures)."""
+    values = np.unique(labels)
+    unknown = sorted(set(values.tolist()) - {0} - set(ref.label_values))
+    if unknown:
+        shown = ", ".join(f"{v:g}" for v in unknown[:8])
+        raise ScanDefect(f"label map {ref.label_map} holds value(s) {shown} missing from its label table")
+    if not ref.label_values:
+        return packed
+    lut_bit = np.full(max(ref.label_values) + 1, -1, dtype=np.int64)
+    lut_bit[list(ref.label_values)] = np.arange(len(ref.label_values))
+    bit = lut_bit[labels.astype(np.int64)]  # 0 -> -1 (background); every other value is in the table
+    for w in range(packed.shape[-1]):
+        in_word = (bit >= 64 * w) & (bit < 64 * (w + 1))
+        packed[..., w] = np.where(in_word, np.left_shift(np.uint64(1), (bit - 64 * w).clip(0).astype(np.uint64)),
+                                  np.uint64(0))
     return packed
 
 
@@ -223,35 +263,33 @@ def _unpack(words_NW: np.ndarray, n_structures: int) -> np.ndarray:
     return bits[:, :n_structures].astype(bool)
 
 
+_SEX = {"f": "f", "m": "m", "female": "f", "male": "m"}
+
+
 def _meta_columns(ref: ScanRef, style: str) -> dict:
+    """slices.parquet's metadata columns from the scan's manifest row; free columns follow as given."""
     m = ref.meta
-    sex = (m.get("gender") or "").strip().lower()
-    age = pd.to_numeric(pd.Series([m.get("age")]), errors="coerce").iloc[0]
-    age = None if pd.isna(age) else float(age)
 
     def num(key: str) -> float | None:
         v = pd.to_numeric(pd.Series([m.get(key)]), errors="coerce").iloc[0]
         return None if pd.isna(v) else float(v)
 
-    return {
-        "sex": sex if sex in ("f", "m") else None,
+    age = num("age")
+    group = age_group([age], style).iloc[0]
+    known = {
+        "sex": _SEX.get((m.get("sex") or "").strip().lower()),
         "age": age,
-        "age_group": age_group([age], style).iloc[0],
-        "institute": m.get("institute"),
-        "study_type": m.get("study_type"),
-        "manufacturer": m.get("manufacturer"),
-        "scanner_model": m.get("scanner_model"),
+        "age_group": group if group is not None or m.get("age_group") is None else m["age_group"],
+        **{k: m.get(k) for k in ("institute", "study_type", "manufacturer", "scanner_model")},
         "kvp": num("kvp"),
         "pathology": m.get("pathology"),
         "pathology_location": m.get("pathology_location"),
-        "magnetic_field_strength": num("magnetic_field_strength"),
-        "slice_thickness": num("slice_thickness"),
-        "repetition_time": num("repetition_time"),
-        "echo_time": num("echo_time"),
+        **{k: num(k) for k in ("magnetic_field_strength", "slice_thickness", "repetition_time", "echo_time")},
         "scanning_sequence": m.get("scanning_sequence"),
         "source": m.get("source"),
-        "official_split": m.get("split"),
+        "official_split": m.get("official_split"),
     }
+    return known | {k: v for k, v in m.items() if k not in KNOWN_METADATA}
 
 
 def mri_slice_axis(shape: tuple[int, ...], spacing: np.ndarray, style: str) -> int:
@@ -331,15 +369,19 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
         rs, cs = slice(max(r0, 0), max(r0, 0) + min(side, rows)), slice(max(c0, 0), max(c0, 0) + min(side, cols))
         words = np.bitwise_or.reduce(view_masks[:, rs, cs].reshape(n, -1, packed.shape[-1]), axis=1)
         flags = _unpack(words, len(ref.structures))
-        occupied = np.flatnonzero(flags.any(axis=1))
+        if ref.has_masks:
+            occupied, empty = np.flatnonzero(flags.any(axis=1)), "no structure"
+        else:  # no segmentations: keep every slice that shows anything (not one flat grey level)
+            crop = view[:, rs, cs].reshape(n, -1)
+            occupied, empty = np.flatnonzero(crop.max(axis=1) > crop.min(axis=1)), "blank (no masks given)"
         if occupied.size == 0:
-            skips.append(_skip(ref.modality, ref.image_id, f"no structure in any {plane} slice: view dropped",
+            skips.append(_skip(ref.modality, ref.image_id, f"{empty} in any {plane} slice: view dropped",
                                action="drop_view") | {"plane": plane, "slice_from": 0, "slice_to": n - 1})
             continue
         first, last = int(occupied[0]), int(occupied[-1])
         for lo, hi in ((0, first - 1), (last + 1, n - 1)):
             if hi >= lo:
-                skips.append(_skip(ref.modality, ref.image_id, "empty leading/trailing slices (no structure)",
+                skips.append(_skip(ref.modality, ref.image_id, f"empty leading/trailing slices ({empty})",
                                    action="drop_slices") | {"plane": plane, "slice_from": lo, "slice_to": hi})
         keep = np.arange(first, last + 1)
         keep = keep[keep % opts.slice_stride == 0]
@@ -382,5 +424,6 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
         frames.append(pd.concat([frame, present], axis=1))
     rows = pd.concat(frames, ignore_index=True) if frames else None
     if rows is None:
-        skips.append(_skip(ref.modality, ref.image_id, "no slice with any structure in any plane"))
+        what = "any structure" if ref.has_masks else "any content"
+        skips.append(_skip(ref.modality, ref.image_id, f"no slice with {what} in any plane"))
     return ScanResult(rows, skips)

@@ -4,7 +4,8 @@ Published algorithm: scans from the held-out institutes (A, D, E) -> test; the r
 scan, stratified by modality x sex x age group (StratifiedShuffleSplit, train fraction 0.8, seed
 42); scans with unknown sex or age split by a seeded shuffle. Fix: strata holding a single scan
 are merged into their nearest stratum (same modality, then same sex) with a warning instead of
-crashing.
+crashing. For manifests: a ``group`` (patient) column splits a patient's scans as one unit, and a
+cohort without held-out institutes gets a seeded test split (never an empty one).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from sklearn.model_selection import StratifiedShuffleSplit
 
 from sail.config import SailConfig, SplitConfig
@@ -46,12 +48,39 @@ def _merge_singletons(strata: pd.Series) -> pd.Series:
 
 
 def make_split(scans: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
-    """scans: one row per (modality, image_id) with institute, sex, age_group -> + split column."""
+    """scans: one row per (modality, image_id) with institute, sex, age_group (and optionally
+    ``group``, a patient key) -> + split column.
+
+    Scans sharing a ``group`` are split as one unit (described by its first scan; held out when
+    any of its scans is), so a patient never sits on both sides. When no scan comes from a
+    held-out institute, a seeded ``test_fraction`` of the units becomes the test split instead.
+    """
     scans = scans.reset_index(drop=True).copy()
-    test = scans["institute"].isin(cfg.test_institutes).to_numpy()
-    split = np.full(len(scans), "", dtype=object)
+    if "group" not in scans.columns or scans["group"].isna().all():
+        scans["split"] = _split_units(scans, scans["institute"].isin(cfg.test_institutes).to_numpy(), cfg)
+        return scans
+    own = "scan:" + scans["modality"].astype(str) + "/" + scans["image_id"].astype(str)
+    codes, _ = pd.factorize(scans["group"].astype(object).where(scans["group"].notna(), own), sort=True)
+    units = scans.assign(_unit=codes).groupby("_unit", sort=True).first().reset_index(drop=True)
+    held = scans["institute"].isin(cfg.test_institutes).groupby(codes).any().sort_index().to_numpy()
+    scans["split"] = _split_units(units, held, cfg)[codes]
+    log.info("split: %d scans in %d units (%d patient groups kept whole)", len(scans), len(units),
+             scans["group"].nunique())
+    return scans
+
+
+def _split_units(units: pd.DataFrame, test: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """Published assignment of units (scans or patient groups) to splits; ``test`` = held out."""
+    if not test.any() and len(units) >= 2:
+        n_test = min(len(units) - 1, max(1, int(round(cfg.test_fraction * len(units)))))
+        test = np.zeros(len(units), dtype=bool)
+        test[np.random.default_rng([cfg.seed, 1]).permutation(len(units))[:n_test]] = True
+        log.warning("split: no scan from the held-out institutes %s; a seeded %d of %d units (test_fraction %g) "
+                    "form the test split", ", ".join(cfg.test_institutes) or "(none)", n_test, len(units),
+                    cfg.test_fraction)
+    split = np.full(len(units), "", dtype=object)
     split[test] = "test"
-    rest = scans.loc[~test]
+    rest = units.loc[~test]
     known = rest["sex"].notna() & rest["age_group"].notna() & rest["modality"].notna()
     kn, unk = rest[known], rest[~known]
     if len(kn) >= 2:
@@ -77,8 +106,7 @@ def make_split(scans: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
         split[unk.index[perm[:n_train]]] = "train"
         split[unk.index[perm[n_train:]]] = "valid"
         log.info("split: %d scans with unknown sex/age assigned by seed", len(unk))
-    scans["split"] = split
-    return scans
+    return split
 
 
 def scans_of(slices: pd.DataFrame) -> pd.DataFrame:
@@ -87,6 +115,7 @@ def scans_of(slices: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in cols if c not in slices.columns]
     if missing:
         raise SailError(f"slices table lacks column(s) {', '.join(missing)}")
+    cols += ["group"] if "group" in slices.columns else []
     return slices[cols].groupby(["modality", "image_id"], sort=True, dropna=False).first().reset_index()
 
 
@@ -98,7 +127,9 @@ def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     if not force and is_done(ws.split_csv, record):
         log.info("split: up to date (%s)", ws.split_csv)
         return
-    slices = pd.read_parquet(ws.slices_table, columns=["modality", "image_id", "institute", "sex", "age_group"])
+    names = pq.read_schema(ws.slices_table).names
+    wanted = ["modality", "image_id", "institute", "sex", "age_group", "group"]
+    slices = pd.read_parquet(ws.slices_table, columns=[c for c in wanted if c in names])
     scans = make_split(scans_of(slices), cfg.split)
     out = scans[["modality", "image_id", "split"]].sort_values(["modality", "image_id"], kind="stable")
     write_csv_atomic(ws.split_csv, out)

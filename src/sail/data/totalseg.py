@@ -13,12 +13,12 @@ the scan and records why.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from sail.data.labels import VOCABULARY
+from sail.data.manifest import ScanRef, scans_from_table, skip_record
 from sail.errors import SailError
 
 log = logging.getLogger(__name__)
@@ -35,18 +35,10 @@ META_COLUMNS = {
 }
 # Columns without which a scan cannot be labelled or split; the rest may be missing (null).
 REQUIRED_META = ["image_id", "age", "gender", "institute", "study_type"]
-
-
-@dataclass(frozen=True)
-class ScanRef:
-    """One scan to slice: where its files are and its meta.csv row."""
-
-    modality: str
-    image_id: str
-    image_path: Path
-    seg_dir: Path
-    structures: tuple[str, ...]
-    meta: dict = field(hash=False, compare=False)
+# meta.csv names -> slices.parquet (and manifest) names
+_RENAMED = {"gender": "sex", "split": "official_split"}
+_skip = skip_record
+__all__ = ["ScanRef", "discover", "layout_manifest", "read_meta"]
 
 
 def read_meta(path: Path, modality: str) -> pd.DataFrame:
@@ -72,16 +64,14 @@ def read_meta(path: Path, modality: str) -> pd.DataFrame:
     return meta.replace({"": None})
 
 
-def _structure_names(seg_dir: Path) -> list[str]:
-    return sorted(p.name[: -len(".nii.gz")] for p in seg_dir.glob("*.nii.gz"))
-
-
 def discover(source: Path, modalities: list[str]) -> tuple[list[ScanRef], list[dict]]:
-    """List every scan of the requested modalities under ``source``.
+    """List every scan of the requested modalities under ``source``, through a manifest.
 
-    Returns the scans plus skip records (scan folders without a meta row, meta rows without a
-    folder). The structure list of a modality is the union of mask names over its scans, so a
-    scan lacking one of them is caught (and skipped) by the slicer.
+    The layout becomes a manifest table (image, segmentations, meta.csv's columns renamed to the
+    slices.parquet names: ``gender`` -> ``sex``, ``split`` -> ``official_split``), read like any
+    user manifest. Returns the scans plus skip records (scan folders without a meta row, meta rows
+    without a folder). The structure list of a modality is the union of mask names over its scans,
+    so a scan lacking one of them is caught (and skipped) by the slicer.
     """
     source = Path(source)
     if not source.is_dir():
@@ -93,29 +83,37 @@ def discover(source: Path, modalities: list[str]) -> tuple[list[ScanRef], list[d
     scans: list[ScanRef] = []
     skips: list[dict] = []
     for modality in found:
-        root = source / DATASET_FOLDERS[modality]
-        meta = read_meta(root / "meta.csv", modality).set_index("image_id", drop=False)
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        names: set[str] = set()
-        for folder in folders:
-            names.update(_structure_names(folder / "segmentations"))
-        unknown = sorted(names - set(VOCABULARY[modality]))
+        table, layout_skips = layout_manifest(source, modality)
+        skips.extend(layout_skips)
+        refs = scans_from_table(table, source, [modality], str(source / DATASET_FOLDERS[modality]))
+        unknown = sorted(set(refs[0].structures if refs else ()) - set(VOCABULARY[modality]))
         if unknown:
             log.warning("%s: %d mask name(s) outside TotalSegmentator's %s vocabulary kept as columns: %s",
-                        root, len(unknown), modality, ", ".join(unknown[:8]))
-        structures = tuple(sorted(names))
-        for folder in folders:
-            if folder.name not in meta.index:
-                skips.append(_skip(modality, folder.name, f"folder {folder} has no row in {root / 'meta.csv'}"))
-                continue
-            row = {k: v for k, v in meta.loc[folder.name].items()}
-            scans.append(ScanRef(modality, folder.name, folder / IMAGE_FILES[modality],
-                                 folder / "segmentations", structures, row))
-        for image_id in sorted(set(meta.index) - {f.name for f in folders}):
-            skips.append(_skip(modality, image_id, f"meta.csv row has no scan folder under {root}"))
+                        source / DATASET_FOLDERS[modality], len(unknown), modality, ", ".join(unknown[:8]))
+        scans.extend(refs)
     return scans, skips
 
 
-def _skip(modality: str, image_id: str, reason: str, action: str = "skip_scan") -> dict:
-    return {"modality": modality, "image_id": image_id, "plane": None, "slice_from": None,
-            "slice_to": None, "action": action, "reason": reason}
+def layout_manifest(source: Path, modality: str) -> tuple[pd.DataFrame, list[dict]]:
+    """One modality's folder as a manifest table (paths relative to ``source``) + skip records."""
+    root = source / DATASET_FOLDERS[modality]
+    meta = read_meta(root / "meta.csv", modality).set_index("image_id", drop=False)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    rows, skips = [], []
+    for folder in folders:
+        if folder.name not in meta.index:
+            skips.append(_skip(modality, folder.name, f"folder {folder} has no row in {root / 'meta.csv'}"))
+            continue
+        row = {k: meta.loc[folder.name, k] for k in META_COLUMNS[modality] if k != "image_id"}
+        rows.append({
+            "image": f"{DATASET_FOLDERS[modality]}/{folder.name}/{IMAGE_FILES[modality]}",
+            "image_id": folder.name,
+            "modality": modality,
+            "segmentations": f"{DATASET_FOLDERS[modality]}/{folder.name}/segmentations",
+            **{_RENAMED.get(k, k): v for k, v in row.items()},
+        })
+    for image_id in sorted(set(meta.index) - {f.name for f in folders}):
+        skips.append(_skip(modality, image_id, f"meta.csv row has no scan folder under {root}"))
+    return pd.DataFrame(rows, columns=["image", "image_id", "modality", "segmentations"] + [
+        _RENAMED.get(k, k) for k in META_COLUMNS[modality] if k != "image_id"]), skips
+

@@ -145,6 +145,20 @@ class EncoderSpec:
             builder = getattr(importlib.import_module(module), func)
         return builder(weights=weights, image_size=image_size or self.default_image_size, **kwargs)
 
+    @property
+    def table_name(self) -> str:
+        """Default embeddings table name: the registry name, made file-safe for ``timm:``/``hf:`` names."""
+        if self.extra.get("named"):
+            from sail.encoders.named import table_name
+
+            return table_name(self.name)
+        return self.name
+
+    def image_size_for(self, weights: str | None) -> int:
+        """Default input side; ``timm:``/``hf:`` specs read it from the model's config without loading weights."""
+        resolver = self.extra.get("image_size_for")
+        return resolver(self, weights) if resolver is not None else self.default_image_size
+
     def weights_identity(self, weights: str | None) -> str:
         """A stable id for the weights: a content/size fingerprint for local files, else the hub id."""
         if weights is None:
@@ -189,9 +203,15 @@ def encoder_names() -> list[str]:
 
 
 def get_spec(name: str) -> EncoderSpec:
+    """A registered encoder, or ``timm:MODEL`` / ``hf:MODEL_ID_OR_DIR`` made on demand."""
+    from sail.encoders.named import is_named, named_spec
+
+    if is_named(name):
+        return named_spec(name)
     canonical = _ALIASES.get(name)
     if canonical is None:
-        raise SailError(f"unknown encoder '{name}'; known encoders: {', '.join(encoder_names())}")
+        raise SailError(f"unknown encoder '{name}'; known encoders: {', '.join(encoder_names())}, "
+                        "timm:MODEL_NAME, hf:MODEL_ID_OR_DIR")
     return _REGISTRY[canonical]
 
 

@@ -55,15 +55,24 @@ class EncodeJob:
     batch_size: int
     workers: int
     chunk_size: int
+    pooling: str = "auto"
 
     def identity(self) -> dict[str, Any]:
         """What the numbers depend on (the manifest's config hash). Device and batch size are not in it."""
+        pooling = {"pooling": self.pooling} if self.pooling != "auto" else {}  # keeps older manifests valid
         return {
             "encoder": self.spec.name,
             "weights": self.spec.weights_identity(self.weights),
             "image_size": self.image_size,
             "precision": self.requested_precision,
+            **pooling,
         }
+
+    def build(self):
+        """The encoder on its device, in its precision."""
+        kwargs = {"pooling": self.pooling} if self.pooling != "auto" else {}
+        encoder = self.spec.build(weights=self.weights, image_size=self.image_size, **kwargs)
+        return encoder.to(self.device, self.precision)
 
     def plan_key(self) -> str:
         """Parts made under another key are stale (other chunks, or other resolved precision)."""
@@ -89,24 +98,28 @@ def default_workers() -> int:
 
 
 def make_job(
-    encoder: str, settings: EncodeConfig, name: str | None = None, weights: str | None = None, image_size: int | None = None
+    encoder: str, settings: EncodeConfig, name: str | None = None, weights: str | None = None,
+    image_size: int | None = None, pooling: str = "auto",
 ) -> EncodeJob:
     """Resolve one table's settings (``settings`` needs device, precision, batch_size, workers, chunk_size)."""
     spec = get_spec(encoder)
+    if pooling != "auto" and not spec.extra.get("named"):
+        raise SailError(f"encoder {spec.name} has its published pooling; --pooling applies to timm:/hf: encoders")
     device = resolve_device(settings.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return EncodeJob(
         spec=spec,
-        name=name or spec.name,
+        name=name or spec.table_name,
         weights=weights,
-        image_size=image_size or spec.default_image_size,
+        image_size=image_size or spec.image_size_for(weights),
         device=device,
         precision=resolve_precision(spec, device, settings.precision),
         requested_precision=settings.precision,
         batch_size=settings.batch_size or (spec.batch_size if device.type == "cuda" else spec.cpu_batch_size),
         workers=default_workers() if settings.workers is None else settings.workers,
         chunk_size=settings.chunk_size,
+        pooling=pooling,
     )
 
 
@@ -227,7 +240,7 @@ def _non_finite_error(name: str, ids: np.ndarray) -> SailError:
 
 def encode_chunks(ws: Workspace, job: EncodeJob, ids: np.ndarray, pngs: np.ndarray, chunks: list[int], parts: PartsDir) -> int:
     """Encode ``chunks`` and write each as soon as it is complete. Returns the number of slices encoded."""
-    encoder = job.spec.build(weights=job.weights, image_size=job.image_size).to(job.device, job.precision)
+    encoder = job.build()
     write_json_atomic(parts.dir / ENCODER_FILE, encoder.metadata())
     batches = _chunk_batches(chunks, len(ids), job.chunk_size, job.batch_size)
     loader = torch.utils.data.DataLoader(
@@ -307,7 +320,7 @@ def merge_parts(ws: Workspace, name: str) -> Path:
     plan = parts.plan()
     if plan is None:
         try:
-            canonical = get_spec(name).name
+            canonical = get_spec(name).table_name
         except SailError:
             canonical = name
         if canonical != name:
@@ -345,10 +358,11 @@ def run_encode(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     """Pipeline stage: one table per entry of ``encode.encoders``."""
     settings = cfg.encode
     shard = parse_shard(settings.shard)
-    names = [e.name or get_spec(e.encoder).name for e in settings.encoders]
+    names = [e.name or get_spec(e.encoder).table_name for e in settings.encoders]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise SailError(f"config encode.encoders: output name {sorted(dup)[0]!r} is used twice; give each a distinct 'name'")
     for entry, name in zip(settings.encoders, names):
-        job = make_job(entry.encoder, settings, name=name, weights=entry.weights, image_size=entry.image_size)
+        job = make_job(entry.encoder, settings, name=name, weights=entry.weights, image_size=entry.image_size,
+                       pooling=entry.pooling)
         encode_job(ws, job, force=force, shard=shard)

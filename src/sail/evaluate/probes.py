@@ -112,7 +112,7 @@ def build_tasks(data: EvalData, ecfg: EvaluateConfig) -> tuple[list[Task], list[
                 y = np.stack([slices[f"{STRUCTURE_PREFIX}{s}"].fillna(False).to_numpy(dtype=bool) for s in names], axis=1)
                 tasks.append(Task("structures", "multilabel", tuple(names), y.astype(np.int8)))
             continue
-        column = _METADATA_COLUMN[name]
+        column = _METADATA_COLUMN.get(name, name)  # any other name: a metadata column (e.g. from a manifest)
         if name == "age_group":
             if "age_group" not in slices.columns and "age" not in slices.columns:
                 skipped.append("age_group: neither 'age_group' nor 'age' column")
@@ -132,7 +132,7 @@ def build_tasks(data: EvalData, ecfg: EvaluateConfig) -> tuple[list[Task], list[
         elif name == "institute":
             targets = tuple(sorted({v for v in values if v is not None}))
             tasks.append(_multiclass(name, values, targets))
-        else:  # manufacturer, scanner_model, pathology: one binary label per value seen in training
+        else:  # manufacturer, scanner_model, pathology, free columns: one binary label per value seen in training
             targets = tuple(sorted({v for v in values[train] if v is not None}))
             if not targets:
                 skipped.append(f"{name}: no values in the training split")

@@ -98,11 +98,11 @@ def _thumb(ws: Workspace, out: Path, slice_id: str, png_path: str, size: int) ->
 
 
 def _enrichment(data: EvalData, rows: np.ndarray, codes: sp.csc_matrix, features: np.ndarray, top_n: int,
-                volumes: np.ndarray) -> dict[int, list[dict]]:
+                volumes: np.ndarray, label_columns: list[str]) -> dict[int, list[dict]]:
     """Per feature: label frequencies among its top-``top_n`` slices (one per volume) vs base rate."""
     slices = data.slices.iloc[rows].reset_index(drop=True)
     onehots, names = [], []
-    for col in LABEL_COLUMNS:
+    for col in label_columns:
         dummies = pd.get_dummies(slices[col].astype("string"), prefix=col, prefix_sep="=", dtype=np.float32)
         onehots.append(dummies.to_numpy())
         names += list(dummies.columns)
@@ -110,8 +110,9 @@ def _enrichment(data: EvalData, rows: np.ndarray, codes: sp.csc_matrix, features
     present = slices[flags].fillna(False).to_numpy(np.float32)
     region_of = pd.Series([STRUCTURE_REGION.get(c[4:], "other") for c in flags])
     regions = sorted(set(region_of))
-    # a slice is in a region when any of the region's structures is present
-    onehots.append(np.stack([present[:, (region_of == r).to_numpy()].max(axis=1) for r in regions], axis=1))
+    # a slice is in a region when any of the region's structures is present (none: a cohort without masks)
+    if regions:
+        onehots.append(np.stack([present[:, (region_of == r).to_numpy()].max(axis=1) for r in regions], axis=1))
     names += [f"region={r}" for r in regions]
     onehots.append(present)
     names += [f"structure={c[4:]}" for c in flags]
@@ -181,7 +182,8 @@ def _decoder_neighbours(ws: Workspace, unit: ConfigUnit, features: np.ndarray, k
     return {int(f): [(int(j), float(sims[i, j])) for j in nearest[i]] for i, f in enumerate(features)}
 
 
-def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, data: EvalData, rcfg) -> dict:
+def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, data: EvalData, rcfg,
+                label_columns: list[str]) -> dict:
     codes = load_sparse(ws, unit.encoder, unit.variant, unit.config, data)
     rows = data.split_rows["valid"] if len(data.split_rows["valid"]) else np.arange(len(data.slices))
     sub = codes[rows].tocsc()
@@ -193,7 +195,7 @@ def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, da
     score[active == 0] = -np.inf
     chosen = np.argsort(-score, kind="stable")[: rcfg.max_features]
     chosen = chosen[np.isfinite(score[chosen])]
-    enrich = _enrichment(data, rows, sub, chosen, rcfg.top_slices, volumes)
+    enrich = _enrichment(data, rows, sub, chosen, rcfg.top_slices, volumes, label_columns)
     descriptions = _descriptions(ws, unit)
     neighbours = _decoder_neighbours(ws, unit, chosen) if len(chosen) else {}
     slices = data.slices.iloc[rows].reset_index(drop=True)
@@ -298,7 +300,11 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
     ranks = _ranks(ws)
     units = [ConfigUnit(t.encoder, t.variant, t.sae_config, ranks.get((t.encoder, t.variant, t.sae_config)))
              for t in select_targets(cfg, ws)]
-    unit_cards = [_unit_pages(ws, env, out, u, data, rcfg) for u in units]
+    # metadata columns named as probe targets (e.g. a manifest's diagnosis) are enriched too; other free
+    # columns (patient groups, ids) never reach the pages
+    label_columns = LABEL_COLUMNS + [c for c in cfg.evaluate.extra_tasks
+                                     if c in data.slices.columns and c not in LABEL_COLUMNS]
+    unit_cards = [_unit_pages(ws, env, out, u, data, rcfg, label_columns) for u in units]
     figures = []
     if ws.figures_dir.is_dir():
         (out / "figures").mkdir(exist_ok=True)
