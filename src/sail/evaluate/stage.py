@@ -127,7 +127,7 @@ def run_sparse_unit(ws: Workspace, ecfg: EvaluateConfig, encoder: str, variant: 
     mono_cfg = pd.DataFrame([{**ids, **mono.config_scores(feats, n_dead)}], columns=mono.CONFIG_COLUMNS)
 
     cc = ecfg.concepts
-    concepts, confounds = concepts_mod.ground_concepts(codes, data.slices, data.split_rows[cc.split], ids,
+    concepts, confounds = concepts_mod.ground_concepts(codes, data.slices, data.split_rows, ids,
                                                        cc.confound_labels, cc.confound_min_auc)
     log.info("%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; vocabulary %d structures",
              encoder, variant, config, out.n_fits, out.n_unconverged, rec_bad, vocab_size)
