@@ -177,9 +177,13 @@ def test_malformed_answers_retried_with_feedback_then_excluded(toy_ws, server):
     retried = [r for r in srv.requests if r.get("response_format", {}).get("json_schema", {}).get("name") == "concept" and len(r["messages"]) == 4]
     assert retried and "could not be used" in retried[0]["messages"][3]["content"]
     judge = pd.read_csv(out / "judge.csv")
-    assert (judge.status == "failed").all() and judge.true_rank.isna().all() if "true_rank" in judge else True
+    # every judge call failed: each is recorded as failed, none carries a rank (issue 12: the old
+    # `A and B if "true_rank" in judge else True` asserted nothing when the column was absent)
+    assert len(judge) == metrics_targets(out) * cfg.interpret.autointerp.judge_permutations
+    assert (judge.status == "failed").all()
+    assert "true_rank" not in judge or judge.true_rank.isna().all()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_judged"] == 0 and metrics["n_judge_failures"] > 0  # no random ranks
+    assert metrics["n_judged"] == 0 and metrics["n_judge_failures"] == len(judge)  # no random ranks
     # the malformed body (not JSON at all) is a transport-level failure
     srv2 = Server(lambda body, n: (200, "<html>oops</html>", 0))
     try:
@@ -192,6 +196,11 @@ def test_malformed_answers_retried_with_feedback_then_excluded(toy_ws, server):
         assert len(srv2.requests) == 3
     finally:
         srv2.close()
+
+
+def metrics_targets(out) -> int:
+    """Judged targets: every target whose description and distractors' descriptions succeeded."""
+    return json.loads((out / "metrics.json").read_text())["n_targets"]
 
 
 def test_remote_endpoint_needs_allow_remote_and_dry_run_calls_nothing(toy_ws, server, capsys):
