@@ -94,3 +94,32 @@ def test_metadata_describer_names_only_structures_most_top_slices_hold():
     # enriched (lift 1.8, p tiny) but in only 56% of the top slices: not offered as the concept
     assert describe(ev([("liver", 0.56, 0.31, 1.8, 1e-9)])) == "CT slices with no specific structure"
     assert describe(ev([("liver", 0.87, 0.31, 2.8, 1e-9), ("spleen", 0.6, 0.15, 4.0, 1e-9)])) == "CT of the liver"
+
+
+def test_embedding_judge_gives_ties_their_mean_rank_and_drops_same_description_distractors(toy_ws):
+    """Issue 12 item 7: identical descriptions get identical vectors; the old order-based rank put the
+    target first among them (success 1.0 for an uninformative judgement)."""
+    from sail.config import AutointerpSettings
+    from sail.interpret import autointerp as ai
+    from sail.interpret.backends.base import CallBudget, CallCache
+    from sail.interpret.data import Target, load_split, read_slices
+    from sail.interpret.enrichment import EnrichmentTable
+
+    assert ai.tied_rank(np.array([0.9, 0.9, 0.9, 0.9, 0.1])) == 2.5
+    assert ai.tied_rank(np.array([0.5, 0.9, 0.5, 0.1])) == 2.5
+    assert ai.tied_rank(np.array([0.9, 0.5, 0.1])) == 1.0
+    data = load_split(toy_ws, Target(*OUT.split("/")), "valid", read_slices(toy_ws))
+    table = EnrichmentTable(data.meta, data.H_NS, data.structures)
+    cfg = AutointerpSettings()
+    roles = ai.Roles("metadata", None, "embedding", None, CallCache(None), CallBudget(None), cfg)
+    same = "Axial CT of the liver"
+    concepts = {0: same, 1: same, 2: "axial CT of the  liver.", 3: same, 4: same, 5: "Sagittal MRI of the brain"}
+    judged = ai.judge_all(toy_ws, data, table, [0, 5], concepts, {0: np.array([1, 2, 3, 4]), 5: np.array([0, 1, 3, 4])},
+                          roles).set_index("feature")
+    assert judged.loc[0, "status"] == "skipped" and pd.isna(judged.loc[0, "true_rank"])
+    assert judged.loc[5, "status"] == "ok" and judged.loc[5, "n_candidates"] == 5
+    # the four identical distractor descriptions tie with each other, never with the target
+    assert judged.loc[5, "true_rank"] in (1.0, 5.0)
+    metrics = ai.judge_metrics(judged.reset_index(), 5, "embedding")
+    assert metrics["n_judged"] == 1 and metrics["n_judge_skipped"] == 1
+    assert metrics["chance_success_rate"] == pytest.approx(2 / 5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -69,7 +70,9 @@ def good_answer(body: dict) -> str:
     name, schema = fmt.get("name"), fmt.get("schema", {})
     if name == "concept":
         text = body["messages"][1]["content"][-1]["text"]
-        return json.dumps({"concept": "Axial CT of the liver" if "liver" in text else "CT of the pelvis"})
+        # one description per prompt: the judge drops distractors that share the target's description
+        tag = hashlib.sha1(text.encode()).hexdigest()[:6]
+        return json.dumps({"concept": f"{'Axial CT of the liver' if 'liver' in text else 'CT of the pelvis'} ({tag})"})
     if name == "ranking":
         labels = schema["properties"]["ranking"]["items"]["enum"]
         return json.dumps({"ranking": labels})

@@ -4,7 +4,8 @@ Features are ranked by monosemanticity and probe importance (confound tasks excl
 5 diverse slices from its top 20 volumes of the concept split and enrichment statistics against
 the base rate; the describer (metadata, openai or transformers) names its concept. The judge
 sees the feature's held-out slices and ranks the true concept among seeded distractors' concepts
-(success = rank <= 2; chance 2/(1+n_distractors)), averaged over seeded label permutations.
+(success = rank <= 2; chance 2/n_candidates), averaged over seeded label permutations. Distractors
+whose description equals the target's are dropped; tied candidates share their mean rank.
 Failed calls are recorded and excluded from metrics, never replaced by random ranks.
 """
 
@@ -214,18 +215,49 @@ def draw_distractors(feature: int, pool: np.ndarray, n: int, seed: int) -> np.nd
     return np.sort(rng.choice(cand, size=min(n, len(cand)), replace=False))
 
 
+def same_concept(a: str, b: str) -> bool:
+    """Two descriptions name the same concept when they are equal up to case, spacing and end punctuation."""
+    def norm(t: str) -> str:
+        return " ".join(str(t).casefold().split()).rstrip(".;:!")
+
+    return norm(a) == norm(b)
+
+
+def judge_candidates(f: int, distractors: np.ndarray, concepts: dict[int, str]) -> tuple[list[int], int]:
+    """The target and the distractors whose concept differs from the target's, and how many were dropped.
+
+    A distractor with the target's own description cannot be told apart from it by any judge; kept,
+    it makes a tie that an order-based rank would break in the target's favour.
+    """
+    kept = [int(g) for g in distractors if not same_concept(concepts.get(int(g), ""), concepts.get(f, ""))]
+    return [f, *kept], len(distractors) - len(kept)
+
+
+def tied_rank(scores: np.ndarray, index: int = 0) -> float:
+    """1-based rank of ``scores[index]`` by descending score; tied candidates share their mean rank."""
+    s = np.asarray(scores, dtype=np.float64)
+    return float(1 + (s > s[index]).sum() + ((s == s[index]).sum() - 1) / 2)
+
+
 def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable, targets: list[int],
               concepts: dict[int, str], distractors: dict[int, np.ndarray], roles: Roles) -> pd.DataFrame:
-    """One row per (target, permutation): the true concept's rank among the candidates, or the failure."""
+    """One row per (target, permutation): the true concept's rank among the candidates, or the failure.
+
+    Candidates are the target and its distractors minus those sharing the target's description
+    (``n_candidates`` records how many remain); tied similarities share their mean rank.
+    """
     cfg = roles.cfg
     rows = []
 
     def one(f: int) -> list[dict]:
         ev = gather(judge_data, judge_table, f, cfg)
-        feats = [f, *map(int, distractors[f])]
+        feats, n_same = judge_candidates(f, distractors[f], concepts)
         out = []
         if ev.n_active == 0:
             return [{"feature": f, "permutation": 0, "status": "skipped", "error": f"inactive on the {cfg.judge_split} split"}]
+        if len(feats) < 2:
+            return [{"feature": f, "permutation": 0, "status": "skipped", "n_candidates": 1, "n_same_concept": n_same,
+                     "error": "every distractor has the target's description"}]
         if roles.judge == "embedding":
             from sail.interpret.backends.metadata_describer import describe
             from sail.interpret.text_embed import embed
@@ -233,10 +265,9 @@ def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable
             held_out = describe(ev.enrichment)
             e = embed([held_out, *[concepts[g] for g in feats]])
             sims = e[1:] @ e[0]
-            order = np.lexsort((np.arange(len(feats)), -sims))
-            rank = int(np.flatnonzero(order == 0)[0]) + 1
             return [{"feature": f, "permutation": 0, "status": "ok", "candidates": ";".join(map(str, feats)),
-                     "true_rank": rank, "held_out_description": held_out, "error": ""}]
+                     "n_candidates": len(feats), "n_same_concept": n_same, "true_rank": tied_rank(sims),
+                     "held_out_description": held_out, "error": ""}]
         blocks = prompts.sample_blocks(judge_data.meta, judge_data.structures, judge_data.H_NS, ev.rows, ev.acts)
         images = _images(ws, judge_data, ev.rows)
         labels = list(LETTERS[:len(feats)])
@@ -247,7 +278,8 @@ def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable
             true_label = labels[int(np.flatnonzero(perm == 0)[0])]
             req = ChatRequest(prompts.SYSTEM, prompts.judge_prompt(len(ev.rows), blocks, labels, shown), images,
                               prompts.judge_schema(labels), "ranking")
-            base = {"feature": f, "permutation": p, "candidates": ";".join(str(feats[i]) for i in perm), "true_label": true_label}
+            base = {"feature": f, "permutation": p, "candidates": ";".join(str(feats[i]) for i in perm), "true_label": true_label,
+                    "n_candidates": len(feats), "n_same_concept": n_same}
             if roles.dry_run:
                 roles.dry_prompts.append(f"[judge feature {f}, permutation {p}]\n{req.text}")
                 out.append(base | {"status": "dry_run"})
@@ -277,21 +309,30 @@ def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable
 
 
 def judge_metrics(judged: pd.DataFrame, n_candidates: int, judge_name: str) -> dict:
+    """Success (rank <= 2) and mean rank per feature, averaged; chance from each feature's own
+    candidate count (distractors sharing the target's description are dropped, so it can be below
+    ``n_candidates``)."""
     ok = judged[judged.status == "ok"] if len(judged) else judged
     if not len(ok):
         return {"judge": judge_name, "n_judged": 0, "n_judge_failures": int((judged.status == "failed").sum()) if len(judged) else 0}
-    per_feature = ok.groupby("feature").true_rank.agg(["mean", lambda r: float((r <= 2).mean())])
-    per_feature.columns = ["rank_mean", "success"]
-    hist = ok.true_rank.value_counts().reindex(range(1, n_candidates + 1), fill_value=0)
+    n_cand = ok["n_candidates"].astype(float) if "n_candidates" in ok else pd.Series(float(n_candidates), index=ok.index)
+    per_feature = pd.DataFrame({
+        "rank_mean": ok.groupby("feature").true_rank.mean(),
+        "success": ok.groupby("feature").true_rank.apply(lambda r: float((r <= 2).mean())),
+        "chance_success": (np.minimum(2.0, n_cand) / n_cand).groupby(ok.feature).mean(),
+        "chance_rank": ((n_cand + 1) / 2).groupby(ok.feature).mean(),
+    })
+    hist = ok.true_rank.astype(float).value_counts().sort_index()
     return {
         "judge": judge_name,
         "n_judged": int(len(per_feature)),
         "n_calls_ok": int(len(ok)),
         "n_judge_failures": int((judged.status == "failed").sum()),
+        "n_judge_skipped": int((judged.status == "skipped").sum()),
         "success_rate": float(per_feature.success.mean()),
         "mean_rank": float(per_feature.rank_mean.mean()),
         "median_rank": float(ok.true_rank.median()),
-        "rank_histogram": {int(k): int(v) for k, v in hist.items()},
-        "chance_success_rate": 2.0 / n_candidates,
-        "chance_mean_rank": (n_candidates + 1) / 2.0,
+        "rank_histogram": {f"{k:g}": int(v) for k, v in hist.items()},
+        "chance_success_rate": float(per_feature.chance_success.mean()),
+        "chance_mean_rank": float(per_feature.chance_rank.mean()),
     }
