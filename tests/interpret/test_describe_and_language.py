@@ -123,3 +123,46 @@ def test_embedding_judge_gives_ties_their_mean_rank_and_drops_same_description_d
     metrics = ai.judge_metrics(judged.reset_index(), 5, "embedding")
     assert metrics["n_judged"] == 1 and metrics["n_judge_skipped"] == 1
     assert metrics["chance_success_rate"] == pytest.approx(2 / 5)
+
+
+def _volumes_split(n_vol: int = 40, per_volume: int = 40):
+    """n_vol CT volumes (even = male), per_volume axial slices each; liver in the middle half."""
+    import scipy.sparse as sp
+
+    from sail.interpret.data import SplitData
+
+    v = np.repeat(np.arange(n_vol), per_volume)
+    i = np.tile(np.arange(per_volume), n_vol)
+    meta = pd.DataFrame({"slice_id": [f"ct/s{a:03d}/axial/{b:04d}" for a, b in zip(v, i)], "modality": "ct",
+                         "image_id": [f"s{a:03d}" for a in v], "plane": "axial", "slice_idx": i,
+                         "sex": np.where(v % 2 == 0, "m", "f"), "age": 50.0, "age_group": "40-59",
+                         "has_liver": (i >= per_volume // 4) & (i < 3 * per_volume // 4)})
+    codes = np.zeros((len(meta), 3), dtype=np.float32)
+    codes[np.isin(v, [0, 2, 4]), 0] = 1.0 + i[np.isin(v, [0, 2, 4])] / 100  # every slice of 3 male volumes
+    codes[v % 2 == 0, 1] = 1.0 + i[v % 2 == 0] / 100  # every slice of every male volume
+    codes[meta.has_liver.to_numpy(), 2] = 1.0 + v[meta.has_liver.to_numpy()] / 100  # liver, any volume
+    return SplitData("train", sp.csr_matrix(codes), meta, ["liver"], None)
+
+
+def test_enrichment_counts_volumes_not_slices():
+    """Issue 12 item 8: 120 top slices from 3 male volumes made "male" pass p < 0.01 (0.5^120); the
+    p-value counts volumes, so 3 volumes cannot, 20 can (and 10 liver volumes name the liver).
+    Shares stay those of the top slices."""
+    from sail.config import AutointerpSettings
+    from sail.interpret.autointerp import gather
+    from sail.interpret.backends.metadata_describer import describe
+    from sail.interpret.enrichment import EnrichmentTable
+
+    data = _volumes_split()
+    table = EnrichmentTable(data.meta, data.H_NS, data.structures)
+    cfg = AutointerpSettings()
+    three = gather(data, table, 0, cfg).enrichment
+    assert three.enriched_value("sex") is None and "male" not in describe(three)
+    assert three.n_volumes == 3 and three.n_top == 120
+    sex = dict((v, (share, base, p)) for v, share, base, _, p in three.categorical["sex"])
+    assert sex["m"][0] == 1.0 and sex["m"][1] == pytest.approx(0.5) and sex["m"][2] == pytest.approx(0.125)
+    twenty = gather(data, table, 1, cfg).enrichment
+    assert twenty.n_volumes == 20 and twenty.enriched_value("sex") == "m" and "in male patients" in describe(twenty)
+    liver = gather(data, table, 2, cfg).enrichment
+    assert liver.n_volumes == 10 and [r[0] for r in liver.enriched_structures()] == ["liver"]
+    assert liver.enriched_value("sex") is None

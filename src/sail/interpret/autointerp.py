@@ -1,8 +1,8 @@
 """Autointerpretation: select features, show a describer their top slices, judge the descriptions.
 
 Features are ranked by monosemanticity and probe importance (confound tasks excluded). Each gets
-5 diverse slices from its top 20 volumes of the concept split and enrichment statistics against
-the base rate; the describer (metadata, openai or transformers) names its concept. The judge
+5 diverse slices from its top 20 volumes of the concept split and enrichment statistics of its
+top 200 slices, tested over their volumes (see enrichment.py), against the base rate; the describer (metadata, openai or transformers) names its concept. The judge
 sees the feature's held-out slices and ranks the true concept among seeded distractors' concepts
 (success = rank <= 2; chance 2/n_candidates), averaged over seeded label permutations. Distractors
 whose description equals the target's are dropped; tied candidates share their mean rank.
