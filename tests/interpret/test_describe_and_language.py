@@ -61,6 +61,10 @@ def test_language_embedding_matcher_precision_and_ties(toy_ws):
         assert len(h) == 10 and not h.slice_id.str.rsplit("/", n=2).str[0].duplicated().any()  # one hit per volume
     assert {"published_cosine", "weighted_sum", "soft_and"} == set(metrics.scoring)
     assert {"n_tied_hits", "boundary_tie"} <= set(metrics.columns)
+    # one matched feature: published_cosine is the published 1/(1+|a - q|) rule, and says so (issue 12 item 11)
+    rule = metrics.set_index("scoring").scoring_rule
+    assert set(rule["published_cosine"]) == {"published_single_feature"} and set(rule["soft_and"]) == {"soft_and"}
+    assert set(hits[hits.scoring == "published_cosine"].scoring_rule) == {"published_single_feature"}
     published = metrics.merge(pd.read_csv(out / "queries.csv"), on="query")
     assert len(published) == 3 * 15
 
