@@ -170,3 +170,31 @@ def test_enrichment_counts_volumes_not_slices():
     liver = gather(data, table, 2, cfg).enrichment
     assert liver.n_volumes == 10 and [r[0] for r in liver.enriched_structures()] == ["liver"]
     assert liver.enriched_value("sex") is None
+
+
+def test_features_are_not_selected_on_the_split_that_judges_them(toy_ws):
+    """Review of issue 12: eval/'s monosemanticity is on valid, the judge's split; selecting by it
+    chose and scored features on one split. The selection now uses the concept split (train)."""
+    from sail.config import AutointerpSettings
+    from sail.interpret.autointerp import select_features
+    from sail.interpret.data import Target, load_split, read_slices
+
+    _, names = make_codes(synthetic_slices())
+    noise = names.index("noise0")
+    liver = names.index("liver")
+    n = len(names)
+    mono = pd.DataFrame({"encoder": "toyenc", "variant": "matryoshka", "sae_config": "D_16_64_K_4_8", "split": "valid",
+                         "top_n": 50, "feature": np.arange(n), "monosemanticity": 0.0})
+    mono.loc[noise, "monosemanticity"] = 0.99  # a valid-split fluke
+    toy_ws.eval_dir.mkdir(parents=True, exist_ok=True)
+    mono.to_csv(toy_ws.eval_dir / "monosemanticity_features.csv", index=False)
+    target = Target(*OUT.split("/"))
+    data = load_split(toy_ws, target, "train", read_slices(toy_ws))
+    cfg = AutointerpSettings(n_features=5, monosemanticity_top_n=10)
+    table = select_features(toy_ws, target, data, cfg)
+    assert noise not in table.feature.tolist()[:1]
+    assert (table.monosemanticity_split == "train").all()
+    assert liver in table.feature.tolist()
+    # judged on train instead: the valid table is then another split, and is used
+    table = select_features(toy_ws, target, data, cfg.model_copy(update={"judge_split": "train"}))
+    assert table.feature.iloc[0] == noise and (table.monosemanticity_split == "valid").all()

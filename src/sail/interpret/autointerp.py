@@ -46,17 +46,10 @@ def select_features(ws: Workspace, target: Target, data: SplitData, cfg: Autoint
         feats = np.flatnonzero(eligible & (data.active_count >= cfg.min_active))
         return pd.DataFrame({"feature": feats, "selection_rank": np.arange(1, len(feats) + 1), "source": "all"})
     ranks = []
-    mono_csv = ws.eval_dir / "monosemanticity_features.csv"
-    if mono_csv.is_file():
-        mono = pd.read_csv(mono_csv, dtype={"sae_config": str})
-        mono = mono[(mono.encoder == target.encoder) & (mono.variant == target.variant) & (mono.sae_config == target.sae_config)]
-        if len(mono):
-            if "split" in mono and (mono.split == "valid").any():
-                mono = mono[mono.split == "valid"]
-            sizes = sorted(mono.top_n.unique(), key=lambda t: (abs(t - cfg.monosemanticity_top_n), t))
-            mono = mono[mono.top_n == sizes[0]].groupby("feature").monosemanticity.max().sort_values(ascending=False, kind="stable")
-            ranks.append(pd.Series(np.arange(1, len(mono) + 1, dtype=float), index=mono.index, name="monosem_rank"))
-            mono_score = mono
+    mono_score, mono_split = _selection_monosemanticity(ws, target, data, cfg)
+    if mono_score is not None and len(mono_score):
+        # tied scores share a rank (many features tie at M = 0): never won by the lower feature index
+        ranks.append(mono_score.rank(ascending=False, method="min").rename("monosem_rank"))
     coef_path = ws.eval_dir / "probe_coefficients.parquet"
     if coef_path.is_file():
         coef = pd.read_parquet(coef_path)
@@ -75,6 +68,7 @@ def select_features(ws: Workspace, target: Target, data: SplitData, cfg: Autoint
         table["combined_rank"] = table.mean(axis=1)
         if "monosem_rank" in table:
             table["monosemanticity"] = mono_score.reindex(table.index).to_numpy()
+            table["monosemanticity_split"] = mono_split
         table.index.name = "feature"
         table = table.reset_index()
         table["source"] = "eval"
@@ -86,6 +80,47 @@ def select_features(ws: Workspace, target: Target, data: SplitData, cfg: Autoint
     table = table.sort_values(["combined_rank", "feature"], kind="stable").head(cfg.n_features).reset_index(drop=True)
     table["selection_rank"] = np.arange(1, len(table) + 1)
     return table
+
+
+def _selection_monosemanticity(ws: Workspace, target: Target, data: SplitData,
+                               cfg: AutointerpSettings) -> tuple[pd.Series | None, str]:
+    """Monosemanticity per feature from a split other than the judge's, and that split's name.
+
+    Features chosen for a coherent top-N on the split that then judges them would score
+    optimistically, so eval/'s table is used only when it was computed on another split; otherwise
+    the score is computed here on the concept split (``data``), where the descriptions come from.
+    """
+    mono_csv = ws.eval_dir / "monosemanticity_features.csv"
+    if not mono_csv.is_file():
+        return None, ""
+    mono = pd.read_csv(mono_csv, dtype={"sae_config": str})
+    mono = mono[(mono.encoder == target.encoder) & (mono.variant == target.variant)
+                & (mono.sae_config == target.sae_config)]
+    if not len(mono):
+        return None, ""
+    split = str(mono.split.iloc[0]) if "split" in mono else ""
+    if "split" in mono and (mono.split != cfg.judge_split).any():
+        split = data.name if (mono.split == data.name).any() else str(mono.split[mono.split != cfg.judge_split].iloc[0])
+    elif data.name != cfg.judge_split:
+        return _monosemanticity_on(data, cfg.monosemanticity_top_n, cfg.seed), data.name
+    else:
+        log.warning("autointerp %s: concept_split = judge_split = %s; features are selected and judged on one "
+                    "split", target.key, data.name)
+    mono = mono[mono.split == split] if "split" in mono else mono
+    sizes = sorted(mono.top_n.unique(), key=lambda t: (abs(t - cfg.monosemanticity_top_n), t))
+    return mono[mono.top_n == sizes[0]].groupby("feature").monosemanticity.max(), split
+
+
+def _monosemanticity_on(data: SplitData, top_n: int, seed: int) -> pd.Series:
+    """The evaluate stage's monosemanticity M of every feature on one split, at ``top_n`` volumes."""
+    from sail.data.labels import VOCABULARY
+    from sail.evaluate import monosemanticity as mono
+
+    o, _, vocabulary_size = mono.structure_matrix(data.meta, VOCABULARY)
+    null, _ = mono.null_coherence(o, top_n, 100, seed, data.volume)
+    feats = mono.score_features(data.codes, data.volume, o, vocabulary_size, [top_n], {top_n: null},
+                                [data.codes.shape[1]])
+    return feats.set_index("feature").monosemanticity
 
 
 def _volumes_active(data: SplitData) -> np.ndarray:
