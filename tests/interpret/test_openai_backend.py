@@ -226,3 +226,17 @@ def test_call_budget(toy_ws, server):
     desc = pd.read_csv(toy_ws.interpret_dir / "autointerp" / "/".join(OUT) / "descriptions.csv")
     assert len(srv.requests) == 2 and (desc.status == "ok").sum() == 2
     assert desc.error.fillna("").str.contains("budget").sum() == len(desc) - 2
+
+
+def test_unreadable_cache_lines_are_reported_not_silently_dropped(tmp_path, caplog):
+    """Review of issue 12: a cut-short line in calls.jsonl was skipped without a word."""
+    import logging
+
+    from sail.interpret.backends.base import CallCache
+
+    path = tmp_path / "calls.jsonl"
+    path.write_text(json.dumps({"key": "k1", "response": "r1"}) + "\n" + '{"key": "k2", "resp' + "\n")
+    with caplog.at_level(logging.WARNING):
+        cache = CallCache(path)
+    assert cache.get("k1") == "r1" and cache.get("k2") is None
+    assert "1 unreadable line(s) skipped (first: line 2)" in caplog.text
