@@ -114,7 +114,8 @@ def test_a_target_the_sparse_probe_zeroes_stays_unreached_and_ranks_the_config_l
     for cfg, hard_coef in (("fails_hard", np.zeros(40)), ("solves_both", np.r_[0, [1.0] * 5, [0] * 34])):
         ids = {"encoder": "e", "variant": "v", "sae_config": cfg}
         coefs = {("structures", "easy"): np.r_[1.0, [0] * 39], ("structures", "hard"): hard_coef}
-        _, summary, _ = run_recovery([task], sp.csr_matrix(x), data, coefs, dense, P, RecoverySettings(max_iter=500), ids)
+        _, summary, _ = run_recovery([task], sp.csr_matrix(x), data, coefs, dense, P,
+                                     RecoverySettings(max_iter=500), ids)
         summaries.append(summary)
         monos.append({**ids, "m_config_top10": 0.5, "m_config_top50": 0.5})
     summary = pd.concat(summaries, ignore_index=True)
@@ -122,6 +123,7 @@ def test_a_target_the_sparse_probe_zeroes_stays_unreached_and_ranks_the_config_l
     assert len(failed) == 1
     assert failed["n_ranked"].iloc[0] == 0
     assert failed[[f"n_features_{round(t * 100)}pct" for t in thresholds]].isna().all(axis=None)
-    ranking = rank_configs(pd.DataFrame(monos), summary, thresholds, grid_max, RankingSettings()).set_index("sae_config")
+    ranking = rank_configs(pd.DataFrame(monos), summary, thresholds, grid_max, RankingSettings())
+    ranking = ranking.set_index("sae_config")
     assert ranking.loc["fails_hard", "n_targets"] == ranking.loc["solves_both", "n_targets"] == 2
     assert ranking.loc["fails_hard", "final_rank"] > ranking.loc["solves_both", "final_rank"]

@@ -100,7 +100,8 @@ def test_p_vs_chance_counts_volumes_not_references():
 def test_single_feature_similarity_is_labelled(toy_ws):
     """Issue 12 item 11: K = 1 uses the published 1/(1+|a - a_ref|) rule (an inactive slice scores
     1/(1+a_ref)); per_reference.csv, hits.csv and the summary say so."""
-    cfg = SailConfig(workspace=toy_ws.root, interpret={"fingerprint": {"n_references": 30, "k_values": [1, 5], "k_main": 1}})
+    fp = {"n_references": 30, "k_values": [1, 5], "k_main": 1}
+    cfg = SailConfig(workspace=toy_ws.root, interpret={"fingerprint": fp})
     run_fingerprint(cfg, toy_ws)
     out = toy_ws.interpret_dir / "fingerprint" / "toyenc" / "matryoshka" / "D_16_64_K_4_8"
     per_ref, hits = pd.read_csv(out / "per_reference.csv"), pd.read_csv(out / "hits.csv")

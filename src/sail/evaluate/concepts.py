@@ -2,10 +2,10 @@
 
 Every feature is scored by ROC-AUC against every ``has_<structure>`` flag and every metadata value
 (``modality=ct``, ``institute=B``...) on the train split, where the best feature per label is
-chosen; that feature's ROC-AUC is then reported on valid and test. The AUCs of all features against all labels come from one
-rank transform of the sparse codes and two sparse-dense products (no loop over features): with
-r the tie-averaged ranks, AUC = (sum of positive ranks - P(P+1)/2) / (P N), where the implicit
-zeros of a column share one average rank. Metadata labels are scored on rows where that column is
+chosen; that feature's ROC-AUC is then reported on valid and test. The AUCs of all features against
+all labels come from one rank transform of the sparse codes and two sparse-dense products (no loop
+over features): with r the tie-averaged ranks, AUC = (sum of positive ranks - P(P+1)/2) / (P N),
+where the implicit zeros of a column share one average rank. Metadata labels are scored on rows where that column is
 known; a null structure flag counts as absent.
 
 Also here: test-split metrics per institute / modality / plane with volume-clustered bootstrap
@@ -99,7 +99,8 @@ def label_families(slices: pd.DataFrame, rows: np.ndarray) -> list[tuple[str, np
     return out
 
 
-def _single_aucs(codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray, pairs: list[tuple[str, int]]) -> np.ndarray:
+def _single_aucs(codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray,
+                 pairs: list[tuple[str, int]]) -> np.ndarray:
     """ROC-AUC of each (label name, feature) pair on ``rows`` (NaN where the label has one class there)."""
     out = np.full(len(pairs), np.nan)
     feats = sorted({f for _, f in pairs if f >= 0})
@@ -169,7 +170,8 @@ def ground_concepts(codes: sp.csr_matrix, slices: pd.DataFrame, split_rows: dict
                            [(names[best_struct[f]], int(f)) for f in feats])
     conf = pd.DataFrame({
         **{k: [v] * len(feats) for k, v in ids.items()},
-        "feature": feats, "label": names[best_label[feats]], "train_roc_auc": best_auc[feats], "valid_roc_auc": valid_auc,
+        "feature": feats, "label": names[best_label[feats]], "train_roc_auc": best_auc[feats],
+        "valid_roc_auc": valid_auc,
         "best_structure": np.where(has_struct, names[best_struct[feats]], None),
         "best_structure_valid_roc_auc": np.where(has_struct, s_valid, np.nan),
     }, columns=CONFOUND_COLUMNS)

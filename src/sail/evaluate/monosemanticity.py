@@ -4,8 +4,9 @@ For each feature, the top-N slices are taken with at most one slice per volume (
 (modality, image_id): CT and MRI reuse ids). Coherence C is the mean pairwise Jaccard index of the
 slices' structure sets (two empty sets count 1), null is the same score for N random validation
 slices drawn the same way (one from each of N random volumes; the published null drew N random
-slices, which lets two slices of one volume raise it), specificity S = 1 - H(p)/ln(V) with p the structure frequency distribution over the N
-slices and V the vocabulary size of the modalities present, and M = max(0, C - null) * S.
+slices, which lets two slices of one volume raise it), specificity S = 1 - H(p)/ln(V) with p the
+structure frequency distribution over the N slices and V the vocabulary size of the modalities
+present, and M = max(0, C - null) * S.
 
 Everything is vectorised: one segmented sort of the nonzeros finds all features' top volumes at
 once, and the Jaccard/entropy steps run as batched matrix products over feature chunks.

@@ -105,7 +105,8 @@ def run_recovery(
                 on_sub = np.isin(sub, rows_t)
                 y_tr = y_t[np.searchsorted(rows_t, sub[on_sub])]
                 if len(np.unique(y_tr)) < 2:
-                    log.warning("recovery %s/%s: one class in the training subsample; target left out", task.name, target)
+                    log.warning("recovery %s/%s: one class in the training subsample; target left out",
+                                task.name, target)
                     continue  # depends on the data and seed only, so every config leaves it out
                 nz = np.flatnonzero(coef) if coef is not None else np.array([], dtype=np.int64)
                 ranked = nz[np.lexsort((nz, -np.abs(coef[nz])))][:max_n] if len(nz) else nz

@@ -1,12 +1,13 @@
 """Autointerpretation: select features, show a describer their top slices, judge the descriptions.
 
-Features are ranked by monosemanticity and probe importance (confound tasks excluded). Each gets
-5 diverse slices from its top 20 volumes of the concept split and enrichment statistics of its
-top 200 slices, tested over their volumes (see enrichment.py), against the base rate; the describer (metadata, openai or transformers) names its concept. The judge
-sees the feature's held-out slices and ranks the true concept among seeded distractors' concepts
-(success = rank <= 2; chance 2/n_candidates), averaged over seeded label permutations. Distractors
-whose description equals the target's are dropped; tied candidates share their mean rank.
-Failed calls are recorded and excluded from metrics, never replaced by random ranks.
+Features are ranked by monosemanticity and probe importance (confound tasks excluded). Each gets 5
+diverse slices from its top 20 volumes of the concept split and enrichment statistics of its top 200
+slices, tested over their volumes (see enrichment.py), against the base rate; the describer
+(metadata, openai or transformers) names its concept. The judge sees the feature's held-out slices
+and ranks the true concept among seeded distractors' concepts (success = rank <= 2; chance
+2/n_candidates), averaged over seeded label permutations. Distractors whose description equals the
+target's are dropped; tied candidates share their mean rank. Failed calls are recorded and excluded
+from metrics, never replaced by random ranks.
 """
 
 from __future__ import annotations
@@ -313,8 +314,8 @@ def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable
             true_label = labels[int(np.flatnonzero(perm == 0)[0])]
             req = ChatRequest(prompts.SYSTEM, prompts.judge_prompt(len(ev.rows), blocks, labels, shown), images,
                               prompts.judge_schema(labels), "ranking")
-            base = {"feature": f, "permutation": p, "candidates": ";".join(str(feats[i]) for i in perm), "true_label": true_label,
-                    "n_candidates": len(feats), "n_same_concept": n_same}
+            base = {"feature": f, "permutation": p, "candidates": ";".join(str(feats[i]) for i in perm),
+                    "true_label": true_label, "n_candidates": len(feats), "n_same_concept": n_same}
             if roles.dry_run:
                 roles.dry_prompts.append(f"[judge feature {f}, permutation {p}]\n{req.text}")
                 out.append(base | {"status": "dry_run"})
@@ -350,7 +351,8 @@ def judge_metrics(judged: pd.DataFrame, n_candidates: int, judge_name: str) -> d
     ok = judged[judged.status == "ok"] if len(judged) else judged
     if not len(ok):
         return {"judge": judge_name, "n_judged": 0, "n_judge_failures": int((judged.status == "failed").sum()) if len(judged) else 0}
-    n_cand = ok["n_candidates"].astype(float) if "n_candidates" in ok else pd.Series(float(n_candidates), index=ok.index)
+    n_cand = (ok["n_candidates"].astype(float) if "n_candidates" in ok
+              else pd.Series(float(n_candidates), index=ok.index))
     per_feature = pd.DataFrame({
         "rank_mean": ok.groupby("feature").true_rank.mean(),
         "success": ok.groupby("feature").true_rank.apply(lambda r: float((r <= 2).mean())),

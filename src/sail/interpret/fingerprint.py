@@ -201,7 +201,8 @@ def run_fingerprint_retrieval(data: SplitData, x_ND: np.ndarray, cfg: Fingerprin
             hit_rows.append(pd.DataFrame({
                 "method": method, "k": k, "reference": ids[ref_B[b_idx]], "rank": t_idx + 1,
                 "hit": ids[h], "similarity": sims_BT[b_idx, t_idx],
-                "similarity_rule": similarity_rule(method, np.asarray(fp_size_B)[b_idx]), "dense_cosine": qual[b_idx, t_idx],
+                "similarity_rule": similarity_rule(method, np.asarray(fp_size_B)[b_idx]),
+                "dense_cosine": qual[b_idx, t_idx],
                 **{a: data.meta[a].to_numpy()[h] for a in CATEGORICAL},
             }))
 

@@ -1,13 +1,13 @@
 """Language-driven retrieval: a query -> matched features -> an image ranking -> precision@k.
 
-Each query's constraints (modality, plane, body structures, sex, age) are parsed from its text;
-a hit satisfies the query when it meets all of them. Matchers: ``embedding`` (MiniLM similarity
-of query and feature descriptions), ``lexical`` (word overlap) and ``llm`` (a chat model picks
-from a numbered list). Scorings over the matched features: ``published_cosine`` (direction of
-the mean activations; with one matched feature the published 1/(1+|a - q|), labelled
-``published_single_feature`` in ``scoring_rule``), ``weighted_sum`` and ``soft_and`` (geometric mean of per-feature quantile
-ranks). One hit per volume; ties at the top-k boundary are reported; chance is the expected
-precision of one random slice from each of k random volumes.
+Each query's constraints (modality, plane, body structures, sex, age) are parsed from its text; a
+hit satisfies the query when it meets all of them. Matchers: ``embedding`` (MiniLM similarity of
+query and feature descriptions), ``lexical`` (word overlap) and ``llm`` (a chat model picks from a
+numbered list). Scorings over the matched features: ``published_cosine`` (direction of the mean
+activations; with one matched feature the published 1/(1+|a - q|), labelled
+``published_single_feature`` in ``scoring_rule``), ``weighted_sum`` and ``soft_and`` (geometric mean
+of per-feature quantile ranks). One hit per volume; ties at the top-k boundary are reported; chance
+is the expected precision of one random slice from each of k random volumes.
 """
 
 from __future__ import annotations

@@ -289,7 +289,8 @@ def _language_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.Dat
     for q in queries.itertuples():
         m = metrics[(metrics["query"] == q.query) & (metrics.scoring == scoring)]
         top = hits[(hits["query"] == q.query) & (hits.scoring == scoring)].sort_values("rank").head(6)
-        rule = m.scoring_rule.iloc[0] if len(m) and "scoring_rule" in m and isinstance(m.scoring_rule.iloc[0], str) else scoring
+        labelled = len(m) and "scoring_rule" in m and isinstance(m.scoring_rule.iloc[0], str)
+        rule = m.scoring_rule.iloc[0] if labelled else scoring
         rows.append({"query": q.query, "text": q.text, "scoring": scoring,
                      "rule_note": SINGLE_FEATURE_NOTE if rule == "published_single_feature" else "",
                      "precision": float(m.precision.iloc[0]) if len(m) else None,
