@@ -140,7 +140,8 @@ class RankingSettings(Section):
 
 
 class ConceptSettings(Section):
-    split: Literal["train", "valid", "test"] = "valid"
+    """Concept grounding: best feature per label selected on train, its ROC-AUC reported on valid and test."""
+
     confound_labels: list[str] = Field(default_factory=lambda: ["institute", "scanner_model", "kvp"])
     confound_min_auc: float = Field(0.75, ge=0.5, le=1)
     breakdown_by: list[str] = Field(default_factory=lambda: ["institute", "modality", "plane"])

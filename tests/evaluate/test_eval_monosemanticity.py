@@ -39,17 +39,29 @@ def test_empty_sets_count_as_identical_and_no_structure_gives_zero_specificity()
 
 
 def test_null_baseline_hand_cases():
+    own = np.arange(1000)  # every slice its own volume
     same = np.ones((50, 4), dtype=bool)
-    assert mono.null_coherence(same, 5, draws=10, seed=0) == (1.0, 0.0)
+    assert mono.null_coherence(same, 5, draws=10, seed=0, volume=own[:50]) == (1.0, 0.0)
     disjoint = np.eye(50, dtype=bool)
-    mean, std = mono.null_coherence(disjoint, 5, draws=10, seed=0)
+    mean, std = mono.null_coherence(disjoint, 5, draws=10, seed=0, volume=own[:50])
     assert mean == 0.0 and std == 0.0
     # Half the rows hold {a}, half {b}: a random pair matches with probability ~ (k-1)/(2k-1).
     half = np.zeros((1000, 2), dtype=bool)
     half[:500, 0] = half[500:, 1] = True
-    mean, _ = mono.null_coherence(half, 10, draws=400, seed=1)
+    mean, _ = mono.null_coherence(half, 10, draws=400, seed=1, volume=own)
     assert mean == pytest.approx(499 / 999, abs=0.03)
-    assert mono.null_coherence(half, 10, 20, seed=3) == mono.null_coherence(half, 10, 20, seed=3)
+    assert mono.null_coherence(half, 10, 20, 3, own) == mono.null_coherence(half, 10, 20, 3, own)
+
+
+def test_null_draws_one_slice_per_volume_like_the_top_n():
+    """Review of issue 12: the feature's top-N holds one slice per volume, so the null must too; with
+    random slices, two slices of one volume (identical structures here) raised the null."""
+    volume = np.repeat(np.arange(12), 50)
+    structures = np.eye(12, dtype=bool)[volume]  # every volume its own structure, all its slices alike
+    mean, std = mono.null_coherence(structures, 10, draws=200, seed=0, volume=volume)
+    assert (mean, std) == (0.0, 0.0)
+    # fewer volumes than N: N shrinks to the number of volumes
+    assert mono.null_coherence(structures[:100], 10, draws=5, seed=0, volume=volume[:100]) == (0.0, 0.0)
 
 
 def _naive_top_volumes(codes, volume, n_max):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -5,8 +7,9 @@ import scipy.sparse as sp
 
 from sail.config import EvaluateConfig, ProbeSettings
 from sail.evaluate.inputs import _make_eval_data
-from sail.evaluate.probes import (Task, age_groups, binary_metrics, build_tasks, coefficient_table, run_probes,
-                                  stratified_subsample)
+from sail.evaluate.probes import (Task, age_groups, binary_metrics, build_tasks, coefficient_table, fit_quiet,
+                                  make_classifier, run_probes, stratified_subsample)
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 P = ProbeSettings(max_iter=300, tol=1e-3)
@@ -138,3 +141,41 @@ def test_binary_metrics_match_sklearn_with_ties():
     assert f1 == pytest.approx(f1_score(y, pred)) and bacc == pytest.approx(balanced_accuracy_score(y, pred))
     auc, f1, bacc = binary_metrics(np.ones(5, int), s[:5], np.zeros(5, int))
     assert np.isnan(auc) and f1 == 0.0 and np.isnan(bacc)
+
+
+def test_sklearn_solver_fits_the_elastic_net_not_pure_l2():
+    """Issue 12 item 10: scikit-learn < 1.8 ignored l1_ratio without penalty='elasticnet' (pure L2:
+    no coefficient is exactly zero). The floor is 1.8, and the fitted model must be sparse."""
+    import sklearn
+    from packaging.version import Version
+
+    assert Version(sklearn.__version__) >= Version("1.8")
+    assert '"scikit-learn>=1.8"' in (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 60))
+    y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(0, 0.5, 400) > 0).astype(int)
+    p = ProbeSettings(solver="sklearn", C=0.05, l1_ratio=0.5, tol=1e-6, max_iter=5000)
+    clf, _ = fit_quiet(make_classifier(p), x, y)
+    assert (clf.coef_[0] == 0).sum() >= 30  # L2 leaves every coefficient nonzero
+    assert clf.coef_[0][0] != 0
+    l2, _ = fit_quiet(make_classifier(p.model_copy(update={"l1_ratio": 0.0})), x, y)
+    assert (l2.coef_[0] == 0).sum() == 0
+
+
+def test_fit_quiet_absorbs_only_convergence_warnings():
+    """Issue 12 item 10: fit_quiet swallowed every warning; it must re-emit all but ConvergenceWarning."""
+    import warnings
+
+    from sklearn.exceptions import DataConversionWarning
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5))
+    y = (x[:, 0] > 0).astype(int)
+    p = ProbeSettings(solver="sklearn", tol=1e-12, max_iter=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, converged = fit_quiet(make_classifier(p), x, y.reshape(-1, 1))  # a column vector: a data warning
+    categories = [w.category for w in caught]
+    assert not converged
+    assert DataConversionWarning in categories
+    assert not any(issubclass(c, ConvergenceWarning) for c in categories)

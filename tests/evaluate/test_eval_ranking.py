@@ -84,3 +84,13 @@ def test_table1_lists_rank_one_first_with_sae_metrics():
     body = [line for line in md.splitlines() if line.startswith("| e ")]
     assert body[0].startswith("| e | matryoshka | 1 | c1 | 1 / 1 | 0.6000 | 3.00 | 1 | 41.2 | 0.716 |")
     assert "| – | – |" in body[1]
+
+
+def test_a_config_without_scored_features_ranks_last_not_absent():
+    """Review of issue 12: a config whose features never reach N volumes has M_config NaN; it was
+    dropped from the ranking (silently) instead of ranking last on monosemanticity."""
+    summary = _summary([(c, "structures", "liver", 0.9, 1, 5) for c in ("c1", "c2", "dead")])
+    mono = _mono({"c1": (0.9, 0.5), "c2": (0.8, 0.4), "dead": (np.nan, np.nan)})
+    r = rank_configs(mono, summary, TH, 100, RankingSettings()).set_index("sae_config")
+    assert "dead" in r.index and r.loc["dead", "m_config"] == 0.0
+    assert r.loc["dead", "rank_mono"] == 3 and r.loc["dead", "final_rank"] == 3

@@ -88,3 +88,42 @@ def test_run_recovery_ranks_per_target_and_shares_two_class_curves():
     _, summary, _ = run_recovery([task], sp.csr_matrix(x), data, coefs, {("sex", "m"): np.nan, ("sex", "f"): 0.5},
                                  P, RecoverySettings(), ids)
     assert summary.empty
+
+
+def test_a_target_the_sparse_probe_zeroes_stays_unreached_and_ranks_the_config_last():
+    """Issue 12 item 6: an all-zero coefficient vector used to drop the target, so the config that
+    failed the hard target was scored on the easy one only and ranked first."""
+    from sail.config import RankingSettings
+    from sail.evaluate.ranking import rank_configs
+
+    rng = np.random.default_rng(3)
+    n = 600
+    split = np.repeat(["train", "valid", "test"], [300, 200, 100])
+    slices = pd.DataFrame({"slice_id": [f"ct/s{i:04d}/axial/0000" for i in range(n)], "modality": "ct",
+                           "image_id": [f"s{i:04d}" for i in range(n)], "split": split})
+    data = _make_eval_data(slices)
+    y = rng.integers(0, 2, (n, 2)).astype(np.int8)
+    x = (rng.random((n, 40)) < 0.1) * rng.random((n, 40))
+    x[:, 0] = y[:, 0] * (1 + rng.random(n))  # easy: one feature is the label
+    x[:, 1:6] = y[:, 1:2] * rng.random((n, 5)) + rng.random((n, 5))  # hard: five noisy features
+    task = Task("structures", "multilabel", ("easy", "hard"), y)
+    dense = {("structures", "easy"): 0.99, ("structures", "hard"): 0.9}
+    thresholds = RecoverySettings().thresholds
+    grid_max = max(RecoverySettings().n_features)
+    summaries, monos = [], []
+    for cfg, hard_coef in (("fails_hard", np.zeros(40)), ("solves_both", np.r_[0, [1.0] * 5, [0] * 34])):
+        ids = {"encoder": "e", "variant": "v", "sae_config": cfg}
+        coefs = {("structures", "easy"): np.r_[1.0, [0] * 39], ("structures", "hard"): hard_coef}
+        _, summary, _ = run_recovery([task], sp.csr_matrix(x), data, coefs, dense, P,
+                                     RecoverySettings(max_iter=500), ids)
+        summaries.append(summary)
+        monos.append({**ids, "m_config_top10": 0.5, "m_config_top50": 0.5})
+    summary = pd.concat(summaries, ignore_index=True)
+    failed = summary[(summary.sae_config == "fails_hard") & (summary.target == "hard")]
+    assert len(failed) == 1
+    assert failed["n_ranked"].iloc[0] == 0
+    assert failed[[f"n_features_{round(t * 100)}pct" for t in thresholds]].isna().all(axis=None)
+    ranking = rank_configs(pd.DataFrame(monos), summary, thresholds, grid_max, RankingSettings())
+    ranking = ranking.set_index("sae_config")
+    assert ranking.loc["fails_hard", "n_targets"] == ranking.loc["solves_both", "n_targets"] == 2
+    assert ranking.loc["fails_hard", "final_rank"] > ranking.loc["solves_both", "final_rank"]

@@ -22,7 +22,8 @@ DESIGN_COLUMNS = {
                             "dense_valid_roc_auc"],
     "ranking.csv": ["encoder", "variant", "sae_config", "m_config", "mean_n_features", "rank_mono", "rank_perf",
                     "rank_combined", "final_rank"],
-    "concepts.csv": ["encoder", "variant", "sae_config", "label", "best_feature", "best_roc_auc"],
+    "concepts.csv": ["encoder", "variant", "sae_config", "label", "n_positive_train", "best_feature", "train_roc_auc",
+                     "valid_roc_auc", "test_roc_auc"],
 }
 CONFIGS = (("matryoshka", "D_16_64_K_4_8"), ("matryoshka", "D_8_32_128_K_2_4_8"))
 

@@ -75,3 +75,40 @@ def test_fingerprint_beats_chance_on_toy_workspace(toy_ws):
     before = (out / "summary.csv").stat().st_mtime_ns
     run_fingerprint(cfg, toy_ws)
     assert (out / "summary.csv").stat().st_mtime_ns == before
+
+
+def test_p_vs_chance_counts_volumes_not_references():
+    """Issue 12 item 11: 40 references from 2 volumes are 2 independent units, not 40: the one-sided
+    Wilcoxon runs on per-volume means (with n = 2 its smallest p is 0.25)."""
+    from sail.interpret.fingerprint import METRICS, summarise
+
+    rng = np.random.default_rng(0)
+    refs = [f"ct/s{v:03d}/axial/{i:04d}" for v in (1, 2) for i in range(20)]
+    per_ref = pd.DataFrame({"method": "sparse", "k": 5, "reference": refs, "fp_size": 5, "similarity_rule": "cosine"})
+    for m in (*METRICS, "relative_to_dense_full", "relative_to_dense_fp"):
+        per_ref[f"{m}_mean" if m == "quality" else m] = 0.8 + rng.normal(0, 0.01, len(refs))
+        per_ref[f"chance_{m}"] = 0.5
+    summary = summarise(per_ref).set_index("metric")
+    assert summary.loc["p_modality", "n"] == 40
+    assert summary.loc["p_modality", "p_vs_chance"] >= 0.25
+    assert summary.loc["p_modality", "n_volumes"] == 2
+    # twenty volumes, one reference each: the same effect is significant
+    per_ref["reference"] = [f"ct/s{v:03d}/axial/0000" for v in range(40)]
+    assert summarise(per_ref).set_index("metric").loc["p_modality", "p_vs_chance"] < 1e-6
+
+
+def test_single_feature_similarity_is_labelled(toy_ws):
+    """Issue 12 item 11: K = 1 uses the published 1/(1+|a - a_ref|) rule (an inactive slice scores
+    1/(1+a_ref)); per_reference.csv, hits.csv and the summary say so."""
+    fp = {"n_references": 30, "k_values": [1, 5], "k_main": 1}
+    cfg = SailConfig(workspace=toy_ws.root, interpret={"fingerprint": fp})
+    run_fingerprint(cfg, toy_ws)
+    out = toy_ws.interpret_dir / "fingerprint" / "toyenc" / "matryoshka" / "D_16_64_K_4_8"
+    per_ref, hits = pd.read_csv(out / "per_reference.csv"), pd.read_csv(out / "hits.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    one = per_ref[(per_ref.method == "sparse") & (per_ref.fp_size == 1)]
+    assert len(one) and (one.similarity_rule == "published_single_feature").all()
+    assert (per_ref[per_ref.fp_size > 1].similarity_rule == "cosine").all()
+    assert (hits[(hits.method == "sparse") & (hits.k == 1)].similarity_rule == "published_single_feature").all()
+    s1 = summary[(summary.method == "sparse") & (summary.k == 1)]
+    assert (s1.n_single_feature == len(one)).all()

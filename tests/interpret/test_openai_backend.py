@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -69,7 +70,9 @@ def good_answer(body: dict) -> str:
     name, schema = fmt.get("name"), fmt.get("schema", {})
     if name == "concept":
         text = body["messages"][1]["content"][-1]["text"]
-        return json.dumps({"concept": "Axial CT of the liver" if "liver" in text else "CT of the pelvis"})
+        # one description per prompt: the judge drops distractors that share the target's description
+        tag = hashlib.sha1(text.encode()).hexdigest()[:6]
+        return json.dumps({"concept": f"{'Axial CT of the liver' if 'liver' in text else 'CT of the pelvis'} ({tag})"})
     if name == "ranking":
         labels = schema["properties"]["ranking"]["items"]["enum"]
         return json.dumps({"ranking": labels})
@@ -177,9 +180,13 @@ def test_malformed_answers_retried_with_feedback_then_excluded(toy_ws, server):
     retried = [r for r in srv.requests if r.get("response_format", {}).get("json_schema", {}).get("name") == "concept" and len(r["messages"]) == 4]
     assert retried and "could not be used" in retried[0]["messages"][3]["content"]
     judge = pd.read_csv(out / "judge.csv")
-    assert (judge.status == "failed").all() and judge.true_rank.isna().all() if "true_rank" in judge else True
+    # every judge call failed: each is recorded as failed, none carries a rank (issue 12: the old
+    # `A and B if "true_rank" in judge else True` asserted nothing when the column was absent)
+    assert len(judge) == metrics_targets(out) * cfg.interpret.autointerp.judge_permutations
+    assert (judge.status == "failed").all()
+    assert "true_rank" not in judge or judge.true_rank.isna().all()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_judged"] == 0 and metrics["n_judge_failures"] > 0  # no random ranks
+    assert metrics["n_judged"] == 0 and metrics["n_judge_failures"] == len(judge)  # no random ranks
     # the malformed body (not JSON at all) is a transport-level failure
     srv2 = Server(lambda body, n: (200, "<html>oops</html>", 0))
     try:
@@ -192,6 +199,11 @@ def test_malformed_answers_retried_with_feedback_then_excluded(toy_ws, server):
         assert len(srv2.requests) == 3
     finally:
         srv2.close()
+
+
+def metrics_targets(out) -> int:
+    """Judged targets: every target whose description and distractors' descriptions succeeded."""
+    return json.loads((out / "metrics.json").read_text())["n_targets"]
 
 
 def test_remote_endpoint_needs_allow_remote_and_dry_run_calls_nothing(toy_ws, server, capsys):
@@ -214,3 +226,17 @@ def test_call_budget(toy_ws, server):
     desc = pd.read_csv(toy_ws.interpret_dir / "autointerp" / "/".join(OUT) / "descriptions.csv")
     assert len(srv.requests) == 2 and (desc.status == "ok").sum() == 2
     assert desc.error.fillna("").str.contains("budget").sum() == len(desc) - 2
+
+
+def test_unreadable_cache_lines_are_reported_not_silently_dropped(tmp_path, caplog):
+    """Review of issue 12: a cut-short line in calls.jsonl was skipped without a word."""
+    import logging
+
+    from sail.interpret.backends.base import CallCache
+
+    path = tmp_path / "calls.jsonl"
+    path.write_text(json.dumps({"key": "k1", "response": "r1"}) + "\n" + '{"key": "k2", "resp' + "\n")
+    with caplog.at_level(logging.WARNING):
+        cache = CallCache(path)
+    assert cache.get("k1") == "r1" and cache.get("k2") is None
+    assert "1 unreadable line(s) skipped (first: line 2)" in caplog.text

@@ -86,7 +86,7 @@ def test_structure_feature_description_names_its_structure(phantom_ws):
     desc = pd.read_csv(_one("interpret/autointerp/*/*/*", ws) / "descriptions.csv")
     described = set(desc.feature)
     structural = concepts[concepts.label.str.startswith("has_") & concepts.best_feature.isin(described)
-                          & (concepts.best_roc_auc > 0.75)]
+                          & (concepts.valid_roc_auc > 0.75)]
     assert len(structural), "no described feature is best for a structure"
     named = 0
     for row in structural.itertuples():

@@ -47,3 +47,44 @@ def test_report_stage_skips_when_up_to_date(report_ws, caplog):
     caplog.set_level("INFO")
     run_report(cfg, ws)
     assert "report: up to date" in caplog.text
+
+
+def test_single_feature_scoring_and_volume_level_p_are_labelled(tmp_path):
+    """Issue 12 item 11: the report says when a number comes from the published one-feature rule
+    (an inactive slice scores 1/(1+q)) and over how many volumes the fingerprint p-value runs."""
+    import pandas as pd
+
+    from sail.config import SailConfig
+    from sail.interpret.fingerprint import summarise
+    from sail.report.site import ConfigUnit, _env, _fingerprint_section, _language_section
+    from sail.workspace import Workspace
+
+    ws = Workspace(tmp_path / "w").ensure()
+    unit = ConfigUnit(ENCODER, VARIANT, CONFIG)
+    slices = pd.DataFrame({"slice_id": [f"ct/s{i}/axial/0000" for i in range(4)], "png_path": "missing.png"})
+    fp = ws.interpret_dir / "fingerprint" / ENCODER / VARIANT / CONFIG
+    lang = ws.interpret_dir / "language" / ENCODER / VARIANT / CONFIG
+    fp.mkdir(parents=True)
+    lang.mkdir(parents=True)
+    per_ref = pd.DataFrame({"method": "sparse", "k": 1, "reference": [f"ct/s{i}/axial/0000" for i in range(4)],
+                            "similarity_rule": "published_single_feature", "quality_mean": 0.9,
+                            "chance_quality": 0.5})
+    for m in ("p_modality", "p_plane", "p_sex", "p_age_group", "jaccard_structures", "relative_to_dense_full",
+              "relative_to_dense_fp"):
+        per_ref[m], per_ref[f"chance_{m}"] = 0.9, 0.5
+    summarise(per_ref).to_csv(fp / "summary.csv", index=False)
+    pd.DataFrame({"method": "sparse", "k": 1, "reference": "ct/s0/axial/0000", "rank": [1, 2],
+                  "hit": ["ct/s1/axial/0000", "ct/s2/axial/0000"], "similarity": [0.9, 0.8],
+                  "similarity_rule": "published_single_feature"}).to_csv(fp / "hits.csv", index=False)
+    pd.DataFrame({"query": ["q"], "text": ["liver"]}).to_csv(lang / "queries.csv", index=False)
+    pd.DataFrame({"query": ["q"], "scoring": ["published_cosine"], "scoring_rule": ["published_single_feature"],
+                  "precision": [0.5], "chance": [0.1]}).to_csv(lang / "metrics.csv", index=False)
+    pd.DataFrame({"query": "q", "scoring": "published_cosine", "rank": [1], "slice_id": ["ct/s3/axial/0000"],
+                  "score": [0.5], "meets_all": [True]}).to_csv(lang / "hits.csv", index=False)
+    rcfg = SailConfig(workspace=ws.root).report
+    fsec = _fingerprint_section(ws, tmp_path / "out", unit, slices, rcfg)
+    lsec = _language_section(ws, tmp_path / "out", unit, slices, rcfg)
+    page = _env().get_template("config.html.j2").render(unit=unit, cards=[], recovery=[], metrics={}, n_features=0,
+                                                        fingerprint=fsec, language=lsec, dead=0, l0=0.0)
+    assert page.count("1/(1+|a - a_ref|)") == 2  # the fingerprint example and the language query
+    assert "over 4 reference volumes" in page

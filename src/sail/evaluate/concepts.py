@@ -1,10 +1,11 @@
 """Concept grounding (beyond the paper): which label does each feature track, and how well?
 
 Every feature is scored by ROC-AUC against every ``has_<structure>`` flag and every metadata value
-(``modality=ct``, ``institute=B``...). The AUCs of all features against all labels come from one
-rank transform of the sparse codes and two sparse-dense products (no loop over features): with
-r the tie-averaged ranks, AUC = (sum of positive ranks - P(P+1)/2) / (P N), where the implicit
-zeros of a column share one average rank. Metadata labels are scored on rows where that column is
+(``modality=ct``, ``institute=B``...) on the train split, where the best feature per label is
+chosen; that feature's ROC-AUC is then reported on valid and test. The AUCs of all features against
+all labels come from one rank transform of the sparse codes and two sparse-dense products (no loop
+over features): with r the tie-averaged ranks, AUC = (sum of positive ranks - P(P+1)/2) / (P N),
+where the implicit zeros of a column share one average rank. Metadata labels are scored on rows where that column is
 known; a null structure flag counts as absent.
 
 Also here: test-split metrics per institute / modality / plane with volume-clustered bootstrap
@@ -17,10 +18,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sail.evaluate.probes import kvp_values, string_values, age_groups
+from sail.evaluate.probes import age_groups, kvp_values, roc_auc, string_values
 
-CONCEPT_COLUMNS = ["encoder", "variant", "sae_config", "label", "n_positive", "best_feature", "best_roc_auc"]
-CONFOUND_COLUMNS = ["encoder", "variant", "sae_config", "feature", "label", "roc_auc", "best_structure", "best_structure_roc_auc"]
+REPORT_COLUMNS = ["valid_roc_auc", "test_roc_auc"]
+CONCEPT_COLUMNS = ["encoder", "variant", "sae_config", "label", "n_positive_train", "best_feature", "train_roc_auc",
+                   *REPORT_COLUMNS]
+CONFOUND_COLUMNS = ["encoder", "variant", "sae_config", "feature", "label", "train_roc_auc", "valid_roc_auc",
+                    "best_structure", "best_structure_valid_roc_auc"]
 BREAKDOWN_COLUMNS = ["encoder", "variant", "sae_config", "task", "target", "by", "group", "n", "n_volumes",
                      "roc_auc", "ci_low", "ci_high"]
 METADATA_LABELS = ["modality", "plane", "sex", "age_group", "institute", "manufacturer", "scanner_model", "kvp",
@@ -95,24 +99,57 @@ def label_families(slices: pd.DataFrame, rows: np.ndarray) -> list[tuple[str, np
     return out
 
 
-def ground_concepts(codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray, ids: dict[str, str],
+def _single_aucs(codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray,
+                 pairs: list[tuple[str, int]]) -> np.ndarray:
+    """ROC-AUC of each (label name, feature) pair on ``rows`` (NaN where the label has one class there)."""
+    out = np.full(len(pairs), np.nan)
+    feats = sorted({f for _, f in pairs if f >= 0})
+    if not feats:
+        return out
+    col_of = {f: j for j, f in enumerate(feats)}
+    cols = sp.csc_matrix(codes[:, feats]).tocsr()  # only the chosen features, every row
+    where: dict[str, list[int]] = {}
+    for i, (name, feature) in enumerate(pairs):
+        if feature >= 0:
+            where.setdefault(name, []).append(i)
+    for _, fam_rows, names, y in label_families(slices, rows):
+        wanted = [(j, i) for j, name in enumerate(names) for i in where.get(name, [])]
+        if not wanted:
+            continue
+        x = cols[fam_rows].toarray()
+        for j, i in wanted:
+            out[i] = roc_auc(y[:, j].astype(np.int8), x[:, col_of[pairs[i][1]]])
+    return out
+
+
+def ground_concepts(codes: sp.csr_matrix, slices: pd.DataFrame, split_rows: dict[str, np.ndarray], ids: dict[str, str],
                     confound_labels: list[str], confound_min_auc: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Best feature per label (concepts) and features whose best label is an acquisition confound."""
-    alive = np.diff(sp.csc_matrix(codes[rows]).indptr) > 0
+    """Best feature per label (concepts) and features whose best label is an acquisition confound.
+
+    The best feature of a label (and the best label of a feature) is selected on the train split;
+    its ROC-AUC is reported on valid and test, because the maximum over thousands of features on
+    the split that chose it is biased upwards. A confound must clear ``confound_min_auc`` on valid.
+    """
+    train = split_rows["train"]
+    alive = np.diff(sp.csc_matrix(codes[train]).indptr) > 0
     concept_rows, label_names, label_family, aucs = [], [], [], []
-    for family, fam_rows, names, y in label_families(slices, rows):
+    for family, fam_rows, names, y in label_families(slices, train):
         a = auc_matrix(codes[fam_rows], y)
         a[:, ~alive] = np.nan
         for j, name in enumerate(names):
             ok = np.isfinite(a[j])
             best = int(np.nanargmax(a[j])) if ok.any() else -1
-            concept_rows.append({**ids, "label": name, "n_positive": int(y[:, j].sum()),
-                                 "best_feature": best if best >= 0 else pd.NA,
-                                 "best_roc_auc": float(a[j, best]) if best >= 0 else np.nan})
+            concept_rows.append({**ids, "label": name, "n_positive_train": int(y[:, j].sum()),
+                                 "best_feature": best, "train_roc_auc": float(a[j, best]) if best >= 0 else np.nan})
         label_names += names
         label_family += [family] * len(names)
         aucs.append(a)
-    concepts = pd.DataFrame(concept_rows, columns=CONCEPT_COLUMNS)
+    concepts = pd.DataFrame(concept_rows, columns=[c for c in CONCEPT_COLUMNS if c not in REPORT_COLUMNS])
+    pairs = list(zip(concepts["label"], concepts["best_feature"].astype(int)))
+    for split in ("valid", "test"):
+        concepts[f"{split}_roc_auc"] = _single_aucs(codes, slices, split_rows[split], pairs)
+    concepts["best_feature"] = concepts["best_feature"].astype("Int64").where(concepts["best_feature"] >= 0)
+    concepts = concepts[CONCEPT_COLUMNS]
     if not aucs:
         return concepts, pd.DataFrame(columns=CONFOUND_COLUMNS)
     a = np.concatenate(aucs, axis=0)
@@ -124,17 +161,21 @@ def ground_concepts(codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray
     is_struct = family == "structure"
     struct_auc = np.where(is_struct[:, None], filled, -np.inf)
     best_struct = struct_auc.argmax(axis=0)
-    confound = np.isin(family[best_label], confound_labels) & (best_auc >= confound_min_auc)
-    feats = np.flatnonzero(confound)
-    s_auc = struct_auc[best_struct[feats], feats]
-    has_struct = np.isfinite(s_auc)
+    feats = np.flatnonzero(np.isin(family[best_label], confound_labels) & np.isfinite(best_auc))
+    valid_auc = _single_aucs(codes, slices, split_rows["valid"], [(names[best_label[f]], int(f)) for f in feats])
+    keep = valid_auc >= confound_min_auc
+    feats, valid_auc = feats[keep], valid_auc[keep]
+    has_struct = np.isfinite(struct_auc[best_struct[feats], feats])
+    s_valid = _single_aucs(codes, slices, split_rows["valid"],
+                           [(names[best_struct[f]], int(f)) for f in feats])
     conf = pd.DataFrame({
         **{k: [v] * len(feats) for k, v in ids.items()},
-        "feature": feats, "label": names[best_label[feats]], "roc_auc": best_auc[feats],
+        "feature": feats, "label": names[best_label[feats]], "train_roc_auc": best_auc[feats],
+        "valid_roc_auc": valid_auc,
         "best_structure": np.where(has_struct, names[best_struct[feats]], None),
-        "best_structure_roc_auc": np.where(has_struct, s_auc, np.nan),
+        "best_structure_valid_roc_auc": np.where(has_struct, s_valid, np.nan),
     }, columns=CONFOUND_COLUMNS)
-    return concepts, conf.sort_values("roc_auc", ascending=False, kind="stable").reset_index(drop=True)
+    return concepts, conf.sort_values("valid_roc_auc", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def weighted_auc(y01: np.ndarray, score: np.ndarray, w_BN: np.ndarray) -> np.ndarray:

@@ -3,8 +3,10 @@
 For each feature, the top-N slices are taken with at most one slice per volume (a volume is
 (modality, image_id): CT and MRI reuse ids). Coherence C is the mean pairwise Jaccard index of the
 slices' structure sets (two empty sets count 1), null is the same score for N random validation
-slices, specificity S = 1 - H(p)/ln(V) with p the structure frequency distribution over the N
-slices and V the vocabulary size of the modalities present, and M = max(0, C - null) * S.
+slices drawn the same way (one from each of N random volumes; the published null drew N random
+slices, which lets two slices of one volume raise it), specificity S = 1 - H(p)/ln(V) with p the
+structure frequency distribution over the N slices and V the vocabulary size of the modalities
+present, and M = max(0, C - null) * S.
 
 Everything is vectorised: one segmented sort of the nonzeros finds all features' top volumes at
 once, and the Jaccard/entropy steps run as batched matrix products over feature chunks.
@@ -102,13 +104,18 @@ def specificity(sets_BNS: np.ndarray, vocabulary_size: int) -> np.ndarray:
     return np.where(total[:, 0] > 0, s, 0.0)
 
 
-def null_coherence(structures: np.ndarray, n: int, draws: int, seed: int) -> tuple[float, float]:
-    """Mean and std of the coherence of ``draws`` random sets of ``n`` slices (without replacement)."""
+def null_coherence(structures: np.ndarray, n: int, draws: int, seed: int, volume: np.ndarray) -> tuple[float, float]:
+    """Mean and std of the coherence of ``draws`` random sets of ``n`` slices, one slice from each of
+    ``n`` distinct random volumes: drawn like a feature's top-N (one per volume), so two slices of one
+    volume, which share most structures, cannot inflate the null."""
     rng = np.random.default_rng(seed)
-    n = min(n, len(structures))
+    order = np.argsort(volume, kind="stable")
+    vols, start, count = np.unique(volume[order], return_index=True, return_counts=True)
+    n = min(n, len(vols))
     if n < 2:
         return float("nan"), float("nan")
-    idx = np.stack([rng.choice(len(structures), size=n, replace=False) for _ in range(draws)])
+    picks = np.stack([rng.choice(len(vols), size=n, replace=False) for _ in range(draws)])
+    idx = order[start[picks] + np.floor(rng.random(picks.shape) * count[picks]).astype(np.int64)]
     c = mean_pairwise_jaccard(structures[idx])
     return float(c.mean()), float(c.std())
 

@@ -171,7 +171,8 @@ def make_classifier(p: ProbeSettings, max_iter: int | None = None, warm_start: b
     if (solver or p.solver) == "sail":
         return SagaLogistic(C=p.C, l1_ratio=p.l1_ratio, tol=p.tol, max_iter=max_iter or p.max_iter,
                             random_state=p.seed, warm_start=warm_start)
-    # l1_ratio with saga is the elastic net (sklearn >= 1.8 deprecates penalty='elasticnet').
+    # scikit-learn >= 1.8 (the floor in pyproject.toml): l1_ratio in (0, 1) with saga is the elastic net;
+    # `penalty` is deprecated there. Older versions silently fitted pure L2 without penalty='elasticnet'.
     return LogisticRegression(
         C=p.C, l1_ratio=p.l1_ratio, solver="saga", class_weight="balanced", tol=p.tol,
         max_iter=max_iter or p.max_iter, random_state=p.seed, warm_start=warm_start,
@@ -179,13 +180,23 @@ def make_classifier(p: ProbeSettings, max_iter: int | None = None, warm_start: b
 
 
 def fit_quiet(clf, x, y):
-    """Fit; report convergence instead of printing a warning per fit."""
+    """Fit; report convergence instead of printing a ConvergenceWarning per fit.
+
+    Only ConvergenceWarning is absorbed (and counted by the caller); every other warning the fit
+    raises is re-emitted unchanged, so data or API problems stay visible.
+    """
     if isinstance(clf, SagaLogistic):
         return clf.fit(x, y), clf.converged_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(x, y)
-    return clf, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    converged = True
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            converged = False
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return clf, converged
 
 
 def roc_auc(y01: np.ndarray, score: np.ndarray) -> float:

@@ -16,11 +16,15 @@ Open choices, each a setting (``published: true`` selects the published ones):
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from sail.config import RankingSettings
 from sail.evaluate.recovery import threshold_column
+
+log = logging.getLogger(__name__)
 
 RANKING_COLUMNS = ["encoder", "variant", "sae_config", "m_config", "mean_n_features", "n_targets",
                    "rank_mono", "rank_perf", "rank_combined", "final_rank"]
@@ -64,7 +68,14 @@ def rank_configs(mono: pd.DataFrame, summary: pd.DataFrame, thresholds: list[flo
     perf = mean_features_to_threshold(summary, thresholds, grid_max, s)
     m = mono[keys + [f"m_config_{s.m_config}"]].rename(columns={f"m_config_{s.m_config}": "m_config"})
     df = m.merge(perf, on=keys, how="inner")
-    df = df[df["m_config"].notna() & df["mean_n_features"].notna()]
+    # No scored feature (none reaches N volumes: a dead or collapsed SAE) means no monosemantic
+    # feature: M_config 0, so the config ranks last on monosemanticity instead of leaving the table.
+    unscored = df["m_config"].isna()
+    if unscored.any():
+        log.warning("ranking: no scored feature in %s; M_config counted as 0",
+                    ", ".join("/".join(map(str, r)) for r in df.loc[unscored, keys].itertuples(index=False)))
+        df.loc[unscored, "m_config"] = 0.0
+    df = df[df["mean_n_features"].notna()]
     group = ["encoder"] if s.variants_together else ["encoder", "variant"]
     if df.empty:
         return pd.DataFrame(columns=RANKING_COLUMNS)

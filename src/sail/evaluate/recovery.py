@@ -9,6 +9,8 @@ the model and the ROC-AUC.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -16,6 +18,8 @@ import scipy.sparse as sp
 from sail.config import ProbeSettings, RecoverySettings
 from sail.evaluate.inputs import EvalData
 from sail.evaluate.probes import Task, fit_quiet, make_classifier, roc_auc, stratified_subsample
+
+log = logging.getLogger(__name__)
 
 CURVE_COLUMNS = ["encoder", "variant", "sae_config", "task", "target", "n_features", "valid_roc_auc", "dense_valid_roc_auc"]
 
@@ -64,6 +68,16 @@ def recovery_curve(
     return aucs, unconverged
 
 
+def _summary_row(ids: dict[str, str], task: str, target: str, dense: float, ns: list[int], aucs: list[float],
+                 n_ranked: int, thresholds: list[float]) -> dict:
+    """One summary row; with no ranked feature every threshold is unreached (NaN) and max AUC NaN."""
+    row = {**ids, "task": task, "target": target, "dense_valid_roc_auc": dense,
+           **features_to_threshold(ns, aucs, dense, thresholds)}
+    row["max_valid_roc_auc"] = float(np.nanmax(aucs)) if np.isfinite(aucs).any() else np.nan
+    row["n_ranked"] = n_ranked
+    return row
+
+
 def run_recovery(
     tasks: list[Task], codes: sp.csr_matrix, data: EvalData, coefs: dict[tuple[str, str], np.ndarray],
     dense_valid_auc: dict[tuple[str, str], float], p: ProbeSettings, r: RecoverySettings, ids: dict[str, str],
@@ -82,8 +96,8 @@ def run_recovery(
             key = (task.name, target)
             dense = dense_valid_auc.get(key, float("nan"))
             coef = coefs.get(key)
-            if not np.isfinite(dense) or dense < r.min_dense_auc or coef is None:
-                continue
+            if not np.isfinite(dense) or dense < r.min_dense_auc:
+                continue  # no usable dense baseline: the same for every config of the encoder
             if task.symmetric_pair() and done:
                 ns, aucs, n_ranked = next(iter(done.values()))
             else:
@@ -91,12 +105,18 @@ def run_recovery(
                 on_sub = np.isin(sub, rows_t)
                 y_tr = y_t[np.searchsorted(rows_t, sub[on_sub])]
                 if len(np.unique(y_tr)) < 2:
-                    continue
-                nz = np.flatnonzero(coef)
-                ranked = nz[np.lexsort((nz, -np.abs(coef[nz])))][:max_n]
+                    log.warning("recovery %s/%s: one class in the training subsample; target left out",
+                                task.name, target)
+                    continue  # depends on the data and seed only, so every config leaves it out
+                nz = np.flatnonzero(coef) if coef is not None else np.array([], dtype=np.int64)
+                ranked = nz[np.lexsort((nz, -np.abs(coef[nz])))][:max_n] if len(nz) else nz
                 n_ranked = len(ranked)
                 ns = n_grid(r.n_features, n_ranked)
                 if not ns:
+                    # The sparse probe kept no feature for this target: the config fails it. The row
+                    # stays, every threshold unreached, so ranking charges the unreached penalty.
+                    done[target] = ([], [], 0)
+                    summary.append(_summary_row(ids, task.name, target, dense, [], [], 0, r.thresholds))
                     continue
                 cols = csc[:, ranked]
                 x_tr = cols[sub[on_sub]].toarray().astype(np.float64)
@@ -110,11 +130,7 @@ def run_recovery(
             for n, auc in zip(ns, aucs):
                 curves.append({**ids, "task": task.name, "target": target, "n_features": n,
                                "valid_roc_auc": auc, "dense_valid_roc_auc": dense})
-            row = {**ids, "task": task.name, "target": target, "dense_valid_roc_auc": dense,
-                   **features_to_threshold(ns, aucs, dense, r.thresholds)}
-            row["max_valid_roc_auc"] = float(np.nanmax(aucs)) if np.isfinite(aucs).any() else np.nan
-            row["n_ranked"] = n_ranked
-            summary.append(row)
+            summary.append(_summary_row(ids, task.name, target, dense, ns, aucs, n_ranked, r.thresholds))
     summary_cols = [*ids, "task", "target", "dense_valid_roc_auc", *[threshold_column(t) for t in r.thresholds],
                     "max_valid_roc_auc", "n_ranked"]
     curves_df = pd.DataFrame(curves, columns=CURVE_COLUMNS)

@@ -84,10 +84,11 @@ def run_dense_unit(ecfg: EvaluateConfig, encoder: str, data: EvalData, x_ND: np.
         log.warning("probe task skipped: %s", reason)
     out = run_probes(tasks, as_design(x_ND), data, ecfg.probe, ids)
     ms = ecfg.monosemanticity
-    o, _, _ = mono.structure_matrix(data.slices.iloc[data.split_rows[ms.split]], VOCABULARY)
+    rows = data.split_rows[ms.split]
+    o, _, _ = mono.structure_matrix(data.slices.iloc[rows], VOCABULARY)
     nulls = []
     for n in sorted(set(ms.top_n)):
-        mean, std = mono.null_coherence(o, n, ms.null_draws, ms.seed)
+        mean, std = mono.null_coherence(o, n, ms.null_draws, ms.seed, data.volume[rows])
         nulls.append({"encoder": encoder, "split": ms.split, "top_n": n, "null_mean": mean, "null_std": std,
                       "draws": ms.null_draws})
     cc = ecfg.concepts
@@ -127,7 +128,7 @@ def run_sparse_unit(ws: Workspace, ecfg: EvaluateConfig, encoder: str, variant: 
     mono_cfg = pd.DataFrame([{**ids, **mono.config_scores(feats, n_dead)}], columns=mono.CONFIG_COLUMNS)
 
     cc = ecfg.concepts
-    concepts, confounds = concepts_mod.ground_concepts(codes, data.slices, data.split_rows[cc.split], ids,
+    concepts, confounds = concepts_mod.ground_concepts(codes, data.slices, data.split_rows, ids,
                                                        cc.confound_labels, cc.confound_min_auc)
     log.info("%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; vocabulary %d structures",
              encoder, variant, config, out.n_fits, out.n_unconverged, rec_bad, vocab_size)

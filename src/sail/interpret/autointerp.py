@@ -1,11 +1,13 @@
 """Autointerpretation: select features, show a describer their top slices, judge the descriptions.
 
-Features are ranked by monosemanticity and probe importance (confound tasks excluded). Each gets
-5 diverse slices from its top 20 volumes of the concept split and enrichment statistics against
-the base rate; the describer (metadata, openai or transformers) names its concept. The judge
-sees the feature's held-out slices and ranks the true concept among seeded distractors' concepts
-(success = rank <= 2; chance 2/(1+n_distractors)), averaged over seeded label permutations.
-Failed calls are recorded and excluded from metrics, never replaced by random ranks.
+Features are ranked by monosemanticity and probe importance (confound tasks excluded). Each gets 5
+diverse slices from its top 20 volumes of the concept split and enrichment statistics of its top 200
+slices, tested over their volumes (see enrichment.py), against the base rate; the describer
+(metadata, openai or transformers) names its concept. The judge sees the feature's held-out slices
+and ranks the true concept among seeded distractors' concepts (success = rank <= 2; chance
+2/n_candidates), averaged over seeded label permutations. Distractors whose description equals the
+target's are dropped; tied candidates share their mean rank. Failed calls are recorded and excluded
+from metrics, never replaced by random ranks.
 """
 
 from __future__ import annotations
@@ -45,17 +47,10 @@ def select_features(ws: Workspace, target: Target, data: SplitData, cfg: Autoint
         feats = np.flatnonzero(eligible & (data.active_count >= cfg.min_active))
         return pd.DataFrame({"feature": feats, "selection_rank": np.arange(1, len(feats) + 1), "source": "all"})
     ranks = []
-    mono_csv = ws.eval_dir / "monosemanticity_features.csv"
-    if mono_csv.is_file():
-        mono = pd.read_csv(mono_csv, dtype={"sae_config": str})
-        mono = mono[(mono.encoder == target.encoder) & (mono.variant == target.variant) & (mono.sae_config == target.sae_config)]
-        if len(mono):
-            if "split" in mono and (mono.split == "valid").any():
-                mono = mono[mono.split == "valid"]
-            sizes = sorted(mono.top_n.unique(), key=lambda t: (abs(t - cfg.monosemanticity_top_n), t))
-            mono = mono[mono.top_n == sizes[0]].groupby("feature").monosemanticity.max().sort_values(ascending=False, kind="stable")
-            ranks.append(pd.Series(np.arange(1, len(mono) + 1, dtype=float), index=mono.index, name="monosem_rank"))
-            mono_score = mono
+    mono_score, mono_split = _selection_monosemanticity(ws, target, data, cfg)
+    if mono_score is not None and len(mono_score):
+        # tied scores share a rank (many features tie at M = 0): never won by the lower feature index
+        ranks.append(mono_score.rank(ascending=False, method="min").rename("monosem_rank"))
     coef_path = ws.eval_dir / "probe_coefficients.parquet"
     if coef_path.is_file():
         coef = pd.read_parquet(coef_path)
@@ -74,6 +69,7 @@ def select_features(ws: Workspace, target: Target, data: SplitData, cfg: Autoint
         table["combined_rank"] = table.mean(axis=1)
         if "monosem_rank" in table:
             table["monosemanticity"] = mono_score.reindex(table.index).to_numpy()
+            table["monosemanticity_split"] = mono_split
         table.index.name = "feature"
         table = table.reset_index()
         table["source"] = "eval"
@@ -85,6 +81,47 @@ def select_features(ws: Workspace, target: Target, data: SplitData, cfg: Autoint
     table = table.sort_values(["combined_rank", "feature"], kind="stable").head(cfg.n_features).reset_index(drop=True)
     table["selection_rank"] = np.arange(1, len(table) + 1)
     return table
+
+
+def _selection_monosemanticity(ws: Workspace, target: Target, data: SplitData,
+                               cfg: AutointerpSettings) -> tuple[pd.Series | None, str]:
+    """Monosemanticity per feature from a split other than the judge's, and that split's name.
+
+    Features chosen for a coherent top-N on the split that then judges them would score
+    optimistically, so eval/'s table is used only when it was computed on another split; otherwise
+    the score is computed here on the concept split (``data``), where the descriptions come from.
+    """
+    mono_csv = ws.eval_dir / "monosemanticity_features.csv"
+    if not mono_csv.is_file():
+        return None, ""
+    mono = pd.read_csv(mono_csv, dtype={"sae_config": str})
+    mono = mono[(mono.encoder == target.encoder) & (mono.variant == target.variant)
+                & (mono.sae_config == target.sae_config)]
+    if not len(mono):
+        return None, ""
+    split = str(mono.split.iloc[0]) if "split" in mono else ""
+    if "split" in mono and (mono.split != cfg.judge_split).any():
+        split = data.name if (mono.split == data.name).any() else str(mono.split[mono.split != cfg.judge_split].iloc[0])
+    elif data.name != cfg.judge_split:
+        return _monosemanticity_on(data, cfg.monosemanticity_top_n, cfg.seed), data.name
+    else:
+        log.warning("autointerp %s: concept_split = judge_split = %s; features are selected and judged on one "
+                    "split", target.key, data.name)
+    mono = mono[mono.split == split] if "split" in mono else mono
+    sizes = sorted(mono.top_n.unique(), key=lambda t: (abs(t - cfg.monosemanticity_top_n), t))
+    return mono[mono.top_n == sizes[0]].groupby("feature").monosemanticity.max(), split
+
+
+def _monosemanticity_on(data: SplitData, top_n: int, seed: int) -> pd.Series:
+    """The evaluate stage's monosemanticity M of every feature on one split, at ``top_n`` volumes."""
+    from sail.data.labels import VOCABULARY
+    from sail.evaluate import monosemanticity as mono
+
+    o, _, vocabulary_size = mono.structure_matrix(data.meta, VOCABULARY)
+    null, _ = mono.null_coherence(o, top_n, 100, seed, data.volume)
+    feats = mono.score_features(data.codes, data.volume, o, vocabulary_size, [top_n], {top_n: null},
+                                [data.codes.shape[1]])
+    return feats.set_index("feature").monosemanticity
 
 
 def _volumes_active(data: SplitData) -> np.ndarray:
@@ -214,18 +251,49 @@ def draw_distractors(feature: int, pool: np.ndarray, n: int, seed: int) -> np.nd
     return np.sort(rng.choice(cand, size=min(n, len(cand)), replace=False))
 
 
+def same_concept(a: str, b: str) -> bool:
+    """Two descriptions name the same concept when they are equal up to case, spacing and end punctuation."""
+    def norm(t: str) -> str:
+        return " ".join(str(t).casefold().split()).rstrip(".;:!")
+
+    return norm(a) == norm(b)
+
+
+def judge_candidates(f: int, distractors: np.ndarray, concepts: dict[int, str]) -> tuple[list[int], int]:
+    """The target and the distractors whose concept differs from the target's, and how many were dropped.
+
+    A distractor with the target's own description cannot be told apart from it by any judge; kept,
+    it makes a tie that an order-based rank would break in the target's favour.
+    """
+    kept = [int(g) for g in distractors if not same_concept(concepts.get(int(g), ""), concepts.get(f, ""))]
+    return [f, *kept], len(distractors) - len(kept)
+
+
+def tied_rank(scores: np.ndarray, index: int = 0) -> float:
+    """1-based rank of ``scores[index]`` by descending score; tied candidates share their mean rank."""
+    s = np.asarray(scores, dtype=np.float64)
+    return float(1 + (s > s[index]).sum() + ((s == s[index]).sum() - 1) / 2)
+
+
 def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable, targets: list[int],
               concepts: dict[int, str], distractors: dict[int, np.ndarray], roles: Roles) -> pd.DataFrame:
-    """One row per (target, permutation): the true concept's rank among the candidates, or the failure."""
+    """One row per (target, permutation): the true concept's rank among the candidates, or the failure.
+
+    Candidates are the target and its distractors minus those sharing the target's description
+    (``n_candidates`` records how many remain); tied similarities share their mean rank.
+    """
     cfg = roles.cfg
     rows = []
 
     def one(f: int) -> list[dict]:
         ev = gather(judge_data, judge_table, f, cfg)
-        feats = [f, *map(int, distractors[f])]
+        feats, n_same = judge_candidates(f, distractors[f], concepts)
         out = []
         if ev.n_active == 0:
             return [{"feature": f, "permutation": 0, "status": "skipped", "error": f"inactive on the {cfg.judge_split} split"}]
+        if len(feats) < 2:
+            return [{"feature": f, "permutation": 0, "status": "skipped", "n_candidates": 1, "n_same_concept": n_same,
+                     "error": "every distractor has the target's description"}]
         if roles.judge == "embedding":
             from sail.interpret.backends.metadata_describer import describe
             from sail.interpret.text_embed import embed
@@ -233,10 +301,9 @@ def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable
             held_out = describe(ev.enrichment)
             e = embed([held_out, *[concepts[g] for g in feats]])
             sims = e[1:] @ e[0]
-            order = np.lexsort((np.arange(len(feats)), -sims))
-            rank = int(np.flatnonzero(order == 0)[0]) + 1
             return [{"feature": f, "permutation": 0, "status": "ok", "candidates": ";".join(map(str, feats)),
-                     "true_rank": rank, "held_out_description": held_out, "error": ""}]
+                     "n_candidates": len(feats), "n_same_concept": n_same, "true_rank": tied_rank(sims),
+                     "held_out_description": held_out, "error": ""}]
         blocks = prompts.sample_blocks(judge_data.meta, judge_data.structures, judge_data.H_NS, ev.rows, ev.acts)
         images = _images(ws, judge_data, ev.rows)
         labels = list(LETTERS[:len(feats)])
@@ -247,7 +314,8 @@ def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable
             true_label = labels[int(np.flatnonzero(perm == 0)[0])]
             req = ChatRequest(prompts.SYSTEM, prompts.judge_prompt(len(ev.rows), blocks, labels, shown), images,
                               prompts.judge_schema(labels), "ranking")
-            base = {"feature": f, "permutation": p, "candidates": ";".join(str(feats[i]) for i in perm), "true_label": true_label}
+            base = {"feature": f, "permutation": p, "candidates": ";".join(str(feats[i]) for i in perm),
+                    "true_label": true_label, "n_candidates": len(feats), "n_same_concept": n_same}
             if roles.dry_run:
                 roles.dry_prompts.append(f"[judge feature {f}, permutation {p}]\n{req.text}")
                 out.append(base | {"status": "dry_run"})
@@ -277,21 +345,31 @@ def judge_all(ws: Workspace, judge_data: SplitData, judge_table: EnrichmentTable
 
 
 def judge_metrics(judged: pd.DataFrame, n_candidates: int, judge_name: str) -> dict:
+    """Success (rank <= 2) and mean rank per feature, averaged; chance from each feature's own
+    candidate count (distractors sharing the target's description are dropped, so it can be below
+    ``n_candidates``)."""
     ok = judged[judged.status == "ok"] if len(judged) else judged
     if not len(ok):
         return {"judge": judge_name, "n_judged": 0, "n_judge_failures": int((judged.status == "failed").sum()) if len(judged) else 0}
-    per_feature = ok.groupby("feature").true_rank.agg(["mean", lambda r: float((r <= 2).mean())])
-    per_feature.columns = ["rank_mean", "success"]
-    hist = ok.true_rank.value_counts().reindex(range(1, n_candidates + 1), fill_value=0)
+    n_cand = (ok["n_candidates"].astype(float) if "n_candidates" in ok
+              else pd.Series(float(n_candidates), index=ok.index))
+    per_feature = pd.DataFrame({
+        "rank_mean": ok.groupby("feature").true_rank.mean(),
+        "success": ok.groupby("feature").true_rank.apply(lambda r: float((r <= 2).mean())),
+        "chance_success": (np.minimum(2.0, n_cand) / n_cand).groupby(ok.feature).mean(),
+        "chance_rank": ((n_cand + 1) / 2).groupby(ok.feature).mean(),
+    })
+    hist = ok.true_rank.astype(float).value_counts().sort_index()
     return {
         "judge": judge_name,
         "n_judged": int(len(per_feature)),
         "n_calls_ok": int(len(ok)),
         "n_judge_failures": int((judged.status == "failed").sum()),
+        "n_judge_skipped": int((judged.status == "skipped").sum()),
         "success_rate": float(per_feature.success.mean()),
         "mean_rank": float(per_feature.rank_mean.mean()),
         "median_rank": float(ok.true_rank.median()),
-        "rank_histogram": {int(k): int(v) for k, v in hist.items()},
-        "chance_success_rate": 2.0 / n_candidates,
-        "chance_mean_rank": (n_candidates + 1) / 2.0,
+        "rank_histogram": {f"{k:g}": int(v) for k, v in hist.items()},
+        "chance_success_rate": float(per_feature.chance_success.mean()),
+        "chance_mean_rank": float(per_feature.chance_rank.mean()),
     }

@@ -1,8 +1,15 @@
-"""Enrichment of a feature's top-activating slices against the split's base rate.
+"""Enrichment of a feature's top-activating slices against the split's base rate, tested over volumes.
 
 For every attribute value (modality, plane, sex, age group) and every structure and body region:
-the share among the top slices, the base rate over the split, their ratio (lift) and a
-one-sided binomial p-value. Prompts quote these numbers; the metadata describer uses them.
+the share among the top slices, the base rate over the split, their ratio (lift) and a one-sided
+p-value. Prompts quote these numbers; the metadata describer uses them.
+
+The share describes the slices; the test counts volumes ((modality, image_id)). Adjacent slices
+of one volume share sex, age and institute, so counting 120 top slices of 3 male volumes as 120
+binomial draws let "male" pass p < 0.01. Here each of the V volumes among the top slices
+contributes its own share s_v (the fraction of its top slices holding the value, in [0, 1]) and
+p = P(Binomial(V, base) >= floor(sum s_v)): exact for per-volume attributes such as sex (s_v is 0
+or 1), conservative for per-slice ones such as structures.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ DEMOGRAPHIC_SHARE = 0.7
 
 @dataclass
 class Enrichment:
-    n_top: int
+    n_top: int  # top slices
+    n_volumes: int = 0  # the volumes they come from: the unit of the p-values
     # attribute -> list of (value, share, base, lift, p), sorted by share desc
     categorical: dict[str, list[tuple[str, float, float, float, float]]] = field(default_factory=dict)
     structures: list[tuple[str, float, float, float, float]] = field(default_factory=list)
@@ -56,10 +64,18 @@ class Enrichment:
 
         return {
             "n_top": self.n_top,
+            "n_volumes": self.n_volumes,
             **{a: rows(v) for a, v in self.categorical.items()},
             "structures": rows(self.enriched_structures()),
             "regions": rows(self.enriched_regions()),
         }
+
+
+def volume_ids(meta) -> np.ndarray:
+    """Integer volume id per row: slices of one (modality, image_id) share it."""
+    import pandas as pd
+
+    return pd.factorize(meta["modality"].astype(str) + "/" + meta["image_id"].astype(str))[0]
 
 
 class EnrichmentTable:
@@ -68,6 +84,7 @@ class EnrichmentTable:
     def __init__(self, meta, H_NS: np.ndarray, structures: list[str]):
         from sail.data.labels import STRUCTURE_REGION
 
+        self.volume = volume_ids(meta)
         self.values: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for a in CATEGORICAL:
             col = meta[a].astype("string")
@@ -89,21 +106,32 @@ class EnrichmentTable:
         self.r_base = self.RG.mean(0) if len(H_NS) else np.zeros(len(regions))
 
     @staticmethod
-    def _rows(names, hits, n, base):
-        if n == 0:
+    def _rows(names, x_RL: np.ndarray, known_R: np.ndarray, inv_R: np.ndarray, n_vol: int, base):
+        """(value, share, base, lift, p) per label: share over the known top slices, p over their volumes."""
+        x = x_RL[known_R].astype(np.float64)
+        if len(x) == 0:
             return []
-        share = hits / n
+        hits = x.sum(0)
+        share = hits / len(x)
         with np.errstate(divide="ignore", invalid="ignore"):
             lift = np.where(base > 0, share / base, np.inf)
-        p = stats.binom.sf(hits - 1, n, np.clip(base, 1e-12, 1))
+        sums = np.zeros((n_vol, x.shape[1]))
+        np.add.at(sums, inv_R[known_R], x)
+        counts = np.bincount(inv_R[known_R], minlength=n_vol)
+        per_volume = sums[counts > 0] / counts[counts > 0, None]
+        p = stats.binom.sf(np.floor(per_volume.sum(0) + 1e-9) - 1, len(per_volume), np.clip(base, 1e-12, 1))
         order = np.lexsort((names.astype(str), -share))
         return [(str(names[i]), float(share[i]), float(base[i]), float(lift[i]), float(p[i])) for i in order if hits[i] > 0]
 
     def of(self, rows: np.ndarray) -> Enrichment:
-        ev = Enrichment(n_top=len(rows))
+        """Enrichment of a feature's top slices ``rows``; p-values count the volumes they come from."""
+        rows = np.asarray(rows)
+        _, inv = np.unique(self.volume[rows], return_inverse=True)
+        n_vol = int(inv.max()) + 1 if len(rows) else 0
+        ev = Enrichment(n_top=len(rows), n_volumes=n_vol)
+        everywhere = np.ones(len(rows), dtype=bool)
         for a, (cats, onehot, known, base) in self.values.items():
-            k = rows[known[rows]]
-            ev.categorical[a] = self._rows(cats, onehot[k].sum(0), len(k), base)
-        ev.structures = self._rows(self.structures, self.H[rows].sum(0), len(rows), self.h_base)
-        ev.regions = self._rows(self.regions, self.RG[rows].sum(0), len(rows), self.r_base)
+            ev.categorical[a] = self._rows(cats, onehot[rows], known[rows], inv, n_vol, base)
+        ev.structures = self._rows(self.structures, self.H[rows], everywhere, inv, n_vol, self.h_base)
+        ev.regions = self._rows(self.regions, self.RG[rows], everywhere, inv, n_vol, self.r_base)
         return ev

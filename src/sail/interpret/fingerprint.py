@@ -6,6 +6,7 @@ cosine between its values and the fingerprint's on those K features (one feature
 1/(1+|a - a_ref|)), then the best slice per other volume is kept. Baselines: the full dense
 cosine and a dense fingerprint (the K largest-|value| embedding dimensions, signs kept). Keys
 carry the plane (slice_id), so no two references collide and each gets its own dense baseline.
+Tests against chance run over volumes (each volume's mean over its references), not references.
 All references of a batch are scored with a few sparse/dense matrix products.
 """
 
@@ -68,6 +69,17 @@ def restricted_cosine(dot_NB: np.ndarray, sq_NB: np.ndarray, q_norm_B: np.ndarra
         cos[:, single_B] = 1.0 / (1.0 + np.abs(a_NB - q_single_B[single_B][None, :]))
     cos[:, q_norm_B == 0] = np.nan
     return cos
+
+
+SINGLE_FEATURE_RULE = "published_single_feature"
+
+
+def similarity_rule(method: str, fp_size_B: np.ndarray) -> np.ndarray:
+    """How each reference's similarities were computed: ``cosine`` over its fingerprint, or the
+    published one-feature rule 1/(1+|a - a_ref|), under which a slice where the feature is
+    inactive still scores 1/(1+a_ref) (labelled wherever the similarity is shown)."""
+    single = (np.asarray(fp_size_B) == 1) & (method != "dense_full")
+    return np.where(single, SINGLE_FEATURE_RULE, "cosine")
 
 
 def best_per_volume(S_NB: np.ndarray, data: SplitData, own_vol_B: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +188,7 @@ def run_fingerprint_retrieval(data: SplitData, x_ND: np.ndarray, cfg: Fingerprin
             warnings.simplefilter("ignore", RuntimeWarning)
             frame = pd.DataFrame({
                 "method": method, "k": k, "reference": ids[ref_B], "fp_size": fp_size_B,
+                "similarity_rule": similarity_rule(method, fp_size_B),
                 "n_hits": valid.sum(1), "quality_mean": np.nanmean(qual, 1), "quality_std": np.nanstd(qual, 1, ddof=1) if qual.shape[1] > 1 else np.nan,
                 "quality_min": np.nanmin(qual, 1), "quality_max": np.nanmax(qual, 1),
                 **agree, **{f"chance_{m}": v for m, v in chance.items()},
@@ -187,7 +200,9 @@ def run_fingerprint_retrieval(data: SplitData, x_ND: np.ndarray, cfg: Fingerprin
             h = hits_BT[b_idx, t_idx]
             hit_rows.append(pd.DataFrame({
                 "method": method, "k": k, "reference": ids[ref_B[b_idx]], "rank": t_idx + 1,
-                "hit": ids[h], "similarity": sims_BT[b_idx, t_idx], "dense_cosine": qual[b_idx, t_idx],
+                "hit": ids[h], "similarity": sims_BT[b_idx, t_idx],
+                "similarity_rule": similarity_rule(method, np.asarray(fp_size_B)[b_idx]),
+                "dense_cosine": qual[b_idx, t_idx],
                 **{a: data.meta[a].to_numpy()[h] for a in CATEGORICAL},
             }))
 
@@ -258,22 +273,48 @@ def _one_sided_p(diff: np.ndarray) -> float:
     return float(stats.wilcoxon(diff, alternative="greater", zero_method="wilcox").pvalue)
 
 
+def reference_volume(reference: pd.Series) -> pd.Series:
+    """The volume (``modality/image_id``) of each reference slice_id (``modality/image_id/plane/idx``)."""
+    return reference.astype(str).str.rsplit("/", n=2).str[0]
+
+
+def per_volume_mean(diff: np.ndarray, volume: np.ndarray) -> np.ndarray:
+    """Mean of the finite values per volume (volumes with none are dropped)."""
+    ok = np.isfinite(diff)
+    codes, _ = pd.factorize(volume[ok])
+    if not len(codes):
+        return np.zeros(0)
+    return np.bincount(codes, weights=diff[ok]) / np.bincount(codes)
+
+
 def summarise(per_ref: pd.DataFrame) -> pd.DataFrame:
-    """Mean (std ddof=1) of every metric per method and K, with its chance mean and one-sided p."""
+    """Mean (std ddof=1) of every metric per method and K over references, with its chance mean and
+    a one-sided p over volumes.
+
+    References drawn from one volume are not independent (they share patient, scanner and the
+    volume's other slices), so the Wilcoxon test runs on each volume's mean of metric - chance;
+    ``n_volumes`` is its sample size, ``n`` the number of references behind the means.
+    """
     out = []
+    volume = reference_volume(per_ref["reference"])
     for (method, k), g in per_ref.groupby(["method", per_ref["k"].fillna(-1)], sort=True):
+        vol = volume.loc[g.index].to_numpy()
+        n_single = int((g["similarity_rule"] == SINGLE_FEATURE_RULE).sum()) if "similarity_rule" in g else 0
         for m in (*METRICS, "relative_to_dense_full", "relative_to_dense_fp"):
             col = f"{m}_mean" if m == "quality" else m
             vals = g[col].to_numpy(dtype=float)
             chance_col = f"chance_{m}"
             chance = g[chance_col].to_numpy(dtype=float) if chance_col in g else None
+            per_vol = per_volume_mean(vals - chance, vol) if chance is not None else np.zeros(0)
             out.append({
                 "method": method, "k": pd.NA if k == -1 else int(k), "metric": m,
                 "mean": np.nanmean(vals) if np.isfinite(vals).any() else np.nan,
                 "std": np.nanstd(vals, ddof=1) if np.isfinite(vals).sum() > 1 else np.nan,
                 "n": int(np.isfinite(vals).sum()),
+                "n_volumes": int(len(np.unique(vol[np.isfinite(vals)]))),
                 "chance_mean": np.nanmean(chance) if chance is not None and np.isfinite(chance).any() else np.nan,
-                "p_vs_chance": _one_sided_p(vals - chance) if chance is not None else np.nan,
+                "p_vs_chance": _one_sided_p(per_vol) if chance is not None else np.nan,
+                "n_single_feature": n_single,
             })
     return pd.DataFrame(out)
 

@@ -1,12 +1,13 @@
 """Language-driven retrieval: a query -> matched features -> an image ranking -> precision@k.
 
-Each query's constraints (modality, plane, body structures, sex, age) are parsed from its text;
-a hit satisfies the query when it meets all of them. Matchers: ``embedding`` (MiniLM similarity
-of query and feature descriptions), ``lexical`` (word overlap) and ``llm`` (a chat model picks
-from a numbered list). Scorings over the matched features: ``published_cosine`` (direction of
-the mean activations), ``weighted_sum`` and ``soft_and`` (geometric mean of per-feature quantile
-ranks). One hit per volume; ties at the top-k boundary are reported; chance is the expected
-precision of one random slice from each of k random volumes.
+Each query's constraints (modality, plane, body structures, sex, age) are parsed from its text; a
+hit satisfies the query when it meets all of them. Matchers: ``embedding`` (MiniLM similarity of
+query and feature descriptions), ``lexical`` (word overlap) and ``llm`` (a chat model picks from a
+numbered list). Scorings over the matched features: ``published_cosine`` (direction of the mean
+activations; with one matched feature the published 1/(1+|a - q|), labelled
+``published_single_feature`` in ``scoring_rule``), ``weighted_sum`` and ``soft_and`` (geometric mean
+of per-feature quantile ranks). One hit per volume; ties at the top-k boundary are reported; chance
+is the expected precision of one random slice from each of k random volumes.
 """
 
 from __future__ import annotations
@@ -172,6 +173,16 @@ def match_lexical(query: str, descriptions: list[str], n: int) -> tuple[np.ndarr
     scores = np.array([len(qw & _words(d)) / max(len(qw), 1) for d in descriptions])
     order = np.lexsort((np.arange(len(scores)), -scores))[:n]
     return order, scores[order]
+
+
+def scoring_rule(scoring: str, n_features: int) -> str:
+    """The rule behind a scoring's numbers: ``published_cosine`` over one matched feature is the
+    published 1/(1+|a - q|), under which a slice where the feature is inactive scores 1/(1+q)."""
+    if scoring == "published_cosine" and n_features == 1:
+        from sail.interpret.fingerprint import SINGLE_FEATURE_RULE
+
+        return SINGLE_FEATURE_RULE
+    return scoring
 
 
 def score_images(data: SplitData, features: np.ndarray, mean_act: np.ndarray, weights: np.ndarray, scoring: str) -> np.ndarray:

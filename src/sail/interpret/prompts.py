@@ -50,7 +50,8 @@ def sample_blocks(samples: pd.DataFrame, structures: list[str], H_NS: np.ndarray
 
 def enrichment_text(ev: Enrichment) -> str:
     """The population statistics: share among the top slices vs the dataset base rate."""
-    out = [f"Population statistics over the {ev.n_top} top-activating slices (share vs dataset base rate):"]
+    out = [f"Population statistics over the {ev.n_top} top-activating slices, from {ev.n_volumes} volumes "
+           "(share vs dataset base rate):"]
     for attr, rows in ev.categorical.items():
         parts = [f"{v} {s:.0%} (base {b:.0%})" for v, s, b, _, _ in rows[:4]]
         out.append(f"- {attr}: {'; '.join(parts) or 'unknown'}")

@@ -274,7 +274,8 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             meets = lang.satisfies(q, data)
             chance = lang.chance_precision(meets["meets_all"], data)
             for scoring in lang.SCORINGS:
-                base = {"query": q.name, "scoring": scoring, "matcher": ic.matcher, "k": lc.top_k, "chance": chance, "status": status, "error": error}
+                base = {"query": q.name, "scoring": scoring, "scoring_rule": lang.scoring_rule(scoring, len(feats)),
+                        "matcher": ic.matcher, "k": lc.top_k, "chance": chance, "status": status, "error": error}
                 if status != "ok":
                     metric_rows.append(base)
                     continue
@@ -282,7 +283,8 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                 rows, sc, boundary_tie = lang.rank_per_volume(score, data, lc.top_k)
                 m = meets.iloc[rows]
                 _, counts = np.unique(sc, return_counts=True)
-                hit_rows.append(pd.DataFrame({"query": q.name, "scoring": scoring, "rank": np.arange(1, len(rows) + 1),
+                hit_rows.append(pd.DataFrame({"query": q.name, "scoring": scoring, "scoring_rule": base["scoring_rule"],
+                                              "rank": np.arange(1, len(rows) + 1),
                                               "slice_id": data.meta.slice_id.to_numpy()[rows], "score": sc,
                                               "tied": pd.Series(sc).duplicated(keep=False).to_numpy(),
                                               **{c: data.meta[c].to_numpy()[rows] for c in ("modality", "plane", "sex", "age")},

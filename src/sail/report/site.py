@@ -245,6 +245,10 @@ def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, da
             "n_features": n_features}
 
 
+SINGLE_FEATURE_NOTE = ("one-feature scoring (published): similarity 1/(1+|a - a_ref|), "
+                       "so a slice where the feature is inactive still scores 1/(1+a_ref)")
+
+
 def _fingerprint_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg, n_examples: int = 4) -> dict:
     """Retrieval examples (reference + its sparse-fingerprint hits) and the metric summary."""
     folder = ws.interpret_dir / "fingerprint" / unit.encoder / unit.variant / unit.config
@@ -257,15 +261,22 @@ def _fingerprint_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.
     examples = []
     for ref in sparse.reference.drop_duplicates().head(n_examples):
         rows = sparse[sparse.reference == ref].sort_values("rank").head(5)
-        examples.append({"reference": ref, "thumb": thumb(ref),
+        single = "similarity_rule" in rows and (rows.similarity_rule == "published_single_feature").any()
+        examples.append({"reference": ref, "thumb": thumb(ref), "rule_note": SINGLE_FEATURE_NOTE if single else "",
                          "hits": [{"slice_id": r.hit, "thumb": thumb(r.hit), "similarity": float(r.similarity)}
                                   for r in rows.itertuples()]})
-    table = []
+    table, p_text = [], ""
     if summary is not None:
         k = int(sparse.k.dropna().iloc[0]) if sparse.k.notna().any() else None
         pick = summary[(summary.k == k) | summary.k.isna()] if k is not None else summary
         table = pick.pivot_table(index="metric", columns="method", values="mean").reset_index().to_dict("records")
-    return {"examples": examples, "summary": table}
+        p_rows = pick[(pick.method == "sparse") & pick.p_vs_chance.notna()] if "p_vs_chance" in pick else pick.iloc[:0]
+        p_text = "; ".join(f"{r.metric} p = {r.p_vs_chance:.2g}" for r in p_rows.itertuples())
+        if p_text:
+            unit = (f"over {int(p_rows.n_volumes.max())} reference volumes" if "n_volumes" in p_rows
+                    else "slice-level: references of one volume counted as independent")
+            p_text = f"sparse vs chance (one-sided Wilcoxon, {unit}): {p_text}"
+    return {"examples": examples, "summary": table, "p_text": p_text}
 
 
 def _language_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg) -> list[dict]:
@@ -280,7 +291,10 @@ def _language_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.Dat
     for q in queries.itertuples():
         m = metrics[(metrics["query"] == q.query) & (metrics.scoring == scoring)]
         top = hits[(hits["query"] == q.query) & (hits.scoring == scoring)].sort_values("rank").head(6)
+        labelled = len(m) and "scoring_rule" in m and isinstance(m.scoring_rule.iloc[0], str)
+        rule = m.scoring_rule.iloc[0] if labelled else scoring
         rows.append({"query": q.query, "text": q.text, "scoring": scoring,
+                     "rule_note": SINGLE_FEATURE_NOTE if rule == "published_single_feature" else "",
                      "precision": float(m.precision.iloc[0]) if len(m) else None,
                      "chance": float(m.chance.iloc[0]) if len(m) else None,
                      "hits": [{"slice_id": h.slice_id, "ok": bool(h.meets_all), "score": float(h.score),

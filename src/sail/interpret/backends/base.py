@@ -62,19 +62,24 @@ def call_key(model: ChatModel, template: str, request: ChatRequest) -> dict[str,
 
 
 class CallCache:
-    """Append-only JSONL of answers keyed by content; unreadable trailing lines are ignored."""
+    """Append-only JSONL of answers keyed by content; unreadable lines (a write cut short) are
+    skipped with a warning that counts them, and those calls are made again."""
 
     def __init__(self, path: Path | None):
         self.path = path
         self._lock = threading.Lock()
         self._answers: dict[str, str] = {}
         if path is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            bad = []
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 try:
                     rec = json.loads(line)
                     self._answers[rec["key"]] = rec["response"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
+                    bad.append(i)
+            if bad:
+                log.warning("%s: %d unreadable line(s) skipped (first: line %d); those calls will be made again",
+                            path, len(bad), bad[0])
 
     def get(self, key: str) -> str | None:
         with self._lock:
