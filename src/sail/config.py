@@ -287,7 +287,7 @@ class TrainingSettings(Section):
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     calibration_fraction: float = Field(
         0.1, gt=0, lt=1,
-        description="share of the training split's volumes kept out of training to calibrate matryoshka thresholds",
+        description="share of the training rows (whole volumes) kept out of training to calibrate matryoshka thresholds",
     )
 
 

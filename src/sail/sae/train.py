@@ -89,14 +89,17 @@ def volume_ids(slice_ids: np.ndarray) -> np.ndarray:
 def calibration_holdout(slice_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Mask of the training rows kept out of training to calibrate thresholds.
 
-    A seeded share of the training split's volumes (at least one, never all), so the rows that
-    set the thresholds are unseen by the SAE and the validation split stays unseen by every choice.
-    With a single volume nothing is held out (the caller calibrates on the training rows, warned).
+    Whole volumes in a seeded order until they hold ``fraction`` of the rows (at least one volume,
+    never all), so the rows that set the thresholds are unseen by the SAE and the validation
+    split stays unseen by every choice; counting rows, not volumes, keeps enough rows when volumes
+    differ in size. With a single volume nothing is held out (the caller calibrates on the
+    training rows, warned).
     """
-    keys, inverse = np.unique(volume_ids(slice_ids), return_inverse=True)
-    n_cal = min(max(1, round(fraction * len(keys))), len(keys) - 1)
+    keys, inverse, sizes = np.unique(volume_ids(slice_ids), return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    n_cal = int(np.searchsorted(np.cumsum(sizes[order]), fraction * len(inverse))) + 1
     chosen = np.zeros(len(keys), dtype=bool)
-    chosen[np.random.default_rng(seed).permutation(len(keys))[:n_cal]] = True
+    chosen[order[: min(n_cal, len(keys) - 1)]] = True
     return chosen[inverse]
 
 
