@@ -135,6 +135,8 @@ def _read_packed_masks(ref: ScanRef, shape: tuple[int, ...], affine: np.ndarray)
             voxels = np.asanyarray(img.dataobj)
         except Exception as exc:
             raise ScanDefect(f"cannot decode mask '{name}' {path}: {exc}") from None
+        if voxels.dtype.kind in "fc" and not np.isfinite(voxels).all():  # NaN != 0 would mark every voxel
+            raise ScanDefect(f"mask '{name}' holds NaN or inf voxels ({path})")
         inside = voxels != 0
         if inside.any():
             word = packed[..., s // 64]  # a view: the in-place OR below writes into ``packed``
