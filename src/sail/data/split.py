@@ -108,6 +108,9 @@ def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     mark_done(ws.split_csv, record, summary)
     for s in SPLITS:
         log.info("split: %-5s %4d scans %7d slices", s, counts[s], slice_counts[s])
+    for s in (s for s in SPLITS if counts[s] == 0):
+        hint = f" (no scan from split.test_institutes {cfg.split.test_institutes})" if s == "test" else ""
+        log.warning("split: the %s split is empty%s; evaluation and interpretation need every split", s, hint)
 
 
 def read_split(ws: Workspace) -> pd.DataFrame:

@@ -140,6 +140,10 @@ class SplitData:
 def load_split(ws: Workspace, target: Target, split: str, slices: pd.DataFrame) -> SplitData:
     path = ws.activations(target.encoder, target.variant, target.sae_config, split)
     slice_ids, codes, _ = read_activations(path)
+    if len(slice_ids) == 0:
+        raise SailError(f"{path}: the {split} split has no slices (data/split.csv assigns it no scan; with the "
+                        "default split.test_institutes A, D, E a dataset lacking those institutes has no test scans); "
+                        "set split.test_institutes to institutes in your data and rerun from `sail split`")
     order = np.argsort(slice_ids, kind="stable")
     slice_ids, codes = slice_ids[order], codes[order]
     index = pd.Index(slices["slice_id"])
