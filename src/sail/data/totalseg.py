@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sail.data.labels import VOCABULARY
+from sail.data.labels import VOCABULARY, normalise_age, normalise_sex
 from sail.errors import SailError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,9 @@ def discover(source: Path, modalities: list[str]) -> tuple[list[ScanRef], list[d
     skips: list[dict] = []
     for modality in found:
         root = source / DATASET_FOLDERS[modality]
-        meta = read_meta(root / "meta.csv", modality).set_index("image_id", drop=False)
+        meta = read_meta(root / "meta.csv", modality)
+        skips += normalise_meta(meta, root / "meta.csv", modality)
+        meta = meta.set_index("image_id", drop=False)
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         names: set[str] = set()
         for folder in folders:
@@ -114,6 +116,22 @@ def discover(source: Path, modalities: list[str]) -> tuple[list[ScanRef], list[d
         for image_id in sorted(set(meta.index) - {f.name for f in folders}):
             skips.append(_skip(modality, image_id, f"meta.csv row has no scan folder under {root}"))
     return scans, skips
+
+
+def normalise_meta(meta: pd.DataFrame, path: Path, modality: str) -> list[dict]:
+    """Normalise gender/age in place where unambiguous (``Male`` -> m, ``045Y`` -> 45); every other
+    value becomes null and is recorded (row, column, value) in skipped.csv, never silently."""
+    issues = []
+    for col, normalise in (("gender", normalise_sex), ("age", normalise_age)):
+        values = []
+        for row, (image_id, raw) in enumerate(zip(meta["image_id"], meta[col])):
+            value, ok = normalise(raw)
+            values.append(None if value is None else str(value))
+            if not ok:
+                issues.append(_skip(modality, image_id, f"{path} line {row + 2} column '{col}': {raw!r} is not "
+                                    f"recognised; stored as null", action="null_value"))
+        meta[col] = values
+    return issues
 
 
 def _skip(modality: str, image_id: str, reason: str, action: str = "skip_scan") -> dict:
