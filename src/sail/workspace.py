@@ -280,3 +280,35 @@ class Workspace:
 
     def relative(self, path: str | os.PathLike) -> str:
         return Path(path).relative_to(self.root).as_posix()
+
+
+@contextlib.contextmanager
+def stage_lock(root: str | os.PathLike, name: str) -> Iterator[Path]:
+    """An advisory lock so two runs never write the same stage's outputs at once.
+
+    ``name`` carries the shard (``encode-0of4``) and torchrun rank, so shard jobs and ranks on one
+    workspace take different locks. The lock is the kernel's (flock): it ends with the process that
+    held it, so a killed run leaves no stale lock; the file only says who held it last.
+    """
+    import fcntl
+    import socket
+    import time
+
+    path = Path(root) / ".locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SailError(f"{path}: stage {name} is being written by another sail run ({holder}); wait for it to "
+                            "finish (the lock ends with that process, even if it is killed)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
