@@ -82,7 +82,7 @@ def run_pipeline(
 def _lock_name(stage: str, cfg: SailConfig) -> str:
     """One lock per stage, per shard (``--shard i/n``) and per torchrun rank: those never collide."""
     shard = {"encode": cfg.encode.shard, "train": cfg.train.shard}.get(stage)
-    name = stage + (f"-shard{re.sub(r'\D+', 'of', shard.strip())}" if shard else "")
+    name = stage + ("-shard" + re.sub(r"\D+", "of", shard.strip()) if shard else "")
     rank = os.environ.get("RANK")
     return name + (f"-rank{rank}" if rank and os.environ.get("WORLD_SIZE", "1") != "1" else "")
 
