@@ -17,7 +17,8 @@ from sklearn.model_selection import StratifiedShuffleSplit
 
 from sail.config import SailConfig, SplitConfig
 from sail.errors import SailError
-from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done, write_csv_atomic
+from sail.workspace import (StageRecord, Workspace, check_table, fingerprint, hash_config, is_done, mark_done,
+                            write_csv_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     if not force and is_done(ws.split_csv, record):
         log.info("split: up to date (%s)", ws.split_csv)
         return
+    check_table(ws.slices_table, "slices table")
     slices = pd.read_parquet(ws.slices_table, columns=["modality", "image_id", "institute", "sex", "age_group"])
     scans = make_split(scans_of(slices), cfg.split)
     out = scans[["modality", "image_id", "split"]].sort_values(["modality", "image_id"], kind="stable")

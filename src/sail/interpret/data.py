@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from sail.config import SailConfig
 from sail.errors import SailError
 from sail.sae.activations_io import read_activations
-from sail.workspace import Workspace, fingerprint
+from sail.workspace import Workspace, check_table, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def read_slices(ws: Workspace) -> pd.DataFrame:
 
     if not ws.slices_table.is_file():
         raise SailError(f"{ws.slices_table} not found: run `sail prepare` first")
+    check_table(ws.slices_table, "slices table")
     slices = pd.read_parquet(ws.slices_table)
     missing = [c for c in META_COLUMNS if c not in slices.columns]
     if missing:

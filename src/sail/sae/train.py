@@ -176,7 +176,7 @@ def check_trainable(path: Path, slice_ids: np.ndarray, x_ND: np.ndarray) -> None
     both sides of the split), all-zero rows and constant tables (a "perfect" FVU of 0)."""
     uniq, counts = np.unique(slice_ids.astype(str), return_counts=True)
     if (counts > 1).any():
-        dup = uniq[counts > 1][0]
+        dup = str(uniq[counts > 1][0])
         rows = np.flatnonzero(slice_ids.astype(str) == dup)[:2].tolist()
         raise SailError(f"{path}: column 'slice_id' has duplicates, e.g. {dup!r} at rows {rows}; each slice must "
                         "appear once")
