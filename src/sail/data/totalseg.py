@@ -130,7 +130,7 @@ def normalise_meta(meta: pd.DataFrame, path: Path, modality: str) -> list[dict]:
             if not ok:
                 issues.append(_skip(modality, image_id, f"{path} line {row + 2} column '{col}': {raw!r} is not "
                                     f"recognised; stored as null", action="null_value"))
-        meta[col] = values
+        meta[col] = pd.Series(values, dtype=object, index=meta.index)  # None stays None (a list would give NaN)
     return issues
 
 
