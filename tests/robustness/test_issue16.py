@@ -14,10 +14,9 @@ from typer.testing import CliRunner
 
 from sail.cli import app
 from sail.config import load_config
-from sail.data.labels import normalise_age, normalise_sex
 from sail.data.prepare import run_prepare
 from sail.data.totalseg import discover
-from sail.workspace import Workspace, stage_lock
+from sail.workspace import Workspace
 
 from .cases import Ctx, _overwrite_middle
 from .conftest import copy_workspace, snapshot
@@ -82,6 +81,8 @@ def test_empty_test_split_is_a_warning_at_split(golden, tmp_path):
 
 
 def test_sex_and_age_normalised_or_recorded(golden, tmp_path):
+    from sail.data.labels import normalise_age, normalise_sex
+
     src = tmp_path / "src"
     shutil.copytree(golden[0], src)
     meta = src / CT / "meta.csv"
@@ -104,6 +105,8 @@ def test_sex_and_age_normalised_or_recorded(golden, tmp_path):
 
 
 def test_second_run_on_a_locked_stage_is_refused_then_runs(golden, tmp_path):
+    from sail.workspace import stage_lock
+
     src, golden_ws, cfg = golden
     ctx = Ctx(ws=copy_workspace(golden_ws, tmp_path / "ws"), tmp=tmp_path, src=src, cfg=cfg)
     with stage_lock(ctx.ws, "split") as lock:
