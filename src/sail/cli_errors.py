@@ -89,7 +89,7 @@ class SailGroup(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: classify, then print or re-raise
+        except Exception as exc:  # the boundary: classify, then print or re-raise
             message = user_message(exc)
             if message is None or ctx.params.get("debug") or os.environ.get("SAIL_DEBUG"):
                 raise

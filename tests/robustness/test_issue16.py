@@ -119,7 +119,7 @@ def test_second_run_on_a_locked_stage_is_refused_then_runs(golden, tmp_path):
 
 
 def test_debug_shows_the_traceback(golden, tmp_path):
-    src, golden_ws, cfg = golden
+    cfg = golden[2]
     target = tmp_path / "afile"
     target.write_text("x")
     plain = _cli("split", "-c", cfg, "-w", target)
