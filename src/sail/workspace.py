@@ -179,6 +179,8 @@ def mark_done(artifact: str | os.PathLike, record: StageRecord, extra: Mapping[s
         payload["summary"] = dict(extra)
     if Path(artifact).suffix == ".parquet":
         payload["integrity"] = table_integrity(artifact)
+    elif Path(artifact).suffix == ".safetensors":  # cfg.json holds its sha256; the size makes is_done see damage
+        payload["integrity"] = {"bytes": Path(artifact).stat().st_size}
     write_json_atomic(manifest_path(artifact), payload)
 
 

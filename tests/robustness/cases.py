@@ -80,6 +80,12 @@ def _os_error(code: int):
     return fail
 
 
+def _allocation_failure(*args, **kwargs):
+    """What torch raises when the allocator cannot satisfy a request."""
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                       "tried to allocate 51539607552000 bytes. Error code 12 (Cannot allocate memory)")
+
+
 def _garbage(path: Path) -> None:
     path.write_bytes(b"this is not a parquet file" * 10)
 
@@ -276,6 +282,10 @@ CASES: list[Case] = [
          r"--group-by column 'patient' not found"),
     Case("train-embeddings-missing", "train",
          lambda c: ["train", "--embeddings", str(c.tmp / "nope.parquet"), *c.common()], r"nope\.parquet"),
+    Case("train-allocation-failure", "train",
+         lambda c: (c.patches.append(("sail.sae.train.train_family", _allocation_failure)),
+                    ["train", "--force", *c.common()])[1],
+         r"out of memory \(RuntimeError: .*can't allocate memory.*\); use smaller dictionary sizes"),
     Case("train-table-replaced", "train",
          lambda c: (c.table("ws/embeddings/toy.parquet", c.slice_ids(), _rng_x(len(c.slice_ids()), 8)),
                     ["train", "--force", *c.common()])[1],

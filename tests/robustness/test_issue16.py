@@ -126,3 +126,14 @@ def test_debug_shows_the_traceback(golden, tmp_path):
     assert plain.exit_code == 2 and "Traceback" not in plain.output
     debug = _cli("--debug", "split", "-c", cfg, "-w", target)
     assert isinstance(debug.exception, FileExistsError)
+
+
+def test_truncated_checkpoint_is_not_up_to_date(golden, tmp_path):
+    src, golden_ws, cfg = golden
+    ctx = Ctx(ws=copy_workspace(golden_ws, tmp_path / "ws"), tmp=tmp_path, src=src, cfg=cfg)
+    weights = ctx.sae_dir() / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    result = _cli("train", *ctx.common())
+    assert result.exit_code == 0, result.output
+    assert weights.read_bytes() == intact  # retrained (seeded: the same bytes), not trusted as up to date
