@@ -339,14 +339,19 @@ app.add_typer(interpret_app, name="interpret")
 
 def _interpret(verb: str, config, workspace, force, sae_config, describer, judge, matcher, allow_remote, dry_run) -> None:
     from sail.interpret.stage import VERBS
-    from sail.workspace import Workspace
+    from sail.workspace import Workspace, stage_lock
 
     section: dict[str, Any] = {"describer": describer, "judge": judge, "matcher": matcher,
                                "sae_configs": [sae_config] if sae_config else None,
                                "allow_remote": allow_remote or None, "dry_run": dry_run or None}
     try:
         cfg = _load(config, workspace, interpret=section)
-        VERBS[verb](cfg, Workspace(cfg.workspace).ensure(), force)
+        ws = Workspace(cfg.workspace).ensure()
+        if cfg.interpret.dry_run:  # writes nothing, so needs no lock
+            VERBS[verb](cfg, ws, force)
+            return
+        with stage_lock(ws.root, "interpret"):  # the lock `sail run` takes for the interpret stage
+            VERBS[verb](cfg, ws, force)
     except SailError as exc:
         _fail(exc)
 

@@ -115,6 +115,9 @@ def test_second_run_on_a_locked_stage_is_refused_then_runs(golden, tmp_path):
         # shards take their own locks
         with stage_lock(ctx.ws, "train-shard0of2"):
             pass
+    with stage_lock(ctx.ws, "interpret"):  # a verb run directly takes the interpret stage's lock
+        result = _cli("interpret", "fingerprint", "--force", *ctx.common())
+        assert result.exit_code == 2 and "stage interpret is being written" in result.output
     assert _cli("split", *ctx.common()).exit_code == 0  # released: a killed holder releases it the same way
 
 
