@@ -6,13 +6,17 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
+from rich.markup import escape
 
+from sail.cli_errors import SailGroup, one_line
 from sail.config import load_config
 from sail.console import console, setup_logging
 from sail.errors import SailError
 
 app = typer.Typer(
+    cls=SailGroup,
     help=(
         "SAIL: make foundation-model embeddings of medical images interpretable with "
         "Matryoshka sparse autoencoders. Every verb reads --config FILE.yaml and --workspace DIR; "
@@ -38,12 +42,16 @@ def _load(config: Path | None, workspace: Path | None, **sections: dict[str, Any
 
 
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("debug"):
+        raise exc
+    console.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
 @app.callback()
-def _main(verbose: VerboseOpt = False) -> None:
+def _main(verbose: VerboseOpt = False,
+          debug: Annotated[bool, typer.Option("--debug", help="Show the Python traceback of an error.")] = False) -> None:
     setup_logging(verbose)
 
 
@@ -257,6 +265,8 @@ def activations(
     embeddings: Annotated[Optional[Path], typer.Option(help="The table SAEs were trained on with `sail train --embeddings`.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda ... [default: auto].")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Load checkpoints whose model.safetensors does not "
+                                            "match the sha256 in their cfg.json (damaged or hand-edited).")] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -265,7 +275,8 @@ def activations(
     from sail.pipeline import run_pipeline
 
     section = {"encoders": encoder or None, "variants": variant or None, "sae_config": sae_config,
-               "embeddings": embeddings, "name": name, "device": device}
+               "embeddings": embeddings, "name": name, "device": device,
+               "verify_checkpoints": False if no_verify else None}
     try:
         cfg = _load(config, workspace, activations=section)
         run_pipeline(cfg, "activations", "activations", force)
@@ -330,14 +341,19 @@ app.add_typer(interpret_app, name="interpret")
 
 def _interpret(verb: str, config, workspace, force, sae_config, describer, judge, matcher, allow_remote, dry_run) -> None:
     from sail.interpret.stage import VERBS
-    from sail.workspace import Workspace
+    from sail.workspace import Workspace, stage_lock
 
     section: dict[str, Any] = {"describer": describer, "judge": judge, "matcher": matcher,
                                "sae_configs": [sae_config] if sae_config else None,
                                "allow_remote": allow_remote or None, "dry_run": dry_run or None}
     try:
         cfg = _load(config, workspace, interpret=section)
-        VERBS[verb](cfg, Workspace(cfg.workspace).ensure(), force)
+        ws = Workspace(cfg.workspace).ensure()
+        if cfg.interpret.dry_run:  # writes nothing, so needs no lock
+            VERBS[verb](cfg, ws, force)
+            return
+        with stage_lock(ws.root, "interpret"):  # the lock `sail run` takes for the interpret stage
+            VERBS[verb](cfg, ws, force)
     except SailError as exc:
         _fail(exc)
 

@@ -335,6 +335,7 @@ class ActivationsConfig(Section):
     embeddings: Path | None = Field(None, description="table the SAEs were trained on with --embeddings")
     name: str | None = None
     group_by: str | None = None
+    verify_checkpoints: bool = Field(True, description="check model.safetensors against the sha256 in its cfg.json")
 
 
 class ReportConfig(Section):

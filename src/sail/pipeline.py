@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sail.config import ConfigError, SailConfig, dump_config
 from sail.errors import SailError
-from sail.workspace import Workspace, write_text_atomic
+from sail.workspace import Workspace, stage_lock, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,17 @@ def run_pipeline(
     write_text_atomic(ws.config_yaml, dump_config(cfg))
     for stage in stages[lo : hi + 1]:
         log.info("stage %s: %s", stage.name, stage.doc)
-        stage.run(cfg, ws, force)
+        with stage_lock(ws.root, _lock_name(stage.name, cfg)):
+            stage.run(cfg, ws, force)
     return ws
+
+
+def _lock_name(stage: str, cfg: SailConfig) -> str:
+    """One lock per stage, per shard (``--shard i/n``) and per torchrun rank: those never collide."""
+    shard = {"encode": cfg.encode.shard, "train": cfg.train.shard}.get(stage)
+    name = stage + ("-shard" + re.sub(r"\D+", "of", shard.strip()) if shard else "")
+    rank = os.environ.get("RANK")
+    return name + (f"-rank{rank}" if rank and os.environ.get("WORLD_SIZE", "1") != "1" else "")
 
 
 def demo_config_path() -> Path:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sail import __version__
+from sail.errors import SailError
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,12 @@ def hash_config(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def hash_file(path: str | os.PathLike, chunk: int = 1 << 20, full: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest() if full else h.hexdigest()[:16]
 
 
 def fingerprint(path: str | os.PathLike) -> str:
@@ -160,6 +161,10 @@ def is_done(artifact: str | os.PathLike, record: StageRecord, ignore_semantics: 
         saved = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    integrity = saved.get("integrity")
+    if integrity and integrity.get("bytes") != artifact.stat().st_size:
+        log.warning("%s: size differs from what its manifest recorded (damaged or replaced); redoing it", artifact)
+        return False
     return (
         saved.get("stage") == record.stage
         and saved.get("config_hash") == record.config_hash
@@ -172,7 +177,41 @@ def mark_done(artifact: str | os.PathLike, record: StageRecord, extra: Mapping[s
     payload = record.to_json()
     if extra:
         payload["summary"] = dict(extra)
+    if Path(artifact).suffix == ".parquet":
+        payload["integrity"] = table_integrity(artifact)
+    elif Path(artifact).suffix == ".safetensors":  # cfg.json holds its sha256; the size makes is_done see damage
+        payload["integrity"] = {"bytes": Path(artifact).stat().st_size}
     write_json_atomic(manifest_path(artifact), payload)
+
+
+def table_integrity(path: str | os.PathLike) -> dict[str, Any]:
+    """What a written table is: bytes, rows and sha256, hashed once here (never on every read)."""
+    path = Path(path)
+    return {"bytes": path.stat().st_size, "rows": pq.read_metadata(path).num_rows, "sha256": hash_file(path, full=True)}
+
+
+def check_table(path: str | os.PathLike, what: str = "table") -> int:
+    """Cheap check of a Parquet table before it is read: its footer parses and, when its manifest
+    recorded them, its size and row count match. Returns the row count.
+
+    A damaged table (truncated, overwritten, replaced) is an error naming it and the stage to
+    rerun, before any result is computed from it.
+    """
+    path = Path(path)
+    redo = "rerun the stage that wrote it with --force"
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise SailError(f"{path}: not a readable Parquet {what} ({str(exc).splitlines()[0]}); {redo}") from None
+    try:
+        integrity = json.loads(manifest_path(path).read_text()).get("integrity") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        integrity = {}
+    size = path.stat().st_size
+    if integrity.get("bytes") not in (None, size) or integrity.get("rows") not in (None, rows):
+        raise SailError(f"{path}: {size} bytes / {rows} rows, but its manifest recorded {integrity.get('bytes')} "
+                        f"bytes / {integrity.get('rows')} rows when it was written (damaged or replaced); {redo}")
+    return rows
 
 
 class Workspace:
@@ -243,3 +282,35 @@ class Workspace:
 
     def relative(self, path: str | os.PathLike) -> str:
         return Path(path).relative_to(self.root).as_posix()
+
+
+@contextlib.contextmanager
+def stage_lock(root: str | os.PathLike, name: str) -> Iterator[Path]:
+    """An advisory lock so two runs never write the same stage's outputs at once.
+
+    ``name`` carries the shard (``encode-0of4``) and torchrun rank, so shard jobs and ranks on one
+    workspace take different locks. The lock is the kernel's (flock): it ends with the process that
+    held it, so a killed run leaves no stale lock; the file only says who held it last.
+    """
+    import fcntl
+    import socket
+    import time
+
+    path = Path(root) / ".locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SailError(f"{path}: stage {name} is being written by another sail run ({holder}); wait for it to "
+                            "finish (the lock ends with that process, even if it is killed)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -161,7 +161,7 @@ def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, ca
     state["thresholds"] = torch.tensor([0.1, float("inf")])
     save_file(state, str(weights), metadata={"sail": '{"schema_version": 1, "variant": "matryoshka"}'})
     old_cfg = json.loads((sae_dir / "cfg.json").read_text())
-    for key in ("artifact_semantics", "calibration"):
+    for key in ("artifact_semantics", "calibration", "weights_sha256"):  # none of them existed then
         old_cfg.pop(key)
     (sae_dir / "cfg.json").write_text(json.dumps(old_cfg))
     manifest = json.loads(manifest_path(weights).read_text())

@@ -7,6 +7,8 @@ queries.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -121,3 +123,28 @@ def age_group(age, style: str = "canonical") -> pd.Series:
     right = style == "published"
     groups = pd.cut(ages, bins=edges, labels=AGE_GROUPS, right=right, include_lowest=True)
     return groups.astype(object).where(groups.notna(), None)
+
+
+_SEX_WORDS = {"m": "m", "male": "m", "man": "m", "f": "f", "female": "f", "woman": "f", "w": "f"}
+_AGE_UNITS = {"y": 1.0, "m": 1 / 12, "w": 7 / 365.25, "d": 1 / 365.25}
+_AGE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(y|yr|yrs|years?|m|mo|months?|w|weeks?|d|days?)?", re.IGNORECASE)
+
+
+def normalise_sex(value: str | None) -> tuple[str | None, bool]:
+    """``Male`` -> ``m``, ``F`` -> ``f``; (None, False) for a value that says neither."""
+    if value is None or not str(value).strip():
+        return None, True
+    sex = _SEX_WORDS.get(str(value).strip().lower())
+    return sex, sex is not None
+
+
+def normalise_age(value: str | None) -> tuple[float | None, bool]:
+    """Years from ``45``, ``45.5``, ``045Y`` (DICOM), ``6M``, ``45 years``; (None, False) otherwise."""
+    if value is None or not str(value).strip():
+        return None, True
+    m = _AGE_RE.fullmatch(str(value).strip())
+    if not m:
+        return None, False
+    unit = (m.group(2) or "y")[0].lower()
+    years = float(m.group(1)) * _AGE_UNITS[unit]
+    return (years, True) if years < 150 else (None, False)

@@ -159,14 +159,16 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     frames = [results[k].rows for k in sorted(results) if results[k].rows is not None]
     for k in sorted(results):
         skips.extend(results[k].skips)
-    _write_skips(ws, skips)
-    if not frames:
-        raise SailError(f"{source}: every scan was skipped; reasons in {ws.skipped_csv}")
+    if not frames:  # a previous slices.parquet + skipped.csv pair stays as it was
+        failed = ws.data_dir / "skipped.failed.csv" if ws.slices_table.exists() else ws.skipped_csv
+        write_csv_atomic(failed, pd.DataFrame(skips, columns=SKIP_COLUMNS))
+        raise SailError(f"{source}: every scan was skipped; reasons in {failed}")
     table = _assemble(frames)
     write_parquet_atomic(ws.slices_table, table)
+    _write_skips(ws, skips)  # after the table: the pair is consistent once the manifest below is written
     n_skipped = sum(1 for s in skips if s["action"] == "skip_scan")
     summary = {"slices": len(table), "scans": int(table.groupby(["modality", "image_id"]).ngroups),
-               "skipped_scans": n_skipped}
+               "skipped_scans": n_skipped, "skipped_csv": fingerprint(ws.skipped_csv)}
     mark_done(ws.slices_table, record, summary)
     shutil.rmtree(parts, ignore_errors=True)
     by_plane = table.groupby(["modality", "plane"]).size().to_dict()

@@ -158,9 +158,12 @@ def _mask_voxels(path: Path, what: str, shape: tuple[int, ...], affine: np.ndarr
     if not np.allclose(img.affine, affine, atol=1e-2):
         raise ScanDefect(f"{what} affine differs from the image affine ({path})")
     try:
-        return np.asanyarray(img.dataobj)
+        voxels = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise ScanDefect(f"cannot decode {what} {path}: {exc}") from None
+    if voxels.dtype.kind in "fc" and not np.isfinite(voxels).all():  # NaN != 0 would mark every voxel
+        raise ScanDefect(f"{what} holds NaN or inf voxels ({path})")
+    return voxels
 
 
 def _pack_label_map(ref: ScanRef, labels: np.ndarray, packed: np.ndarray) -> np.ndarray:

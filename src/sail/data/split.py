@@ -19,7 +19,8 @@ from sklearn.model_selection import StratifiedShuffleSplit
 
 from sail.config import SailConfig, SplitConfig
 from sail.errors import SailError
-from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done, write_csv_atomic
+from sail.workspace import (StageRecord, Workspace, check_table, fingerprint, hash_config, is_done, mark_done,
+                            write_csv_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     if not force and is_done(ws.split_csv, record):
         log.info("split: up to date (%s)", ws.split_csv)
         return
+    check_table(ws.slices_table, "slices table")
     names = pq.read_schema(ws.slices_table).names
     wanted = ["modality", "image_id", "institute", "sex", "age_group", "group"]
     slices = pd.read_parquet(ws.slices_table, columns=[c for c in wanted if c in names])
@@ -139,6 +141,9 @@ def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     mark_done(ws.split_csv, record, summary)
     for s in SPLITS:
         log.info("split: %-5s %4d scans %7d slices", s, counts[s], slice_counts[s])
+    for s in (s for s in SPLITS if counts[s] == 0):
+        hint = f" (no scan from split.test_institutes {cfg.split.test_institutes})" if s == "test" else ""
+        log.warning("split: the %s split is empty%s; evaluation and interpretation need every split", s, hint)
 
 
 def read_split(ws: Workspace) -> pd.DataFrame:

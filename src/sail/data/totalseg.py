@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sail.data.labels import VOCABULARY
+from sail.data.labels import VOCABULARY, normalise_age, normalise_sex
 from sail.data.manifest import ScanRef, scans_from_table, skip_record
 from sail.errors import SailError
 
@@ -97,9 +97,11 @@ def discover(source: Path, modalities: list[str]) -> tuple[list[ScanRef], list[d
 def layout_manifest(source: Path, modality: str) -> tuple[pd.DataFrame, list[dict]]:
     """One modality's folder as a manifest table (paths relative to ``source``) + skip records."""
     root = source / DATASET_FOLDERS[modality]
-    meta = read_meta(root / "meta.csv", modality).set_index("image_id", drop=False)
+    meta = read_meta(root / "meta.csv", modality)
+    skips = normalise_meta(meta, root / "meta.csv", modality)
+    meta = meta.set_index("image_id", drop=False)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    rows, skips = [], []
+    rows = []
     for folder in folders:
         if folder.name not in meta.index:
             skips.append(_skip(modality, folder.name, f"folder {folder} has no row in {root / 'meta.csv'}"))
@@ -116,4 +118,20 @@ def layout_manifest(source: Path, modality: str) -> tuple[pd.DataFrame, list[dic
         skips.append(_skip(modality, image_id, f"meta.csv row has no scan folder under {root}"))
     return pd.DataFrame(rows, columns=["image", "image_id", "modality", "segmentations"] + [
         _RENAMED.get(k, k) for k in META_COLUMNS[modality] if k != "image_id"]), skips
+
+
+def normalise_meta(meta: pd.DataFrame, path: Path, modality: str) -> list[dict]:
+    """Normalise gender/age in place where unambiguous (``Male`` -> m, ``045Y`` -> 45); every other
+    value becomes null and is recorded (row, column, value) in skipped.csv, never silently."""
+    issues = []
+    for col, normalise in (("gender", normalise_sex), ("age", normalise_age)):
+        values = []
+        for row, (image_id, raw) in enumerate(zip(meta["image_id"], meta[col])):
+            value, ok = normalise(raw)
+            values.append(None if value is None else str(value))
+            if not ok:
+                issues.append(_skip(modality, image_id, f"{path} line {row + 2} column '{col}': {raw!r} is not "
+                                    f"recognised; stored as null", action="null_value"))
+        meta[col] = pd.Series(values, dtype=object, index=meta.index)  # None stays None (a list would give NaN)
+    return issues
 

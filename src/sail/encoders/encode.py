@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -192,7 +193,25 @@ class PartsDir:
         return self.dir / f"chunk_{k:06d}.parquet"
 
     def has(self, k: int) -> bool:
-        return self.chunk(k).is_file()
+        """A finished chunk: its Parquet footer reads and holds the planned row count. A damaged
+        part (truncated, overwritten) is removed, so it is encoded again rather than trusted."""
+        path = self.chunk(k)
+        if not path.is_file():
+            return False
+        plan = self.plan() or {}
+        want = None
+        if "n_slices" in plan and "chunk_size" in plan:
+            want = min(plan["chunk_size"], plan["n_slices"] - k * plan["chunk_size"])
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException):
+            rows = -1
+        if rows < 0 or (want is not None and rows != want):
+            log.warning("%s: damaged part (%s rows, expected %s); encoding it again", path,
+                        "unreadable" if rows < 0 else rows, want)
+            path.unlink(missing_ok=True)
+            return False
+        return True
 
     def plan(self) -> dict[str, Any] | None:
         try:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sail.errors import SailError
-from sail.workspace import write_parquet_atomic
+from sail.workspace import check_table, write_parquet_atomic
 
 META_KEY = "sail"
 
@@ -52,6 +52,7 @@ def read_embeddings(path: str | Path) -> EmbeddingTable:
     path = Path(path)
     if not path.is_file():
         raise SailError(f"embeddings table not found: {path}")
+    check_table(path, "embeddings table")
     table = pq.read_table(path)
     for col in ("slice_id", "embedding"):
         if col not in table.column_names:

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from sail.encoders.table import read_embeddings
 from sail.errors import SailError
 from sail.sae.activations_io import read_activations
-from sail.workspace import Workspace
+from sail.workspace import Workspace, check_table
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def load_eval_data(ws: Workspace) -> EvalData:
     for path in (ws.slices_table, ws.split_csv):
         if not path.is_file():
             raise SailError(f"{path} not found: run `sail prepare` and `sail split` first")
+    check_table(ws.slices_table, "slices table")
     slices = pd.read_parquet(ws.slices_table)
     split = pd.read_csv(ws.split_csv, dtype={"image_id": str, "modality": str, "split": str})
     for col in ("slice_id", "modality", "image_id"):

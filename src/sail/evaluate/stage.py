@@ -26,7 +26,7 @@ from sail.evaluate.inputs import (EvalData, discover_configs, embedded, discover
 from sail.evaluate.probes import PROBE_COLUMNS, as_design, build_tasks, coefficient_table, run_probes
 from sail.evaluate.ranking import rank_configs, table1_markdown
 from sail.evaluate.recovery import run_recovery
-from sail.workspace import (StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done,
+from sail.workspace import (StageRecord, Workspace, check_table, fingerprint, hash_config, is_done, mark_done,
                             write_csv_atomic, write_parquet_atomic, write_text_atomic)
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,9 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         log.info("evaluate: up to date (%s)", ws.relative(main))
         return
     data_all = load_eval_data(ws)
+    for enc in encoders:  # a damaged activations table fails before anything is written
+        for table in sorted((ws.root / "activations" / enc).rglob("*.parquet")):
+            check_table(table, "activations table")
     probe_hash = hash_config(_probe_settings_hash(ecfg))
     unit_hash = hash_config({k: v for k, v in ecfg.model_dump(mode="json").items() if k not in ("ranking", "encoders")})
     for enc in encoders:

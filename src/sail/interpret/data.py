@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from sail.config import SailConfig
 from sail.errors import SailError
 from sail.sae.activations_io import read_activations
-from sail.workspace import Workspace, fingerprint
+from sail.workspace import Workspace, check_table, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def read_slices(ws: Workspace) -> pd.DataFrame:
 
     if not ws.slices_table.is_file():
         raise SailError(f"{ws.slices_table} not found: run `sail prepare` first")
+    check_table(ws.slices_table, "slices table")
     slices = pd.read_parquet(ws.slices_table)
     missing = [c for c in META_COLUMNS if c not in slices.columns]
     if missing:
@@ -140,6 +141,10 @@ class SplitData:
 def load_split(ws: Workspace, target: Target, split: str, slices: pd.DataFrame) -> SplitData:
     path = ws.activations(target.encoder, target.variant, target.sae_config, split)
     slice_ids, codes, _ = read_activations(path)
+    if len(slice_ids) == 0:
+        raise SailError(f"{path}: the {split} split has no slices (data/split.csv assigns it no scan; with the "
+                        "default split.test_institutes A, D, E a dataset lacking those institutes has no test scans); "
+                        "set split.test_institutes to institutes in your data and rerun from `sail split`")
     order = np.argsort(slice_ids, kind="stable")
     slice_ids, codes = slice_ids[order], codes[order]
     index = pd.Index(slices["slice_id"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,8 @@ from sail.config import SailConfig
 from sail.console import console
 from sail.errors import SailError
 from sail.interpret.data import SplitData, Target, dense_aligned, load_split, read_slices, select_targets
-from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done, write_csv_atomic, write_json_atomic
+from sail.workspace import (StageRecord, Workspace, fingerprint, hash_config, is_done, manifest_path, mark_done,
+                            write_csv_atomic, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,11 @@ def _model_identity(cfg: SailConfig, role: str) -> dict:
     kind = {"describer": ic.describer, "judge": ic.judge, "matcher": ic.matcher_llm if ic.matcher == "llm" else ic.matcher}[role]
     if kind == "openai":
         s = (ic.judge_openai if role == "judge" and ic.judge_openai else ic.openai)
-        return {"kind": kind, **s.model_dump(mode="json", exclude={"api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s"})}
+        ident = s.model_dump(mode="json", exclude={"api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s"})
+        # the environment fallbacks decide the answers as much as the config does
+        ident["base_url"] = ident["base_url"] or os.environ.get("SAIL_OPENAI_BASE_URL")
+        ident["model"] = ident["model"] or os.environ.get("SAIL_OPENAI_MODEL")
+        return {"kind": kind, **ident}
     if kind == "transformers":
         s = (ic.judge_transformers if role == "judge" and ic.judge_transformers else ic.transformers)
         return {"kind": kind, **s.model_dump(mode="json", exclude={"device"})}
@@ -187,7 +193,12 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                    **ai.judge_metrics(judged, n_cand, judge_name)}
         write_json_atomic(out / "metrics.json", metrics)
         write_csv_atomic(desc_csv, desc)
-        mark_done(desc_csv, record, {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        if metrics["n_failed"]:  # not done: the next run retries the failed calls (answers are cached)
+            manifest_path(desc_csv).unlink(missing_ok=True)
+            log.warning("autointerp %s: %d feature(s) failed (see the error column of %s); rerun to retry them",
+                        t.key, metrics["n_failed"], desc_csv)
+        else:
+            mark_done(desc_csv, record, {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
         log.info("autointerp %s: %d described, %d failed; judge %s success %.2f", t.key, metrics["n_described"],
                  metrics["n_failed"], ic.judge, metrics.get("success_rate", float("nan")))
 

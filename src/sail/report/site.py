@@ -26,7 +26,8 @@ from sail.console import track
 from sail.data.labels import STRUCTURE_REGION
 from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
 from sail.interpret.data import select_targets
-from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done, write_text_atomic
+from sail.workspace import (StageRecord, Workspace, check_table, fingerprint, hash_config, is_done, mark_done,
+                            write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -362,5 +363,16 @@ def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     if not force and is_done(index, record):
         log.info("report: up to date (%s)", index)
         return
+    _check_inputs(ws)
     build_site(cfg, ws)
     mark_done(index, record)
+
+
+def _check_inputs(ws: Workspace) -> None:
+    """Every checkpoint and activations table the site reads is intact before a page is rewritten."""
+    from sail.sae.checkpoint import load_sae
+
+    for table in sorted((ws.root / "activations").rglob("*.parquet")):
+        check_table(table, "activations table")
+    for weights in sorted((ws.root / "sae").glob("*/*/*/model.safetensors")):
+        load_sae(weights.parent)

@@ -57,7 +57,7 @@ def _sae_dirs(ws: Workspace, encoder: str, variants: list[str], sae_config: str)
 
 
 def export_sae(ws: Workspace, sae_dir: Path, data: EmbeddingData, splits: list[str], batch_size: int,
-               device: torch.device, force: bool = False) -> list[Path]:
+               device: torch.device, force: bool = False, verify: bool = True) -> list[Path]:
     """Write activations/<encoder>/<variant>/<config>/<split>.parquet for one checkpoint."""
     variant, name = sae_dir.parent.name, sae_dir.name
     record = StageRecord(
@@ -69,7 +69,7 @@ def export_sae(ws: Workspace, sae_dir: Path, data: EmbeddingData, splits: list[s
     if not force and all(is_done(o, record) for o in outs):
         log.info("activations %s/%s/%s: up to date", data.encoder, variant, name)
         return outs
-    model, cfg = load_sae(sae_dir, device)
+    model, cfg = load_sae(sae_dir, device, verify=verify)
     if model.d_in != data.x_ND.shape[1]:
         raise SailError(f"{sae_dir / CFG}: d_in {model.d_in} does not match {data.encoder} embeddings of width {data.x_ND.shape[1]}")
     for split, out in zip(splits, outs):
@@ -105,5 +105,5 @@ def run_activations(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
         data = load_data(ws, encoder=None if table else encoder, embeddings=table, name=encoder,
                          group_by=split_info.get("group_by") or ac.group_by, seed=split_info.get("seed", 42))
         for sae_dir in dirs:
-            export_sae(ws, sae_dir, data, list(ac.splits), ac.batch_size, device, force)
+            export_sae(ws, sae_dir, data, list(ac.splits), ac.batch_size, device, force, ac.verify_checkpoints)
 

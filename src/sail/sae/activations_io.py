@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from sail.errors import SailError
-from sail.workspace import write_parquet_atomic
+from sail.workspace import check_table, write_parquet_atomic
 
 META_KEY = "sail"
 
@@ -41,6 +41,7 @@ def read_activations(path: str | Path) -> tuple[np.ndarray, sp.csr_matrix, dict]
     path = Path(path)
     if not path.is_file():
         raise SailError(f"activations table not found: {path}")
+    check_table(path, "activations table")
     table = pq.read_table(path)
     for col in ("slice_id", "idx", "val"):
         if col not in table.column_names:

@@ -4,6 +4,7 @@ published Lightning checkpoints (``last.ckpt`` + ``hparams.yaml``) into that for
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -77,6 +78,7 @@ def save_sae(
         meta = json.dumps({"schema_version": SCHEMA_VERSION, "variant": spec.variant}, sort_keys=True)
         save_file(state, str(tmp), metadata={"sail": meta})
     cfg = {
+        "weights_sha256": sha256_file(out_dir / WEIGHTS),
         "schema_version": SCHEMA_VERSION,
         "sail_version": __version__,
         "git_commit": git_commit(),
@@ -94,6 +96,34 @@ def save_sae(
         metrics = pd.DataFrame(columns=METRIC_COLUMNS)
     write_csv_atomic(out_dir / METRICS, metrics[METRIC_COLUMNS])
     return out_dir
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Full SHA-256 of a file (checkpoints are MBs: hashing them on load costs milliseconds)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_weights(weights: Path, cfg: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights``, after checking they are what save_sae wrote (unless not ``verify``)."""
+    redo = "retrain it (`sail train --force`) or restore the file"
+    expected = cfg.get("weights_sha256")
+    if verify and expected is not None and sha256_file(weights) != expected:
+        raise SailError(f"{weights}: content does not match the sha256 recorded in {CFG} when it was written (the "
+                        f"file is damaged or was replaced); {redo}, or pass --no-verify to load it anyway")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every defect
+        raise SailError(f"{weights}: not a readable safetensors file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'empty'}); {redo}") from None
+    for name, tensor in state.items():
+        # thresholds are NaN before calibration and +inf for a range that never fired; weights must be finite
+        if name != "thresholds" and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SailError(f"{weights}: tensor '{name}' holds NaN or inf values; {redo}")
+    return state
 
 
 def read_cfg(sae_dir: str | Path) -> dict[str, Any]:
@@ -114,11 +144,12 @@ def spec_from_cfg(cfg: dict[str, Any]) -> SAESpec:
 
 
 def load_sae(sae_dir: str | Path, device: str | torch.device = "cpu",
-             allow_stale: bool = False) -> tuple[StackedSAE, dict[str, Any]]:
+             allow_stale: bool = False, verify: bool = True) -> tuple[StackedSAE, dict[str, Any]]:
     """Load a checkpoint folder as a single-SAE :class:`StackedSAE` (M = 1) and its cfg.json.
 
     A matryoshka checkpoint calibrated by an older SAIL (artifact semantics 1: per-prefix
-    thresholds that collapse flat-K schedules) is refused unless ``allow_stale``.
+    thresholds that collapse flat-K schedules) is refused unless ``allow_stale``. The weights must
+    match the sha256 in cfg.json (unless not ``verify``), hold every tensor and be finite.
     """
     sae_dir = Path(sae_dir)
     cfg = read_cfg(sae_dir)
@@ -129,8 +160,12 @@ def load_sae(sae_dir: str | Path, device: str | torch.device = "cpu",
         raise SailError(f"{sae_dir / CFG}: its thresholds were calibrated by an older SAIL whose rule is wrong for "
                         "flat-K schedules; run `sail train --recalibrate` (keeps the weights) or retrain")
     model = StackedSAE([spec_from_cfg(cfg)], int(cfg["d_in"]))
+    state = _read_weights(weights, cfg, verify)
+    missing = sorted(set(model.model_state(0)) - set(state))
+    if missing:
+        raise SailError(f"{weights}: tensor(s) {missing} missing; retrain it (`sail train --force`)")
     try:
-        model.load_model_state(0, load_file(str(weights)))
+        model.load_model_state(0, state)
     except SailError as exc:
         raise SailError(f"{weights}: {exc}") from None
     return model.to(device).eval(), cfg

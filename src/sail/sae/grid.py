@@ -6,6 +6,7 @@ dictionary sizes and top-k mode form a *family* that trains in one pass on the s
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from itertools import groupby
@@ -18,6 +19,8 @@ from sail.config import TrainingSettings, read_yaml
 from sail.errors import SailError
 from sail.sae.model import SAESpec
 from sail.workspace import hash_config
+
+log = logging.getLogger(__name__)
 
 PAPER_DICT_SIZES = [[16, 64, 256, 1024], [32, 128, 512, 2048], [64, 256, 1024, 4096], [128, 512, 2048, 8192]]
 PAPER_K_VALUES = [
@@ -120,7 +123,10 @@ def load_grid(
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise SailError(f"{origin}: training setting '{key}': {first['msg']}") from None
+    if not raw["configs"]:
+        raise SailError(f"{origin}: 'configs' is empty; list at least one SAE config")
     entries: list[GridEntry] = []
+    dropped: list[str] = []
     for i, item in enumerate(raw["configs"]):
         where = f"{origin}: configs[{i}]"
         if not isinstance(item, dict):
@@ -129,8 +135,7 @@ def load_grid(
         if unknown:
             raise SailError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(ENTRY_KEYS)}")
         for key in ("dict_sizes", "k_values"):
-            if not isinstance(item.get(key), list):
-                raise SailError(f"{where}: '{key}' must be a list of integers")
+            _check_positive_ints(item.get(key), f"{where}.{key}")
         mode = item.get("topk_mode", "per_level")
         if "variant" in item:
             if variants_explicit and item["variant"] not in variants:
@@ -139,9 +144,18 @@ def load_grid(
         else:
             names = [v for v in variants if not (v == "sail" and mode == "global")]
         for variant in names:
-            spec = SAESpec(variant, tuple(item["dict_sizes"]), tuple(item["k_values"]), mode)
+            try:
+                spec = SAESpec(variant, tuple(item["dict_sizes"]), tuple(item["k_values"]), mode)
+            except SailError as exc:
+                raise SailError(f"{where}: {exc}") from None
             if spec.valid:
                 entries.append(GridEntry(spec, settings))
+            else:
+                dropped.append(f"configs[{i}] {variant} {spec.published_name} (a K exceeds its level's size)")
+    if dropped:
+        log.info("%s: dropped %d config(s), as the published grid does: %s", origin, len(dropped), "; ".join(dropped))
+    if not entries:
+        raise SailError(f"{origin}: every config was dropped: {'; '.join(dropped) or 'no variant applies'}")
     seen: set[tuple[str, str]] = set()
     unique = []
     for e in entries:
@@ -149,6 +163,15 @@ def load_grid(
             seen.add((e.spec.variant, e.name))
             unique.append(e)
     return unique
+
+
+def _check_positive_ints(values: Any, where: str) -> None:
+    """Sizes and K are positive integers as written: 64.9 or true are errors, not 64 or 1."""
+    if not isinstance(values, list) or not values:
+        raise SailError(f"{where}: must be a non-empty list of positive integers, got {values!r}")
+    for j, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise SailError(f"{where}[{j}]: {v!r} is not a positive integer")
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:

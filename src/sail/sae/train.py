@@ -29,6 +29,7 @@ from sail.errors import SailError
 from sail.sae.checkpoint import METRIC_COLUMNS, WEIGHTS, save_sae
 from sail.sae.distributed import DistContext, from_env, local_device
 from sail.sae.grid import GridEntry, families, load_grid, shard_entries
+from sail.sae.memory import check_fits
 from sail.sae.model import StackedSAE
 from sail.workspace import StageRecord, Workspace, atomic_path, fingerprint, hash_config, is_done, mark_done
 
@@ -168,8 +169,31 @@ def load_data(
     if not np.isfinite(table.x_ND).all():
         row = int(np.flatnonzero(~np.isfinite(table.x_ND).all(1))[0])
         raise SailError(f"{path}: row {row} ({table.slice_ids[row]}) holds NaN or inf")
+    check_trainable(path, table.slice_ids, table.x_ND)
     info["counts"] = {s: int((split == s).sum()) for s in SPLITS}
     return EmbeddingData(encoder, table.slice_ids, table.x_ND, split, inputs, info)
+
+
+def check_trainable(path: Path, slice_ids: np.ndarray, x_ND: np.ndarray) -> None:
+    """Refuse rows that would make the split or the metrics lie: duplicate slice_ids (one row on
+    both sides of the split), all-zero rows and constant tables (a "perfect" FVU of 0)."""
+    uniq, counts = np.unique(slice_ids.astype(str), return_counts=True)
+    if (counts > 1).any():
+        dup = str(uniq[counts > 1][0])
+        rows = np.flatnonzero(slice_ids.astype(str) == dup)[:2].tolist()
+        raise SailError(f"{path}: column 'slice_id' has duplicates, e.g. {dup!r} at rows {rows}; each slice must "
+                        "appear once")
+    if len(x_ND) == 0:
+        raise SailError(f"{path}: the table has no rows")
+    zero = ~np.any(x_ND, axis=1)
+    if zero.any():
+        row = int(np.flatnonzero(zero)[0])
+        raise SailError(f"{path}: row {row} ({slice_ids[row]}) is an all-zero embedding ({int(zero.sum())} such rows)")
+    norms_N = np.sqrt(np.einsum("nd,nd->n", x_ND, x_ND, dtype=np.float64))
+    cos_N = (x_ND @ (x_ND[0] / norms_N[0]).astype(x_ND.dtype)) / norms_N  # no (N, d) temporary
+    if len(x_ND) > 1 and cos_N.min() > 1 - 1e-6:
+        raise SailError(f"{path}: every row holds the same direction (the SAE sees L2-normalised rows): it would "
+                        "reconstruct them perfectly and learn nothing")
 
 
 def to_device_normalized(x_ND: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -549,7 +573,7 @@ def grid_entries(tc: TrainConfig) -> list[GridEntry]:
     entries = load_grid(tc.grid, list(tc.variants), "variants" in tc.model_fields_set, tc.training)
     entries = shard_entries(entries, tc.shard)
     if not entries:
-        log.warning("this shard of the grid is empty")
+        log.warning("shard %s of the grid is empty (the grid has fewer configs than shards)", tc.shard)
     return entries
 
 
@@ -581,6 +605,8 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
                 (d / STATE_FILE).unlink(missing_ok=True)
         if rt.dist is not None:
             rt.dist.barrier()  # no rank may resume from a state rank 0 is about to discard
+        check_fits([e.name for e in fam], fam[0].spec.dict_sizes[-1], x_train.shape[1],
+                   fam[0].settings.batch_size, rt.device)
         fit, x_calib, calib_info = _fit_and_calibration_rows(fam[0], data.slice_ids[train_rows], x_train)
         log.info("training %s on %d %s rows: %s", fam[0].spec.variant, fit.shape[0], data.encoder,
                  ", ".join(e.name for e in fam))

@@ -57,6 +57,8 @@ def call_key(model: ChatModel, template: str, request: ChatRequest) -> dict[str,
         "image_shas": [sha(b)[:24] for b in request.images],
         "params": model.params,
     }
+    if getattr(model, "endpoint", None):  # another server may answer differently: never replay its answers
+        parts["endpoint"] = model.endpoint
     parts["key"] = sha(json.dumps(parts, sort_keys=True))[:32]
     return parts
 

@@ -60,6 +60,7 @@ class OpenAIChat:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.identity = f"openai:{model}"
+        self.endpoint = base_url.rstrip("/")  # part of the call-cache key
         self.params: dict[str, Any] = {"temperature": settings.temperature, "max_tokens": settings.max_tokens, "seed": settings.seed}
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(settings.api_key_env)
