@@ -71,13 +71,14 @@ def test_nan_codes_never_written_from_a_corrupted_checkpoint(golden, tmp_path):
     assert snapshot(ctx.ws / "activations") == before
 
 
-def test_empty_test_split_is_a_warning_at_split(golden, tmp_path):
+def test_no_held_out_institute_gives_a_warned_seeded_test_split(golden, tmp_path):
     src, golden_ws, cfg = golden
     ctx = Ctx(ws=copy_workspace(golden_ws, tmp_path / "ws"), tmp=tmp_path, src=src, cfg=cfg)
     result = _cli("split", *ctx.config({"split": {"test_institutes": ["Z"]}}))
     assert result.exit_code == 0
     text = " ".join(result.output.split())  # log lines wrap at the console width
-    assert "WARNING split: the test split is empty (no scan from split.test_institutes ['Z'])" in text
+    assert "WARNING split: no scan from the held-out institutes Z" in text
+    assert (pd.read_csv(ctx.ws / "data" / "split.csv")["split"] == "test").any()
 
 
 def test_sex_and_age_normalised_or_recorded(golden, tmp_path):
@@ -94,9 +95,9 @@ def test_sex_and_age_normalised_or_recorded(golden, tmp_path):
     scans, skips = discover(src, ["ct"])
     by_id = {s.image_id: s.meta for s in scans}
     ids = table.image_id.tolist()
-    assert by_id[ids[0]]["gender"] == "m" and float(by_id[ids[0]]["age"]) == 45.0
-    assert by_id[ids[1]]["gender"] == "f" and float(by_id[ids[1]]["age"]) == pytest.approx(0.5)
-    assert by_id[ids[2]]["gender"] is None and pd.isna(by_id[ids[2]]["age"])
+    assert by_id[ids[0]]["sex"] == "m" and float(by_id[ids[0]]["age"]) == 45.0
+    assert by_id[ids[1]]["sex"] == "f" and float(by_id[ids[1]]["age"]) == pytest.approx(0.5)
+    assert pd.isna(by_id[ids[2]]["sex"]) and pd.isna(by_id[ids[2]]["age"])
     recorded = [s["reason"] for s in skips if s["action"] == "null_value"]
     assert any("line 4 column 'gender': 'x?'" in r for r in recorded)
     assert any("line 4 column 'age': 'old'" in r for r in recorded)
