@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             line = {
                 "bench": "ground_truth", "setting": args.setting, "model": name, "recipe": recipe,
                 "lr_given": lr is not None, "rows": rows, "train_rows": tr.stop, "spec": specs[name].to_json(),
-                **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+                **{k: _json_number(v) for k, v in metrics.items()},
                 "train_s": round(seconds, 1),
                 "settings": {k: used[k] for k in ("epochs", "batch_size", "lr", "lr_min", "warmup_steps", "clip_norm",
                                                   "schedule")},
@@ -108,7 +108,8 @@ def figure(lines: list[dict[str, Any]], path: Path) -> None:
     for ax, metric, title in zip(axes, ("recovered", "mcc", "absorption"),
                                  ("recovered at |cos| >= 0.9", "MCC (Hungarian mean |cos|)", "absorption (lower is better)")):
         for j, label in enumerate(labels):
-            vals = [next((ln[metric] for ln in lines if ln["model"] == m and _label(ln) == label), np.nan) for m in models]
+            vals = [next((ln[metric] for ln in lines if ln["model"] == m and _label(ln) == label), None) for m in models]
+            vals = [np.nan if v is None else v for v in vals]
             ax.bar(np.arange(len(models)) + j * width, vals, width, label=label)
         ax.set_xticks(np.arange(len(models)) + width * (len(labels) - 1) / 2, models, rotation=20, fontsize=8)
         ax.set_title(title, fontsize=9)
@@ -120,6 +121,13 @@ def figure(lines: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def _json_number(v: Any) -> Any:
+    """Rounded floats; NaN (no hierarchy, so no absorption pairs) as null, so lines stay strict JSON."""
+    if isinstance(v, float):
+        return None if np.isnan(v) else round(v, 4)
+    return v
 
 
 def _label(line: dict[str, Any]) -> str:
