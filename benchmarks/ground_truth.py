@@ -114,6 +114,8 @@ def figure(lines: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(np.arange(len(models)) + width * (len(labels) - 1) / 2, models, rotation=20, fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, 1)
+        if all(ln[metric] is None for ln in lines):
+            ax.text(0.5, 0.5, "no hierarchy in this setting", transform=ax.transAxes, ha="center", fontsize=9)
     axes[0].legend(fontsize=7)
     rows = lines[0]["rows"]
     fig.suptitle(f"Ground truth: d {lines[0]['generator']['d']}, {lines[0]['generator']['n_features']} true features, "

@@ -29,6 +29,8 @@ with the true codes, on held-out rows:
 - ``fvu`` and ``l0``: fraction of variance unexplained (per-dimension variance) of the inference
   code's reconstruction of the L2-normalised rows, and the mean number of active latents per row.
 - ``dead``: the share of latents that never fire on the held-out rows.
+- ``recovered_parents`` / ``_children`` / ``_free`` / ``_rare_half``: the recovered share within
+  each group (the rarer half: marginal probability below the median).
 - ``absorption``: over all (row, parent) pairs where the parent and at least one of its children
   are active in the row (the only pairs where absorption can happen), the share where the parent's
   matched latent is silent while the matched latent of one of the active children fires: the child
@@ -198,6 +200,15 @@ def absorption(true_NF: sp.csr_matrix, codes_NL: sp.csr_matrix, parent_F: np.nda
     }
 
 
+def recovered_by_role(cos_F: np.ndarray, truth: GroundTruth) -> dict[str, float]:
+    """Recovered share among parents, children and free features, and among the rarer half."""
+    is_parent = np.isin(np.arange(cos_F.size), truth.parents)
+    groups = {"parents": is_parent, "children": truth.parent_F >= 0, "free": (truth.parent_F < 0) & ~is_parent,
+              "rare_half": truth.prob_F < np.median(truth.prob_F)}
+    return {f"recovered_{name}": float((cos_F[mask] >= RECOVERED_COS).mean()) if mask.any() else float("nan")
+            for name, mask in groups.items()}
+
+
 @torch.no_grad()
 def inference_codes(model: Any, x_ND: torch.Tensor, batch_size: int = 8192) -> list[sp.csr_matrix]:
     """Stored (inference) codes of every stacked model as CSR, from L2-normalised rows."""
@@ -233,6 +244,7 @@ def score_sae(model: Any, x_ND: torch.Tensor, truth: GroundTruth, rows: np.ndarr
             "fvu": float((x - recon).pow(2).sum().item() / max(var, 1e-30)),
             "l0": float(c.nnz / max(c.shape[0], 1)),
             "dead": float(1 - fired_L.mean()),
+            **recovered_by_role(cos_F, truth),
             **absorption(true_codes, c, truth.parent_F, latent_F),
         })
     return out
