@@ -2,7 +2,8 @@
 
     python benchmarks/ground_truth.py                          # the pinned default setting, auto recipe
     python benchmarks/ground_truth.py --setting flat --recipes auto,published --epochs 20 --batch-size 512
-    python benchmarks/ground_truth.py --lrs 1e-4,3e-4,1e-3,3e-3,1e-2 --rows 10000   # lr sweep
+    python benchmarks/ground_truth.py --lrs 1e-4,3e-4,3e-3,1e-2 --recipes auto,published --rows 10000 > s10k.jsonl
+    python benchmarks/ground_truth.py --sweep-from s10k.jsonl s100k.jsonl --out sweep.png   # lr-sweep figure
 
 Embeddings come from ``sail.evaluate.ground_truth.generate`` (d 256, 512 true features, Zipf 1.0,
 64 parents with 2-4 children, 8 active per row, noise 0.05, offset norm 1, 100k rows by default);
@@ -125,6 +126,34 @@ def figure(lines: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_figure(lines: list[dict[str, Any]], path: Path) -> None:
+    """Recovered share and FVU against lr, one line per (model, rows); recipe runs as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    groups = sorted({(ln["model"], ln["rows"]) for ln in lines})
+    for (model, rows), color in zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        mine = [ln for ln in lines if ln["model"] == model and ln["rows"] == rows]
+        for ax, metric in zip(axes, ("recovered", "fvu")):
+            pts = sorted((ln["settings"]["lr"], ln[metric]) for ln in mine if ln["recipe"] == "auto")
+            ax.plot(*zip(*pts), "-", color=color, alpha=0.6, label=f"{model}, {rows // 1000}k rows")
+            for ln in mine:
+                if not ln["lr_given"]:
+                    marker = "*" if ln["recipe"] == "auto" else "x"
+                    ax.plot(ln["settings"]["lr"], ln[metric], marker, color=color, markersize=12)
+    for ax, label in zip(axes, ("recovered at |cos| >= 0.9", "FVU")):
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7, title="* auto recipe, x published", title_fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def _json_number(v: Any) -> Any:
     """Rounded floats; NaN (no hierarchy, so no absorption pairs) as null, so lines stay strict JSON."""
     if isinstance(v, float):
@@ -150,7 +179,13 @@ def main() -> None:
     p.add_argument("--data-seed", type=int, default=0, help="generator seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/ground_truth.png"))
+    p.add_argument("--sweep-from", type=Path, nargs="*", default=None,
+                   help="only draw the lr-sweep figure (to --out) from JSON-line files of earlier runs")
     args = p.parse_args()
+    if args.sweep_from:
+        lines = [json.loads(t) for f in args.sweep_from for t in f.read_text().splitlines() if t.strip()]
+        sweep_figure([ln for ln in lines if "model" in ln], args.out)
+        return
     args.models = [m for m in args.models.split(",") if m]
     args.recipes = [r for r in args.recipes.split(",") if r]
     args.lrs = [float(v) for v in args.lrs.split(",") if v]
