@@ -8,7 +8,9 @@ structure that makes dictionary learning hard on real foundation-model embedding
   (capped at ``max_prob``), scaled so a row holds ``mean_active`` features on average.
 - **A hierarchy**: ``n_parents`` parent features with 2-4 children each; a child fires only in rows
   where its parent fires (e.g. "liver lesion" only with "liver"). A parent is always at least as
-  frequent as its children.
+  frequent as its children, and fires with a given child at most half the time
+  (``max_conditional``): a child that always came with its parent would be indistinguishable from
+  it, and no method could be asked to separate them.
 - **Correlated features**: the firing decisions of the top-level features (parents and free
   features) come from a Gaussian copula with block correlation ``correlation`` in blocks of
   ``block_size``, so features co-occur beyond chance.
@@ -68,6 +70,7 @@ class GroundTruthSettings:
     offset_norm: float = 1.0
     n_rows: int = 100_000
     max_prob: float = 0.5
+    max_conditional: float = 0.5  # P(child | parent) cap: a child always seen with its parent is not identifiable
     correlation: float = 0.3
     block_size: int = 4
     seed: int = 0
@@ -112,11 +115,18 @@ def _marginals(s: GroundTruthSettings, parent_F: np.ndarray, rng: np.random.Gene
         w[[p, top]] = w[[top, p]]
     if s.mean_active >= s.max_prob * s.n_features:
         raise SailError(f"ground truth: mean_active {s.mean_active} is unreachable with max_prob {s.max_prob}")
+    child = np.flatnonzero(parent_F >= 0)
+
+    def probs(scale: float) -> np.ndarray:
+        p = np.minimum(scale * w, s.max_prob)
+        p[child] = np.minimum(p[child], s.max_conditional * p[parent_F[child]])
+        return p
+
     lo, hi = 0.0, s.mean_active / w.min()
     for _ in range(100):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if np.minimum(mid * w, s.max_prob).sum() < s.mean_active else (lo, mid)
-    return np.minimum(hi * w, s.max_prob)
+        lo, hi = (mid, hi) if probs(mid).sum() < s.mean_active else (lo, mid)
+    return probs(hi)
 
 
 def _fires(s: GroundTruthSettings, prob_F: np.ndarray, parent_F: np.ndarray, n: int,
