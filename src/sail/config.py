@@ -269,14 +269,27 @@ class FiguresConfig(Section):
 
 
 class TrainingSettings(Section):
-    """Training hyper-parameters shared by one grid; the defaults are the published ones."""
+    """Training hyper-parameters shared by one grid.
 
-    epochs: int = Field(100, ge=1)
+    The field defaults are the published settings (the naming baseline of SAE folders). With
+    ``recipe: auto`` (the default for matryoshka) epochs, lr, lr_min, warmup_steps, clip_norm and
+    schedule that are not given explicitly come from ``sail.sae.recipe`` instead.
+    """
+
+    recipe: Literal["auto", "published"] | None = Field(
+        None, description="auto: settings from data and dictionary size; published: the paper's; "
+        "default: auto for matryoshka, published for sail"
+    )
+    epochs: int = Field(100, ge=1, description="published 100; auto: at least 5000 steps, at most 100 epochs")
     batch_size: int = Field(2048, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    lr_min: float = Field(1e-6, ge=0, description="cosine schedule floor")
-    warmup_steps: int | None = Field(None, ge=0, description="default: min(1000, total_steps // 10)")
-    clip_norm: float | None = Field(0.5, gt=0, description="global L2 gradient norm per SAE")
+    lr: float = Field(1e-4, gt=0, description="published 1e-4; auto: 0.032 / sqrt(largest dictionary size)")
+    lr_min: float = Field(1e-6, ge=0, description="floor of the schedule's decay (published 1e-6; auto 0)")
+    warmup_steps: int | None = Field(None, ge=0, description="published min(1000, steps // 10); auto: 5% of steps, <= 1000")
+    clip_norm: float | None = Field(0.5, gt=0, description="global L2 gradient norm per SAE (published 0.5; auto: none)")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine (published): warmup, cosine to lr_min; constant (auto): warmup, constant, "
+        "linear decay to lr_min over the last 20% of steps"
+    )
     seed: int = 42
     permutation: Literal["per_epoch", "fixed"] = Field(
         "per_epoch", description="fixed = the published single permutation reused every epoch"

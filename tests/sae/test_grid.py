@@ -6,6 +6,7 @@ import pytest
 
 from sail.errors import SailError
 from sail.sae.grid import families, load_grid, parse_shard, shard_entries
+from sail.workspace import hash_config
 
 
 def test_paper_grid_has_28_configs_in_4_families():
@@ -28,7 +29,7 @@ def test_demo_grid_expands_variants_and_global_is_matryoshka_only():
 
 def test_yaml_grid_file_and_errors(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text("training: {epochs: 100, batch_size: 2048, lr: 1.0e-4, seed: 42}\nconfigs:\n"
+    path.write_text("training: {recipe: published, epochs: 100, batch_size: 2048, lr: 1.0e-4, seed: 42}\nconfigs:\n"
                     "  - {variant: sail, dict_sizes: [128, 512, 2048, 8192], k_values: [20, 40, 80, 160]}\n"
                     "  - {variant: matryoshka, topk_mode: global, dict_sizes: [64, 256, 1024, 4096], k_values: [40]}\n")
     entries = load_grid(str(path), ["matryoshka"])
@@ -61,3 +62,20 @@ def test_shards_are_contiguous_and_cover_the_grid():
     for bad in ("4/4", "1-2", "0/0"):
         with pytest.raises(SailError, match="shard"):
             parse_shard(bad)
+
+
+def test_recipe_naming_keeps_published_names_stable():
+    cfg = [{"dict_sizes": [4, 8], "k_values": [1, 2]}]
+    sail, mat = load_grid(cfg, ["sail", "matryoshka"])
+    assert sail.name == "D_4_8_K_1_2"  # sail keeps the published recipe: import-sae's folder name
+    assert mat.name.startswith("D_4_8_K_1_2-h")  # matryoshka trains with the auto recipe by default
+    published = load_grid(cfg, ["matryoshka"], overrides={"recipe": "published"})[0]
+    assert published.name == "D_4_8_K_1_2"
+    # under auto an explicit value equal to the published default still changes the model
+    assert load_grid(cfg, ["matryoshka"], overrides={"lr": 1e-4})[0].name != mat.name
+    assert load_grid(cfg, ["matryoshka"], overrides={"recipe": "published", "lr": 1e-4})[0].name == "D_4_8_K_1_2"
+    assert load_grid(cfg, ["sail"], overrides={"recipe": "auto"})[0].name.startswith("D_4_8_K_1_2-h")
+    # configs/paper.yaml (recipe published, permutation fixed): the names from before recipes existed
+    paper = load_grid("paper", ["sail", "matryoshka"], overrides={"recipe": "published", "permutation": "fixed"})
+    suffix = "-h" + hash_config({"permutation": "fixed"})[:6]
+    assert all(e.name == e.spec.published_name + suffix for e in paper)

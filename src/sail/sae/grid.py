@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from sail.config import TrainingSettings, read_yaml
 from sail.errors import SailError
 from sail.sae.model import SAESpec
+from sail.sae.recipe import effective_recipe
 from sail.workspace import hash_config
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ DEMO_GRID: dict[str, Any] = {
 ENTRY_KEYS = {"variant", "dict_sizes", "k_values", "topk_mode"}
 # Settings that change a trained model; each variant ignores the others when naming folders.
 _RESULT_SETTINGS = {
-    "sail": ["epochs", "batch_size", "lr", "lr_min", "warmup_steps", "clip_norm", "seed", "permutation"],
-    "matryoshka": list(TrainingSettings.model_fields),
+    "sail": ["epochs", "batch_size", "lr", "lr_min", "warmup_steps", "clip_norm", "seed", "permutation", "schedule"],
+    "matryoshka": [k for k in TrainingSettings.model_fields if k != "recipe"],
 }
 
 
@@ -74,12 +75,20 @@ class GridEntry:
 
 
 def non_default_settings(settings: TrainingSettings, variant: str) -> dict[str, Any]:
+    """Settings that make a model differ from the published one (what the ``-h`` suffix hashes).
+
+    Under the published recipe: the values that differ from the published defaults, so published
+    runs (configs/paper.yaml, ``sail import-sae``) keep their names. Under ``auto``: the recipe
+    plus every explicitly given value, since the recipe fills in the rest.
+    """
     default = TrainingSettings()
-    return {
-        key: getattr(settings, key)
-        for key in _RESULT_SETTINGS[variant]
-        if getattr(settings, key) != getattr(default, key)
-    }
+    keys = _RESULT_SETTINGS[variant]
+    if effective_recipe(settings, variant) == "published":
+        return {key: getattr(settings, key) for key in keys if getattr(settings, key) != getattr(default, key)}
+    given = settings.model_fields_set
+    return {"recipe": "auto", **{
+        key: getattr(settings, key) for key in keys if key in given or getattr(settings, key) != getattr(default, key)
+    }}
 
 
 def _read_grid(grid: str | list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
@@ -195,7 +204,7 @@ def shard_entries(entries: list[GridEntry], shard: str | None) -> list[GridEntry
 def families(entries: list[GridEntry]) -> list[list[GridEntry]]:
     """Group entries that can share batches (same family and settings), keeping grid order."""
     def key(e: GridEntry):
-        return (e.spec.family, e.settings.model_dump_json())
+        return (e.spec.family, e.settings.model_dump_json(), tuple(sorted(e.settings.model_fields_set)))
 
     order = {}
     for e in entries:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from sail.config import SailConfig
+from sail.config import SailConfig, TrainingSettings
 from sail.sae.checkpoint import METRIC_COLUMNS, METRICS, WEIGHTS, load_sae, save_sae
 from sail.sae.grid import GridEntry
 from sail.sae.train import (
@@ -49,18 +49,20 @@ def recalibrate_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, ent
         trained_on_all = old_cfg.get("calibration", {}).get("held_out") is not True
         if x_calib is not None and trained_on_all:
             log.warning("%s was trained on every training row: its calibration rows are not held out", sae_dir)
-        calibration = _calibrate(model, [e.name], x_calib, x_train, e.settings.batch_size)
+        ran = _settings_that_ran(old_cfg, e)
+        calibration = _calibrate(model, [e.name], x_calib, x_train, ran.batch_size)
         held_split, x_held = _held_out(x_valid, x_calib, x_train)
         meter = Meter(model.n_levels, 1, model.d_in, rt.device)
-        dead_MF = _evaluate(model, x_held, min(e.settings.batch_size, x_held.shape[0]), "inference", meter)
+        dead_MF = _evaluate(model, x_held, min(ran.batch_size, x_held.shape[0]), "inference", meter)
         steps = int((old_cfg.get("final_metrics") or {}).get("steps") or 0)
         rows: list[list[dict]] = [[]]
-        final = _rows(meter, model, steps, e.settings.epochs, held_split, dead_MF, float("nan"), rows, "inference")
+        final = _rows(meter, model, steps, ran.epochs, held_split, dead_MF, float("nan"), rows, "inference")
         extra = _cfg_extra(old_cfg, held_split, x_held.shape[0], final, steps)
         if calibration is not None:
             extra["calibration"] = {**calib_info, **calibration[0], "held_out": calibration[0]["held_out"]
                                     and not trained_on_all, "recalibrated": True}
-        metrics = pd.concat([_training_rows(sae_dir / METRICS, e), pd.DataFrame(rows[0])], ignore_index=True)
+        metrics = pd.concat([_training_rows(sae_dir / METRICS, e, ran.epochs), pd.DataFrame(rows[0])],
+                            ignore_index=True)
         save_sae(sae_dir, model, 0, e.name, extra, metrics[METRIC_COLUMNS])
         mark_done(sae_dir / WEIGHTS, StageRecord("train", hash_config(e.record_config()), data.inputs),
                   {"final": extra["final_metrics"], "recalibrated": True})
@@ -83,11 +85,17 @@ def _cfg_extra(old_cfg: dict[str, Any], split: str, n_rows: int, final: dict, st
     return extra
 
 
-def _training_rows(path: Path, entry: GridEntry) -> pd.DataFrame:
+def _settings_that_ran(old_cfg: dict[str, Any], entry: GridEntry) -> TrainingSettings:
+    """The resolved settings cfg.json recorded (the recipe picks epochs from the data size)."""
+    recorded = old_cfg.get("training")
+    return TrainingSettings.model_validate(recorded) if recorded else entry.settings
+
+
+def _training_rows(path: Path, entry: GridEntry, epochs: int) -> pd.DataFrame:
     """metrics.csv without its old final rows (epoch == epochs), with the ``mode`` column filled in."""
     df = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=METRIC_COLUMNS)
     if "mode" not in df.columns:
         published = entry.spec.variant == "sail"
         df["mode"] = ["published" if s != "train" and published else "batchtopk" for s in df["split"]]
-    return df[df["epoch"] < entry.settings.epochs].reindex(columns=METRIC_COLUMNS)
+    return df[df["epoch"] < epochs].reindex(columns=METRIC_COLUMNS)
 

@@ -1,9 +1,8 @@
 """Device-resident SAE trainer: the whole L2-normalised embedding matrix lives on the device,
 batches are gathers through a device permutation, and a whole dictionary family trains per step.
 
-Metrics are summed on the device and read back every ``log_every`` steps; the published training
-recipe (Adam 1e-4, linear warmup then cosine to 1e-6, clip 0.5, batch 2048, 100 epochs) is the
-default. A family resumes from its members' ``train_state.pt`` with identical final weights.
+Metrics are summed on the device and read back every ``log_every`` steps; the training recipe
+(``auto`` or ``published``, see ``sail.sae.recipe``) fills in the settings the user did not give. A family resumes from its members' ``train_state.pt`` with identical final weights.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from sail.sae.distributed import DistContext, from_env, local_device
 from sail.sae.grid import GridEntry, families, load_grid, shard_entries
 from sail.sae.memory import check_fits
 from sail.sae.model import StackedSAE
+from sail.sae.recipe import lr_at, resolve, warn_if_unconverged
 from sail.workspace import StageRecord, Workspace, atomic_path, fingerprint, hash_config, is_done, mark_done
 
 log = logging.getLogger(__name__)
@@ -203,17 +203,6 @@ def to_device_normalized(x_ND: np.ndarray, device: torch.device) -> torch.Tensor
 
 
 # ----- schedule, clipping, metrics --------------------------------------------------------------
-def lr_at(step: int, total: int, settings: TrainingSettings) -> float:
-    """Published schedule: linear warmup from 0.1x, then cosine to lr_min (per optimizer step)."""
-    warmup = settings.warmup_steps if settings.warmup_steps is not None else min(1000, total // 10)
-    base = settings.lr
-    if step < warmup:
-        return base * (0.1 + 0.9 * step / warmup)
-    span = max(total - warmup, 1)
-    t = min(step - warmup, span)
-    return settings.lr_min + (base - settings.lr_min) * (1 + math.cos(math.pi * t / span)) / 2
-
-
 @torch.no_grad()
 def clip_per_model(params: list[torch.nn.Parameter], n_models: int, max_norm: float) -> torch.Tensor:
     """clip_grad_norm_ applied to each stacked model separately (models never share a norm)."""
@@ -316,6 +305,7 @@ class FamilyResult:
     metrics: list[pd.DataFrame]
     final: list[dict[str, Any]]  # per model: metrics of the stored codes on held-out rows
     calibration: list[dict[str, Any]] | None = None  # per model: how thresholds were set (matryoshka)
+    settings: TrainingSettings | None = None  # the resolved settings the family trained with
 
 
 def _state_key(entries: list[GridEntry], n_train: int, d: int) -> str:
@@ -427,12 +417,12 @@ def train_family(
     ``rt.dist`` every rank passes the same tensors, trains on its contiguous slice of each global
     batch and ends with the same weights; only rank 0 writes train_state.pt.
     """
-    settings = entries[0].settings
     variant = entries[0].spec.variant
     device = rt.device
     N, d = x_train.shape
     if N == 0:
         raise SailError("the training split is empty")
+    settings = resolve(entries[0].settings, variant, N, entries[0].spec.dict_sizes[-1])
     M = len(entries)
     model = StackedSAE([e.spec for e in entries], d).to(device)
     B = min(settings.batch_size, N)
@@ -529,7 +519,8 @@ def train_family(
         "dead_frac_source": "stored codes", "steps": step,
     } for m in range(M)]
     metrics = [pd.DataFrame(r, columns=METRIC_COLUMNS) for r in rows]
-    return FamilyResult(model, metrics, finals, calibration)
+    warn_if_unconverged(names, metrics)
+    return FamilyResult(model, metrics, finals, calibration, settings)
 
 
 def _calibrate(model: StackedSAE, names: list[str], x_calib: torch.Tensor | None, x_train: torch.Tensor,
@@ -616,7 +607,8 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
                 "encoder": data.encoder,
                 "embeddings_fingerprint": data.inputs["embeddings"],
                 "split": {**data.split_info, "fingerprint": data.inputs["split"]},
-                "training": e.settings.model_dump(mode="json"),
+                "training": result.settings.model_dump(mode="json"),
+                "training_explicit": sorted(e.settings.model_fields_set),
                 "final_metrics": result.final[m],
             }
             if result.calibration is not None:
