@@ -78,7 +78,7 @@ def test_a_too_short_run_warns_and_a_converged_one_does_not(tmp_path, caplog):
     assert "too short to converge" in caplog.text
     caplog.clear()
     long = TrainingSettings(epochs=20, batch_size=64, dead_window=500, seed=0)  # measured: 0.4% of the decrease late
-    train_family([GridEntry(spec, long)], x, x[:200], [tmp_path / "b"], CPU)
+    train_family([GridEntry(spec, long)], x, x[:200], [tmp_path / "b"], CPU, x_calib=x[:200])
     assert caplog.text == ""
     metrics = pd.DataFrame({"step": list(range(0, 101, 10)), "split": "train", "level": 0,
                             "fvu": [1.0, 0.5, 0.3, 0.25, 0.21, 0.2, 0.2, 0.2, 0.2, 0.18, 0.17]})
