@@ -23,6 +23,7 @@ from sail.encoders.imported import import_embeddings
 from sail.encoders.table import write_embeddings
 from sail.pipeline import run_pipeline
 from sail.workspace import Workspace
+from tests.sae.conftest import _one_thread  # noqa: F401 - the same autouse fixture: one torch thread
 
 TINY = {
     "prepare": {"image_size": 32, "ct_spacing_mm": 8.0, "workers": 1},
@@ -34,14 +35,6 @@ TINY = {
 }
 # Run bookkeeping, not artifacts: config.yaml records the last command's settings; locks their holder.
 NOT_ARTIFACTS = ("config.yaml", ".locks")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
