@@ -22,6 +22,7 @@ from scipy import stats
 
 from sail.config import FingerprintSettings
 from sail.interpret.data import SplitData
+from sail.slice_ids import volume_ids
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +274,6 @@ def _one_sided_p(diff: np.ndarray) -> float:
     return float(stats.wilcoxon(diff, alternative="greater", zero_method="wilcox").pvalue)
 
 
-def reference_volume(reference: pd.Series) -> pd.Series:
-    """The volume (``modality/image_id``) of each reference slice_id (``modality/image_id/plane/idx``)."""
-    return reference.astype(str).str.rsplit("/", n=2).str[0]
-
-
 def per_volume_mean(diff: np.ndarray, volume: np.ndarray) -> np.ndarray:
     """Mean of the finite values per volume (volumes with none are dropped)."""
     ok = np.isfinite(diff)
@@ -296,7 +292,7 @@ def summarise(per_ref: pd.DataFrame) -> pd.DataFrame:
     ``n_volumes`` is its sample size, ``n`` the number of references behind the means.
     """
     out = []
-    volume = reference_volume(per_ref["reference"])
+    volume = pd.Series(volume_ids(per_ref["reference"]), index=per_ref.index)
     for (method, k), g in per_ref.groupby(["method", per_ref["k"].fillna(-1)], sort=True):
         vol = volume.loc[g.index].to_numpy()
         n_single = int((g["similarity_rule"] == SINGLE_FEATURE_RULE).sum()) if "similarity_rule" in g else 0

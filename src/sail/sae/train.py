@@ -31,6 +31,7 @@ from sail.sae.grid import GridEntry, families, load_grid, shard_entries
 from sail.sae.memory import check_fits
 from sail.sae.model import StackedSAE
 from sail.sae.recipe import lr_at, resolve, warn_if_unconverged
+from sail.slice_ids import volume_ids
 from sail.workspace import StageRecord, Workspace, atomic_path, fingerprint, hash_config, is_done, mark_done
 
 log = logging.getLogger(__name__)
@@ -76,15 +77,6 @@ def seeded_split(n: int, groups: np.ndarray | None, seed: int) -> np.ndarray:
     label[order[g - n_valid - n_test : g - n_test]] = "valid"
     label[order[g - n_test :]] = "test"
     return label[inverse]
-
-
-VOLUME_ID = r"^([^/]+/[^/]+)/[^/]+/[^/]+$"  # modality/image_id of modality/image_id/plane/slice_idx
-
-
-def volume_ids(slice_ids: np.ndarray) -> np.ndarray:
-    """The volume (modality/image_id) of each slice_id; an id of another shape is its own volume."""
-    ids = pd.Series(slice_ids, dtype=object).astype(str)
-    return ids.str.extract(VOLUME_ID, expand=False).fillna(ids).to_numpy(dtype=object)
 
 
 def calibration_holdout(slice_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
