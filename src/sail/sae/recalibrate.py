@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from sail.config import SailConfig, TrainingSettings
+from sail.console import track
 from sail.sae.checkpoint import METRIC_COLUMNS, METRICS, WEIGHTS, load_sae, save_sae
 from sail.sae.grid import GridEntry
 from sail.sae.train import (
@@ -39,7 +40,7 @@ def recalibrate_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, ent
     x_train = to_device_normalized(data.x_ND[train_rows], rt.device)
     x_valid = to_device_normalized(data.x_ND[data.rows("valid")], rt.device)
     done = []
-    for e in entries:
+    for e in track(entries, f"recalibrate {data.encoder}"):
         sae_dir = ws.sae_dir(data.encoder, e.spec.variant, e.name)
         if not (sae_dir / WEIGHTS).is_file():
             log.warning("%s: no checkpoint to recalibrate; train it without --recalibrate", sae_dir)
