@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from sail.config import SailConfig, TrainingSettings
 from sail.console import track
@@ -22,8 +23,8 @@ from sail.sae.train import (
     Meter,
     Runtime,
     _calibrate,
+    _calibration_rows,
     _evaluate,
-    _fit_and_calibration_rows,
     _held_out,
     _rows,
     to_device_normalized,
@@ -46,7 +47,8 @@ def recalibrate_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, ent
             log.warning("%s: no checkpoint to recalibrate; train it without --recalibrate", sae_dir)
             continue
         model, old_cfg = load_sae(sae_dir, rt.device, allow_stale=True)
-        _, x_calib, calib_info = _fit_and_calibration_rows(e, data.slice_ids[train_rows], x_train)
+        held, calib_info = _calibration_rows(e, data.slice_ids[train_rows])  # no copy of the rows trained on
+        x_calib = None if held is None else x_train[torch.from_numpy(held).to(x_train.device)]
         trained_on_all = old_cfg.get("calibration", {}).get("held_out") is not True
         if x_calib is not None and trained_on_all:
             log.warning("%s was trained on every training row: its calibration rows are not held out", sae_dir)

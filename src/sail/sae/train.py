@@ -613,20 +613,27 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
     return [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in entries]
 
 
-def _fit_and_calibration_rows(entry: GridEntry, train_ids: np.ndarray, x_train: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-    """Split the training rows into the rows trained on and the held-out calibration rows.
-
-    Only matryoshka calibrates; ``sail`` trains on the whole training split, as published.
-    """
+def _calibration_rows(entry: GridEntry, train_ids: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Mask of the training rows held out to calibrate ``entry`` (None: train on them all) and
+    what cfg.json records about them. Only matryoshka calibrates; ``sail`` trains on the whole
+    training split, as published."""
     if entry.spec.variant == "sail":
-        return x_train, None, {}
+        return None, {}
     fraction, seed = entry.settings.calibration_fraction, entry.settings.seed
     held = calibration_holdout(train_ids, fraction, seed)
     if not held.any():
-        return x_train, None, {"rows": 0, "fraction": fraction, "seed": seed}
+        return None, {"rows": 0, "fraction": fraction, "seed": seed}
+    return held, calibration_record(train_ids[held], fraction, seed)
+
+
+def _fit_and_calibration_rows(entry: GridEntry, train_ids: np.ndarray, x_train: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """The rows trained on and the held-out calibration rows (None when nothing is held out)."""
+    held, info = _calibration_rows(entry, train_ids)
+    if held is None:
+        return x_train, None, info
     held_t = torch.from_numpy(held).to(x_train.device)
-    return x_train[~held_t], x_train[held_t], calibration_record(train_ids[held], fraction, seed)
+    return x_train[~held_t], x_train[held_t], info
 
 
 def run_train(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
