@@ -94,8 +94,17 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--max-iter", type=int, default=20_000, help="high enough that fits converge")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--published-probe-epochs", type=int, default=3, help="epochs timed for the extrapolated dense probe")
-    ap.add_argument("--published-probe-full", action="store_true", help="run the dense full-width probe to convergence")
+    ap.add_argument(
+        "--published-probe-epochs",
+        type=int,
+        default=3,
+        help="epochs timed for the extrapolated dense probe",
+    )
+    ap.add_argument(
+        "--published-probe-full",
+        action="store_true",
+        help="run the dense full-width probe to convergence",
+    )
     args = ap.parse_args()
 
     p = ProbeSettings(tol=args.tol, max_iter=args.max_iter)
@@ -104,10 +113,19 @@ def main() -> None:
     n = args.n_rows
     rng = np.random.default_rng(args.seed)
     split = rng.permutation(n)
-    train, valid = np.sort(split[: int(0.8 * n)]), np.sort(split[int(0.8 * n): int(0.9 * n)])
-    config = {"n_rows": n, "n_features": args.n_features, "l0": round(codes.nnz / n, 1), "targets": args.targets,
-              "probe_samples": p.train_samples, "recovery_samples": rec.train_samples, "tol": args.tol,
-              "max_iter": args.max_iter, "timed_n": args.timed_n, "grid": rec.n_features}
+    train, valid = np.sort(split[: int(0.8 * n)]), np.sort(split[int(0.8 * n) : int(0.9 * n)])
+    config = {
+        "n_rows": n,
+        "n_features": args.n_features,
+        "l0": round(codes.nnz / n, 1),
+        "targets": args.targets,
+        "probe_samples": p.train_samples,
+        "recovery_samples": rec.train_samples,
+        "tol": args.tol,
+        "max_iter": args.max_iter,
+        "timed_n": args.timed_n,
+        "grid": rec.n_features,
+    }
     device = "cpu (2 shared cores)"
     csc = codes.tocsc()
     # compile (or load from numba's cache) the SAGA kernel before timing: a one-time cost per install
@@ -136,9 +154,18 @@ def main() -> None:
         unconverged["sail"] += bad
         t_rec = time.perf_counter() - t0
         sail_auc = dict(zip(ns, aucs))
-        emit(what="sail_probe_and_recovery", config=config, device=device, target=t, samples_per_s=round(len(probe_rows) / t_probe, 1),
-             seconds=round(t_probe + t_rec, 3), probe_seconds=round(t_probe, 3), recovery_seconds=round(t_rec, 3),
-             n_fits=len(ns), peak_memory_mb=round(peak_mb(), 1))
+        emit(
+            what="sail_probe_and_recovery",
+            config=config,
+            device=device,
+            target=t,
+            samples_per_s=round(len(probe_rows) / t_probe, 1),
+            seconds=round(t_probe + t_rec, 3),
+            probe_seconds=round(t_probe, 3),
+            recovery_seconds=round(t_rec, 3),
+            n_fits=len(ns),
+            peak_memory_mb=round(peak_mb(), 1),
+        )
         totals["sail"] += t_probe + t_rec
 
         # Published: dense full-width probe; masked full-width fits at the timed N values.
@@ -146,12 +173,18 @@ def main() -> None:
             conv = None
         else:  # the converged epoch count and model, from the dense fit's iterates replayed on CSR
             with dense_intercept_steps():
-                conv, ok = fit_quiet(make_classifier(p, solver="sklearn"), codes[probe_rows].astype(np.float64), y[probe_rows])
+                conv, ok = fit_quiet(
+                    make_classifier(p, solver="sklearn"),
+                    codes[probe_rows].astype(np.float64),
+                    y[probe_rows],
+                )
             unconverged["published"] += not ok
         dense_probe = codes[probe_rows].toarray().astype(np.float64)
         epochs = args.max_iter if args.published_probe_full else args.published_probe_epochs
         t0 = time.perf_counter()
-        pub, ok = fit_quiet(make_classifier(p, max_iter=epochs, solver="sklearn"), dense_probe, y[probe_rows])
+        pub, ok = fit_quiet(
+            make_classifier(p, max_iter=epochs, solver="sklearn"), dense_probe, y[probe_rows]
+        )
         t_fit = time.perf_counter() - t0
         del dense_probe
         pub_epochs = int(pub.n_iter_[0])
@@ -161,7 +194,10 @@ def main() -> None:
         else:
             pub_total_epochs, pub_coef = int(conv.n_iter_[0]), conv.coef_[0]
             t_probe_pub = t_fit / pub_epochs * pub_total_epochs
-        probe_auc = {"sail": roc_auc(y[valid], codes[valid] @ coef), "published": roc_auc(y[valid], codes[valid] @ pub_coef)}
+        probe_auc = {
+            "sail": roc_auc(y[valid], codes[valid] @ coef),
+            "published": roc_auc(y[valid], codes[valid] @ pub_coef),
+        }
         diffs.append(abs(probe_auc["sail"] - probe_auc["published"]))
         pub_ranked = ranked
         dense_rec = codes[rec_rows].toarray().astype(np.float64)
@@ -181,24 +217,51 @@ def main() -> None:
             fit_times.append(time.perf_counter() - t0)
             if n_feat in sail_auc:
                 diffs.append(abs(auc - sail_auc[n_feat]))
-            emit(what="published_masked_fit", config=config, device=device, target=t, n_features_kept=n_feat,
-                 seconds=round(fit_times[-1], 3), samples_per_s=round(len(rec_rows) / fit_times[-1], 1),
-                 valid_roc_auc=round(auc, 5), sail_valid_roc_auc=round(sail_auc.get(n_feat, float("nan")), 5),
-                 peak_memory_mb=round(peak_mb(), 1))
+            emit(
+                what="published_masked_fit",
+                config=config,
+                device=device,
+                target=t,
+                n_features_kept=n_feat,
+                seconds=round(fit_times[-1], 3),
+                samples_per_s=round(len(rec_rows) / fit_times[-1], 1),
+                valid_roc_auc=round(auc, 5),
+                sail_valid_roc_auc=round(sail_auc.get(n_feat, float("nan")), 5),
+                peak_memory_mb=round(peak_mb(), 1),
+            )
         del dense_rec, dense_va
         pub_total = t_probe_pub + float(np.mean(fit_times)) * len(ns)
-        emit(what="published_probe_and_recovery_extrapolated", config=config, device=device, target=t,
-             samples_per_s=round(len(probe_rows) / t_probe_pub, 1), seconds=round(pub_total, 3),
-             probe_seconds=round(t_probe_pub, 3), mean_masked_fit_seconds=round(float(np.mean(fit_times)), 3),
-             extrapolated_fits=len(ns), probe_epochs_timed=pub_epochs, probe_epochs=pub_total_epochs,
-             sail_probe_epochs=int(clf.n_iter_[0]), probe_extrapolated=not args.published_probe_full,
-             probe_auc_sail=round(probe_auc["sail"], 5), probe_auc_published=round(probe_auc["published"], 5),
-             peak_memory_mb=round(peak_mb(), 1))
+        emit(
+            what="published_probe_and_recovery_extrapolated",
+            config=config,
+            device=device,
+            target=t,
+            samples_per_s=round(len(probe_rows) / t_probe_pub, 1),
+            seconds=round(pub_total, 3),
+            probe_seconds=round(t_probe_pub, 3),
+            mean_masked_fit_seconds=round(float(np.mean(fit_times)), 3),
+            extrapolated_fits=len(ns),
+            probe_epochs_timed=pub_epochs,
+            probe_epochs=pub_total_epochs,
+            sail_probe_epochs=int(clf.n_iter_[0]),
+            probe_extrapolated=not args.published_probe_full,
+            probe_auc_sail=round(probe_auc["sail"], 5),
+            probe_auc_published=round(probe_auc["published"], 5),
+            peak_memory_mb=round(peak_mb(), 1),
+        )
         totals["published"] += pub_total
-    emit(what="evaluate_speedup", config=config, device=device, seconds=round(totals["sail"], 3),
-         published_seconds_extrapolated=round(totals["published"], 3),
-         speedup=round(totals["published"] / totals["sail"], 2), max_abs_auc_diff=round(max(diffs), 5) if diffs else None,
-         unconverged_fits=unconverged, samples_per_s=None, peak_memory_mb=round(peak_mb(), 1))
+    emit(
+        what="evaluate_speedup",
+        config=config,
+        device=device,
+        seconds=round(totals["sail"], 3),
+        published_seconds_extrapolated=round(totals["published"], 3),
+        speedup=round(totals["published"] / totals["sail"], 2),
+        max_abs_auc_diff=round(max(diffs), 5) if diffs else None,
+        unconverged_fits=unconverged,
+        samples_per_s=None,
+        peak_memory_mb=round(peak_mb(), 1),
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,20 @@ SETTINGS: dict[str, tuple[GroundTruthSettings, tuple[int, ...], tuple[int, ...],
     # the pinned default (issue 15): hierarchy, Zipf frequencies, correlation, noise, offset
     "default": (GroundTruthSettings(), (64, 256, 1024), (2, 4, 8), 8),
     # issue 14's side-by-side: 128-d, 96 equally frequent independent features, 5 active per row
-    "flat": (GroundTruthSettings(d=128, n_features=96, n_parents=0, zipf_exponent=0.0, mean_active=5,
-                                 correlation=0.0, n_rows=20_000), (32, 128, 256), (2, 3, 5), 5),
+    "flat": (
+        GroundTruthSettings(
+            d=128,
+            n_features=96,
+            n_parents=0,
+            zipf_exponent=0.0,
+            mean_active=5,
+            correlation=0.0,
+            n_rows=20_000,
+        ),
+        (32, 128, 256),
+        (2, 3, 5),
+        5,
+    ),
 }
 
 
@@ -68,7 +80,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for name in args.models:
         for recipe, lr in runs:
-            training: dict[str, Any] = {"recipe": recipe, "batch_size": args.batch_size, "seed": args.seed}
+            training: dict[str, Any] = {
+                "recipe": recipe,
+                "batch_size": args.batch_size,
+                "seed": args.seed,
+            }
             if args.epochs is not None:
                 training["epochs"] = args.epochs
             if lr is not None:
@@ -78,17 +94,46 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 result = train_models([specs[name]], x[tr], x[va], training, tmp)
             seconds = time.perf_counter() - start
             metrics = score_sae(result.model, x[te], truth, np.arange(rows)[te])[0]
-            used = result.settings.model_dump(mode="json") if result.settings is not None else training
+            used = (
+                result.settings.model_dump(mode="json") if result.settings is not None else training
+            )
             line = {
-                "bench": "ground_truth", "setting": args.setting, "model": name, "recipe": recipe,
-                "lr_given": lr is not None, "rows": rows, "train_rows": tr.stop, "spec": specs[name].to_json(),
+                "bench": "ground_truth",
+                "setting": args.setting,
+                "model": name,
+                "recipe": recipe,
+                "lr_given": lr is not None,
+                "rows": rows,
+                "train_rows": tr.stop,
+                "spec": specs[name].to_json(),
                 **{k: _json_number(v) for k, v in metrics.items()},
                 "train_s": round(seconds, 1),
-                "settings": {k: used[k] for k in ("epochs", "batch_size", "lr", "lr_min", "warmup_steps", "clip_norm",
-                                                  "schedule")},
-                "generator": {k: getattr(gen, k) for k in ("d", "n_features", "zipf_exponent", "n_parents",
-                                                           "mean_active", "noise_std", "offset_norm", "correlation",
-                                                           "seed")},
+                "settings": {
+                    k: used[k]
+                    for k in (
+                        "epochs",
+                        "batch_size",
+                        "lr",
+                        "lr_min",
+                        "warmup_steps",
+                        "clip_norm",
+                        "schedule",
+                    )
+                },
+                "generator": {
+                    k: getattr(gen, k)
+                    for k in (
+                        "d",
+                        "n_features",
+                        "zipf_exponent",
+                        "n_parents",
+                        "mean_active",
+                        "noise_std",
+                        "offset_norm",
+                        "correlation",
+                        "seed",
+                    )
+                },
             }
             print(json.dumps(line), flush=True)
             out.append(line)
@@ -106,21 +151,39 @@ def figure(lines: list[dict[str, Any]], path: Path) -> None:
     labels = list(dict.fromkeys(_label(line) for line in lines))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
     width = 0.8 / max(len(labels), 1)
-    for ax, metric, title in zip(axes, ("recovered", "mcc", "absorption"),
-                                 ("recovered at |cos| >= 0.9", "MCC (Hungarian mean |cos|)", "absorption (lower is better)")):
+    for ax, metric, title in zip(
+        axes,
+        ("recovered", "mcc", "absorption"),
+        ("recovered at |cos| >= 0.9", "MCC (Hungarian mean |cos|)", "absorption (lower is better)"),
+    ):
         for j, label in enumerate(labels):
-            vals = [next((ln[metric] for ln in lines if ln["model"] == m and _label(ln) == label), None) for m in models]
+            vals = [
+                next((ln[metric] for ln in lines if ln["model"] == m and _label(ln) == label), None)
+                for m in models
+            ]
             vals = [np.nan if v is None else v for v in vals]
             ax.bar(np.arange(len(models)) + j * width, vals, width, label=label)
-        ax.set_xticks(np.arange(len(models)) + width * (len(labels) - 1) / 2, models, rotation=20, fontsize=8)
+        ax.set_xticks(
+            np.arange(len(models)) + width * (len(labels) - 1) / 2, models, rotation=20, fontsize=8
+        )
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, 1)
         if all(ln[metric] is None for ln in lines):
-            ax.text(0.5, 0.5, "no hierarchy in this setting", transform=ax.transAxes, ha="center", fontsize=9)
+            ax.text(
+                0.5,
+                0.5,
+                "no hierarchy in this setting",
+                transform=ax.transAxes,
+                ha="center",
+                fontsize=9,
+            )
     axes[0].legend(fontsize=7)
     rows = lines[0]["rows"]
-    fig.suptitle(f"Ground truth: d {lines[0]['generator']['d']}, {lines[0]['generator']['n_features']} true features, "
-                 f"{rows} rows", fontsize=10)
+    fig.suptitle(
+        f"Ground truth: d {lines[0]['generator']['d']}, {lines[0]['generator']['n_features']} true features, "
+        f"{rows} rows",
+        fontsize=10,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -138,7 +201,9 @@ def sweep_figure(lines: list[dict[str, Any]], path: Path) -> None:
     for (model, rows), color in zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         mine = [ln for ln in lines if ln["model"] == model and ln["rows"] == rows]
         for ax, metric in zip(axes, ("recovered", "fvu")):
-            pts = sorted((ln["settings"]["lr"], ln[metric]) for ln in mine if ln["recipe"] == "auto")
+            pts = sorted(
+                (ln["settings"]["lr"], ln[metric]) for ln in mine if ln["recipe"] == "auto"
+            )
             ax.plot(*zip(*pts), "-", color=color, alpha=0.6, label=f"{model}, {rows // 1000}k rows")
             for ln in mine:
                 if not ln["lr_given"]:
@@ -166,24 +231,45 @@ def _label(line: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", choices=sorted(SETTINGS), default="default",
-                   help="default: the pinned issue-15 setting; flat: issue 14's (128-d, 96 features, 5 active)")
-    p.add_argument("--rows", type=int, default=None, help="rows generated (80%% train); default: the setting's")
-    p.add_argument("--models", default=",".join(model_specs()), help="comma list of " + ", ".join(model_specs()))
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--setting",
+        choices=sorted(SETTINGS),
+        default="default",
+        help="default: the pinned issue-15 setting; flat: issue 14's (128-d, 96 features, 5 active)",
+    )
+    p.add_argument(
+        "--rows", type=int, default=None, help="rows generated (80%% train); default: the setting's"
+    )
+    p.add_argument(
+        "--models",
+        default=",".join(model_specs()),
+        help="comma list of " + ", ".join(model_specs()),
+    )
     p.add_argument("--recipes", default="auto", help="comma list of auto, published")
-    p.add_argument("--lrs", default="", help="comma list of learning rates (auto recipe otherwise): a sweep")
+    p.add_argument(
+        "--lrs", default="", help="comma list of learning rates (auto recipe otherwise): a sweep"
+    )
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--data-seed", type=int, default=0, help="generator seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/ground_truth.png"))
-    p.add_argument("--sweep-from", type=Path, nargs="*", default=None,
-                   help="only draw the lr-sweep figure (to --out) from JSON-line files of earlier runs")
+    p.add_argument(
+        "--sweep-from",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="only draw the lr-sweep figure (to --out) from JSON-line files of earlier runs",
+    )
     args = p.parse_args()
     if args.sweep_from:
-        lines = [json.loads(t) for f in args.sweep_from for t in f.read_text().splitlines() if t.strip()]
+        lines = [
+            json.loads(t) for f in args.sweep_from for t in f.read_text().splitlines() if t.strip()
+        ]
         sweep_figure([ln for ln in lines if "model" in ln], args.out)
         return
     args.models = [m for m in args.models.split(",") if m]

@@ -40,11 +40,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_train(variant: str, n_models: int, batch: int, d: int, steps: int, device: torch.device, decode: str) -> dict:
+def bench_train(
+    variant: str, n_models: int, batch: int, d: int, steps: int, device: torch.device, decode: str
+) -> dict:
     ks = [(20, 40, 80, 160)] if n_models == 1 else [tuple(k) for k in PAPER_K_VALUES[:n_models]]
     model = StackedSAE([SAESpec(variant, DICT, k) for k in ks], d).to(device)
     model.initialize(list(range(n_models)))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu") or None)
+    opt = torch.optim.Adam(
+        model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu") or None
+    )
     params = list(model.parameters())
     x = torch.nn.functional.normalize(torch.randn(batch * 4, d, device=device), dim=1)
     dead = torch.zeros(n_models, DICT[-1], dtype=torch.bool, device=device)
@@ -54,7 +58,9 @@ def bench_train(variant: str, n_models: int, batch: int, d: int, steps: int, dev
     def step(i: int) -> None:
         xb = x[(i % 4) * batch : (i % 4 + 1) * batch]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model.forward_train(xb, decode, dead if variant == "matryoshka" else None, d // 2, 1 / 32)
+            out = model.forward_train(
+                xb, decode, dead if variant == "matryoshka" else None, d // 2, 1 / 32
+            )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         model.project_decoder_grad()
@@ -73,9 +79,17 @@ def bench_train(variant: str, n_models: int, batch: int, d: int, steps: int, dev
     seconds = time.perf_counter() - t
     return {
         "what": "sae_train_step",
-        "config": {"variant": variant, "d": d, "dict_sizes": list(DICT), "k_values": [list(k) for k in ks],
-                   "batch_size": batch, "models_per_step": n_models, "decode": decode, "steps": steps,
-                   "threads": torch.get_num_threads()},
+        "config": {
+            "variant": variant,
+            "d": d,
+            "dict_sizes": list(DICT),
+            "k_values": [list(k) for k in ks],
+            "batch_size": batch,
+            "models_per_step": n_models,
+            "decode": decode,
+            "steps": steps,
+            "threads": torch.get_num_threads(),
+        },
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "samples_per_s": batch * steps / seconds,
         "model_samples_per_s": batch * steps * n_models / seconds,
@@ -94,7 +108,9 @@ def bench_export(variant: str, n: int, d: int, device: torch.device, batch: int)
         model.theta_sum.fill_(float(pre.topk(160 * 1024).values.min()))
         model.theta_count.fill_(1)
     else:
-        model.calibrate(torch.nn.functional.normalize(torch.from_numpy(x[: min(n, 4096)]).to(device), dim=1))
+        model.calibrate(
+            torch.nn.functional.normalize(torch.from_numpy(x[: min(n, 4096)]).to(device), dim=1)
+        )
     encode_csr(model, x[:batch], batch, device)
     sync(device)
     t = time.perf_counter()
@@ -106,8 +122,15 @@ def bench_export(variant: str, n: int, d: int, device: torch.device, batch: int)
     seconds = time.perf_counter() - t
     return {
         "what": "activation_export",
-        "config": {"variant": variant, "d": d, "n_features": DICT[-1], "rows": n, "batch_size": batch,
-                   "mean_l0": codes.nnz / n, "threads": torch.get_num_threads()},
+        "config": {
+            "variant": variant,
+            "d": d,
+            "n_features": DICT[-1],
+            "rows": n,
+            "batch_size": batch,
+            "mean_l0": codes.nnz / n,
+            "threads": torch.get_num_threads(),
+        },
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "samples_per_s": n / seconds,
         "seconds": seconds,
@@ -118,7 +141,9 @@ def bench_export(variant: str, n: int, d: int, device: torch.device, batch: int)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--d", type=int, default=1536)
     ap.add_argument("--variants", nargs="+", default=["sail", "matryoshka"])
@@ -127,16 +152,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--decode", choices=["auto", "dense", "sparse"], default="auto")
     ap.add_argument("--export-rows", type=int, default=200_000)
-    ap.add_argument("--quick", action="store_true", help="CPU subset: batch 2048, one SAE, 3 steps, 20k export rows")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU subset: batch 2048, one SAE, 3 steps, 20k export rows",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
-    decode = args.decode if args.decode != "auto" else ("dense" if device.type == "cuda" else "sparse")
+    decode = (
+        args.decode if args.decode != "auto" else ("dense" if device.type == "cuda" else "sparse")
+    )
     if args.quick:
         args.batch_sizes, args.family_sizes, args.steps, args.export_rows = [2048], [1], 3, 20_000
     for variant in args.variants:
         for batch in args.batch_sizes:
             for fam in args.family_sizes:
-                print(json.dumps(bench_train(variant, fam, batch, args.d, args.steps, device, decode)), flush=True)
+                print(
+                    json.dumps(
+                        bench_train(variant, fam, batch, args.d, args.steps, device, decode)
+                    ),
+                    flush=True,
+                )
         print(json.dumps(bench_export(variant, args.export_rows, args.d, device, 8192)), flush=True)
 
 

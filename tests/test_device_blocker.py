@@ -22,17 +22,29 @@ except ModuleNotFoundError as exc:
 
 
 def run_probe(allow: list[Path]) -> list[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DEVICE / "blocker"), str(REPO / "src")]),
-           "SAIL_DEVICE_ALLOW": os.pathsep.join(map(str, allow))}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True,
-                         timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(DEVICE / "blocker"), str(REPO / "src")]),
+        "SAIL_DEVICE_ALLOW": os.pathsep.join(map(str, allow)),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return out.stdout.strip().splitlines()
 
 
 def test_blocker_hides_packages_missing_on_the_device_and_keeps_carried_ones():
     # selenium (a dev dependency here) is on neither list; pydantic travels as a wheel.
     lines = run_probe([DEVICE / "device_packages.txt", DEVICE / "wheels.txt"])
-    assert lines[0] == '{"selenium": false, "pydantic": true, "torch": true, "numpy": true, "sail": true}'
+    assert (
+        lines[0]
+        == '{"selenium": false, "pydantic": true, "torch": true, "numpy": true, "sail": true}'
+    )
     assert lines[1] == "refused: selenium"
 
 

@@ -31,8 +31,13 @@ train:
 
 def _start(cfg: Path) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "sail", "run", str(cfg), "--to", "train"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sail", "run", str(cfg), "--to", "train"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
@@ -73,7 +78,9 @@ def test_killed_during_encode_and_train_resumes_to_identical_artifacts(tmp_path)
     _kill_when(proc, lambda: len(list(parts.glob("chunk_*.parquet"))) >= 2)
     assert not (ws / "embeddings" / "efficientnet-lite0.parquet").exists()
     proc = _start(configs["killed"])
-    _kill_when(proc, lambda: any((ws / "sae").rglob("train_state.pt")) if (ws / "sae").exists() else False)
+    _kill_when(
+        proc, lambda: any((ws / "sae").rglob("train_state.pt")) if (ws / "sae").exists() else False
+    )
     assert not any((ws / "sae").rglob("model.safetensors"))
     _run(configs["killed"])
 

@@ -49,13 +49,25 @@ def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
     write_phantom_dataset(root / "ts", PhantomConfig(n_ct=14, n_mri=6, size=24, seed=3))
     rows = []
-    for folder, modality, image in (("CT_Dataset_v201", "CT", "ct.nii.gz"), ("MRI_Dataset_v200", "MR", "mri.nii.gz")):
-        meta = pd.read_csv(root / "ts" / folder / "meta.csv", sep=";", encoding="utf-8-sig", dtype=str)
+    for folder, modality, image in (
+        ("CT_Dataset_v201", "CT", "ct.nii.gz"),
+        ("MRI_Dataset_v200", "MR", "mri.nii.gz"),
+    ):
+        meta = pd.read_csv(
+            root / "ts" / folder / "meta.csv", sep=";", encoding="utf-8-sig", dtype=str
+        )
         for m in meta.itertuples():
-            rows.append({"image": f"ts/{folder}/{m.image_id}/{image}", "image_id": f"{modality.lower()}{m.image_id}",
-                         "modality": modality, "sex": m.gender, "age": m.age,
-                         "diagnosis": "lesion" if modality == "MR" or len(rows) % 5 == 0 else "normal",
-                         "group": f"p{len(rows) // 2}"})
+            rows.append(
+                {
+                    "image": f"ts/{folder}/{m.image_id}/{image}",
+                    "image_id": f"{modality.lower()}{m.image_id}",
+                    "modality": modality,
+                    "sex": m.gender,
+                    "age": m.age,
+                    "diagnosis": "lesion" if modality == "MR" or len(rows) % 5 == 0 else "normal",
+                    "group": f"p{len(rows) // 2}",
+                }
+            )
     pd.DataFrame(rows).to_csv(root / "cohort.csv", index=False)
     model = timm.create_model("test_vit", pretrained=False, img_size=32)
     save_for_hf(model, root / "vit", model_args={"img_size": 32})
@@ -64,16 +76,32 @@ def cohort(tmp_path_factory):
 
 def test_sail_run_on_a_manifest_with_a_timm_encoder(cohort, tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(CONFIG.format(ws=tmp_path / "w", manifest=cohort / "cohort.csv", weights=cohort / "vit"))
+    cfg.write_text(
+        CONFIG.format(ws=tmp_path / "w", manifest=cohort / "cohort.csv", weights=cohort / "vit")
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", COLUMNS="200")
-    r = subprocess.run([sys.executable, "-m", "sail", "run", str(cfg)], capture_output=True, text=True, env=env,
-                       timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "sail", "run", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     ws = tmp_path / "w"
     slices = pd.read_parquet(ws / "data" / "slices.parquet")
-    assert {"diagnosis", "group"} <= set(slices.columns) and not any(c.startswith("has_") for c in slices.columns)
-    split = pd.read_csv(ws / "data" / "split.csv").merge(slices[["modality", "image_id", "group"]].drop_duplicates())
-    assert set(split.split) == {"train", "valid", "test"}  # no institutes: a seeded grouped test split
+    assert {"diagnosis", "group"} <= set(slices.columns) and not any(
+        c.startswith("has_") for c in slices.columns
+    )
+    split = pd.read_csv(ws / "data" / "split.csv").merge(
+        slices[["modality", "image_id", "group"]].drop_duplicates()
+    )
+    assert set(split.split) == {
+        "train",
+        "valid",
+        "test",
+    }  # no institutes: a seeded grouped test split
     assert (split.groupby("group").split.nunique() == 1).all()
     emb = pd.read_parquet(ws / "embeddings" / "timm-test_vit.parquet")
     assert len(emb) == len(slices) and len(emb.embedding.iloc[0]) == 64

@@ -21,19 +21,40 @@ def tiny_ws(tmp_path):
     rows = []
     for v in range(12):
         for i in range(5):
-            rows.append({"slice_id": f"ct/s{v:04d}/axial/{i:04d}", "modality": "ct", "image_id": f"s{v:04d}",
-                         "plane": "axial", "slice_idx": i, "png_path": f"data/slices/ct/s{v:04d}/axial_{i:04d}.png",
-                         "sex": "mf"[v % 2], "age": 30.0, "age_group": "<40", "institute": "B",
-                         "has_liver": bool(i % 2)})
+            rows.append(
+                {
+                    "slice_id": f"ct/s{v:04d}/axial/{i:04d}",
+                    "modality": "ct",
+                    "image_id": f"s{v:04d}",
+                    "plane": "axial",
+                    "slice_idx": i,
+                    "png_path": f"data/slices/ct/s{v:04d}/axial_{i:04d}.png",
+                    "sex": "mf"[v % 2],
+                    "age": 30.0,
+                    "age_group": "<40",
+                    "institute": "B",
+                    "has_liver": bool(i % 2),
+                }
+            )
     slices = pd.DataFrame(rows)
     ws = Workspace(tmp_path / "w")
     write_parquet_atomic(ws.slices_table, slices)
     split = ["train"] * 8 + ["valid"] * 2 + ["test"] * 2
-    write_csv_atomic(ws.split_csv, pd.DataFrame({"modality": "ct", "image_id": [f"s{v:04d}" for v in range(12)],
-                                                 "split": split}))
+    write_csv_atomic(
+        ws.split_csv,
+        pd.DataFrame(
+            {"modality": "ct", "image_id": [f"s{v:04d}" for v in range(12)], "split": split}
+        ),
+    )
     x = np.random.default_rng(0).normal(size=(len(slices), 16)).astype(np.float32)
     write_embeddings(ws.embeddings("toy"), slices.slice_id, x)
-    cfg = load_config(None, {"workspace": ws.root, "train": {"grid": TINY_GRID, "training": {"epochs": 1, "batch_size": 16}}})
+    cfg = load_config(
+        None,
+        {
+            "workspace": ws.root,
+            "train": {"grid": TINY_GRID, "training": {"epochs": 1, "batch_size": 16}},
+        },
+    )
     return cfg, ws, slices, x
 
 

@@ -29,7 +29,9 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
-WorkspaceOpt = Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Run folder [default: ./sail-work].")]
+WorkspaceOpt = Annotated[
+    Optional[Path], typer.Option("--workspace", "-w", help="Run folder [default: ./sail-work].")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if outputs are up to date.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
@@ -45,19 +47,27 @@ def _fail(exc: BaseException) -> None:
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.find_root().params.get("debug"):
         raise exc
-    console.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)
+    console.print(
+        f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code=2)
 
 
 @app.callback()
-def _main(verbose: VerboseOpt = False,
-          debug: Annotated[bool, typer.Option("--debug", help="Show the Python traceback of an error.")] = False) -> None:
+def _main(
+    verbose: VerboseOpt = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the Python traceback of an error.")
+    ] = False,
+) -> None:
     setup_logging(verbose)
 
 
 @app.command()
 def phantom(
-    out_dir: Annotated[Path, typer.Argument(help="Where to write CT_Dataset_v201/ and MRI_Dataset_v200/.")],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Where to write CT_Dataset_v201/ and MRI_Dataset_v200/.")
+    ],
     n_ct: Annotated[Optional[int], typer.Option(help="CT scans [default: 24].")] = None,
     n_mri: Annotated[Optional[int], typer.Option(help="MRI scans [default: 12].")] = None,
     size: Annotated[Optional[int], typer.Option(help="Voxels per side [default: 64].")] = None,
@@ -68,7 +78,9 @@ def phantom(
     from sail.data.phantom import write_phantom_dataset
 
     try:
-        cfg = _load(config, None, phantom={"n_ct": n_ct, "n_mri": n_mri, "size": size, "seed": seed})
+        cfg = _load(
+            config, None, phantom={"n_ct": n_ct, "n_mri": n_mri, "size": size, "seed": seed}
+        )
         write_phantom_dataset(out_dir, cfg.phantom)
     except SailError as exc:
         _fail(exc)
@@ -77,11 +89,25 @@ def phantom(
 
 @app.command()
 def prepare(
-    source: Annotated[Optional[Path], typer.Option(help="TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/), or a manifest .csv/.parquet: one row per volume (image = NIfTI file or DICOM series folder; see docs/your-own-data.md).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="PNG side in pixels [default: 224; paper: 1024].")] = None,
-    style: Annotated[Optional[str], typer.Option(help="canonical (RAS, anatomical planes) or published (paper geometry).")] = None,
-    slice_stride: Annotated[Optional[int], typer.Option(help="Keep every n-th slice [default: 1].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes [default: CPU count].")] = None,
+    source: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/), or a manifest .csv/.parquet: one row per volume (image = NIfTI file or DICOM series folder; see docs/your-own-data.md)."
+        ),
+    ] = None,
+    image_size: Annotated[
+        Optional[int], typer.Option(help="PNG side in pixels [default: 224; paper: 1024].")
+    ] = None,
+    style: Annotated[
+        Optional[str],
+        typer.Option(help="canonical (RAS, anatomical planes) or published (paper geometry)."),
+    ] = None,
+    slice_stride: Annotated[
+        Optional[int], typer.Option(help="Keep every n-th slice [default: 1].")
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Worker processes [default: CPU count].")
+    ] = None,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -89,7 +115,13 @@ def prepare(
     """Slice volumes into PNGs and write data/slices.parquet (+ data/skipped.csv)."""
     from sail.pipeline import run_pipeline
 
-    section = {"source": source, "image_size": image_size, "style": style, "slice_stride": slice_stride, "workers": workers}
+    section = {
+        "source": source,
+        "image_size": image_size,
+        "style": style,
+        "slice_stride": slice_stride,
+        "workers": workers,
+    }
     try:
         cfg = _load(config, workspace, prepare=section)
         run_pipeline(cfg, "prepare", "prepare", force)
@@ -98,7 +130,9 @@ def prepare(
 
 
 @app.command()
-def split(config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False) -> None:
+def split(
+    config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
+) -> None:
     """Split scans into train/valid/test (institutes A, D, E -> test) -> data/split.csv."""
     from sail.pipeline import run_pipeline
 
@@ -111,7 +145,9 @@ def split(config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: Force
 
 @app.command()
 def run(
-    config_file: Annotated[Optional[Path], typer.Argument(help="YAML config (same as --config).")] = None,
+    config_file: Annotated[
+        Optional[Path], typer.Argument(help="YAML config (same as --config).")
+    ] = None,
     start: Annotated[Optional[str], typer.Option("--from", help="First stage to run.")] = None,
     stop: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
     config: ConfigOpt = None,
@@ -132,8 +168,17 @@ def run(
 
 @app.command()
 def evaluate(
-    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Encoder(s) to evaluate [default: every embeddings table].")] = None,
-    published_ranking: Annotated[Optional[bool], typer.Option("--published-ranking/--no-published-ranking", help="Rank configs with the published choices (Table 1).")] = None,
+    encoder: Annotated[
+        Optional[list[str]],
+        typer.Option("--encoder", help="Encoder(s) to evaluate [default: every embeddings table]."),
+    ] = None,
+    published_ranking: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--published-ranking/--no-published-ranking",
+            help="Rank configs with the published choices (Table 1).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -152,7 +197,9 @@ def evaluate(
 
 
 @app.command()
-def figures(config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False) -> None:
+def figures(
+    config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
+) -> None:
     """SAE quality vs L0 and performance recovery figures (PNG + PDF) -> figures/."""
     from sail.pipeline import run_pipeline
 
@@ -165,17 +212,58 @@ def figures(config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: For
 
 @app.command()
 def encode(
-    encoder: Annotated[Optional[str], typer.Option(help="dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, timm:MODEL_NAME or hf:MODEL_ID_OR_DIR [default: the config's encode.encoders].")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Table name: embeddings/NAME.parquet [default: the encoder's name].")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Local file/folder or Hugging Face hub id [default: the published weights].")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Model input side in pixels [default: the published size, or the model's config].")] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="timm:/hf: encoders: auto, cls, mean or gem [default: auto = cls if the model has a class token, else mean].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 [default: auto = bf16 on GPU where published].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: per encoder].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="PNG-decoding worker processes [default: CPUs - 1, max 8].")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="i/n (0-based): encode only this shard's chunks; then --merge.")] = None,
-    merge: Annotated[bool, typer.Option("--merge", help="Join the finished shard parts of --name into the final table.")] = False,
+    encoder: Annotated[
+        Optional[str],
+        typer.Option(
+            help="dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, timm:MODEL_NAME or hf:MODEL_ID_OR_DIR [default: the config's encode.encoders]."
+        ),
+    ] = None,
+    name: Annotated[
+        Optional[str],
+        typer.Option(help="Table name: embeddings/NAME.parquet [default: the encoder's name]."),
+    ] = None,
+    weights: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Local file/folder or Hugging Face hub id [default: the published weights]."
+        ),
+    ] = None,
+    image_size: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Model input side in pixels [default: the published size, or the model's config]."
+        ),
+    ] = None,
+    pooling: Annotated[
+        Optional[str],
+        typer.Option(
+            help="timm:/hf: encoders: auto, cls, mean or gem [default: auto = cls if the model has a class token, else mean]."
+        ),
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")
+    ] = None,
+    precision: Annotated[
+        Optional[str],
+        typer.Option(help="auto, fp32 or bf16 [default: auto = bf16 on GPU where published]."),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option(help="Images per forward pass [default: per encoder].")
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(help="PNG-decoding worker processes [default: CPUs - 1, max 8]."),
+    ] = None,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(help="i/n (0-based): encode only this shard's chunks; then --merge."),
+    ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge", help="Join the finished shard parts of --name into the final table."
+        ),
+    ] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -183,14 +271,31 @@ def encode(
     """Encode every slice -> embeddings/NAME.parquet (resumable; shard with --shard i/n, join with --merge)."""
     from sail.pipeline import run_pipeline
 
-    entry = {k: v for k, v in {"encoder": encoder, "name": name, "weights": weights, "image_size": image_size,
-                               "pooling": pooling}.items() if v is not None}
-    section: dict[str, Any] = {"device": device, "precision": precision, "batch_size": batch_size, "workers": workers, "shard": shard}
+    entry = {
+        k: v
+        for k, v in {
+            "encoder": encoder,
+            "name": name,
+            "weights": weights,
+            "image_size": image_size,
+            "pooling": pooling,
+        }.items()
+        if v is not None
+    }
+    section: dict[str, Any] = {
+        "device": device,
+        "precision": precision,
+        "batch_size": batch_size,
+        "workers": workers,
+        "shard": shard,
+    }
     try:
         if encoder is not None:
             section["encoders"] = [entry]
         elif not merge and (name or weights or image_size or pooling):
-            raise SailError("--name/--weights/--image-size/--pooling describe one encoder: give --encoder too")
+            raise SailError(
+                "--name/--weights/--image-size/--pooling describe one encoder: give --encoder too"
+            )
         if merge and not (name or encoder):
             raise SailError("--merge needs --name (or --encoder) of the table to join")
         cfg = _load(config, workspace, encode=section)
@@ -207,9 +312,16 @@ def encode(
 
 @app.command("import-embeddings")
 def import_embeddings(
-    table: Annotated[Path, typer.Argument(help="Parquet with slice_id + a vector (fixed-size list, list, or one column per dimension).")],
+    table: Annotated[
+        Path,
+        typer.Argument(
+            help="Parquet with slice_id + a vector (fixed-size list, list, or one column per dimension)."
+        ),
+    ],
     name: Annotated[str, typer.Option(help="Table name: embeddings/NAME.parquet.")],
-    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Accept a table that covers only some slices.")] = False,
+    allow_missing: Annotated[
+        bool, typer.Option("--allow-missing", help="Accept a table that covers only some slices.")
+    ] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -227,18 +339,45 @@ def import_embeddings(
 
 @app.command()
 def train(
-    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Encoder(s) to train on [default: every embeddings table].")] = None,
-    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="matryoshka (default) and/or sail, for grid entries naming none.")] = None,
-    grid: Annotated[Optional[str], typer.Option(help="demo, paper or a grid YAML file [default: paper].")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="i/n: train only part i (0-based) of n of the grid.")] = None,
-    embeddings: Annotated[Optional[Path], typer.Option(help="Train on any table (slice_id + embedding), no prepared data needed.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")] = None,
-    group_by: Annotated[Optional[str], typer.Option(help="Column of --embeddings grouping rows for the seeded 80/10/10 split.")] = None,
+    encoder: Annotated[
+        Optional[list[str]],
+        typer.Option("--encoder", help="Encoder(s) to train on [default: every embeddings table]."),
+    ] = None,
+    variant: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--variant", help="matryoshka (default) and/or sail, for grid entries naming none."
+        ),
+    ] = None,
+    grid: Annotated[
+        Optional[str], typer.Option(help="demo, paper or a grid YAML file [default: paper].")
+    ] = None,
+    shard: Annotated[
+        Optional[str], typer.Option(help="i/n: train only part i (0-based) of n of the grid.")
+    ] = None,
+    embeddings: Annotated[
+        Optional[Path],
+        typer.Option(help="Train on any table (slice_id + embedding), no prepared data needed."),
+    ] = None,
+    name: Annotated[
+        Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")
+    ] = None,
+    group_by: Annotated[
+        Optional[str],
+        typer.Option(help="Column of --embeddings grouping rows for the seeded 80/10/10 split."),
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override the grid's epochs.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")] = None,
-    recalibrate: Annotated[bool, typer.Option(
-        "--recalibrate", help="Recompute thresholds and final metrics of existing checkpoints, without training "
-        "(after an upgrade that changed what they mean).")] = False,
+    device: Annotated[
+        Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")
+    ] = None,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate",
+            help="Recompute thresholds and final metrics of existing checkpoints, without training "
+            "(after an upgrade that changed what they mean).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -246,10 +385,18 @@ def train(
     """Train a grid of Matryoshka SAEs (families share batches) -> sae/<encoder>/<variant>/<config>/."""
     from sail.pipeline import run_pipeline
 
-    section: dict[str, Any] = {"encoders": encoder or None, "variants": variant or None, "grid": grid, "shard": shard,
-                               "embeddings": embeddings, "name": name, "group_by": group_by, "device": device,
-                               "training": {"epochs": epochs} if epochs else None,
-                               "recalibrate": recalibrate or None}
+    section: dict[str, Any] = {
+        "encoders": encoder or None,
+        "variants": variant or None,
+        "grid": grid,
+        "shard": shard,
+        "embeddings": embeddings,
+        "name": name,
+        "group_by": group_by,
+        "device": device,
+        "training": {"epochs": epochs} if epochs else None,
+        "recalibrate": recalibrate or None,
+    }
     try:
         cfg = _load(config, workspace, train=section)
         run_pipeline(cfg, "train", "train", force)
@@ -259,14 +406,34 @@ def train(
 
 @app.command()
 def activations(
-    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Encoder(s) [default: every encoder with SAEs].")] = None,
-    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Only these variants [default: all].")] = None,
-    sae_config: Annotated[Optional[str], typer.Option(help="Config folder (D_.._K_..) or all [default: all].")] = None,
-    embeddings: Annotated[Optional[Path], typer.Option(help="The table SAEs were trained on with `sail train --embeddings`.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda ... [default: auto].")] = None,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Load checkpoints whose model.safetensors does not "
-                                            "match the sha256 in their cfg.json (damaged or hand-edited).")] = False,
+    encoder: Annotated[
+        Optional[list[str]],
+        typer.Option("--encoder", help="Encoder(s) [default: every encoder with SAEs]."),
+    ] = None,
+    variant: Annotated[
+        Optional[list[str]], typer.Option("--variant", help="Only these variants [default: all].")
+    ] = None,
+    sae_config: Annotated[
+        Optional[str], typer.Option(help="Config folder (D_.._K_..) or all [default: all].")
+    ] = None,
+    embeddings: Annotated[
+        Optional[Path],
+        typer.Option(help="The table SAEs were trained on with `sail train --embeddings`."),
+    ] = None,
+    name: Annotated[
+        Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="auto, cpu, cuda ... [default: auto].")
+    ] = None,
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Load checkpoints whose model.safetensors does not "
+            "match the sha256 in their cfg.json (damaged or hand-edited).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -274,9 +441,15 @@ def activations(
     """Sparse codes of every split -> activations/<encoder>/<variant>/<config>/<split>.parquet."""
     from sail.pipeline import run_pipeline
 
-    section = {"encoders": encoder or None, "variants": variant or None, "sae_config": sae_config,
-               "embeddings": embeddings, "name": name, "device": device,
-               "verify_checkpoints": False if no_verify else None}
+    section = {
+        "encoders": encoder or None,
+        "variants": variant or None,
+        "sae_config": sae_config,
+        "embeddings": embeddings,
+        "name": name,
+        "device": device,
+        "verify_checkpoints": False if no_verify else None,
+    }
     try:
         cfg = _load(config, workspace, activations=section)
         run_pipeline(cfg, "activations", "activations", force)
@@ -287,9 +460,15 @@ def activations(
 @app.command("import-sae")
 def import_sae(
     ckpt: Annotated[Path, typer.Argument(help="Published Lightning checkpoint (last.ckpt).")],
-    hparams: Annotated[Path, typer.Option(help="Its hparams.yaml (input_dim, dictionary_sizes, k_values).")],
-    encoder: Annotated[str, typer.Option(help="Encoder the SAE belongs to (e.g. biomedparse, dinov3).")],
-    trust_checkpoint: Annotated[bool, typer.Option(help="Allow full unpickling if weights-only loading fails.")] = False,
+    hparams: Annotated[
+        Path, typer.Option(help="Its hparams.yaml (input_dim, dictionary_sizes, k_values).")
+    ],
+    encoder: Annotated[
+        str, typer.Option(help="Encoder the SAE belongs to (e.g. biomedparse, dinov3).")
+    ],
+    trust_checkpoint: Annotated[
+        bool, typer.Option(help="Allow full unpickling if weights-only loading fails.")
+    ] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
@@ -299,14 +478,18 @@ def import_sae(
 
     try:
         cfg = _load(config, workspace)
-        out = import_published(ckpt, hparams, Workspace(cfg.workspace).root / "sae", encoder, trust_checkpoint)
+        out = import_published(
+            ckpt, hparams, Workspace(cfg.workspace).root / "sae", encoder, trust_checkpoint
+        )
     except SailError as exc:
         _fail(exc)
     console.print(f"imported to {out}")
 
 
 @app.command()
-def report(config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False) -> None:
+def report(
+    config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
+) -> None:
     """Write the static HTML feature browser -> report/index.html (opens from file://, no network)."""
     from sail.pipeline import run_pipeline
 
@@ -320,11 +503,18 @@ def report(config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: Forc
 @app.command()
 def demo(
     workspace: WorkspaceOpt = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Override the packaged demo config.")] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="Override the packaged demo config.")
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Phantom dataset + the whole pipeline on the demo config: offline, about 5 minutes on 2 CPU cores."""
-    from sail.pipeline import check_phantom_defines_metrics, demo_config_path, print_summary, run_pipeline
+    from sail.pipeline import (
+        check_phantom_defines_metrics,
+        demo_config_path,
+        print_summary,
+        run_pipeline,
+    )
 
     try:
         cfg = _load(config or demo_config_path(), workspace)
@@ -335,17 +525,36 @@ def demo(
         _fail(exc)
 
 
-interpret_app = typer.Typer(help="Fingerprint retrieval, autointerpretation and language retrieval -> interpret/.", no_args_is_help=True)
+interpret_app = typer.Typer(
+    help="Fingerprint retrieval, autointerpretation and language retrieval -> interpret/.",
+    no_args_is_help=True,
+)
 app.add_typer(interpret_app, name="interpret")
 
 
-def _interpret(verb: str, config, workspace, force, sae_config, describer, judge, matcher, allow_remote, dry_run) -> None:
+def _interpret(
+    verb: str,
+    config,
+    workspace,
+    force,
+    sae_config,
+    describer,
+    judge,
+    matcher,
+    allow_remote,
+    dry_run,
+) -> None:
     from sail.interpret.stage import VERBS
     from sail.workspace import Workspace, stage_lock
 
-    section: dict[str, Any] = {"describer": describer, "judge": judge, "matcher": matcher,
-                               "sae_configs": [sae_config] if sae_config else None,
-                               "allow_remote": allow_remote or None, "dry_run": dry_run or None}
+    section: dict[str, Any] = {
+        "describer": describer,
+        "judge": judge,
+        "matcher": matcher,
+        "sae_configs": [sae_config] if sae_config else None,
+        "allow_remote": allow_remote or None,
+        "dry_run": dry_run or None,
+    }
     try:
         cfg = _load(config, workspace, interpret=section)
         ws = Workspace(cfg.workspace).ensure()
@@ -358,35 +567,88 @@ def _interpret(verb: str, config, workspace, force, sae_config, describer, judge
         _fail(exc)
 
 
-SaeConfigOpt = Annotated[Optional[str], typer.Option("--sae-config", help="Also interpret this config (D_.._K_..) or all [default: final_rank 1 per encoder+variant].")]
-DescriberOpt = Annotated[Optional[str], typer.Option("--describer", help="metadata (offline), openai or transformers.")]
-JudgeOpt = Annotated[Optional[str], typer.Option("--judge", help="embedding (offline MiniLM), openai, transformers or none.")]
-MatcherOpt = Annotated[Optional[str], typer.Option("--matcher", help="embedding (offline MiniLM), lexical or llm.")]
-AllowRemoteOpt = Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback model endpoint (images leave this machine).")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print prompts and call counts; call and write nothing.")]
+SaeConfigOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--sae-config",
+        help="Also interpret this config (D_.._K_..) or all [default: final_rank 1 per encoder+variant].",
+    ),
+]
+DescriberOpt = Annotated[
+    Optional[str], typer.Option("--describer", help="metadata (offline), openai or transformers.")
+]
+JudgeOpt = Annotated[
+    Optional[str],
+    typer.Option("--judge", help="embedding (offline MiniLM), openai, transformers or none."),
+]
+MatcherOpt = Annotated[
+    Optional[str], typer.Option("--matcher", help="embedding (offline MiniLM), lexical or llm.")
+]
+AllowRemoteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-remote", help="Allow a non-loopback model endpoint (images leave this machine)."
+    ),
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print prompts and call counts; call and write nothing.")
+]
 
 
 @interpret_app.command("fingerprint")
-def interpret_fingerprint(sae_config: SaeConfigOpt = None, config: ConfigOpt = None, workspace: WorkspaceOpt = None,
-                          force: ForceOpt = False, dry_run: DryRunOpt = False) -> None:
+def interpret_fingerprint(
+    sae_config: SaeConfigOpt = None,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
     """Sparse fingerprint retrieval vs dense baselines, K sweep, metadata precision and chance."""
-    _interpret("fingerprint", config, workspace, force, sae_config, None, None, None, False, dry_run)
+    _interpret(
+        "fingerprint", config, workspace, force, sae_config, None, None, None, False, dry_run
+    )
 
 
 @interpret_app.command("autointerp")
-def interpret_autointerp(sae_config: SaeConfigOpt = None, describer: DescriberOpt = None, judge: JudgeOpt = None,
-                         allow_remote: AllowRemoteOpt = False, dry_run: DryRunOpt = False, config: ConfigOpt = None,
-                         workspace: WorkspaceOpt = None, force: ForceOpt = False) -> None:
+def interpret_autointerp(
+    sae_config: SaeConfigOpt = None,
+    describer: DescriberOpt = None,
+    judge: JudgeOpt = None,
+    allow_remote: AllowRemoteOpt = False,
+    dry_run: DryRunOpt = False,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
     """Describe selected features from their top slices and judge the descriptions."""
-    _interpret("autointerp", config, workspace, force, sae_config, describer, judge, None, allow_remote, dry_run)
+    _interpret(
+        "autointerp",
+        config,
+        workspace,
+        force,
+        sae_config,
+        describer,
+        judge,
+        None,
+        allow_remote,
+        dry_run,
+    )
 
 
 @interpret_app.command("language")
-def interpret_language(sae_config: SaeConfigOpt = None, matcher: MatcherOpt = None, allow_remote: AllowRemoteOpt = False,
-                       dry_run: DryRunOpt = False, config: ConfigOpt = None, workspace: WorkspaceOpt = None,
-                       force: ForceOpt = False) -> None:
+def interpret_language(
+    sae_config: SaeConfigOpt = None,
+    matcher: MatcherOpt = None,
+    allow_remote: AllowRemoteOpt = False,
+    dry_run: DryRunOpt = False,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
     """Text queries -> matched features -> ranked slices, with precision@k against parsed constraints."""
-    _interpret("language", config, workspace, force, sae_config, None, None, matcher, allow_remote, dry_run)
+    _interpret(
+        "language", config, workspace, force, sae_config, None, None, matcher, allow_remote, dry_run
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m sail`

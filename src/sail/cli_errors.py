@@ -19,7 +19,12 @@ from sail.console import console
 from sail.errors import SailError
 
 EXIT_USER_ERROR = 2
-_ALLOCATION_WORDS = ("can't allocate memory", "cannot allocate memory", "out of memory", "not enough memory")
+_ALLOCATION_WORDS = (
+    "can't allocate memory",
+    "cannot allocate memory",
+    "out of memory",
+    "not enough memory",
+)
 
 
 def _os_message(exc: OSError) -> str:
@@ -62,14 +67,18 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and (exc.filename is not None or exc.errno is not None):
         return _os_message(exc)
     if _is_allocation_failure(exc):
-        return (f"out of memory ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'allocation failed'}); "
-                "use smaller dictionary sizes, a smaller --batch-size, or a machine with more memory")
+        return (
+            f"out of memory ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'allocation failed'}); "
+            "use smaller dictionary sizes, a smaller --batch-size, or a machine with more memory"
+        )
     try:
         import pyarrow as pa
 
         if isinstance(exc, pa.ArrowException):
-            return (f"a Parquet/Arrow table cannot be read ({exc}); it is damaged or not a table: "
-                    "rerun the stage that wrote it with --force")
+            return (
+                f"a Parquet/Arrow table cannot be read ({exc}); it is damaged or not a table: "
+                "rerun the stage that wrote it with --force"
+            )
     except ImportError:  # pragma: no cover - pyarrow is a dependency
         pass
     if type(exc).__name__ == "SafetensorError":
@@ -93,5 +102,7 @@ class SailGroup(TyperGroup):
             message = user_message(exc)
             if message is None or ctx.params.get("debug") or os.environ.get("SAIL_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(code=EXIT_USER_ERROR) from None

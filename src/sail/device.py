@@ -16,5 +16,7 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError as exc:
         raise SailError(f"--device {device!r}: {exc}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise SailError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+        raise SailError(
+            f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)"
+        )
     return resolved

@@ -19,6 +19,7 @@ from sail.workspace import Workspace, stage_lock, write_text_atomic
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -33,16 +34,50 @@ class Stage:
 # In DESIGN order; each stage module is imported only when it runs, so `sail --help` stays fast
 # and a stage's heavy dependencies load only when needed.
 STAGES: list[Stage] = [
-    Stage("phantom", "sail.data.prepare:run_phantom", "synthetic dataset into <workspace>/phantom when no prepare.source is set"),
-    Stage("prepare", "sail.data.prepare:run_prepare", "volumes -> PNG slices + data/slices.parquet"),
-    Stage("split", "sail.data.split:run_split", "scan-level train/valid/test split -> data/split.csv"),
-    Stage("encode", "sail.encoders.encode:run_encode", "slices -> embeddings/<encoder>.parquet (one per encode.encoders entry)"),
-    Stage("train", "sail.sae.train:run_train", "SAE grid per encoder -> sae/<encoder>/<variant>/<config>/"),
-    Stage("activations", "sail.sae.activations:run_activations", "sparse SAE codes per split -> activations/"),
-    Stage("evaluate", "sail.evaluate.stage:run_evaluate", "probes, monosemanticity, recovery, ranking, concepts -> eval/"),
-    Stage("interpret", "sail.interpret.stage:run_interpret", "fingerprint retrieval, autointerpretation, language retrieval -> interpret/"),
-    Stage("figures", "sail.report.figures:run_figures", "SAE quality and performance recovery figures -> figures/"),
-    Stage("report", "sail.report.site:run_report", "static HTML feature browser -> report/index.html"),
+    Stage(
+        "phantom",
+        "sail.data.prepare:run_phantom",
+        "synthetic dataset into <workspace>/phantom when no prepare.source is set",
+    ),
+    Stage(
+        "prepare", "sail.data.prepare:run_prepare", "volumes -> PNG slices + data/slices.parquet"
+    ),
+    Stage(
+        "split", "sail.data.split:run_split", "scan-level train/valid/test split -> data/split.csv"
+    ),
+    Stage(
+        "encode",
+        "sail.encoders.encode:run_encode",
+        "slices -> embeddings/<encoder>.parquet (one per encode.encoders entry)",
+    ),
+    Stage(
+        "train",
+        "sail.sae.train:run_train",
+        "SAE grid per encoder -> sae/<encoder>/<variant>/<config>/",
+    ),
+    Stage(
+        "activations",
+        "sail.sae.activations:run_activations",
+        "sparse SAE codes per split -> activations/",
+    ),
+    Stage(
+        "evaluate",
+        "sail.evaluate.stage:run_evaluate",
+        "probes, monosemanticity, recovery, ranking, concepts -> eval/",
+    ),
+    Stage(
+        "interpret",
+        "sail.interpret.stage:run_interpret",
+        "fingerprint retrieval, autointerpretation, language retrieval -> interpret/",
+    ),
+    Stage(
+        "figures",
+        "sail.report.figures:run_figures",
+        "SAE quality and performance recovery figures -> figures/",
+    ),
+    Stage(
+        "report", "sail.report.site:run_report", "static HTML feature browser -> report/index.html"
+    ),
 ]
 
 
@@ -132,7 +167,9 @@ def print_summary(ws: Workspace) -> None:
     probes_csv = ws.eval_dir / "probes.csv"
     if probes_csv.is_file():
         probes = pd.read_csv(probes_csv)
-        test = probes[probes.split == "test"].assign(kind=lambda d: d.sae_config.eq("dense").map({True: "dense", False: "sparse"}))
+        test = probes[probes.split == "test"].assign(
+            kind=lambda d: d.sae_config.eq("dense").map({True: "dense", False: "sparse"})
+        )
         summary = test.groupby(["encoder", "task", "kind"]).roc_auc.max().unstack("kind")
         table = Table(title="Test ROC-AUC per task: dense vs best sparse")
         for col in ["encoder", "task", *summary.columns]:

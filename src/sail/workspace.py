@@ -39,7 +39,14 @@ os.umask(_UMASK)
 # wrote (not just its bytes): its manifests then stop matching and the stage reruns. 2: held-out
 # calibration reproducing the last level's selection, metrics from the stored codes (train and
 # everything downstream of the codes).
-SEMANTICS: dict[str, int] = {"train": 2, "activations": 2, "evaluate": 2, "interpret": 2, "figures": 2, "report": 2}
+SEMANTICS: dict[str, int] = {
+    "train": 2,
+    "activations": 2,
+    "evaluate": 2,
+    "interpret": 2,
+    "figures": 2,
+    "report": 2,
+}
 
 
 @contextlib.contextmanager
@@ -78,7 +85,9 @@ def write_csv_atomic(path: str | os.PathLike, df: pd.DataFrame) -> None:
 
 
 def write_parquet_atomic(
-    path: str | os.PathLike, table: pa.Table | pd.DataFrame, metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike,
+    table: pa.Table | pd.DataFrame,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
@@ -150,7 +159,9 @@ class StageRecord:
         }
 
 
-def is_done(artifact: str | os.PathLike, record: StageRecord, ignore_semantics: bool = False) -> bool:
+def is_done(
+    artifact: str | os.PathLike, record: StageRecord, ignore_semantics: bool = False
+) -> bool:
     """True when ``artifact`` exists and its manifest matches ``record`` (but for the artifact
     semantics when ``ignore_semantics``: to tell a stale artifact from a missing one)."""
     artifact = Path(artifact)
@@ -163,7 +174,10 @@ def is_done(artifact: str | os.PathLike, record: StageRecord, ignore_semantics: 
         return False
     integrity = saved.get("integrity")
     if integrity and integrity.get("bytes") != artifact.stat().st_size:
-        log.warning("%s: size differs from what its manifest recorded (damaged or replaced); redoing it", artifact)
+        log.warning(
+            "%s: size differs from what its manifest recorded (damaged or replaced); redoing it",
+            artifact,
+        )
         return False
     return (
         saved.get("stage") == record.stage
@@ -173,13 +187,17 @@ def is_done(artifact: str | os.PathLike, record: StageRecord, ignore_semantics: 
     )
 
 
-def mark_done(artifact: str | os.PathLike, record: StageRecord, extra: Mapping[str, Any] | None = None) -> None:
+def mark_done(
+    artifact: str | os.PathLike, record: StageRecord, extra: Mapping[str, Any] | None = None
+) -> None:
     payload = record.to_json()
     if extra:
         payload["summary"] = dict(extra)
     if Path(artifact).suffix == ".parquet":
         payload["integrity"] = table_integrity(artifact)
-    elif Path(artifact).suffix == ".safetensors":  # cfg.json holds its sha256; the size makes is_done see damage
+    elif (
+        Path(artifact).suffix == ".safetensors"
+    ):  # cfg.json holds its sha256; the size makes is_done see damage
         payload["integrity"] = {"bytes": Path(artifact).stat().st_size}
     write_json_atomic(manifest_path(artifact), payload)
 
@@ -187,7 +205,11 @@ def mark_done(artifact: str | os.PathLike, record: StageRecord, extra: Mapping[s
 def table_integrity(path: str | os.PathLike) -> dict[str, Any]:
     """What a written table is: bytes, rows and sha256, hashed once here (never on every read)."""
     path = Path(path)
-    return {"bytes": path.stat().st_size, "rows": pq.read_metadata(path).num_rows, "sha256": hash_file(path, full=True)}
+    return {
+        "bytes": path.stat().st_size,
+        "rows": pq.read_metadata(path).num_rows,
+        "sha256": hash_file(path, full=True),
+    }
 
 
 def check_table(path: str | os.PathLike, what: str = "table") -> int:
@@ -202,15 +224,19 @@ def check_table(path: str | os.PathLike, what: str = "table") -> int:
     try:
         rows = pq.read_metadata(path).num_rows
     except (OSError, pa.ArrowException) as exc:
-        raise SailError(f"{path}: not a readable Parquet {what} ({str(exc).splitlines()[0]}); {redo}") from None
+        raise SailError(
+            f"{path}: not a readable Parquet {what} ({str(exc).splitlines()[0]}); {redo}"
+        ) from None
     try:
         integrity = json.loads(manifest_path(path).read_text()).get("integrity") or {}
     except (OSError, json.JSONDecodeError, AttributeError):
         integrity = {}
     size = path.stat().st_size
     if integrity.get("bytes") not in (None, size) or integrity.get("rows") not in (None, rows):
-        raise SailError(f"{path}: {size} bytes / {rows} rows, but its manifest recorded {integrity.get('bytes')} "
-                        f"bytes / {integrity.get('rows')} rows when it was written (damaged or replaced); {redo}")
+        raise SailError(
+            f"{path}: {size} bytes / {rows} rows, but its manifest recorded {integrity.get('bytes')} "
+            f"bytes / {integrity.get('rows')} rows when it was written (damaged or replaced); {redo}"
+        )
     return rows
 
 
@@ -304,11 +330,15 @@ def stage_lock(root: str | os.PathLike, name: str) -> Iterator[Path]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise SailError(f"{path}: stage {name} is being written by another sail run ({holder}); wait for it to "
-                            "finish (the lock ends with that process, even if it is killed)") from None
+            raise SailError(
+                f"{path}: stage {name} is being written by another sail run ({holder}); wait for it to "
+                "finish (the lock ends with that process, even if it is killed)"
+            ) from None
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.write(
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
         f.flush()
         try:
             yield path

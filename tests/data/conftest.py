@@ -56,8 +56,29 @@ def write_ct_dataset(root: Path, scans: dict) -> Path:
         write_nifti(ct / image_id / "ct.nii.gz", hu, affine)
         for name, mask in masks.items():
             write_nifti(ct / image_id / "segmentations" / f"{name}.nii.gz", mask, affine)
-        row = {"age": "50", "gender": "m", "institute": "B", "study_type": "ct abdomen", "split": "train"} | meta
-        lines.append(";".join([image_id, row["age"], row["gender"], row["institute"], row["study_type"],
-                               row["split"], "siemens", "Force", "120", "no_pathology", "no_location"]))
+        row = {
+            "age": "50",
+            "gender": "m",
+            "institute": "B",
+            "study_type": "ct abdomen",
+            "split": "train",
+        } | meta
+        lines.append(
+            ";".join(
+                [
+                    image_id,
+                    row["age"],
+                    row["gender"],
+                    row["institute"],
+                    row["study_type"],
+                    row["split"],
+                    "siemens",
+                    "Force",
+                    "120",
+                    "no_pathology",
+                    "no_location",
+                ]
+            )
+        )
     (ct / "meta.csv").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
     return root

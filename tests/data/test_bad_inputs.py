@@ -25,7 +25,11 @@ def _prepare(src, tmp_path, **kw):
 
 
 def _skip_reason(skipped, image_id, modality="ct"):
-    rows = skipped[(skipped.image_id == image_id) & (skipped.modality == modality) & (skipped.action == "skip_scan")]
+    rows = skipped[
+        (skipped.image_id == image_id)
+        & (skipped.modality == modality)
+        & (skipped.action == "skip_scan")
+    ]
     assert len(rows) == 1, skipped
     return rows.reason.iloc[0]
 
@@ -69,7 +73,9 @@ def test_missing_image_is_skipped_and_recorded(phantom_copy, tmp_path):
 
 
 def test_corrupt_image_is_skipped(phantom_copy, tmp_path):
-    (phantom_copy / CT / "s0002" / "ct.nii.gz").write_bytes(gzip.compress(b"not a nifti file at all" * 20))
+    (phantom_copy / CT / "s0002" / "ct.nii.gz").write_bytes(
+        gzip.compress(b"not a nifti file at all" * 20)
+    )
     _, skipped = _prepare(phantom_copy, tmp_path)
     assert "cannot read image" in _skip_reason(skipped, "s0002")
 
@@ -122,9 +128,15 @@ def test_4d_volume_is_skipped(phantom_copy, tmp_path):
 
 def test_unknown_study_type_uses_default_window_and_is_recorded(phantom_copy, tmp_path):
     meta = phantom_copy / CT / "meta.csv"
-    meta.write_text(meta.read_text(encoding="utf-8-sig").replace("ct head", "ct mystery scan"), encoding="utf-8")
+    meta.write_text(
+        meta.read_text(encoding="utf-8-sig").replace("ct head", "ct mystery scan"), encoding="utf-8"
+    )
     table, skipped = _prepare(phantom_copy, tmp_path)
-    note = skipped[(skipped.image_id == "s0000") & (skipped.modality == "ct") & (skipped.action == "default_window")]
+    note = skipped[
+        (skipped.image_id == "s0000")
+        & (skipped.modality == "ct")
+        & (skipped.action == "default_window")
+    ]
     assert "unknown study type 'ct mystery scan'" in note.reason.iloc[0]
     kept = table[(table.modality == "ct") & (table.image_id == "s0000")]
     assert len(kept) > 0 and (kept.window_width == 1400).all()

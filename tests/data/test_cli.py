@@ -12,7 +12,9 @@ SAIL = [sys.executable, "-m", "sail"]
 
 def _run(*args, cwd):
     env = dict(os.environ, COLUMNS="200")
-    return subprocess.run([*SAIL, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [*SAIL, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_phantom_prepare_split_and_rerun_skips(tmp_path: Path):

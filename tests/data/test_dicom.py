@@ -16,7 +16,9 @@ from sail.workspace import Workspace
 from .conftest import REAL_EXAMPLE, make_cfg, write_nifti
 
 pydicom = pytest.importorskip("pydicom")
-needs_real = pytest.mark.skipif(not REAL_EXAMPLE.exists(), reason="../shared/data/totalseg-example not present")
+needs_real = pytest.mark.skipif(
+    not REAL_EXAMPLE.exists(), reason="../shared/data/totalseg-example not present"
+)
 _LPS = np.diag([-1.0, -1.0, 1.0])
 PHI = {"PatientName": "Doe^Jane", "PatientID": "SECRET-4711", "PatientBirthDate": "19600101"}
 
@@ -25,7 +27,9 @@ def _ds(value: float) -> str:
     return f"{value:.10g}"  # DICOM decimal strings hold at most 16 characters
 
 
-def write_series(folder, stored_IJK, affine, modality="CT", slope=1.0, intercept=0.0, seed=0, series_uid=None):
+def write_series(
+    folder, stored_IJK, affine, modality="CT", slope=1.0, intercept=0.0, seed=0, series_uid=None
+):
     """One DICOM file per k-slice of ``stored_IJK`` (uint16), geometry from the RAS ``affine``."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -36,7 +40,9 @@ def write_series(folder, stored_IJK, affine, modality="CT", slope=1.0, intercept
     col_dir = _LPS @ affine[:3, 1] / spacing[1]
     sop_class = CTImageStorage if modality == "CT" else MRImageStorage
     study, series, frame = generate_uid(), series_uid or generate_uid(), generate_uid()
-    order = np.random.default_rng(seed).permutation(stored_IJK.shape[2])  # file names say nothing about order
+    order = np.random.default_rng(seed).permutation(
+        stored_IJK.shape[2]
+    )  # file names say nothing about order
     for k in range(stored_IJK.shape[2]):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = sop_class
@@ -44,7 +50,12 @@ def write_series(folder, stored_IJK, affine, modality="CT", slope=1.0, intercept
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = modality, study, series, frame
+        ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+            modality,
+            study,
+            series,
+            frame,
+        )
         for key, value in PHI.items():
             setattr(ds, key, value)
         ds.InstanceNumber = int(order[k]) + 1
@@ -65,7 +76,9 @@ def _ct_as_dicom(folder):
     img = nib.load(REAL_EXAMPLE / "CT_Dataset_v201" / "s0001" / "ct.nii.gz")
     hu = np.asanyarray(img.dataobj).astype(np.int32)
     intercept = float(min(-1024, hu.min()))
-    return write_series(folder, ((hu - intercept) * 2).astype(np.uint16), img.affine, slope=0.5, intercept=intercept)
+    return write_series(
+        folder, ((hu - intercept) * 2).astype(np.uint16), img.affine, slope=0.5, intercept=intercept
+    )
 
 
 def _prepare(rows, tmp_path, name, **kw):
@@ -93,12 +106,22 @@ def assert_same_slices(ws_a, a, ws_b, b):
 def test_real_ct_as_dicom_equals_nifti(tmp_path):
     scan = REAL_EXAMPLE / "CT_Dataset_v201" / "s0001"
     series = _ct_as_dicom(tmp_path / "dicom" / "ct")
-    meta = dict(modality="ct", image_id="s0001", age="63", sex="m", institute="B", study_type="ct abdomen")
+    meta = dict(
+        modality="ct", image_id="s0001", age="63", sex="m", institute="B", study_type="ct abdomen"
+    )
     kw = dict(ct_spacing_mm=3.0, image_size=64)
-    ws_n, nifti, _ = _prepare([dict(image=str(scan / "ct.nii.gz"), segmentations=str(scan / "segmentations"), **meta)],
-                              tmp_path, "nifti", **kw)
-    ws_d, dicom, _ = _prepare([dict(image=str(series), segmentations=str(scan / "segmentations"), **meta)],
-                              tmp_path, "dicom", **kw)
+    ws_n, nifti, _ = _prepare(
+        [dict(image=str(scan / "ct.nii.gz"), segmentations=str(scan / "segmentations"), **meta)],
+        tmp_path,
+        "nifti",
+        **kw,
+    )
+    ws_d, dicom, _ = _prepare(
+        [dict(image=str(series), segmentations=str(scan / "segmentations"), **meta)],
+        tmp_path,
+        "dicom",
+        **kw,
+    )
     assert dicom.has_liver.any() and len(dicom) == len(nifti) > 100
     assert_same_slices(ws_n, nifti, ws_d, dicom)
     # no header field leaks: the fake patient identifiers appear in no artifact
@@ -112,21 +135,35 @@ def test_liver_is_on_the_image_left_in_axial_display_of_a_dicom_series(tmp_path)
     img = nib.load(REAL_EXAMPLE / "CT_Dataset_v201" / "s0001" / "segmentations" / "liver.nii.gz")
     liver = (np.asanyarray(img.dataobj) > 0).astype(np.uint16)
     series = write_series(tmp_path / "liver", liver, img.affine, slope=1000.0, intercept=-1000.0)
-    ws, table, _ = _prepare([dict(image=str(series), modality="ct", study_type="ct abdomen")], tmp_path, "w",
-                            ct_spacing_mm=3.0, image_size=64)
+    ws, table, _ = _prepare(
+        [dict(image=str(series), modality="ct", study_type="ct abdomen")],
+        tmp_path,
+        "w",
+        ct_spacing_mm=3.0,
+        image_size=64,
+    )
     axial = table[table.plane == "axial"]
     assert len(axial) > 5
-    cols = np.concatenate([np.nonzero(np.asarray(Image.open(ws.root / p)) > 60)[1] for p in axial.png_path])
+    cols = np.concatenate(
+        [np.nonzero(np.asarray(Image.open(ws.root / p)) > 60)[1] for p in axial.png_path]
+    )
     # patient right (the liver) on the image's left; its left lobe crosses the midline a little
-    assert cols.size > 100 and np.mean(cols < 32) > 0.8 and cols.mean() < 24, (np.mean(cols < 32), cols.mean())
+    assert cols.size > 100 and np.mean(cols < 32) > 0.8 and cols.mean() < 24, (
+        np.mean(cols < 32),
+        cols.mean(),
+    )
 
 
 def test_phantom_mri_as_dicom_equals_nifti(phantom_root, tmp_path):
     scan = phantom_root / "MRI_Dataset_v200" / "s0000"
     img = nib.load(scan / "mri.nii.gz")
-    quarters = np.clip(np.rint(img.get_fdata() * 4), 0, 65535).astype(np.uint16)  # exact in both formats
+    quarters = np.clip(np.rint(img.get_fdata() * 4), 0, 65535).astype(
+        np.uint16
+    )  # exact in both formats
     write_nifti(tmp_path / "mri.nii.gz", (quarters / 4).astype(np.float32), img.affine)
-    series = write_series(tmp_path / "dicom" / "mri", quarters, img.affine, modality="MR", slope=0.25)
+    series = write_series(
+        tmp_path / "dicom" / "mri", quarters, img.affine, modality="MR", slope=0.25
+    )
     meta = dict(modality="mr", image_id="m1", segmentations=str(scan / "segmentations"))
     ws_n, nifti, _ = _prepare([dict(image=str(tmp_path / "mri.nii.gz"), **meta)], tmp_path, "nifti")
     ws_d, dicom, _ = _prepare([dict(image=str(series), **meta)], tmp_path, "dicom")
@@ -147,24 +184,33 @@ def test_dicom_defects_are_recorded_skips(tmp_path):
     junk.mkdir()
     (junk / "IM0001").write_bytes(b"not a dicom file" * 10)
     good = write_series(tmp_path / "good", vol, affine)
-    single = sorted(write_series(tmp_path / "one", vol, affine).iterdir())[0].rename(tmp_path / "single.dcm")
+    single = sorted(write_series(tmp_path / "one", vol, affine).iterdir())[0].rename(
+        tmp_path / "single.dcm"
+    )
     rows = [dict(image=str(p), modality="ct") for p in (mixed, gap, junk, good, single)]
     _, table, skipped = _prepare(rows, tmp_path, "w", ct_spacing_mm=2.0)
     assert set(table.image_id) == {"good"}
     reasons = skipped[skipped.action == "skip_scan"].set_index("image_id").reason
     assert f"folder {mixed} holds 2 DICOM series" in reasons["mixed"]
-    assert "missing, duplicate or irregularly spaced slices" in reasons["gap"] and str(gap) in reasons["gap"]
+    assert (
+        "missing, duplicate or irregularly spaced slices" in reasons["gap"]
+        and str(gap) in reasons["gap"]
+    )
     assert f"no DICOM series in folder {junk}" in reasons["junk"]
     assert "is a single DICOM file; give the folder holding its series" in reasons["single.dcm"]
 
 
 def test_reader_geometry_matches_the_written_affine(tmp_path):
     vol = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
-    rot = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # an oblique-free permuted orientation
+    rot = np.array(
+        [[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]
+    )  # an oblique-free permuted orientation
     affine = np.eye(4)
     affine[:3, :3] = rot @ np.diag([0.7, 0.8, 2.5])
     affine[:3, 3] = [10.25, -20.5, 30.125]
-    data, got = read_dicom_series(write_series(tmp_path / "s", vol, affine, slope=2.0, intercept=-5.0))
+    data, got = read_dicom_series(
+        write_series(tmp_path / "s", vol, affine, slope=2.0, intercept=-5.0)
+    )
     np.testing.assert_allclose(got, affine, atol=1e-6)
     np.testing.assert_array_equal(data, vol.astype(np.float32) * 2 - 5)
     with pytest.raises(DicomDefect, match="no DICOM series"):

@@ -6,10 +6,17 @@ from sail.data.labels import age_group
 
 def test_vocabularies_match_totalsegmentator():
     assert len(labels.CT_STRUCTURES) == 117 and len(labels.MRI_STRUCTURES) == 50
-    assert labels.CT_STRUCTURES[0] == "adrenal_gland_left" and labels.CT_STRUCTURES[-1] == "vertebrae_T9"
+    assert (
+        labels.CT_STRUCTURES[0] == "adrenal_gland_left"
+        and labels.CT_STRUCTURES[-1] == "vertebrae_T9"
+    )
     assert labels.MRI_STRUCTURES[-1] == "vertebrae"
     assert set(labels.MRI_STRUCTURES) - set(labels.CT_STRUCTURES) == {
-        "intervertebral_discs", "lung_left", "lung_right", "vertebrae"}
+        "intervertebral_discs",
+        "lung_left",
+        "lung_right",
+        "vertebrae",
+    }
     assert len(labels.ALL_STRUCTURES) == 121
     assert set(labels.PROBE_STRUCTURES) <= set(labels.CT_STRUCTURES)
 
@@ -17,11 +24,25 @@ def test_vocabularies_match_totalsegmentator():
 def test_every_structure_has_one_region():
     assert set(labels.STRUCTURE_REGION) == set(labels.ALL_STRUCTURES)
     assert len(labels.REGIONS) == 30
-    assert labels.regions_of(["liver", "kidney_left", "kidney_cyst_right", "nonsense"]) == ["kidneys", "liver"]
+    assert labels.regions_of(["liver", "kidney_left", "kidney_cyst_right", "nonsense"]) == [
+        "kidneys",
+        "liver",
+    ]
 
 
-@pytest.mark.parametrize("age,expected", [(0, "<40"), (39.99, "<40"), (40, "40-60"), (59.9, "40-60"),
-                                          (60, "60-80"), (79.9, "60-80"), (80, ">=80"), (104, ">=80")])
+@pytest.mark.parametrize(
+    "age,expected",
+    [
+        (0, "<40"),
+        (39.99, "<40"),
+        (40, "40-60"),
+        (59.9, "40-60"),
+        (60, "60-80"),
+        (79.9, "60-80"),
+        (80, ">=80"),
+        (104, ">=80"),
+    ],
+)
 def test_canonical_age_group_edges(age, expected):
     assert age_group([age]).iloc[0] == expected
 

@@ -21,7 +21,9 @@ from .conftest import REAL_EXAMPLE, make_cfg, write_nifti
 # main 3e0f9d4, before TotalSegmentator's layout went through the manifest path.
 GOLDEN_TABLE = "31ab5562c99c7e54e3b31cd7457938aa382245674d534450151586c033cdc005"
 GOLDEN_PNGS = "04ccc5564f415a446ae186677ea3f897913d4716c4cfb250c56972fb2827c309"
-needs_real = pytest.mark.skipif(not REAL_EXAMPLE.exists(), reason="../shared/data/totalseg-example not present")
+needs_real = pytest.mark.skipif(
+    not REAL_EXAMPLE.exists(), reason="../shared/data/totalseg-example not present"
+)
 
 
 def _prepare(source, root, **kw):
@@ -51,7 +53,9 @@ def test_totalsegmentator_layout_is_unchanged_by_the_manifest_path(layout_run):
     assert _digests(ws, table) == (GOLDEN_TABLE, GOLDEN_PNGS)
 
 
-def test_layout_written_as_a_user_manifest_gives_identical_bytes(layout_run, phantom_root, tmp_path):
+def test_layout_written_as_a_user_manifest_gives_identical_bytes(
+    layout_run, phantom_root, tmp_path
+):
     ws, _, _ = layout_run
     frames = [layout_manifest(phantom_root, m)[0] for m in ("ct", "mri")]
     manifest = tmp_path / "cohort" / "manifest.csv"
@@ -85,7 +89,9 @@ def write_label_map(seg_dir, out_dir):
         assert not (labels[mask] > 0).any(), f"{name} overlaps another mask"
         labels[mask] = values[name]
     write_nifti(out_dir / "labels.nii.gz", labels, first.affine)
-    pd.DataFrame({"value": list(values.values()), "name": list(values)}).to_csv(out_dir / "labels.csv", index=False)
+    pd.DataFrame({"value": list(values.values()), "name": list(values)}).to_csv(
+        out_dir / "labels.csv", index=False
+    )
     return out_dir / "labels.nii.gz", out_dir / "labels.csv"
 
 
@@ -94,25 +100,56 @@ def test_real_ct_as_nifti_and_as_multilabel_mask_give_the_same_slices(tmp_path):
     image, seg_dir = _real_ct_files()
     ws_ref, ref, _ = _prepare(REAL_EXAMPLE, tmp_path / "ref", ct_spacing_mm=3.0, image_size=64)
     write_label_map(seg_dir, tmp_path / "cohort")
-    meta = dict(modality="ct", image_id="s0001", age="63", sex="m", institute="B", study_type="ct abdomen",
-                manufacturer="siemens", scanner_model="Somatom Definition Flash", kvp="120",
-                pathology="no_pathology", official_split="train")
-    pd.DataFrame([dict(image=str(image), segmentations=str(seg_dir), **meta)]).to_csv(tmp_path / "a.csv", index=False)
-    pd.DataFrame([dict(image=str(image), segmentations="labels.nii.gz", labels="labels.csv", **meta)]).to_csv(
-        tmp_path / "cohort" / "b.csv", index=False)
+    meta = dict(
+        modality="ct",
+        image_id="s0001",
+        age="63",
+        sex="m",
+        institute="B",
+        study_type="ct abdomen",
+        manufacturer="siemens",
+        scanner_model="Somatom Definition Flash",
+        kvp="120",
+        pathology="no_pathology",
+        official_split="train",
+    )
+    pd.DataFrame([dict(image=str(image), segmentations=str(seg_dir), **meta)]).to_csv(
+        tmp_path / "a.csv", index=False
+    )
+    pd.DataFrame(
+        [dict(image=str(image), segmentations="labels.nii.gz", labels="labels.csv", **meta)]
+    ).to_csv(tmp_path / "cohort" / "b.csv", index=False)
     for manifest in (tmp_path / "a.csv", tmp_path / "cohort" / "b.csv"):
-        ws, table, _ = _prepare(manifest, tmp_path / manifest.stem, ct_spacing_mm=3.0, image_size=64)
+        ws, table, _ = _prepare(
+            manifest, tmp_path / manifest.stem, ct_spacing_mm=3.0, image_size=64
+        )
         pd.testing.assert_frame_equal(table, ref)
-        assert all((ws.root / p).read_bytes() == (ws_ref.root / p).read_bytes() for p in table.png_path)
+        assert all(
+            (ws.root / p).read_bytes() == (ws_ref.root / p).read_bytes() for p in table.png_path
+        )
 
 
 def test_free_metadata_group_and_derived_ids_flow_into_slices(phantom_root, tmp_path):
     ct = phantom_root / "CT_Dataset_v201"
     rows = [
-        dict(image=str(ct / "s0000" / "ct.nii.gz"), modality="CT", sex="Female", age="71",
-             diagnosis="healthy", group="p1", score="1.5"),
-        dict(image=str(ct / "s0001" / "ct.nii.gz"), modality="ct", sex="", age="",
-             diagnosis="tumour", group="p1", score="2"),
+        dict(
+            image=str(ct / "s0000" / "ct.nii.gz"),
+            modality="CT",
+            sex="Female",
+            age="71",
+            diagnosis="healthy",
+            group="p1",
+            score="1.5",
+        ),
+        dict(
+            image=str(ct / "s0001" / "ct.nii.gz"),
+            modality="ct",
+            sex="",
+            age="",
+            diagnosis="tumour",
+            group="p1",
+            score="2",
+        ),
     ]
     # Same file name in two folders -> derived ids collide; an image_id column resolves it.
     manifest = tmp_path / "m.parquet"
@@ -129,7 +166,11 @@ def test_free_metadata_group_and_derived_ids_flow_into_slices(phantom_root, tmp_
     assert not any(c.startswith("has_") for c in table.columns)  # no masks: no structure flags
     a = table[table.image_id == "a"]
     assert (a.sex == "f").all() and (a.age == 71.0).all() and (a.age_group == "60-80").all()
-    assert (a.diagnosis == "healthy").all() and (table.group == "p1").all() and set(table.score) == {1.5, 2.0}
+    assert (
+        (a.diagnosis == "healthy").all()
+        and (table.group == "p1").all()
+        and set(table.score) == {1.5, 2.0}
+    )
     assert table[table.image_id == "b"].sex.isna().all()
     assert set(table.plane) == {"axial", "coronal", "sagittal"}
     # no masks: every slice that shows anything is kept, blank ones are recorded
@@ -159,9 +200,14 @@ def test_bad_manifests_are_one_line_errors_naming_the_culprit(phantom_root, tmp_
         ([dict(image=image)], r"m.csv row 1: no modality; add a 'modality' column"),
         ([dict(image=image, modality="ct", split="train")], r"column 'split' is reserved"),
         ([dict(image=image, modality="ct", has_liver="1")], r"column 'has_liver' is reserved"),
-        ([dict(image=image, modality="ct", labels="l.csv")], r"row 1: 'labels' given without a 'segmentations'"),
-        ([dict(image=image, modality="ct", segmentations="x.nii.gz", labels="nope.csv")],
-         r"label table not found: .*nope.csv"),
+        (
+            [dict(image=image, modality="ct", labels="l.csv")],
+            r"row 1: 'labels' given without a 'segmentations'",
+        ),
+        (
+            [dict(image=image, modality="ct", segmentations="x.nii.gz", labels="nope.csv")],
+            r"label table not found: .*nope.csv",
+        ),
     ]
     for rows, message in cases:
         with pytest.raises(SailError, match=message) as info:
@@ -174,28 +220,46 @@ def test_bad_manifests_are_one_line_errors_naming_the_culprit(phantom_root, tmp_
 def test_label_table_defects(phantom_root, tmp_path):
     scan = phantom_root / "CT_Dataset_v201" / "s0003"
     label_map, table = write_label_map(scan / "segmentations", tmp_path)
-    base = dict(image=str(scan / "ct.nii.gz"), modality="ct", segmentations=str(label_map), labels=str(table))
+    base = dict(
+        image=str(scan / "ct.nii.gz"),
+        modality="ct",
+        segmentations=str(label_map),
+        labels=str(table),
+    )
     labels = pd.read_csv(table)
     present = sorted(int(v) for v in np.unique(np.asanyarray(nib.load(label_map).dataobj)) if v)
-    labels[labels.value != present[0]].to_csv(tmp_path / "short.csv", index=False)  # a value the map holds
+    labels[labels.value != present[0]].to_csv(
+        tmp_path / "short.csv", index=False
+    )  # a value the map holds
     bad = labels.assign(value=labels.value.astype(str).where(labels.index != 2, "x"))
     bad.to_csv(tmp_path / "bad.csv", index=False)
     pd.concat([labels, labels.iloc[:1]]).to_csv(tmp_path / "dup.csv", index=False)
-    for name, message in (("bad.csv", r"bad.csv: label value 'x' \(row 3\) is not a positive integer"),
-                          ("dup.csv", r"dup.csv: name '.*' appears twice")):
+    for name, message in (
+        ("bad.csv", r"bad.csv: label value 'x' \(row 3\) is not a positive integer"),
+        ("dup.csv", r"dup.csv: name '.*' appears twice"),
+    ):
         with pytest.raises(SailError, match=message):
             _prepare(_write(tmp_path, [base | {"labels": str(tmp_path / name)}]), tmp_path / "w")
     with pytest.raises(SailError, match="every scan was skipped"):
-        _prepare(_write(tmp_path, [base | {"labels": str(tmp_path / "short.csv")}]), tmp_path / "w2")
+        _prepare(
+            _write(tmp_path, [base | {"labels": str(tmp_path / "short.csv")}]), tmp_path / "w2"
+        )
     skipped = pd.read_csv(tmp_path / "w2" / "data" / "skipped.csv")
     assert f"holds value(s) {present[0]} missing from its label table" in skipped.reason.iloc[0]
 
 
 def test_missing_files_are_recorded_skips(phantom_root, tmp_path):
     ct = phantom_root / "CT_Dataset_v201"
-    rows = [dict(image=str(ct / "s0000" / "ct.nii.gz"), modality="ct"),
-            dict(image="missing/ct.nii.gz", modality="ct", image_id="gone"),
-            dict(image=str(ct / "s0001" / "ct.nii.gz"), modality="ct", image_id="noseg", segmentations="nowhere")]
+    rows = [
+        dict(image=str(ct / "s0000" / "ct.nii.gz"), modality="ct"),
+        dict(image="missing/ct.nii.gz", modality="ct", image_id="gone"),
+        dict(
+            image=str(ct / "s0001" / "ct.nii.gz"),
+            modality="ct",
+            image_id="noseg",
+            segmentations="nowhere",
+        ),
+    ]
     _, table, skipped = _prepare(_write(tmp_path, rows), tmp_path / "w")
     assert set(table.image_id) == {"ct"}
     reasons = skipped[skipped.action == "skip_scan"].set_index("image_id").reason

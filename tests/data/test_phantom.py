@@ -17,12 +17,17 @@ def test_layout_is_totalsegmentator(phantom_root):
     assert raw.startswith(b"\xef\xbb\xbf")  # UTF-8 BOM like the real file
     header = raw.decode("utf-8-sig").splitlines()[0].split(";")
     assert header == META_COLUMNS["ct"]
-    assert (mri / "meta.csv").read_text(encoding="utf-8-sig").splitlines()[0].split(";") == META_COLUMNS["mri"]
+    assert (mri / "meta.csv").read_text(encoding="utf-8-sig").splitlines()[0].split(
+        ";"
+    ) == META_COLUMNS["mri"]
     for sid in ("s0000", "s0004"):
         masks = sorted(p.name[:-7] for p in (ct / sid / "segmentations").glob("*.nii.gz"))
         assert masks == VOCABULARY["ct"]
         assert (ct / sid / "ct.nii.gz").is_file()
-    assert sorted(p.name[:-7] for p in (mri / "s0000" / "segmentations").glob("*.nii.gz")) == VOCABULARY["mri"]
+    assert (
+        sorted(p.name[:-7] for p in (mri / "s0000" / "segmentations").glob("*.nii.gz"))
+        == VOCABULARY["mri"]
+    )
     img = nib.load(ct / "s0003" / "ct.nii.gz")
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     assert img.get_data_dtype() == np.int16
@@ -35,9 +40,16 @@ def test_truth_matches_masks_and_meta(phantom_root):
     meta = pd.read_csv(phantom_root / "CT_Dataset_v201" / "meta.csv", sep=";", encoding="utf-8-sig")
     planted = set()
     for scan in truth["scans"]:
-        folder = phantom_root / ("CT_Dataset_v201" if scan["modality"] == "ct" else "MRI_Dataset_v200") / scan["image_id"]
-        present = sorted(p.name[:-7] for p in (folder / "segmentations").glob("*.nii.gz")
-                         if np.asanyarray(nib.load(p).dataobj).any())
+        folder = (
+            phantom_root
+            / ("CT_Dataset_v201" if scan["modality"] == "ct" else "MRI_Dataset_v200")
+            / scan["image_id"]
+        )
+        present = sorted(
+            p.name[:-7]
+            for p in (folder / "segmentations").glob("*.nii.gz")
+            if np.asanyarray(nib.load(p).dataobj).any()
+        )
         assert present == scan["structures_present"]
         assert set(present) <= set(VOCABULARY[scan["modality"]])
         planted |= set(present)
@@ -57,7 +69,9 @@ def test_deterministic_per_seed(tmp_path):
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     c = write_phantom_dataset(tmp_path / "c", cfg.model_copy(update={"seed": 4}))
-    assert (c / "CT_Dataset_v201" / "s0000" / "ct.nii.gz").read_bytes() != (a / "CT_Dataset_v201" / "s0000" / "ct.nii.gz").read_bytes()
+    assert (c / "CT_Dataset_v201" / "s0000" / "ct.nii.gz").read_bytes() != (
+        a / "CT_Dataset_v201" / "s0000" / "ct.nii.gz"
+    ).read_bytes()
 
 
 def test_institute_weights_put_a_fifth_in_test_institutes():
@@ -69,11 +83,15 @@ def test_institute_weights_put_a_fifth_in_test_institutes():
 
 def test_ct_intensities_are_hounsfield(phantom_root):
     truth = json.loads((phantom_root / "phantom_truth.json").read_text())
-    scan = next(s for s in truth["scans"] if s["modality"] == "ct" and "liver" in s["structures_present"])
+    scan = next(
+        s for s in truth["scans"] if s["modality"] == "ct" and "liver" in s["structures_present"]
+    )
     folder = phantom_root / "CT_Dataset_v201" / scan["image_id"]
     hu = nib.load(folder / "ct.nii.gz").get_fdata()
     liver = np.asanyarray(nib.load(folder / "segmentations" / "liver.nii.gz").dataobj).astype(bool)
-    lungs = np.asanyarray(nib.load(folder / "segmentations" / "lung_lower_lobe_right.nii.gz").dataobj).astype(bool)
+    lungs = np.asanyarray(
+        nib.load(folder / "segmentations" / "lung_lower_lobe_right.nii.gz").dataobj
+    ).astype(bool)
     assert 20 < np.median(hu[liver]) < 100
     if lungs.any():
         assert np.median(hu[lungs]) < -600

@@ -24,14 +24,23 @@ def prepared(phantom_root, tmp_path_factory):
 
 def test_ct_slice_count_per_plane_equals_resampled_ras_shape(prepared, phantom_root):
     ws, table, skipped = prepared
-    truth = {(s["modality"], s["image_id"]): s for s in json.loads((phantom_root / "phantom_truth.json").read_text())["scans"]}
+    truth = {
+        (s["modality"], s["image_id"]): s
+        for s in json.loads((phantom_root / "phantom_truth.json").read_text())["scans"]
+    }
     for (modality, image_id), scan in truth.items():
         if modality != "ct":
             continue
         for axis, plane in enumerate(("sagittal", "coronal", "axial")):
             expected = int(round(scan["shape"][axis] * scan["spacing_mm"][axis] / 8.0))
-            kept = ((table.image_id == image_id) & (table.modality == "ct") & (table.plane == plane)).sum()
-            drops = skipped[(skipped.image_id == image_id) & (skipped.modality == "ct") & (skipped.plane == plane)]
+            kept = (
+                (table.image_id == image_id) & (table.modality == "ct") & (table.plane == plane)
+            ).sum()
+            drops = skipped[
+                (skipped.image_id == image_id)
+                & (skipped.modality == "ct")
+                & (skipped.plane == plane)
+            ]
             dropped = int((drops.slice_to - drops.slice_from + 1).sum())
             assert kept + dropped == expected, (image_id, plane)
 
@@ -41,7 +50,9 @@ def test_mri_gives_its_acquisition_plane_only(prepared, phantom_root):
     truth = json.loads((phantom_root / "phantom_truth.json").read_text())["scans"]
     for scan in truth:
         if scan["modality"] == "mri":
-            planes = set(table[(table.modality == "mri") & (table.image_id == scan["image_id"])].plane)
+            planes = set(
+                table[(table.modality == "mri") & (table.image_id == scan["image_id"])].plane
+            )
             assert planes == {scan["acquisition_plane"]}
 
 
@@ -50,8 +61,22 @@ def test_table_schema_and_png_files(prepared):
     assert table.slice_id.is_unique and table.slice_id.is_monotonic_increasing
     row = table.iloc[0]
     assert row.slice_id == f"{row.modality}/{row.image_id}/{row.plane}/{row.slice_idx:04d}"
-    assert table.columns[:6].tolist() == ["slice_id", "modality", "image_id", "plane", "slice_idx", "png_path"]
-    for col in ("official_split", "age_group", "window_center", "crop_size", "has_liver", "has_lung_left"):
+    assert table.columns[:6].tolist() == [
+        "slice_id",
+        "modality",
+        "image_id",
+        "plane",
+        "slice_idx",
+        "png_path",
+    ]
+    for col in (
+        "official_split",
+        "age_group",
+        "window_center",
+        "crop_size",
+        "has_liver",
+        "has_lung_left",
+    ):
         assert col in table.columns
     assert "split" not in table.columns
     img = Image.open(ws.root / row.png_path)
@@ -80,7 +105,10 @@ def test_flags_agree_with_masks(phantom_root, tmp_path):
         for axis, plane in enumerate(("sagittal", "coronal", "axial")):
             expect = mask.any(axis=tuple(a for a in range(3) if a != axis))
             view = rows[rows.plane == plane]
-            assert (view[f"has_{name}"].to_numpy() == expect[view.slice_idx.to_numpy()]).all(), (name, plane)
+            assert (view[f"has_{name}"].to_numpy() == expect[view.slice_idx.to_numpy()]).all(), (
+                name,
+                plane,
+            )
 
 
 def _side_dataset(root, flip_lps: bool):
@@ -93,7 +121,9 @@ def _side_dataset(root, flip_lps: bool):
     body[2:18, 2:18, 2:18] = 1
     hu[(body == 1) & (mask == 0)] = 20
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    if flip_lps:  # store as LPS: axes 0 and 1 reversed, affine adjusted so world coords are unchanged
+    if (
+        flip_lps
+    ):  # store as LPS: axes 0 and 1 reversed, affine adjusted so world coords are unchanged
         hu, mask, body = (a[::-1, ::-1].copy() for a in (hu, mask, body))
         affine = np.array([[-2.0, 0, 0, 38.0], [0, -2.0, 0, 38.0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
     return write_ct_dataset(root, {"s0000": (hu, affine, {"liver": mask, "skin": body}, {})})
@@ -124,7 +154,11 @@ def _resave(src_root, dst_root, image_id, transform):
     """Copy one CT scan with every volume re-stored by ``transform(data, affine)``."""
     src = src_root / "CT_Dataset_v201" / image_id
     dst = dst_root / "CT_Dataset_v201" / image_id
-    shutil.copy(src_root / "CT_Dataset_v201" / "meta.csv", (dst_root / "CT_Dataset_v201").mkdir(parents=True, exist_ok=True) or dst_root / "CT_Dataset_v201" / "meta.csv")
+    shutil.copy(
+        src_root / "CT_Dataset_v201" / "meta.csv",
+        (dst_root / "CT_Dataset_v201").mkdir(parents=True, exist_ok=True)
+        or dst_root / "CT_Dataset_v201" / "meta.csv",
+    )
     for path in [src / "ct.nii.gz", *sorted((src / "segmentations").glob("*.nii.gz"))]:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
@@ -151,7 +185,11 @@ def test_lps_permuted_and_scaled_storage_gives_identical_slices(phantom_root, tm
 
     for name, fn in (("ras", keep), ("lps", lps_permuted_scaled)):
         _resave(phantom_root, tmp_path / name, "s0003", fn)
-    assert nib.aff2axcodes(nib.load(tmp_path / "lps/CT_Dataset_v201/s0003/ct.nii.gz").affine) == ("S", "L", "P")
+    assert nib.aff2axcodes(nib.load(tmp_path / "lps/CT_Dataset_v201/s0003/ct.nii.gz").affine) == (
+        "S",
+        "L",
+        "P",
+    )
     out = {}
     for name in ("ras", "lps"):
         ws = Workspace(tmp_path / f"w_{name}")
@@ -167,19 +205,34 @@ def test_published_style_mirrors_axial_and_crops(phantom_root, tmp_path):
     src = _side_dataset(tmp_path / "ts", flip_lps=False)
     ref = discover(src, ["ct"])[0][0]
     for style, expect_left in (("canonical", True), ("published", False)):
-        rows = slice_scan(ref, SliceOptions(style=style, image_size=20, ct_spacing_mm=2.0), tmp_path / style).rows
+        rows = slice_scan(
+            ref, SliceOptions(style=style, image_size=20, ct_spacing_mm=2.0), tmp_path / style
+        ).rows
         row = rows[(rows.plane == "axial") & rows.has_liver].iloc[2]
         img = np.asarray(Image.open(tmp_path / style / row.png_path)).astype(float)
         _, c = np.nonzero(img > 200)
-        assert (c.mean() < 10) == expect_left, style  # published axial is neurological (patient left on left)
+        assert (c.mean() < 10) == expect_left, (
+            style
+        )  # published axial is neurological (patient left on left)
         assert set(rows.plane) == {"sagittal", "coronal", "axial"}
     ref, _ = _ct_scan(phantom_root, "s0003")
     shape = nib.load(ref.image_path).shape
     publ = slice_scan(ref, SliceOptions(style="published", image_size=32), tmp_path / "p").rows
-    canon = slice_scan(ref, SliceOptions(style="canonical", image_size=32, ct_spacing_mm=float(
-        nib.load(ref.image_path).header.get_zooms()[0])), tmp_path / "c").rows
-    assert (publ[publ.plane == "coronal"].crop_size == min(shape[0], shape[2])).all()  # central crop
-    assert (canon[canon.plane == "coronal"].crop_size == max(shape[0], shape[2])).all()  # pad, nothing lost
+    canon = slice_scan(
+        ref,
+        SliceOptions(
+            style="canonical",
+            image_size=32,
+            ct_spacing_mm=float(nib.load(ref.image_path).header.get_zooms()[0]),
+        ),
+        tmp_path / "c",
+    ).rows
+    assert (
+        publ[publ.plane == "coronal"].crop_size == min(shape[0], shape[2])
+    ).all()  # central crop
+    assert (
+        canon[canon.plane == "coronal"].crop_size == max(shape[0], shape[2])
+    ).all()  # pad, nothing lost
 
 
 def test_interrupted_prepare_resumes_to_identical_table(phantom_root, tmp_path):
@@ -213,7 +266,9 @@ def test_rerun_is_skipped_and_force_reruns(phantom_root, tmp_path, caplog):
     caplog.set_level("INFO")
     run_prepare(cfg, ws)
     assert "up to date" in caplog.text and ws.slices_table.stat().st_mtime_ns == stamp
-    run_prepare(cfg.model_copy(update={"prepare": cfg.prepare.model_copy(update={"image_size": 24})}), ws)
+    run_prepare(
+        cfg.model_copy(update={"prepare": cfg.prepare.model_copy(update={"image_size": 24})}), ws
+    )
     assert ws.slices_table.stat().st_mtime_ns != stamp
 
 
@@ -233,8 +288,15 @@ def test_real_totalsegmentator_subject(tmp_path):
     assert set(table.image_id) == {"s0001"} and (table.institute == "B").all()
     axial = table[table.plane == "axial"]
     drops = skipped[skipped.plane == "axial"]
-    assert len(axial) + int((drops.slice_to - drops.slice_from + 1).sum()) == 60  # 30 slices at 3 mm -> 1.5 mm
-    liver = np.asanyarray(nib.load(REAL_EXAMPLE / "CT_Dataset_v201/s0001/segmentations/liver.nii.gz").dataobj) > 0
+    assert (
+        len(axial) + int((drops.slice_to - drops.slice_from + 1).sum()) == 60
+    )  # 30 slices at 3 mm -> 1.5 mm
+    liver = (
+        np.asanyarray(
+            nib.load(REAL_EXAMPLE / "CT_Dataset_v201/s0001/segmentations/liver.nii.gz").dataobj
+        )
+        > 0
+    )
     per_z = liver.any(axis=(0, 1))
     nearest = np.clip(np.rint((axial.slice_idx.to_numpy() + 0.5) * 0.5 - 0.5), 0, 29).astype(int)
     assert (axial.has_liver.to_numpy() == per_z[nearest]).all()

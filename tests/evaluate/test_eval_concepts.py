@@ -30,16 +30,22 @@ def test_concept_grounding_finds_planted_features_and_confounds():
     slices, split = make_slices()
     codes = sparse_codes(slices, 40)
     ids = {"encoder": "e", "variant": "v", "sae_config": "c"}
-    concepts, confounds = ground_concepts(codes, slices, _split_rows(slices, split), ids,
-                                          ["institute", "scanner_model", "kvp"], 0.75)
+    concepts, confounds = ground_concepts(
+        codes, slices, _split_rows(slices, split), ids, ["institute", "scanner_model", "kvp"], 0.75
+    )
     best = concepts.set_index("label")
     for s, f in PLANTED.items():
         assert best.loc[f"has_{s}", "best_feature"] == f
-        assert best.loc[f"has_{s}", ["train_roc_auc", "valid_roc_auc", "test_roc_auc"]].tolist() == [1.0] * 3
+        assert (
+            best.loc[f"has_{s}", ["train_roc_auc", "valid_roc_auc", "test_roc_auc"]].tolist()
+            == [1.0] * 3
+        )
     assert best.loc["modality=ct", "best_feature"] == CT_FEATURE
     assert best.loc["institute=B", "best_feature"] == INSTITUTE_B_FEATURE
     assert confounds["feature"].tolist() == [INSTITUTE_B_FEATURE]
-    assert confounds["label"].iloc[0] == "institute=B" and confounds["best_structure"].iloc[0].startswith("has_")
+    assert confounds["label"].iloc[0] == "institute=B" and confounds["best_structure"].iloc[
+        0
+    ].startswith("has_")
 
 
 def test_concept_grounding_selects_on_train_and_reports_held_out_splits():
@@ -52,9 +58,13 @@ def test_concept_grounding_selects_on_train_and_reports_held_out_splits():
     liver = slices["has_liver"].to_numpy(bool)
     lucky = np.zeros(len(slices))
     lucky[rows["valid"]] = np.where(liver[rows["valid"]], 2.0, 0.0)  # perfect on valid only
-    truth = np.where(liver, 1.0, 0.0) + np.random.default_rng(0).normal(0.5, 0.3, len(slices)).clip(0.01)
+    truth = np.where(liver, 1.0, 0.0) + np.random.default_rng(0).normal(0.5, 0.3, len(slices)).clip(
+        0.01
+    )
     codes[:, 30], codes[:, PLANTED["liver"]] = lucky[:, None], truth[:, None]
-    concepts, _ = ground_concepts(codes.tocsr(), slices, rows, {"encoder": "e"}, ["institute"], 0.75)
+    concepts, _ = ground_concepts(
+        codes.tocsr(), slices, rows, {"encoder": "e"}, ["institute"], 0.75
+    )
     row = concepts.set_index("label").loc["has_liver"]
     assert row["best_feature"] == PLANTED["liver"]
     assert row["valid_roc_auc"] < 1.0 and row["train_roc_auc"] > 0.9 and row["test_roc_auc"] > 0.9
@@ -83,6 +93,8 @@ def test_breakdown_bootstrap_is_volume_clustered_and_seeded():
     pd.testing.assert_frame_equal(a, b)
     ct = a[(a["by"] == "modality") & (a["group"] == "ct")].iloc[0]
     assert ct["n_volumes"] == 14 and ct["n"] == 14 * 24
-    assert ct["roc_auc"] == pytest.approx(roc_auc_score(y[slices.modality == "ct"], score[slices.modality == "ct"]))
+    assert ct["roc_auc"] == pytest.approx(
+        roc_auc_score(y[slices.modality == "ct"], score[slices.modality == "ct"])
+    )
     assert ct["ci_low"] <= ct["roc_auc"] <= ct["ci_high"] and ct["ci_low"] < ct["ci_high"]
     assert set(a["by"]) == {"modality", "plane"}

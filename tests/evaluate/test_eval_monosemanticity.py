@@ -57,11 +57,16 @@ def test_null_draws_one_slice_per_volume_like_the_top_n():
     """Review of issue 12: the feature's top-N holds one slice per volume, so the null must too; with
     random slices, two slices of one volume (identical structures here) raised the null."""
     volume = np.repeat(np.arange(12), 50)
-    structures = np.eye(12, dtype=bool)[volume]  # every volume its own structure, all its slices alike
+    structures = np.eye(12, dtype=bool)[
+        volume
+    ]  # every volume its own structure, all its slices alike
     mean, std = mono.null_coherence(structures, 10, draws=200, seed=0, volume=volume)
     assert (mean, std) == (0.0, 0.0)
     # fewer volumes than N: N shrinks to the number of volumes
-    assert mono.null_coherence(structures[:100], 10, draws=5, seed=0, volume=volume[:100]) == (0.0, 0.0)
+    assert mono.null_coherence(structures[:100], 10, draws=5, seed=0, volume=volume[:100]) == (
+        0.0,
+        0.0,
+    )
 
 
 def _naive_top_volumes(codes, volume, n_max):
@@ -82,7 +87,9 @@ def _naive_top_volumes(codes, volume, n_max):
 
 def test_vectorised_top_volumes_matches_a_naive_walk():
     rng = np.random.default_rng(0)
-    dense = (rng.random((300, 40)) < 0.2) * rng.integers(1, 6, size=(300, 40)).astype(float)  # many ties
+    dense = (rng.random((300, 40)) < 0.2) * rng.integers(1, 6, size=(300, 40)).astype(
+        float
+    )  # many ties
     dense[:, 5] = 0  # dead feature
     volume = rng.integers(0, 25, size=300)
     top, n_vol = mono.top_volumes(sp.csr_matrix(dense), volume, 7)
@@ -93,8 +100,14 @@ def test_vectorised_top_volumes_matches_a_naive_walk():
 
 def test_volumes_are_keyed_by_modality_and_image_id():
     """Published bug #11: CT s0001 and MRI s0001 were treated as one image."""
-    slices = pd.DataFrame({"slice_id": ["ct/s0001/axial/0000", "ct/s0001/axial/0001", "mri/s0001/axial/0000"],
-                           "modality": ["ct", "ct", "mri"], "image_id": ["s0001"] * 3, "split": ["valid"] * 3})
+    slices = pd.DataFrame(
+        {
+            "slice_id": ["ct/s0001/axial/0000", "ct/s0001/axial/0001", "mri/s0001/axial/0000"],
+            "modality": ["ct", "ct", "mri"],
+            "image_id": ["s0001"] * 3,
+            "split": ["valid"] * 3,
+        }
+    )
     data = _make_eval_data(slices)
     assert len(set(data.volume)) == 2
     codes = sp.csr_matrix(np.array([[3.0], [2.0], [1.0]]))
@@ -104,17 +117,27 @@ def test_volumes_are_keyed_by_modality_and_image_id():
 
 
 def test_features_with_too_few_volumes_or_always_on_are_excluded():
-    codes = sp.csr_matrix(np.array([[1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [0.0, 1.0, 0.0]]))
+    codes = sp.csr_matrix(
+        np.array([[1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [0.0, 1.0, 0.0]])
+    )
     sets = np.eye(4, dtype=bool)
     feats = mono.score_features(codes, np.arange(4), sets, 4, [2, 3], {2: 0.0, 3: 0.0}, [2, 3])
-    assert set(feats.loc[feats.top_n == 2, "feature"]) == {0}  # feature 1 is always on, 2 has 1 volume
+    assert set(feats.loc[feats.top_n == 2, "feature"]) == {
+        0
+    }  # feature 1 is always on, 2 has 1 volume
     assert feats.loc[feats.top_n == 3].empty
     assert feats["dict_level"].iloc[0] == 0
 
 
 def test_structure_matrix_counts_each_modality_vocabulary_only():
-    slices = pd.DataFrame({"modality": ["ct", "mri"], "has_lung_left": [True, True],
-                           "has_lung_upper_lobe_left": [True, False], "has_liver": [True, True]})
+    slices = pd.DataFrame(
+        {
+            "modality": ["ct", "mri"],
+            "has_lung_left": [True, True],
+            "has_lung_upper_lobe_left": [True, False],
+            "has_liver": [True, True],
+        }
+    )
     o, names, v = mono.structure_matrix(slices, VOCABULARY)
     assert v == len(set(VOCABULARY["ct"]) | set(VOCABULARY["mri"])) == 121
     got = {n: list(o[:, i]) for i, n in enumerate(names)}

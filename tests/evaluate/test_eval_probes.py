@@ -7,8 +7,17 @@ import scipy.sparse as sp
 
 from sail.config import EvaluateConfig, ProbeSettings
 from sail.evaluate.inputs import _make_eval_data
-from sail.evaluate.probes import (Task, age_groups, binary_metrics, build_tasks, coefficient_table, fit_quiet,
-                                  make_classifier, run_probes, stratified_subsample)
+from sail.evaluate.probes import (
+    Task,
+    age_groups,
+    binary_metrics,
+    build_tasks,
+    coefficient_table,
+    fit_quiet,
+    make_classifier,
+    run_probes,
+    stratified_subsample,
+)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
@@ -19,8 +28,14 @@ def _data(n_per_split=(300, 200, 200), seed=0):
     rng = np.random.default_rng(seed)
     split = np.repeat(["train", "valid", "test"], n_per_split)
     n = len(split)
-    slices = pd.DataFrame({"slice_id": [f"ct/s{i:04d}/axial/0000" for i in range(n)], "modality": "ct",
-                           "image_id": [f"s{i:04d}" for i in range(n)], "split": split})
+    slices = pd.DataFrame(
+        {
+            "slice_id": [f"ct/s{i:04d}/axial/0000" for i in range(n)],
+            "modality": "ct",
+            "image_id": [f"s{i:04d}" for i in range(n)],
+            "split": split,
+        }
+    )
     return _make_eval_data(slices), rng
 
 
@@ -75,7 +90,9 @@ def test_multilabel_fits_one_model_per_label_and_coefficients_rank_by_magnitude(
     x = rng.normal(size=(n, 6)) * 0.1
     x[:, 1] += 3 * y[:, 0]
     x[:, 4] -= 3 * y[:, 1]
-    out = run_probes([Task("structures", "multilabel", ("liver", "heart"), y)], x, data, P, {"encoder": "e"})
+    out = run_probes(
+        [Task("structures", "multilabel", ("liver", "heart"), y)], x, data, P, {"encoder": "e"}
+    )
     assert _metric(out, "liver", "valid") > 0.99 and _metric(out, "heart", "valid") > 0.99
     table = coefficient_table(out.coefs, {"encoder": "e"})
     top = table[table["rank"] == 1].set_index("target")["feature"]
@@ -87,7 +104,9 @@ def test_binary_coefficients_change_sign_with_the_target():
     data, rng = _data()
     y = rng.integers(0, 2, len(data.slices))
     x = rng.normal(size=(len(y), 3)) + 2 * y[:, None] * np.array([1, 0, 0])
-    out = run_probes([Task("modality", "multiclass", ("mri", "ct"), y)], x, data, P, {"encoder": "e"})
+    out = run_probes(
+        [Task("modality", "multiclass", ("mri", "ct"), y)], x, data, P, {"encoder": "e"}
+    )
     np.testing.assert_allclose(out.coefs[("modality", "ct")], -out.coefs[("modality", "mri")])
     assert out.coefs[("modality", "ct")][0] > 0
 
@@ -112,17 +131,30 @@ def test_age_group_is_derived_from_age_with_left_closed_bins():
     assert list(age_groups(slices)) == ["<40", "40-60", "60-80", ">=80", ">=80", None]
     slices["age_group"] = [None, "40-60", None, ">=80", None, None]
     assert list(age_groups(slices)) == ["<40", "40-60", "60-80", ">=80", ">=80", None]
-    df = pd.DataFrame({"slice_id": [f"ct/s{i:04d}/axial/0000" for i in range(6)], "modality": "ct",
-                       "image_id": [f"s{i:04d}" for i in range(6)], "split": "train",
-                       "age": [39.9, 40.0, 79.9, 80.0, 85.0, np.nan]})
+    df = pd.DataFrame(
+        {
+            "slice_id": [f"ct/s{i:04d}/axial/0000" for i in range(6)],
+            "modality": "ct",
+            "image_id": [f"s{i:04d}" for i in range(6)],
+            "split": "train",
+            "age": [39.9, 40.0, 79.9, 80.0, 85.0, np.nan],
+        }
+    )
     tasks, skipped = build_tasks(_make_eval_data(df), EvaluateConfig(tasks=["age_group"]))
     assert not skipped
     assert list(tasks[0].y) == [0, -1, -1, 1, 1, -1]
 
 
 def test_build_tasks_records_missing_structures_and_columns():
-    df = pd.DataFrame({"slice_id": ["ct/s0001/axial/0000"], "modality": ["CT"], "image_id": ["s0001"],
-                       "split": ["train"], "has_liver": [True]})
+    df = pd.DataFrame(
+        {
+            "slice_id": ["ct/s0001/axial/0000"],
+            "modality": ["CT"],
+            "image_id": ["s0001"],
+            "split": ["train"],
+            "has_liver": [True],
+        }
+    )
     tasks, skipped = build_tasks(_make_eval_data(df), EvaluateConfig(extra_tasks=["kvp"]))
     names = {t.name: t for t in tasks}
     assert names["structures"].targets == ("liver",)
@@ -138,7 +170,9 @@ def test_binary_metrics_match_sklearn_with_ties():
     pred = rng.integers(0, 2, 500)
     auc, f1, bacc = binary_metrics(y, s, pred)
     assert auc == pytest.approx(roc_auc_score(y, s))
-    assert f1 == pytest.approx(f1_score(y, pred)) and bacc == pytest.approx(balanced_accuracy_score(y, pred))
+    assert f1 == pytest.approx(f1_score(y, pred)) and bacc == pytest.approx(
+        balanced_accuracy_score(y, pred)
+    )
     auc, f1, bacc = binary_metrics(np.ones(5, int), s[:5], np.zeros(5, int))
     assert np.isnan(auc) and f1 == 0.0 and np.isnan(bacc)
 
@@ -174,7 +208,9 @@ def test_fit_quiet_absorbs_only_convergence_warnings():
     p = ProbeSettings(solver="sklearn", tol=1e-12, max_iter=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, converged = fit_quiet(make_classifier(p), x, y.reshape(-1, 1))  # a column vector: a data warning
+        _, converged = fit_quiet(
+            make_classifier(p), x, y.reshape(-1, 1)
+        )  # a column vector: a data warning
     categories = [w.category for w in caught]
     assert not converged
     assert DataConversionWarning in categories

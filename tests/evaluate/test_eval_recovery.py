@@ -47,15 +47,21 @@ def test_sliced_columns_fit_the_same_model_as_full_width_masking():
         full, _ = fit_quiet(make_classifier(P, max_iter=5000), sp.csr_matrix(masked[tr]), y[tr])
         assert np.all(np.delete(full.coef_[0], ranked[:n]) == 0)
         auc_full = roc_auc_score(y[va], full.decision_function(masked[va]))
-        aucs, _ = recovery_curve(x[tr][:, ranked], y[tr], sp.csr_matrix(x[va][:, ranked]), y[va], [n], P, 5000)
+        aucs, _ = recovery_curve(
+            x[tr][:, ranked], y[tr], sp.csr_matrix(x[va][:, ranked]), y[va], [n], P, 5000
+        )
         assert aucs[0] == pytest.approx(auc_full, abs=0.002)
 
 
 def test_warm_start_reaches_the_cold_start_solution():
     x, y = _problem(1)
     ns = [1, 2, 5, 10, 20]
-    warm, _ = recovery_curve(x[:500, :20], y[:500], x[500:, :20], y[500:], ns, P, 5000, warm_start=True)
-    cold, _ = recovery_curve(x[:500, :20], y[:500], x[500:, :20], y[500:], ns, P, 5000, warm_start=False)
+    warm, _ = recovery_curve(
+        x[:500, :20], y[:500], x[500:, :20], y[500:], ns, P, 5000, warm_start=True
+    )
+    cold, _ = recovery_curve(
+        x[:500, :20], y[:500], x[500:, :20], y[500:], ns, P, 5000, warm_start=False
+    )
     np.testing.assert_allclose(warm, cold, atol=0.003)
 
 
@@ -63,8 +69,14 @@ def test_run_recovery_ranks_per_target_and_shares_two_class_curves():
     rng = np.random.default_rng(2)
     n = 600
     split = np.repeat(["train", "valid", "test"], [300, 200, 100])
-    slices = pd.DataFrame({"slice_id": [f"ct/s{i:04d}/axial/0000" for i in range(n)], "modality": "ct",
-                           "image_id": [f"s{i:04d}" for i in range(n)], "split": split})
+    slices = pd.DataFrame(
+        {
+            "slice_id": [f"ct/s{i:04d}/axial/0000" for i in range(n)],
+            "modality": "ct",
+            "image_id": [f"s{i:04d}" for i in range(n)],
+            "split": split,
+        }
+    )
     data = _make_eval_data(slices)
     y = rng.integers(0, 2, n)
     x = (rng.random((n, 40)) < 0.1) * rng.random((n, 40))
@@ -75,8 +87,9 @@ def test_run_recovery_ranks_per_target_and_shares_two_class_curves():
     coefs = {("sex", "m"): coef, ("sex", "f"): -coef}
     dense = {("sex", "m"): 0.99, ("sex", "f"): 0.99}
     ids = {"encoder": "e", "variant": "v", "sae_config": "c"}
-    curves, summary, _ = run_recovery([task], sp.csr_matrix(x), data, coefs, dense, P,
-                                      RecoverySettings(max_iter=500), ids)
+    curves, summary, _ = run_recovery(
+        [task], sp.csr_matrix(x), data, coefs, dense, P, RecoverySettings(max_iter=500), ids
+    )
     assert list(summary["target"]) == ["f", "m"]
     assert summary["n_ranked"].tolist() == [3, 3]
     m = curves[curves.target == "m"]
@@ -85,8 +98,16 @@ def test_run_recovery_ranks_per_target_and_shares_two_class_curves():
     np.testing.assert_array_equal(m["valid_roc_auc"], curves[curves.target == "f"]["valid_roc_auc"])
     assert summary["n_features_100pct"].tolist() == [1, 1]
     # Targets without a usable dense baseline (NaN or < 0.55) are skipped, NaN included.
-    _, summary, _ = run_recovery([task], sp.csr_matrix(x), data, coefs, {("sex", "m"): np.nan, ("sex", "f"): 0.5},
-                                 P, RecoverySettings(), ids)
+    _, summary, _ = run_recovery(
+        [task],
+        sp.csr_matrix(x),
+        data,
+        coefs,
+        {("sex", "m"): np.nan, ("sex", "f"): 0.5},
+        P,
+        RecoverySettings(),
+        ids,
+    )
     assert summary.empty
 
 
@@ -99,8 +120,14 @@ def test_a_target_the_sparse_probe_zeroes_stays_unreached_and_ranks_the_config_l
     rng = np.random.default_rng(3)
     n = 600
     split = np.repeat(["train", "valid", "test"], [300, 200, 100])
-    slices = pd.DataFrame({"slice_id": [f"ct/s{i:04d}/axial/0000" for i in range(n)], "modality": "ct",
-                           "image_id": [f"s{i:04d}" for i in range(n)], "split": split})
+    slices = pd.DataFrame(
+        {
+            "slice_id": [f"ct/s{i:04d}/axial/0000" for i in range(n)],
+            "modality": "ct",
+            "image_id": [f"s{i:04d}" for i in range(n)],
+            "split": split,
+        }
+    )
     data = _make_eval_data(slices)
     y = rng.integers(0, 2, (n, 2)).astype(np.int8)
     x = (rng.random((n, 40)) < 0.1) * rng.random((n, 40))
@@ -111,11 +138,15 @@ def test_a_target_the_sparse_probe_zeroes_stays_unreached_and_ranks_the_config_l
     thresholds = RecoverySettings().thresholds
     grid_max = max(RecoverySettings().n_features)
     summaries, monos = [], []
-    for cfg, hard_coef in (("fails_hard", np.zeros(40)), ("solves_both", np.r_[0, [1.0] * 5, [0] * 34])):
+    for cfg, hard_coef in (
+        ("fails_hard", np.zeros(40)),
+        ("solves_both", np.r_[0, [1.0] * 5, [0] * 34]),
+    ):
         ids = {"encoder": "e", "variant": "v", "sae_config": cfg}
         coefs = {("structures", "easy"): np.r_[1.0, [0] * 39], ("structures", "hard"): hard_coef}
-        _, summary, _ = run_recovery([task], sp.csr_matrix(x), data, coefs, dense, P,
-                                     RecoverySettings(max_iter=500), ids)
+        _, summary, _ = run_recovery(
+            [task], sp.csr_matrix(x), data, coefs, dense, P, RecoverySettings(max_iter=500), ids
+        )
         summaries.append(summary)
         monos.append({**ids, "m_config_top10": 0.5, "m_config_top50": 0.5})
     summary = pd.concat(summaries, ignore_index=True)

@@ -13,17 +13,73 @@ from sail.report.figures import run_figures
 from sail.workspace import manifest_path
 
 DESIGN_COLUMNS = {
-    "probes.csv": ["encoder", "variant", "sae_config", "task", "target", "split", "n", "roc_auc", "f1", "balanced_accuracy"],
-    "monosemanticity_features.csv": ["encoder", "variant", "sae_config", "split", "top_n", "feature", "dict_level",
-                                     "n_volumes", "coherence", "null_coherence", "specificity", "monosemanticity"],
-    "monosemanticity_configs.csv": ["encoder", "variant", "sae_config", "m_config_top10", "m_config_top50",
-                                    "n_scored_features", "n_dead_features"],
-    "recovery_curves.csv": ["encoder", "variant", "sae_config", "task", "target", "n_features", "valid_roc_auc",
-                            "dense_valid_roc_auc"],
-    "ranking.csv": ["encoder", "variant", "sae_config", "m_config", "mean_n_features", "rank_mono", "rank_perf",
-                    "rank_combined", "final_rank"],
-    "concepts.csv": ["encoder", "variant", "sae_config", "label", "n_positive_train", "best_feature", "train_roc_auc",
-                     "valid_roc_auc", "test_roc_auc"],
+    "probes.csv": [
+        "encoder",
+        "variant",
+        "sae_config",
+        "task",
+        "target",
+        "split",
+        "n",
+        "roc_auc",
+        "f1",
+        "balanced_accuracy",
+    ],
+    "monosemanticity_features.csv": [
+        "encoder",
+        "variant",
+        "sae_config",
+        "split",
+        "top_n",
+        "feature",
+        "dict_level",
+        "n_volumes",
+        "coherence",
+        "null_coherence",
+        "specificity",
+        "monosemanticity",
+    ],
+    "monosemanticity_configs.csv": [
+        "encoder",
+        "variant",
+        "sae_config",
+        "m_config_top10",
+        "m_config_top50",
+        "n_scored_features",
+        "n_dead_features",
+    ],
+    "recovery_curves.csv": [
+        "encoder",
+        "variant",
+        "sae_config",
+        "task",
+        "target",
+        "n_features",
+        "valid_roc_auc",
+        "dense_valid_roc_auc",
+    ],
+    "ranking.csv": [
+        "encoder",
+        "variant",
+        "sae_config",
+        "m_config",
+        "mean_n_features",
+        "rank_mono",
+        "rank_perf",
+        "rank_combined",
+        "final_rank",
+    ],
+    "concepts.csv": [
+        "encoder",
+        "variant",
+        "sae_config",
+        "label",
+        "n_positive_train",
+        "best_feature",
+        "train_roc_auc",
+        "valid_roc_auc",
+        "test_roc_auc",
+    ],
 }
 CONFIGS = (("matryoshka", "D_16_64_K_4_8"), ("matryoshka", "D_8_32_128_K_2_4_8"))
 
@@ -48,13 +104,24 @@ def test_every_eval_artifact_is_written_with_the_design_columns(evaluated):
     summary = pd.read_csv(e / "recovery_summary.csv")
     assert {f"n_features_{p}pct" for p in (50, 60, 70, 80, 90, 100)} <= set(summary.columns)
     coefs = pd.read_parquet(e / "probe_coefficients.parquet")
-    assert list(coefs.columns) == ["encoder", "variant", "sae_config", "task", "target", "feature", "coef", "rank"]
+    assert list(coefs.columns) == [
+        "encoder",
+        "variant",
+        "sae_config",
+        "task",
+        "target",
+        "feature",
+        "coef",
+        "rank",
+    ]
     for name in ("confounds.csv", "probes_breakdown.csv", "null_baselines.csv", "table1.md"):
         assert (e / name).stat().st_size > 0
     probes = pd.read_csv(e / "probes.csv")
     assert set(probes["sae_config"]) == {"dense", *[c for _, c in CONFIGS]}
     assert set(probes["task"]) == {"modality", "plane", "sex", "age_group", "structures"}
-    dense_valid = probes[(probes.sae_config == "dense") & (probes.split == "valid")].set_index("target")["roc_auc"]
+    dense_valid = probes[(probes.sae_config == "dense") & (probes.split == "valid")].set_index(
+        "target"
+    )["roc_auc"]
     assert dense_valid["ct"] > 0.95 and dense_valid["liver"] > 0.9
     ranking = pd.read_csv(e / "ranking.csv")
     assert (ranking["final_rank"] >= 1).all() and 1 in set(ranking["final_rank"])
@@ -85,7 +152,9 @@ def test_reruns_replace_rows_and_resume_keeps_every_config(tmp_path):
     run_evaluate(cfg, ws, force=True)
     again = pd.read_csv(e / "probes.csv")
     assert len(again) == len(first["probes.csv"])
-    assert not again.duplicated(["encoder", "variant", "sae_config", "task", "target", "split"]).any()
+    assert not again.duplicated(
+        ["encoder", "variant", "sae_config", "task", "target", "split"]
+    ).any()
     pd.testing.assert_frame_equal(again, first["probes.csv"])  # deterministic
 
     # A new config appears: only it is computed; the summary still holds every config's targets.
@@ -127,7 +196,10 @@ def test_cli_evaluate_and_figures(evaluated, tmp_path):
 
     cfg_file.write_text(yaml.safe_dump(fast_overrides(tasks=["modality"])))
     runner = CliRunner()
-    res = runner.invoke(app, ["evaluate", "--config", str(cfg_file), "--workspace", str(ws.root), "--encoder", "enc"])
+    res = runner.invoke(
+        app,
+        ["evaluate", "--config", str(cfg_file), "--workspace", str(ws.root), "--encoder", "enc"],
+    )
     assert res.exit_code == 0, res.output
     assert (ws.eval_dir / "ranking.csv").is_file()
     res = runner.invoke(app, ["evaluate", "--workspace", str(ws.root), "--encoder", "nope"])

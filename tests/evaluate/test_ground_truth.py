@@ -19,13 +19,27 @@ from sail.evaluate.ground_truth import (
 )
 from sail.sae.model import SAESpec
 
-SMALL = GroundTruthSettings(d=64, n_features=32, n_parents=4, children=(2, 3), mean_active=3, n_rows=6000,
-                            max_prob=0.4, seed=1)
+SMALL = GroundTruthSettings(
+    d=64,
+    n_features=32,
+    n_parents=4,
+    children=(2, 3),
+    mean_active=3,
+    n_rows=6000,
+    max_prob=0.4,
+    seed=1,
+)
 
 
 def test_default_setting_is_the_pinned_one():
     s = GroundTruthSettings()
-    assert (s.d, s.n_features, s.zipf_exponent, s.n_parents, s.children) == (256, 512, 1.0, 64, (2, 4))
+    assert (s.d, s.n_features, s.zipf_exponent, s.n_parents, s.children) == (
+        256,
+        512,
+        1.0,
+        64,
+        (2, 4),
+    )
     assert (s.mean_active, s.noise_std, s.offset_norm, s.n_rows) == (8.0, 0.05, 1.0, 100_000)
 
 
@@ -35,7 +49,9 @@ def test_generator_plants_hierarchy_frequencies_and_offset():
     child = np.flatnonzero(g.parent_F >= 0)
     assert 64 * 2 <= child.size <= 64 * 4
     assert not (on[:, child] & ~on[:, g.parent_F[child]]).any()  # children only with their parent
-    assert (g.prob_F[child] / g.prob_F[g.parent_F[child]]).max() <= 0.5 + 1e-9  # identifiable children
+    assert (
+        g.prob_F[child] / g.prob_F[g.parent_F[child]]
+    ).max() <= 0.5 + 1e-9  # identifiable children
     n_parent = on[:, g.parent_F[child]].sum(0)
     frequent = n_parent >= 500
     assert (on[:, child].sum(0)[frequent] / n_parent[frequent]).max() < 0.56
@@ -44,11 +60,16 @@ def test_generator_plants_hierarchy_frequencies_and_offset():
     assert freq[:10].mean() > 20 * freq[-100:].mean()  # Zipf-like: a long tail of rare features
     assert np.allclose(np.linalg.norm(g.dictionary_FD, axis=1), 1, atol=1e-5)
     resid = g.x_ND - g.codes_NF @ g.dictionary_FD - g.offset_D
-    assert resid.std() == pytest.approx(0.05, rel=0.05) and np.linalg.norm(g.offset_D) == pytest.approx(1.0)
+    assert resid.std() == pytest.approx(0.05, rel=0.05) and np.linalg.norm(
+        g.offset_D
+    ) == pytest.approx(1.0)
     block = np.flatnonzero(g.parent_F < 0)[:2]  # first two top-level features share a copula block
     r = np.corrcoef(on[:, block[0]], on[:, block[1]])[0, 1]
     assert r > 0.03
-    assert (generate(GroundTruthSettings(n_rows=500, seed=3)).x_ND == generate(GroundTruthSettings(n_rows=500, seed=3)).x_ND).all()
+    assert (
+        generate(GroundTruthSettings(n_rows=500, seed=3)).x_ND
+        == generate(GroundTruthSettings(n_rows=500, seed=3)).x_ND
+    ).all()
 
 
 def test_match_features_is_one_to_one_and_sign_free():
@@ -65,13 +86,26 @@ def test_match_features_is_one_to_one_and_sign_free():
 def test_absorption_counts_only_child_latents_that_take_the_parent():
     parent_F = np.array([-1, 0, 0, -1])
     latent_F = np.array([0, 1, 2, 3])
-    true = sp.csr_matrix(np.array([[1, 1, 0, 0],    # parent + child 1: parent latent silent, child fires -> absorbed
-                                   [1, 0, 1, 0],    # parent + child 2: parent latent fires -> fine
-                                   [1, 1, 0, 0],    # parent + child 1: neither fires -> a miss, not absorption
-                                   [1, 0, 0, 1]], np.float32))  # no child active: not counted
-    codes = sp.csr_matrix(np.array([[0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]], np.float32))
+    true = sp.csr_matrix(
+        np.array(
+            [
+                [1, 1, 0, 0],  # parent + child 1: parent latent silent, child fires -> absorbed
+                [1, 0, 1, 0],  # parent + child 2: parent latent fires -> fine
+                [1, 1, 0, 0],  # parent + child 1: neither fires -> a miss, not absorption
+                [1, 0, 0, 1],
+            ],
+            np.float32,
+        )
+    )  # no child active: not counted
+    codes = sp.csr_matrix(
+        np.array([[0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]], np.float32)
+    )
     out = absorption(true, codes, parent_F, latent_F)
-    assert out == {"absorption": pytest.approx(1 / 3), "parent_miss": pytest.approx(1 / 3), "absorption_pairs": 3}
+    assert out == {
+        "absorption": pytest.approx(1 / 3),
+        "parent_miss": pytest.approx(1 / 3),
+        "absorption_pairs": 3,
+    }
 
 
 def test_matryoshka_recovers_the_small_ground_truth(tmp_path):

@@ -40,12 +40,16 @@ def _objective(X, y, coef, intercept, C=1.0, l1_ratio=0.5):
         loss = np.logaddexp(0, Z[:, 0]) - yi * Z[:, 0]
     else:
         loss = np.logaddexp.reduce(Z, axis=1) - Z[np.arange(n), yi]
-    return C * (sw * loss).sum() + (1 - l1_ratio) / 2 * (coef**2).sum() + l1_ratio * np.abs(coef).sum()
+    return (
+        C * (sw * loss).sum() + (1 - l1_ratio) / 2 * (coef**2).sum() + l1_ratio * np.abs(coef).sum()
+    )
 
 
 def _data(n_classes, seed=0, n=1500, f=60):
     rng = np.random.default_rng(seed)
-    X = sp.random(n, f, density=0.15, random_state=seed, data_rvs=lambda k: rng.exponential(1.0, k)).tocsr()
+    X = sp.random(
+        n, f, density=0.15, random_state=seed, data_rvs=lambda k: rng.exponential(1.0, k)
+    ).tocsr()
     W = np.zeros((n_classes, f))
     W[:, :8] = rng.normal(0, 2, (n_classes, 8))
     y = np.argmax(np.asarray(X @ W.T) + rng.gumbel(size=(n, n_classes)), axis=1)
@@ -63,13 +67,24 @@ def test_reaches_the_same_optimum_as_sklearn_saga(n_classes):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # sklearn on dense input (no sparse intercept decay) converges tightly to the optimum
-        ref = LogisticRegression(C=1.0, l1_ratio=0.5, solver="saga", class_weight="balanced", tol=1e-7,
-                                 max_iter=20000, random_state=1).fit(X.toarray(), y)
+        ref = LogisticRegression(
+            C=1.0,
+            l1_ratio=0.5,
+            solver="saga",
+            class_weight="balanced",
+            tol=1e-7,
+            max_iter=20000,
+            random_state=1,
+        ).fit(X.toarray(), y)
     assert ours.converged_
     assert list(ours.classes_) == list(ref.classes_)
     np.testing.assert_allclose(ours.coef_, ref.coef_, atol=2e-4 * np.abs(ref.coef_).max())
-    np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=1e-3 * max(1, np.abs(ref.intercept_).max()))
-    assert _objective(X, y, ours.coef_, ours.intercept_) == pytest.approx(_objective(X, y, ref.coef_, ref.intercept_), rel=1e-7)
+    np.testing.assert_allclose(
+        ours.intercept_, ref.intercept_, atol=1e-3 * max(1, np.abs(ref.intercept_).max())
+    )
+    assert _objective(X, y, ours.coef_, ours.intercept_) == pytest.approx(
+        _objective(X, y, ref.coef_, ref.intercept_), rel=1e-7
+    )
     assert np.all(ours.coef_[:, -1] == 0)
     np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X.toarray()), atol=1e-3)
 

@@ -39,12 +39,17 @@ def offset_embeddings(n: int, d: int, offset_scale: float, seed: int = 0) -> tor
     """Unit-norm rows sharing a large common direction, like real foundation-model embeddings."""
     g = torch.Generator().manual_seed(seed)
     offset = torch.randn(d, generator=g)
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=g) + offset_scale * offset, dim=1)
+    return torch.nn.functional.normalize(
+        torch.randn(n, d, generator=g) + offset_scale * offset, dim=1
+    )
 
 
 def stacked(variant: str, mode: str, ks: tuple[int, ...], x_sample: torch.Tensor) -> StackedSAE:
     """Two stacked SAEs with biases and encoder/decoder that differ (not the tied init)."""
-    specs = [SAESpec(variant, DICT, ks, mode), SAESpec(variant, DICT, tuple(2 * k for k in ks), mode)]
+    specs = [
+        SAESpec(variant, DICT, ks, mode),
+        SAESpec(variant, DICT, tuple(2 * k for k in ks), mode),
+    ]
     model = StackedSAE(specs, D_IN)
     model.initialize([1, 2], x_sample, "mean")
     g = torch.Generator().manual_seed(7)
@@ -85,13 +90,17 @@ def test_dense_device_path_equals_sparse_cpu_path(device, variant, mode, ks):
         out_dev, g_dev = train_step(dev, xb.to(device), "dense", dead_mask(variant, device))
         assert torch.equal(out_dev.l0_LM.cpu(), out_cpu.l0_LM)
         assert torch.equal(out_dev.fired_MF.cpu(), out_cpu.fired_MF)
-        torch.testing.assert_close(out_dev.loss.cpu().double(), out_cpu.loss.double(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            out_dev.loss.cpu().double(), out_cpu.loss.double(), rtol=1e-5, atol=0
+        )
         torch.testing.assert_close(out_dev.sse_LM.cpu(), out_cpu.sse_LM, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(out_dev.auxk_M.cpu(), out_cpu.auxk_M, rtol=1e-4, atol=1e-7)
         assert g_dev.keys() == g_cpu.keys()
         for name, g in g_cpu.items():
             scale = float(g.abs().max()) or 1.0
-            torch.testing.assert_close(g_dev[name], g, rtol=1e-4, atol=1e-5 * scale, msg=f"grad {name}")
+            torch.testing.assert_close(
+                g_dev[name], g, rtol=1e-4, atol=1e-5 * scale, msg=f"grad {name}"
+            )
     if variant == "sail":  # the published running threshold saw the same minima
         torch.testing.assert_close(dev.theta_M().cpu(), ref.theta_M(), rtol=1e-6, atol=0)
 
@@ -138,9 +147,20 @@ def test_training_twice_gives_identical_weights(device, tmp_path):
     from sail.sae.train import Runtime, train_family
 
     x = offset_embeddings(448, D_IN, 3.0, seed=3).to(device)
-    settings = TrainingSettings(epochs=2, batch_size=128, lr=1e-3, dead_window=200, b_dec_init="mean")
-    entries = [GridEntry(SAESpec("matryoshka", DICT, ks), settings) for ks in [(4, 8, 16), (8, 16, 32)]]
-    rt = Runtime(device, precision="bf16", decode="dense", log_every=5, checkpoint_every=10**6, show_progress=False)
+    settings = TrainingSettings(
+        epochs=2, batch_size=128, lr=1e-3, dead_window=200, b_dec_init="mean"
+    )
+    entries = [
+        GridEntry(SAESpec("matryoshka", DICT, ks), settings) for ks in [(4, 8, 16), (8, 16, 32)]
+    ]
+    rt = Runtime(
+        device,
+        precision="bf16",
+        decode="dense",
+        log_every=5,
+        checkpoint_every=10**6,
+        show_progress=False,
+    )
     states = []
     for run in range(2):
         dirs = [tmp_path / f"run{run}" / e.name for e in entries]
@@ -148,4 +168,6 @@ def test_training_twice_gives_identical_weights(device, tmp_path):
         states.append([result.model.model_state(m) for m in range(len(entries))])
     for m, (first, second) in enumerate(zip(*states)):
         for name in first:
-            assert torch.equal(first[name], second[name]), f"model {m} tensor {name} differs between runs"
+            assert torch.equal(first[name], second[name]), (
+                f"model {m} tensor {name} differs between runs"
+            )

@@ -30,7 +30,9 @@ REGIONS = {
 STRUCTURES = sorted({s for v in REGIONS.values() for s in v})
 
 
-def synthetic_slices(n_ct: int = 80, n_mri: int = 40, per_plane: int = 4, seed: int = 0) -> pd.DataFrame:
+def synthetic_slices(
+    n_ct: int = 80, n_mri: int = 40, per_plane: int = 4, seed: int = 0
+) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for modality, n in (("ct", n_ct), ("mri", n_mri)):
@@ -39,13 +41,31 @@ def synthetic_slices(n_ct: int = 80, n_mri: int = 40, per_plane: int = 4, seed: 
             region = list(REGIONS)[i % 4]
             sex = "m" if rng.random() < 0.5 else "f"
             age = float(rng.integers(20, 90))
-            planes = ["axial", "coronal", "sagittal"] if modality == "ct" else [["axial", "coronal", "sagittal"][i % 3]]
+            planes = (
+                ["axial", "coronal", "sagittal"]
+                if modality == "ct"
+                else [["axial", "coronal", "sagittal"][i % 3]]
+            )
             for plane in planes:
                 for j in range(per_plane):
                     present = {s: bool(rng.random() < 0.85) for s in REGIONS[region]}
-                    row = {"slice_id": f"{modality}/{image_id}/{plane}/{j:04d}", "modality": modality, "image_id": image_id,
-                           "plane": plane, "slice_idx": j, "png_path": f"data/slices/{modality}/{image_id}/{plane}_{j:04d}.png",
-                           "sex": sex, "age": age, "age_group": "<40" if age < 40 else "40-60" if age < 60 else "60-80" if age < 80 else ">=80"}
+                    row = {
+                        "slice_id": f"{modality}/{image_id}/{plane}/{j:04d}",
+                        "modality": modality,
+                        "image_id": image_id,
+                        "plane": plane,
+                        "slice_idx": j,
+                        "png_path": f"data/slices/{modality}/{image_id}/{plane}_{j:04d}.png",
+                        "sex": sex,
+                        "age": age,
+                        "age_group": "<40"
+                        if age < 40
+                        else "40-60"
+                        if age < 60
+                        else "60-80"
+                        if age < 80
+                        else ">=80",
+                    }
                     row |= {f"has_{s}": present.get(s, False) for s in STRUCTURES}
                     rows.append(row)
     return pd.DataFrame(rows).sort_values("slice_id").reset_index(drop=True)
@@ -59,7 +79,9 @@ def make_codes(slices: pd.DataFrame, seed: int = 0) -> tuple[sp.csr_matrix, list
     cols += [slices.modality.eq(m).to_numpy() for m in ("ct", "mri")]
     cols += [slices.plane.eq(p).to_numpy() for p in ("axial", "coronal", "sagittal")]
     names = STRUCTURES + ["ct", "mri", "axial", "coronal", "sagittal"]
-    planted = np.stack(cols, 1).astype(np.float32) * rng.uniform(0.5, 1.5, (n, len(cols))).astype(np.float32)
+    planted = np.stack(cols, 1).astype(np.float32) * rng.uniform(0.5, 1.5, (n, len(cols))).astype(
+        np.float32
+    )
     always = rng.uniform(0.1, 0.2, (n, 1)).astype(np.float32)
     noise = (rng.random((n, 8)) < 0.1) * rng.uniform(0.05, 0.3, (n, 8))
     X = np.concatenate([planted, always, noise.astype(np.float32)], 1)
@@ -72,7 +94,9 @@ def build_workspace(root: Path, slices: pd.DataFrame, seed: int = 0, png: bool =
     slices.to_parquet(ws.slices_table, index=False)
     vols = slices[["modality", "image_id"]].drop_duplicates().reset_index(drop=True)
     rng = np.random.default_rng(seed)
-    vols["split"] = np.array(["train", "train", "valid", "test", "test"])[rng.permutation(np.arange(len(vols)) % 5)]
+    vols["split"] = np.array(["train", "train", "valid", "test", "test"])[
+        rng.permutation(np.arange(len(vols)) % 5)
+    ]
     vols.sort_values(["modality", "image_id"]).to_csv(ws.split_csv, index=False)
     if png:
         buf = io.BytesIO()
@@ -82,7 +106,9 @@ def build_workspace(root: Path, slices: pd.DataFrame, seed: int = 0, png: bool =
             Image.fromarray(np.full((16, 16), k % 256, np.uint8)).save(path)
     codes, _ = make_codes(slices, seed)
     proj = np.random.default_rng(seed + 1).normal(size=(codes.shape[1], 24)).astype(np.float32)
-    dense = codes.toarray() @ proj + 0.05 * np.random.default_rng(seed + 2).normal(size=(len(slices), 24)).astype(np.float32)
+    dense = codes.toarray() @ proj + 0.05 * np.random.default_rng(seed + 2).normal(
+        size=(len(slices), 24)
+    ).astype(np.float32)
     write_embeddings(ws.embeddings(TARGET[0]), slices.slice_id, dense)
     split_of = slices.merge(vols, on=["modality", "image_id"]).split.to_numpy()
     for s in ("train", "valid", "test"):

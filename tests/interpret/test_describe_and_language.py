@@ -26,13 +26,18 @@ def test_parse_published_queries():
 
 
 def test_metadata_describer_names_structure_and_demographics_only_when_enriched(toy_ws):
-    cfg = SailConfig(workspace=toy_ws.root, interpret={"judge": "none", "autointerp": {"selection": "all", "n_features": 40}})
+    cfg = SailConfig(
+        workspace=toy_ws.root,
+        interpret={"judge": "none", "autointerp": {"selection": "all", "n_features": 40}},
+    )
     run_autointerp(cfg, toy_ws)
-    desc = pd.read_csv(toy_ws.interpret_dir / "autointerp" / OUT / "descriptions.csv").set_index("feature")
+    desc = pd.read_csv(toy_ws.interpret_dir / "autointerp" / OUT / "descriptions.csv").set_index(
+        "feature"
+    )
     _, names = make_codes(synthetic_slices())
     from sail.interpret.backends.metadata_describer import display_name
 
-    for f, name in enumerate(names[:len(STRUCTURES)]):
+    for f, name in enumerate(names[: len(STRUCTURES)]):
         assert display_name(name) in desc.loc[f, "description"], (name, desc.loc[f, "description"])
     # sex in this data is a coin flip per volume: a structure feature must not claim a sex
     # unless its top slices really are enriched for it
@@ -40,14 +45,24 @@ def test_metadata_describer_names_structure_and_demographics_only_when_enriched(
         enr = json.loads(desc.loc[f, "enrichment"])
         claims = any(w in desc.loc[f, "description"] for w in ("female", "male"))
         top_sex = enr["sex"][0]
-        assert claims == (top_sex["share"] >= 0.7 and top_sex["lift"] >= 1.2 and top_sex["p"] < 0.01)
+        assert claims == (
+            top_sex["share"] >= 0.7 and top_sex["lift"] >= 1.2 and top_sex["p"] < 0.01
+        )
     assert desc.loc[names.index("mri"), "description"].startswith("MRI")
 
 
 def test_language_embedding_matcher_precision_and_ties(toy_ws):
-    queries = [{"name": s, "text": s.replace("_", " ")} for s in ("liver", "urinary_bladder", "brain")]
-    cfg = SailConfig(workspace=toy_ws.root, interpret={"judge": "none", "autointerp": {"n_features": 30},
-                                                       "language": {"queries": queries, "n_features": 1}})
+    queries = [
+        {"name": s, "text": s.replace("_", " ")} for s in ("liver", "urinary_bladder", "brain")
+    ]
+    cfg = SailConfig(
+        workspace=toy_ws.root,
+        interpret={
+            "judge": "none",
+            "autointerp": {"n_features": 30},
+            "language": {"queries": queries, "n_features": 1},
+        },
+    )
     run_autointerp(cfg, toy_ws)
     run_language(cfg, toy_ws)
     out = toy_ws.interpret_dir / "language" / OUT
@@ -58,19 +73,28 @@ def test_language_embedding_matcher_precision_and_ties(toy_ws):
         m = metrics[(metrics["query"] == s) & (metrics.scoring == "published_cosine")].iloc[0]
         assert m.precision >= 0.8 and m.chance < 0.5, (s, m.precision)
         h = hits[(hits["query"] == s) & (hits.scoring == "published_cosine")]
-        assert len(h) == 10 and not h.slice_id.str.rsplit("/", n=2).str[0].duplicated().any()  # one hit per volume
+        assert (
+            len(h) == 10 and not h.slice_id.str.rsplit("/", n=2).str[0].duplicated().any()
+        )  # one hit per volume
     assert {"published_cosine", "weighted_sum", "soft_and"} == set(metrics.scoring)
     assert {"n_tied_hits", "boundary_tie"} <= set(metrics.columns)
     # one matched feature: published_cosine is the published 1/(1+|a - q|) rule, and says so (issue 12 item 11)
     rule = metrics.set_index("scoring").scoring_rule
-    assert set(rule["published_cosine"]) == {"published_single_feature"} and set(rule["soft_and"]) == {"soft_and"}
-    assert set(hits[hits.scoring == "published_cosine"].scoring_rule) == {"published_single_feature"}
+    assert set(rule["published_cosine"]) == {"published_single_feature"} and set(
+        rule["soft_and"]
+    ) == {"soft_and"}
+    assert set(hits[hits.scoring == "published_cosine"].scoring_rule) == {
+        "published_single_feature"
+    }
     published = metrics.merge(pd.read_csv(out / "queries.csv"), on="query")
     assert len(published) == 3 * 15
 
 
 def test_lexical_matcher_runs(toy_ws):
-    cfg = SailConfig(workspace=toy_ws.root, interpret={"judge": "none", "matcher": "lexical", "autointerp": {"n_features": 30}})
+    cfg = SailConfig(
+        workspace=toy_ws.root,
+        interpret={"judge": "none", "matcher": "lexical", "autointerp": {"n_features": 30}},
+    )
     run_autointerp(cfg, toy_ws)
     run_language(cfg, toy_ws)
     matches = pd.read_csv(toy_ws.interpret_dir / "language" / OUT / "matches.csv")
@@ -91,13 +115,24 @@ def test_metadata_describer_names_only_structures_most_top_slices_hold():
     from sail.interpret.enrichment import Enrichment
 
     def ev(structures):  # rows: (value, share, base, lift, p)
-        e = Enrichment(n_top=200, categorical={"modality": [("ct", 1.0, 0.8, 1.25, 1e-9)], "plane": [("axial", 0.5, 0.33, 1.5, 1e-3)]})
+        e = Enrichment(
+            n_top=200,
+            categorical={
+                "modality": [("ct", 1.0, 0.8, 1.25, 1e-9)],
+                "plane": [("axial", 0.5, 0.33, 1.5, 1e-3)],
+            },
+        )
         e.structures = e.regions = structures
         return e
 
     # enriched (lift 1.8, p tiny) but in only 56% of the top slices: not offered as the concept
-    assert describe(ev([("liver", 0.56, 0.31, 1.8, 1e-9)])) == "CT slices with no specific structure"
-    assert describe(ev([("liver", 0.87, 0.31, 2.8, 1e-9), ("spleen", 0.6, 0.15, 4.0, 1e-9)])) == "CT of the liver"
+    assert (
+        describe(ev([("liver", 0.56, 0.31, 1.8, 1e-9)])) == "CT slices with no specific structure"
+    )
+    assert (
+        describe(ev([("liver", 0.87, 0.31, 2.8, 1e-9), ("spleen", 0.6, 0.15, 4.0, 1e-9)]))
+        == "CT of the liver"
+    )
 
 
 def test_embedding_judge_gives_ties_their_mean_rank_and_drops_same_description_distractors(toy_ws):
@@ -117,9 +152,23 @@ def test_embedding_judge_gives_ties_their_mean_rank_and_drops_same_description_d
     cfg = AutointerpSettings()
     roles = ai.Roles("metadata", None, "embedding", None, CallCache(None), CallBudget(None), cfg)
     same = "Axial CT of the liver"
-    concepts = {0: same, 1: same, 2: "axial CT of the  liver.", 3: same, 4: same, 5: "Sagittal MRI of the brain"}
-    judged = ai.judge_all(toy_ws, data, table, [0, 5], concepts, {0: np.array([1, 2, 3, 4]), 5: np.array([0, 1, 3, 4])},
-                          roles).set_index("feature")
+    concepts = {
+        0: same,
+        1: same,
+        2: "axial CT of the  liver.",
+        3: same,
+        4: same,
+        5: "Sagittal MRI of the brain",
+    }
+    judged = ai.judge_all(
+        toy_ws,
+        data,
+        table,
+        [0, 5],
+        concepts,
+        {0: np.array([1, 2, 3, 4]), 5: np.array([0, 1, 3, 4])},
+        roles,
+    ).set_index("feature")
     assert judged.loc[0, "status"] == "skipped" and pd.isna(judged.loc[0, "true_rank"])
     assert judged.loc[5, "status"] == "ok" and judged.loc[5, "n_candidates"] == 5
     # the four identical distractor descriptions tie with each other, never with the target
@@ -137,14 +186,27 @@ def _volumes_split(n_vol: int = 40, per_volume: int = 40):
 
     v = np.repeat(np.arange(n_vol), per_volume)
     i = np.tile(np.arange(per_volume), n_vol)
-    meta = pd.DataFrame({"slice_id": [f"ct/s{a:03d}/axial/{b:04d}" for a, b in zip(v, i)], "modality": "ct",
-                         "image_id": [f"s{a:03d}" for a in v], "plane": "axial", "slice_idx": i,
-                         "sex": np.where(v % 2 == 0, "m", "f"), "age": 50.0, "age_group": "40-59",
-                         "has_liver": (i >= per_volume // 4) & (i < 3 * per_volume // 4)})
+    meta = pd.DataFrame(
+        {
+            "slice_id": [f"ct/s{a:03d}/axial/{b:04d}" for a, b in zip(v, i)],
+            "modality": "ct",
+            "image_id": [f"s{a:03d}" for a in v],
+            "plane": "axial",
+            "slice_idx": i,
+            "sex": np.where(v % 2 == 0, "m", "f"),
+            "age": 50.0,
+            "age_group": "40-59",
+            "has_liver": (i >= per_volume // 4) & (i < 3 * per_volume // 4),
+        }
+    )
     codes = np.zeros((len(meta), 3), dtype=np.float32)
-    codes[np.isin(v, [0, 2, 4]), 0] = 1.0 + i[np.isin(v, [0, 2, 4])] / 100  # every slice of 3 male volumes
+    codes[np.isin(v, [0, 2, 4]), 0] = (
+        1.0 + i[np.isin(v, [0, 2, 4])] / 100
+    )  # every slice of 3 male volumes
     codes[v % 2 == 0, 1] = 1.0 + i[v % 2 == 0] / 100  # every slice of every male volume
-    codes[meta.has_liver.to_numpy(), 2] = 1.0 + v[meta.has_liver.to_numpy()] / 100  # liver, any volume
+    codes[meta.has_liver.to_numpy(), 2] = (
+        1.0 + v[meta.has_liver.to_numpy()] / 100
+    )  # liver, any volume
     return SplitData("train", sp.csr_matrix(codes), meta, ["liver"], None)
 
 
@@ -164,9 +226,17 @@ def test_enrichment_counts_volumes_not_slices():
     assert three.enriched_value("sex") is None and "male" not in describe(three)
     assert three.n_volumes == 3 and three.n_top == 120
     sex = dict((v, (share, base, p)) for v, share, base, _, p in three.categorical["sex"])
-    assert sex["m"][0] == 1.0 and sex["m"][1] == pytest.approx(0.5) and sex["m"][2] == pytest.approx(0.125)
+    assert (
+        sex["m"][0] == 1.0
+        and sex["m"][1] == pytest.approx(0.5)
+        and sex["m"][2] == pytest.approx(0.125)
+    )
     twenty = gather(data, table, 1, cfg).enrichment
-    assert twenty.n_volumes == 20 and twenty.enriched_value("sex") == "m" and "in male patients" in describe(twenty)
+    assert (
+        twenty.n_volumes == 20
+        and twenty.enriched_value("sex") == "m"
+        and "in male patients" in describe(twenty)
+    )
     liver = gather(data, table, 2, cfg).enrichment
     assert liver.n_volumes == 10 and [r[0] for r in liver.enriched_structures()] == ["liver"]
     assert liver.enriched_value("sex") is None
@@ -183,8 +253,17 @@ def test_features_are_not_selected_on_the_split_that_judges_them(toy_ws):
     noise = names.index("noise0")
     liver = names.index("liver")
     n = len(names)
-    mono = pd.DataFrame({"encoder": "toyenc", "variant": "matryoshka", "sae_config": "D_16_64_K_4_8", "split": "valid",
-                         "top_n": 50, "feature": np.arange(n), "monosemanticity": 0.0})
+    mono = pd.DataFrame(
+        {
+            "encoder": "toyenc",
+            "variant": "matryoshka",
+            "sae_config": "D_16_64_K_4_8",
+            "split": "valid",
+            "top_n": 50,
+            "feature": np.arange(n),
+            "monosemanticity": 0.0,
+        }
+    )
     mono.loc[noise, "monosemanticity"] = 0.99  # a valid-split fluke
     toy_ws.eval_dir.mkdir(parents=True, exist_ok=True)
     mono.to_csv(toy_ws.eval_dir / "monosemanticity_features.csv", index=False)

@@ -7,13 +7,20 @@ import scipy.sparse as sp
 
 from sail.config import FingerprintSettings, SailConfig
 from sail.interpret.data import load_split, read_slices, select_targets
-from sail.interpret.fingerprint import best_per_volume, dense_fingerprints, restricted_cosine, sparse_fingerprints
+from sail.interpret.fingerprint import (
+    best_per_volume,
+    dense_fingerprints,
+    restricted_cosine,
+    sparse_fingerprints,
+)
 from sail.interpret.stage import run_fingerprint
 
 
 def test_sparse_fingerprint_excludes_always_on_and_never_pads():
     codes = sp.csr_matrix(np.array([[0.9, 0.5, 0.0, 0.7], [0.2, 0.0, 0.0, 0.0]], np.float32))
-    fps = sparse_fingerprints(codes, np.array([0, 1]), k=3, exclude=np.array([True, False, False, False]))
+    fps = sparse_fingerprints(
+        codes, np.array([0, 1]), k=3, exclude=np.array([True, False, False, False])
+    )
     assert fps[0][0].tolist() == [3, 1] and np.allclose(fps[0][1], [0.7, 0.5])
     assert len(fps[1][0]) == 0  # only an always-on feature: empty fingerprint, not zero-padded
 
@@ -22,10 +29,18 @@ def test_restricted_cosine_by_hand():
     # query on features (0, 1) = (3, 4); slice a = (3, 4) -> 1; slice b = (4, -3) -> 0; slice c = 0 -> 0
     X = np.array([[3, 4], [4, -3], [0, 0]], float)
     q = np.array([3, 4.0])
-    cos = restricted_cosine((X @ q)[:, None], (X**2).sum(1)[:, None], np.array([5.0]), np.array([False]), np.array([7.0]))
+    cos = restricted_cosine(
+        (X @ q)[:, None],
+        (X**2).sum(1)[:, None],
+        np.array([5.0]),
+        np.array([False]),
+        np.array([7.0]),
+    )
     assert np.allclose(cos[:, 0], [1, 0, 0])
     # one feature: 1 / (1 + |a - a_ref|)
-    one = restricted_cosine((X[:, :1] * 3), X[:, :1] ** 2, np.array([3.0]), np.array([True]), np.array([3.0]))
+    one = restricted_cosine(
+        (X[:, :1] * 3), X[:, :1] ** 2, np.array([3.0]), np.array([True]), np.array([3.0])
+    )
     assert np.allclose(one[:, 0], [1, 1 / 2, 1 / 4])
 
 
@@ -50,7 +65,10 @@ def test_one_hit_per_volume_and_own_volume_excluded(toy_ws):
 
 
 def test_fingerprint_beats_chance_on_toy_workspace(toy_ws):
-    cfg = SailConfig(workspace=toy_ws.root, interpret={"fingerprint": {"split": "test", "n_references": 250, "k_values": [1, 5, 20]}})
+    cfg = SailConfig(
+        workspace=toy_ws.root,
+        interpret={"fingerprint": {"split": "test", "n_references": 250, "k_values": [1, 5, 20]}},
+    )
     run_fingerprint(cfg, toy_ws)
     out = toy_ws.interpret_dir / "fingerprint" / "toyenc" / "matryoshka" / "D_16_64_K_4_8"
     summary = pd.read_csv(out / "summary.csv")
@@ -69,7 +87,11 @@ def test_fingerprint_beats_chance_on_toy_workspace(toy_ws):
     assert (per_ref[per_ref.method == "sparse"].relative_to_dense_full <= 1 + 1e-6).all()
     hits = pd.read_csv(out / "hits.csv")
     vol = hits.hit.str.rsplit("/", n=2).str[0]
-    assert not vol.groupby([hits.method, hits.k.fillna(-1), hits.reference]).apply(lambda v: v.duplicated().any()).any()
+    assert (
+        not vol.groupby([hits.method, hits.k.fillna(-1), hits.reference])
+        .apply(lambda v: v.duplicated().any())
+        .any()
+    )
     assert (out / "k_sweep.png").stat().st_size > 1000
     # a rerun with the same inputs is skipped
     before = (out / "summary.csv").stat().st_mtime_ns
@@ -84,7 +106,9 @@ def test_p_vs_chance_counts_volumes_not_references():
 
     rng = np.random.default_rng(0)
     refs = [f"ct/s{v:03d}/axial/{i:04d}" for v in (1, 2) for i in range(20)]
-    per_ref = pd.DataFrame({"method": "sparse", "k": 5, "reference": refs, "fp_size": 5, "similarity_rule": "cosine"})
+    per_ref = pd.DataFrame(
+        {"method": "sparse", "k": 5, "reference": refs, "fp_size": 5, "similarity_rule": "cosine"}
+    )
     for m in (*METRICS, "relative_to_dense_full", "relative_to_dense_fp"):
         per_ref[f"{m}_mean" if m == "quality" else m] = 0.8 + rng.normal(0, 0.01, len(refs))
         per_ref[f"chance_{m}"] = 0.5
@@ -109,6 +133,9 @@ def test_single_feature_similarity_is_labelled(toy_ws):
     one = per_ref[(per_ref.method == "sparse") & (per_ref.fp_size == 1)]
     assert len(one) and (one.similarity_rule == "published_single_feature").all()
     assert (per_ref[per_ref.fp_size > 1].similarity_rule == "cosine").all()
-    assert (hits[(hits.method == "sparse") & (hits.k == 1)].similarity_rule == "published_single_feature").all()
+    assert (
+        hits[(hits.method == "sparse") & (hits.k == 1)].similarity_rule
+        == "published_single_feature"
+    ).all()
     s1 = summary[(summary.method == "sparse") & (summary.k == 1)]
     assert (s1.n_single_feature == len(one)).all()

@@ -72,7 +72,11 @@ def good_answer(body: dict) -> str:
         text = body["messages"][1]["content"][-1]["text"]
         # one description per prompt: the judge drops distractors that share the target's description
         tag = hashlib.sha1(text.encode()).hexdigest()[:6]
-        return json.dumps({"concept": f"{'Axial CT of the liver' if 'liver' in text else 'CT of the pelvis'} ({tag})"})
+        return json.dumps(
+            {
+                "concept": f"{'Axial CT of the liver' if 'liver' in text else 'CT of the pelvis'} ({tag})"
+            }
+        )
     if name == "ranking":
         labels = schema["properties"]["ranking"]["items"]["enum"]
         return json.dumps({"ranking": labels})
@@ -96,11 +100,31 @@ def server():
 
 
 def _cfg(ws, url, **interpret):
-    endpoint = {"base_url": url, "model": "tiny-vlm", "timeout_s": 2.0, "max_retries": 2, "backoff_s": 0.01, "concurrency": 2}
+    endpoint = {
+        "base_url": url,
+        "model": "tiny-vlm",
+        "timeout_s": 2.0,
+        "max_retries": 2,
+        "backoff_s": 0.01,
+        "concurrency": 2,
+    }
     endpoint |= interpret.pop("endpoint", {})
-    section = {"describer": "openai", "judge": "openai", "matcher": "llm", "openai": endpoint,
-               "autointerp": {"n_features": 4, "n_distractors": 2, "judge_permutations": 2, "parse_retries": 1},
-               "language": {"published_queries": False, "queries": [{"name": "liver", "text": "Axial CT of the liver"}]}} | interpret
+    section = {
+        "describer": "openai",
+        "judge": "openai",
+        "matcher": "llm",
+        "openai": endpoint,
+        "autointerp": {
+            "n_features": 4,
+            "n_distractors": 2,
+            "judge_permutations": 2,
+            "parse_retries": 1,
+        },
+        "language": {
+            "published_queries": False,
+            "queries": [{"name": "liver", "text": "Axial CT of the liver"}],
+        },
+    } | interpret
     return SailConfig(workspace=ws.root, interpret=section)
 
 
@@ -177,7 +201,12 @@ def test_malformed_answers_retried_with_feedback_then_excluded(toy_ws, server):
     out = toy_ws.interpret_dir / "autointerp" / "/".join(OUT)
     desc = pd.read_csv(out / "descriptions.csv")
     assert (desc.status == "ok").all()
-    retried = [r for r in srv.requests if r.get("response_format", {}).get("json_schema", {}).get("name") == "concept" and len(r["messages"]) == 4]
+    retried = [
+        r
+        for r in srv.requests
+        if r.get("response_format", {}).get("json_schema", {}).get("name") == "concept"
+        and len(r["messages"]) == 4
+    ]
     assert retried and "could not be used" in retried[0]["messages"][3]["content"]
     judge = pd.read_csv(out / "judge.csv")
     # every judge call failed: each is recorded as failed, none carries a rank (issue 12: the old
@@ -235,7 +264,9 @@ def test_unreadable_cache_lines_are_reported_not_silently_dropped(tmp_path, capl
     from sail.interpret.backends.base import CallCache
 
     path = tmp_path / "calls.jsonl"
-    path.write_text(json.dumps({"key": "k1", "response": "r1"}) + "\n" + '{"key": "k2", "resp' + "\n")
+    path.write_text(
+        json.dumps({"key": "k1", "response": "r1"}) + "\n" + '{"key": "k2", "resp' + "\n"
+    )
     with caplog.at_level(logging.WARNING):
         cache = CallCache(path)
     assert cache.get("k1") == "r1" and cache.get("k2") is None

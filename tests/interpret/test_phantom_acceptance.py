@@ -24,25 +24,45 @@ from sail.sae.grid import DEMO_GRID
 
 pytestmark = pytest.mark.slow
 
-QUERIES = [{"name": "liver", "text": "liver"}, {"name": "urinary_bladder", "text": "urinary bladder"},
-           {"name": "brain", "text": "brain"}]
+QUERIES = [
+    {"name": "liver", "text": "liver"},
+    {"name": "urinary_bladder", "text": "urinary bladder"},
+    {"name": "brain", "text": "brain"},
+]
 
 
 @pytest.fixture(scope="module")
 def phantom_ws(tmp_path_factory):
-    cfg = load_config(None, {
-        "workspace": tmp_path_factory.mktemp("acceptance"),
-        "phantom": {"n_ct": 150, "n_mri": 30, "size": 32, "seed": 11},
-        "prepare": {"image_size": 64, "ct_spacing_mm": 10.0, "slice_stride": 2},
-        "split": {"train_fraction": 0.6},
-        "encode": {"encoders": [{"encoder": "efficientnet-lite0", "image_size": 64}]},
-        "train": {"grid": [{"variant": "matryoshka", "topk_mode": "global", "dict_sizes": [32, 128, 512], "k_values": [16]}],
-                  "training": DEMO_GRID["training"]},
-        "evaluate": {"probe": {"max_iter": 100, "train_samples": 2000}, "recovery": {"max_iter": 100},
-                     "concepts": {"bootstrap": 0}},
-        "interpret": {"language": {"queries": QUERIES, "published_queries": False},
-                      "fingerprint": {"n_references": 250}},
-    })
+    cfg = load_config(
+        None,
+        {
+            "workspace": tmp_path_factory.mktemp("acceptance"),
+            "phantom": {"n_ct": 150, "n_mri": 30, "size": 32, "seed": 11},
+            "prepare": {"image_size": 64, "ct_spacing_mm": 10.0, "slice_stride": 2},
+            "split": {"train_fraction": 0.6},
+            "encode": {"encoders": [{"encoder": "efficientnet-lite0", "image_size": 64}]},
+            "train": {
+                "grid": [
+                    {
+                        "variant": "matryoshka",
+                        "topk_mode": "global",
+                        "dict_sizes": [32, 128, 512],
+                        "k_values": [16],
+                    }
+                ],
+                "training": DEMO_GRID["training"],
+            },
+            "evaluate": {
+                "probe": {"max_iter": 100, "train_samples": 2000},
+                "recovery": {"max_iter": 100},
+                "concepts": {"bootstrap": 0},
+            },
+            "interpret": {
+                "language": {"queries": QUERIES, "published_queries": False},
+                "fingerprint": {"n_references": 250},
+            },
+        },
+    )
     ws = run_pipeline(cfg, "phantom", "interpret")
     return cfg, ws
 
@@ -61,12 +81,23 @@ def test_single_structure_queries_reach_precision_at_10(phantom_ws):
     assert set(metrics.matcher) == {"embedding"}
     test_vols = pd.read_csv(ws.split_csv).query("split == 'test'")
     slices = pd.read_parquet(ws.slices_table).merge(test_vols, on=["modality", "image_id"])
-    for col in ("has_liver", "has_urinary_bladder", "has_brain"):  # the criterion's ">= 10 test volumes"
-        assert slices[slices[col].fillna(False).astype(bool)].groupby(["modality", "image_id"]).ngroups >= 10, col
+    for col in (
+        "has_liver",
+        "has_urinary_bladder",
+        "has_brain",
+    ):  # the criterion's ">= 10 test volumes"
+        assert (
+            slices[slices[col].fillna(False).astype(bool)].groupby(["modality", "image_id"]).ngroups
+            >= 10
+        ), col
     best = metrics.groupby("query").precision.max()
     assert (best >= 0.8).all(), metrics
     top = hits[hits["rank"] <= 10]
-    per_volume = top.assign(volume=top.slice_id.str.rsplit("/", n=2).str[0]).groupby(["query", "scoring"]).volume
+    per_volume = (
+        top.assign(volume=top.slice_id.str.rsplit("/", n=2).str[0])
+        .groupby(["query", "scoring"])
+        .volume
+    )
     assert (per_volume.nunique() == per_volume.size()).all()  # one hit per volume
 
 
@@ -85,8 +116,11 @@ def test_structure_feature_description_names_its_structure(phantom_ws):
     concepts = pd.read_csv(ws.eval_dir / "concepts.csv")
     desc = pd.read_csv(_one("interpret/autointerp/*/*/*", ws) / "descriptions.csv")
     described = set(desc.feature)
-    structural = concepts[concepts.label.str.startswith("has_") & concepts.best_feature.isin(described)
-                          & (concepts.valid_roc_auc > 0.75)]
+    structural = concepts[
+        concepts.label.str.startswith("has_")
+        & concepts.best_feature.isin(described)
+        & (concepts.valid_roc_auc > 0.75)
+    ]
     assert len(structural), "no described feature is best for a structure"
     named = 0
     for row in structural.itertuples():

@@ -15,7 +15,9 @@ from .test_openai_backend import OUT, _cfg, chat, good_answer, server  # noqa: F
 
 def test_failed_features_are_retried_on_the_next_run(toy_ws, server):  # noqa: F811
     state = {"down": True}
-    srv = server(lambda body, n: (503, "", 0) if state["down"] else (200, chat(good_answer(body)), 0))
+    srv = server(
+        lambda body, n: (503, "", 0) if state["down"] else (200, chat(good_answer(body)), 0)
+    )
     cfg = _cfg(toy_ws, srv.url, judge="none", endpoint={"max_retries": 0})
     run_autointerp(cfg, toy_ws)
     desc_csv = toy_ws.interpret_dir / "autointerp" / "/".join(OUT) / "descriptions.csv"

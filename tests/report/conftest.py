@@ -23,14 +23,21 @@ def report_ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     src = write_phantom_dataset(root / "ts", PhantomConfig(n_ct=6, n_mri=3, size=32, seed=1))
     ws = Workspace(root / "w")
-    cfg = SailConfig(workspace=ws.root, prepare={"source": src, "image_size": 32, "ct_spacing_mm": 8.0, "workers": 1},
-                     split={"test_institutes": ["B"]})  # head + pelvis CT held out; two abdomens in valid
+    cfg = SailConfig(
+        workspace=ws.root,
+        prepare={"source": src, "image_size": 32, "ct_spacing_mm": 8.0, "workers": 1},
+        split={"test_institutes": ["B"]},
+    )  # head + pelvis CT held out; two abdomens in valid
     run_prepare(cfg, ws)
     run_split(cfg, ws)
     slices = pd.read_parquet(ws.slices_table)
     split = pd.read_csv(ws.split_csv)
     rng = np.random.default_rng(0)
-    write_embeddings(ws.embeddings(ENCODER), slices.slice_id, rng.normal(size=(len(slices), 8)).astype(np.float32))
+    write_embeddings(
+        ws.embeddings(ENCODER),
+        slices.slice_id,
+        rng.normal(size=(len(slices), 8)).astype(np.float32),
+    )
     # planted features: 0 = liver, 1 = brain, 2 = axial plane, 3 = MRI; the rest random
     n = len(slices)
     dense = np.zeros((n, 32), np.float32)
@@ -43,10 +50,20 @@ def report_ws(tmp_path_factory):
     merged = slices[["slice_id", "modality", "image_id"]].merge(split, on=["modality", "image_id"])
     for name in ("train", "valid", "test"):
         rows = merged.index[merged.split == name].to_numpy()
-        write_activations(ws.activations(ENCODER, VARIANT, CONFIG, name), slices.slice_id.to_numpy()[rows],
-                          sp.csr_matrix(dense[rows]))
+        write_activations(
+            ws.activations(ENCODER, VARIANT, CONFIG, name),
+            slices.slice_id.to_numpy()[rows],
+            sp.csr_matrix(dense[rows]),
+        )
     autointerp = ws.interpret_dir / "autointerp" / ENCODER / VARIANT / CONFIG / "descriptions.csv"
-    write_csv_atomic(autointerp, pd.DataFrame({
-        "feature": [0, 1], "description": ["liver <script>window.__pwned = 1</script> & co", "brain"],
-        "judge_score": [1.0, 0.5]}))
+    write_csv_atomic(
+        autointerp,
+        pd.DataFrame(
+            {
+                "feature": [0, 1],
+                "description": ["liver <script>window.__pwned = 1</script> & co", "brain"],
+                "judge_score": [1.0, 0.5],
+            }
+        ),
+    )
     return cfg, ws

@@ -11,8 +11,10 @@ from .conftest import CONFIG, ENCODER, VARIANT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                reason="Debian's chromium + chromium-driver not installed (.ci/run installs them)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium + chromium-driver not installed (.ci/run installs them)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +24,18 @@ def browser(tmp_path_factory):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-quic", f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        f"--user-data-dir={tmp_path_factory.mktemp('chrome')}",
+    ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
@@ -34,9 +45,12 @@ def browser(tmp_path_factory):
 
 
 def _images_ok(driver) -> tuple[int, int]:
-    return tuple(driver.execute_script(
-        "const im = Array.from(document.images);"
-        "return [im.length, im.filter(i => i.complete && i.naturalWidth > 0).length];"))
+    return tuple(
+        driver.execute_script(
+            "const im = Array.from(document.images);"
+            "return [im.length, im.filter(i => i.complete && i.naturalWidth > 0).length];"
+        )
+    )
 
 
 def _severe(driver) -> list[str]:
@@ -45,7 +59,9 @@ def _severe(driver) -> list[str]:
 
 def test_report_in_headless_chromium(report_ws, browser):
     cfg, ws = report_ws
-    index = build_site(cfg.model_copy(update={"report": cfg.report.model_copy(update={"max_features": 6})}), ws)
+    index = build_site(
+        cfg.model_copy(update={"report": cfg.report.model_copy(update={"max_features": 6})}), ws
+    )
     browser.get(index.resolve().as_uri())
     assert browser.title == "SAIL report"
     assert _severe(browser) == []

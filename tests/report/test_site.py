@@ -28,15 +28,21 @@ def test_index_and_pages_exist(site):
 
 def test_planted_feature_page_shows_its_concept(site):
     _, ws, _ = site
-    page = (ws.report_dir / "features" / f"{ENCODER}__{VARIANT}__{CONFIG}" / "f00000.html").read_text()
+    page = (
+        ws.report_dir / "features" / f"{ENCODER}__{VARIANT}__{CONFIG}" / "f00000.html"
+    ).read_text()
     assert "structure=liver" in page
     thumbs = re.findall(r'<img src="([^"]+)"', page)
-    assert thumbs and all((ws.report_dir / "features" / "x" / t).resolve().is_file() for t in thumbs)
+    assert thumbs and all(
+        (ws.report_dir / "features" / "x" / t).resolve().is_file() for t in thumbs
+    )
 
 
 def test_description_is_escaped(site):
     _, ws, _ = site
-    page = (ws.report_dir / "features" / f"{ENCODER}__{VARIANT}__{CONFIG}" / "f00000.html").read_text()
+    page = (
+        ws.report_dir / "features" / f"{ENCODER}__{VARIANT}__{CONFIG}" / "f00000.html"
+    ).read_text()
     assert "<script>window.__pwned" not in page
     assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt; &amp; co" in page
 
@@ -61,30 +67,82 @@ def test_single_feature_scoring_and_volume_level_p_are_labelled(tmp_path):
 
     ws = Workspace(tmp_path / "w").ensure()
     unit = ConfigUnit(ENCODER, VARIANT, CONFIG)
-    slices = pd.DataFrame({"slice_id": [f"ct/s{i}/axial/0000" for i in range(4)], "png_path": "missing.png"})
+    slices = pd.DataFrame(
+        {"slice_id": [f"ct/s{i}/axial/0000" for i in range(4)], "png_path": "missing.png"}
+    )
     fp = ws.interpret_dir / "fingerprint" / ENCODER / VARIANT / CONFIG
     lang = ws.interpret_dir / "language" / ENCODER / VARIANT / CONFIG
     fp.mkdir(parents=True)
     lang.mkdir(parents=True)
-    per_ref = pd.DataFrame({"method": "sparse", "k": 1, "reference": [f"ct/s{i}/axial/0000" for i in range(4)],
-                            "similarity_rule": "published_single_feature", "quality_mean": 0.9,
-                            "chance_quality": 0.5})
-    for m in ("p_modality", "p_plane", "p_sex", "p_age_group", "jaccard_structures", "relative_to_dense_full",
-              "relative_to_dense_fp"):
+    per_ref = pd.DataFrame(
+        {
+            "method": "sparse",
+            "k": 1,
+            "reference": [f"ct/s{i}/axial/0000" for i in range(4)],
+            "similarity_rule": "published_single_feature",
+            "quality_mean": 0.9,
+            "chance_quality": 0.5,
+        }
+    )
+    for m in (
+        "p_modality",
+        "p_plane",
+        "p_sex",
+        "p_age_group",
+        "jaccard_structures",
+        "relative_to_dense_full",
+        "relative_to_dense_fp",
+    ):
         per_ref[m], per_ref[f"chance_{m}"] = 0.9, 0.5
     summarise(per_ref).to_csv(fp / "summary.csv", index=False)
-    pd.DataFrame({"method": "sparse", "k": 1, "reference": "ct/s0/axial/0000", "rank": [1, 2],
-                  "hit": ["ct/s1/axial/0000", "ct/s2/axial/0000"], "similarity": [0.9, 0.8],
-                  "similarity_rule": "published_single_feature"}).to_csv(fp / "hits.csv", index=False)
+    pd.DataFrame(
+        {
+            "method": "sparse",
+            "k": 1,
+            "reference": "ct/s0/axial/0000",
+            "rank": [1, 2],
+            "hit": ["ct/s1/axial/0000", "ct/s2/axial/0000"],
+            "similarity": [0.9, 0.8],
+            "similarity_rule": "published_single_feature",
+        }
+    ).to_csv(fp / "hits.csv", index=False)
     pd.DataFrame({"query": ["q"], "text": ["liver"]}).to_csv(lang / "queries.csv", index=False)
-    pd.DataFrame({"query": ["q"], "scoring": ["published_cosine"], "scoring_rule": ["published_single_feature"],
-                  "precision": [0.5], "chance": [0.1]}).to_csv(lang / "metrics.csv", index=False)
-    pd.DataFrame({"query": "q", "scoring": "published_cosine", "rank": [1], "slice_id": ["ct/s3/axial/0000"],
-                  "score": [0.5], "meets_all": [True]}).to_csv(lang / "hits.csv", index=False)
+    pd.DataFrame(
+        {
+            "query": ["q"],
+            "scoring": ["published_cosine"],
+            "scoring_rule": ["published_single_feature"],
+            "precision": [0.5],
+            "chance": [0.1],
+        }
+    ).to_csv(lang / "metrics.csv", index=False)
+    pd.DataFrame(
+        {
+            "query": "q",
+            "scoring": "published_cosine",
+            "rank": [1],
+            "slice_id": ["ct/s3/axial/0000"],
+            "score": [0.5],
+            "meets_all": [True],
+        }
+    ).to_csv(lang / "hits.csv", index=False)
     rcfg = SailConfig(workspace=ws.root).report
     fsec = _fingerprint_section(ws, tmp_path / "out", unit, slices, rcfg)
     lsec = _language_section(ws, tmp_path / "out", unit, slices, rcfg)
-    page = _env().get_template("config.html.j2").render(unit=unit, cards=[], recovery=[], metrics={}, n_features=0,
-                                                        fingerprint=fsec, language=lsec, dead=0, l0=0.0)
+    page = (
+        _env()
+        .get_template("config.html.j2")
+        .render(
+            unit=unit,
+            cards=[],
+            recovery=[],
+            metrics={},
+            n_features=0,
+            fingerprint=fsec,
+            language=lsec,
+            dead=0,
+            l0=0.0,
+        )
+    )
     assert page.count("1/(1+|a - a_ref|)") == 2  # the fingerprint example and the language query
     assert "over 4 reference volumes" in page

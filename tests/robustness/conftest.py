@@ -27,11 +27,21 @@ from tests.sae.conftest import _one_thread  # noqa: F401 - the same autouse fixt
 
 TINY = {
     "prepare": {"image_size": 32, "ct_spacing_mm": 8.0, "workers": 1},
-    "train": {"grid": [{"variant": "matryoshka", "dict_sizes": [8, 16], "k_values": [2, 4]}],
-              "training": {"epochs": 1, "batch_size": 64}},
-    "evaluate": {"probe": {"max_iter": 50, "train_samples": 200},
-                 "recovery": {"n_features": [1, 2], "thresholds": [0.5], "max_iter": 20, "train_samples": 100},
-                 "monosemanticity": {"null_draws": 5}, "concepts": {"bootstrap": 0}},
+    "train": {
+        "grid": [{"variant": "matryoshka", "dict_sizes": [8, 16], "k_values": [2, 4]}],
+        "training": {"epochs": 1, "batch_size": 64},
+    },
+    "evaluate": {
+        "probe": {"max_iter": 50, "train_samples": 200},
+        "recovery": {
+            "n_features": [1, 2],
+            "thresholds": [0.5],
+            "max_iter": 20,
+            "train_samples": 100,
+        },
+        "monosemanticity": {"null_draws": 5},
+        "concepts": {"bootstrap": 0},
+    },
 }
 # Run bookkeeping, not artifacts: config.yaml records the last command's settings; locks their holder.
 NOT_ARTIFACTS = ("config.yaml", ".locks")
@@ -44,7 +54,9 @@ def golden(tmp_path_factory):
     src = root / "src"
     write_phantom_dataset(src, PhantomConfig(n_ct=8, n_mri=4, size=32, seed=7))
     cfg_yaml = root / "tiny.yaml"
-    cfg_yaml.write_text(yaml.safe_dump({**TINY, "prepare": {**TINY["prepare"], "source": str(src)}}))
+    cfg_yaml.write_text(
+        yaml.safe_dump({**TINY, "prepare": {**TINY["prepare"], "source": str(src)}})
+    )
     ws = Workspace(root / "ws")
     cfg = load_config(cfg_yaml, {"workspace": ws.root})
     torch.set_num_threads(1)
@@ -59,7 +71,9 @@ def golden(tmp_path_factory):
 
 
 def copy_workspace(golden_ws: Path, dst: Path) -> Path:
-    shutil.copytree(golden_ws, dst, ignore=lambda d, names: ["slices"] if Path(d) == golden_ws / "data" else [])
+    shutil.copytree(
+        golden_ws, dst, ignore=lambda d, names: ["slices"] if Path(d) == golden_ws / "data" else []
+    )
     os.symlink(golden_ws / "data" / "slices", dst / "data" / "slices")
     return dst
 

@@ -32,7 +32,10 @@ def test_bad_input(case, golden, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args)
     monkeypatch.undo()
     out = result.output
-    assert "Traceback" not in out and isinstance(result.exception, SystemExit), (out, result.exception)
+    assert "Traceback" not in out and isinstance(result.exception, SystemExit), (
+        out,
+        result.exception,
+    )
     assert result.exit_code == 2, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, out

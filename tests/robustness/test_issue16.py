@@ -37,12 +37,27 @@ def test_nan_mask_is_a_recorded_skip_not_a_structure_on_every_slice(golden, tmp_
     data[0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(data, img.affine), path)
     ws = Workspace(tmp_path / "w")
-    cfg = load_config(None, {"workspace": ws.root, "prepare": {"source": src, "image_size": 32, "ct_spacing_mm": 8.0,
-                                                                "workers": 1, "modalities": ["ct"]}})
+    cfg = load_config(
+        None,
+        {
+            "workspace": ws.root,
+            "prepare": {
+                "source": src,
+                "image_size": 32,
+                "ct_spacing_mm": 8.0,
+                "workers": 1,
+                "modalities": ["ct"],
+            },
+        },
+    )
     run_prepare(cfg, ws)
     skipped = pd.read_csv(ws.skipped_csv)
     row = skipped[(skipped.image_id == "s0001") & (skipped.action == "skip_scan")]
-    assert len(row) == 1 and "holds NaN or inf voxels" in row.reason.iloc[0] and path.name in row.reason.iloc[0]
+    assert (
+        len(row) == 1
+        and "holds NaN or inf voxels" in row.reason.iloc[0]
+        and path.name in row.reason.iloc[0]
+    )
     assert "s0001" not in set(pd.read_parquet(ws.slices_table).image_id)
 
 
@@ -51,7 +66,9 @@ def test_damaged_checkpoint_refused_unless_no_verify(golden, tmp_path):
     ctx = Ctx(ws=copy_workspace(golden_ws, tmp_path / "ws"), tmp=tmp_path, src=src, cfg=cfg)
     weights = ctx.sae_dir() / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[-4:] = np.float32(0.123).tobytes()  # the last float of the last tensor: still loadable, still finite
+    data[-4:] = np.float32(
+        0.123
+    ).tobytes()  # the last float of the last tensor: still loadable, still finite
     weights.write_bytes(bytes(data))
     refused = _cli("activations", "--force", *ctx.common())
     assert refused.exit_code == 2 and "does not match the sha256" in refused.output
@@ -112,14 +129,19 @@ def test_second_run_on_a_locked_stage_is_refused_then_runs(golden, tmp_path):
     ctx = Ctx(ws=copy_workspace(golden_ws, tmp_path / "ws"), tmp=tmp_path, src=src, cfg=cfg)
     with stage_lock(ctx.ws, "split") as lock:
         result = _cli("split", "--force", *ctx.common())
-        assert result.exit_code == 2 and f"{lock}: stage split is being written by another sail run" in result.output
+        assert (
+            result.exit_code == 2
+            and f"{lock}: stage split is being written by another sail run" in result.output
+        )
         # shards take their own locks
         with stage_lock(ctx.ws, "train-shard0of2"):
             pass
     with stage_lock(ctx.ws, "interpret"):  # a verb run directly takes the interpret stage's lock
         result = _cli("interpret", "fingerprint", "--force", *ctx.common())
         assert result.exit_code == 2 and "stage interpret is being written" in result.output
-    assert _cli("split", *ctx.common()).exit_code == 0  # released: a killed holder releases it the same way
+    assert (
+        _cli("split", *ctx.common()).exit_code == 0
+    )  # released: a killed holder releases it the same way
 
 
 def test_debug_shows_the_traceback(golden, tmp_path):
@@ -140,4 +162,6 @@ def test_truncated_checkpoint_is_not_up_to_date(golden, tmp_path):
     weights.write_bytes(intact[: len(intact) // 2])
     result = _cli("train", *ctx.common())
     assert result.exit_code == 0, result.output
-    assert weights.read_bytes() == intact  # retrained (seeded: the same bytes), not trusted as up to date
+    assert (
+        weights.read_bytes() == intact
+    )  # retrained (seeded: the same bytes), not trusted as up to date

@@ -30,7 +30,10 @@ def planted(n: int, d: int, n_atoms: int, k: int, seed: int = 0):
 
 def slice_ids(n: int, per_volume: int = 20) -> list[str]:
     mods = ["ct", "mri"]
-    return [f"{mods[(i // per_volume) % 2]}/s{i // per_volume:04d}/axial/{i % per_volume:04d}" for i in range(n)]
+    return [
+        f"{mods[(i // per_volume) % 2]}/s{i // per_volume:04d}/axial/{i % per_volume:04d}"
+        for i in range(n)
+    ]
 
 
 @pytest.fixture

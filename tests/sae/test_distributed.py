@@ -26,9 +26,14 @@ EPOCHS = 2
 def _setup():
     # 600 rows, batch 64: 10 steps per epoch, the last one 24 rows (12 per rank).
     x, _ = planted(700, 16, 24, 3, seed=1)
-    settings = TrainingSettings(epochs=EPOCHS, batch_size=64, lr=3e-3, dead_window=200, auxk_k=8, seed=0)
+    settings = TrainingSettings(
+        epochs=EPOCHS, batch_size=64, lr=3e-3, dead_window=200, auxk_k=8, seed=0
+    )
     families = {
-        "matryoshka": [SAESpec("matryoshka", (8, 32), (2, 4)), SAESpec("matryoshka", (8, 32), (3, 6))],
+        "matryoshka": [
+            SAESpec("matryoshka", (8, 32), (2, 4)),
+            SAESpec("matryoshka", (8, 32), (3, 6)),
+        ],
         "matryoshka-global": [SAESpec("matryoshka", (8, 32), (4,), "global")],
         "sail": [SAESpec("sail", (8, 32), (2, 4))],
     }
@@ -48,10 +53,18 @@ def _train_all(rt: Runtime, root) -> dict:
 
 def _worker(rank: int, port: int, root) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
-        rt = Runtime(torch.device("cpu"), "fp32", "sparse", log_every=5, show_progress=False,
-                     dist=DistContext(rank, WORLD))
+        rt = Runtime(
+            torch.device("cpu"),
+            "fp32",
+            "sparse",
+            log_every=5,
+            show_progress=False,
+            dist=DistContext(rank, WORLD),
+        )
         torch.save(_train_all(rt, root / f"rank{rank}"), root / f"result{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -68,9 +81,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     # fork: the children skip re-importing torch and sail (spawn costs ~10 s here); they only
     # run single-threaded CPU code, so forking a process that used OpenMP is safe.
-    mp.start_processes(_worker, args=(_free_port(), root), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(
+        _worker, args=(_free_port(), root), nprocs=WORLD, join=True, start_method="fork"
+    )
     ranks = [torch.load(root / f"result{r}.pt", weights_only=False) for r in range(WORLD)]
-    single = _train_all(Runtime(torch.device("cpu"), "fp32", "sparse", log_every=5, show_progress=False), root / "single")
+    single = _train_all(
+        Runtime(torch.device("cpu"), "fp32", "sparse", log_every=5, show_progress=False),
+        root / "single",
+    )
     return single, ranks, root
 
 
@@ -87,18 +105,30 @@ def test_two_ranks_equal_one_process(runs, family):
     a, b = single[family]["state"], r0[family]["state"]
     for k, v in a.items():
         if v.is_floating_point():
-            torch.testing.assert_close(b[k], v, atol=ATOL, rtol=0, msg=lambda m: f"{family}.{k}: {m}")
+            torch.testing.assert_close(
+                b[k], v, atol=ATOL, rtol=0, msg=lambda m: f"{family}.{k}: {m}"
+            )
         else:
             assert torch.equal(b[k], v), (family, k)
     for ma, mb in zip(single[family]["metrics"], r0[family]["metrics"]):
-        assert ma[["step", "epoch", "split", "level"]].equals(mb[["step", "epoch", "split", "level"]])
+        assert ma[["step", "epoch", "split", "level"]].equals(
+            mb[["step", "epoch", "split", "level"]]
+        )
         # BatchTopK keeps the same K*B entries, so training L0 is exact; dead_frac comes from the
         # synced counters. The final row uses calibrated thresholds, equal only to rounding.
         during = ma["epoch"] < EPOCHS
         assert (ma["l0"][during] == mb["l0"][during]).all()
-        torch.testing.assert_close(torch.tensor(mb["l0"].to_numpy(copy=True)), torch.tensor(ma["l0"].to_numpy(copy=True)), atol=0, rtol=0.01)
+        torch.testing.assert_close(
+            torch.tensor(mb["l0"].to_numpy(copy=True)),
+            torch.tensor(ma["l0"].to_numpy(copy=True)),
+            atol=0,
+            rtol=0.01,
+        )
         assert (ma["dead_frac"] == mb["dead_frac"]).all()
-        fa, fb = torch.tensor(ma["fvu"].to_numpy(copy=True)), torch.tensor(mb["fvu"].to_numpy(copy=True))
+        fa, fb = (
+            torch.tensor(ma["fvu"].to_numpy(copy=True)),
+            torch.tensor(mb["fvu"].to_numpy(copy=True)),
+        )
         keep = torch.tensor(during.to_numpy(copy=True))
         torch.testing.assert_close(fb[keep], fa[keep], atol=1e-6, rtol=0)
         torch.testing.assert_close(fb, fa, atol=1e-3, rtol=0)

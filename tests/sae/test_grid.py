@@ -21,7 +21,9 @@ def test_paper_grid_has_28_configs_in_4_families():
 
 def test_demo_grid_expands_variants_and_global_is_matryoshka_only():
     entries = load_grid("demo", ["matryoshka", "sail"])
-    by_variant = {v: [e.name for e in entries if e.spec.variant == v] for v in ("matryoshka", "sail")}
+    by_variant = {
+        v: [e.name for e in entries if e.spec.variant == v] for v in ("matryoshka", "sail")
+    }
     assert len(by_variant["matryoshka"]) == 3 and len(by_variant["sail"]) == 2
     assert any(n.startswith("D_32_128_512_K_16-global-h") for n in by_variant["matryoshka"])
     assert len(families(entries)) == 3
@@ -29,11 +31,16 @@ def test_demo_grid_expands_variants_and_global_is_matryoshka_only():
 
 def test_yaml_grid_file_and_errors(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text("training: {recipe: published, epochs: 100, batch_size: 2048, lr: 1.0e-4, seed: 42}\nconfigs:\n"
-                    "  - {variant: sail, dict_sizes: [128, 512, 2048, 8192], k_values: [20, 40, 80, 160]}\n"
-                    "  - {variant: matryoshka, topk_mode: global, dict_sizes: [64, 256, 1024, 4096], k_values: [40]}\n")
+    path.write_text(
+        "training: {recipe: published, epochs: 100, batch_size: 2048, lr: 1.0e-4, seed: 42}\nconfigs:\n"
+        "  - {variant: sail, dict_sizes: [128, 512, 2048, 8192], k_values: [20, 40, 80, 160]}\n"
+        "  - {variant: matryoshka, topk_mode: global, dict_sizes: [64, 256, 1024, 4096], k_values: [40]}\n"
+    )
     entries = load_grid(str(path), ["matryoshka"])
-    assert [e.name for e in entries] == ["D_128_512_2048_8192_K_20_40_80_160", "D_64_256_1024_4096_K_40-global"]
+    assert [e.name for e in entries] == [
+        "D_128_512_2048_8192_K_20_40_80_160",
+        "D_64_256_1024_4096_K_40-global",
+    ]
     with pytest.raises(SailError, match="conflicts with --variant"):
         load_grid(str(path), ["matryoshka"], variants_explicit=True)
     path.write_text("configs:\n  - {dict_sizes: [4, 8], k_values: [1, 2], width: 3}\n")
@@ -48,8 +55,12 @@ def test_yaml_grid_file_and_errors(tmp_path):
 
 def test_non_default_settings_change_the_folder_name():
     a = load_grid([{"dict_sizes": [4, 8], "k_values": [1, 2]}], ["sail"])[0]
-    b = load_grid([{"dict_sizes": [4, 8], "k_values": [1, 2]}], ["sail"], overrides={"epochs": 3})[0]
-    c = load_grid([{"dict_sizes": [4, 8], "k_values": [1, 2]}], ["sail"], overrides={"auxk_alpha": 0.5})[0]
+    b = load_grid([{"dict_sizes": [4, 8], "k_values": [1, 2]}], ["sail"], overrides={"epochs": 3})[
+        0
+    ]
+    c = load_grid(
+        [{"dict_sizes": [4, 8], "k_values": [1, 2]}], ["sail"], overrides={"auxk_alpha": 0.5}
+    )[0]
     assert a.name == "D_4_8_K_1_2" and b.name.startswith("D_4_8_K_1_2-h") and c.name == a.name
 
 
@@ -73,9 +84,16 @@ def test_recipe_naming_keeps_published_names_stable():
     assert published.name == "D_4_8_K_1_2"
     # under auto an explicit value equal to the published default still changes the model
     assert load_grid(cfg, ["matryoshka"], overrides={"lr": 1e-4})[0].name != mat.name
-    assert load_grid(cfg, ["matryoshka"], overrides={"recipe": "published", "lr": 1e-4})[0].name == "D_4_8_K_1_2"
-    assert load_grid(cfg, ["sail"], overrides={"recipe": "auto"})[0].name.startswith("D_4_8_K_1_2-h")
+    assert (
+        load_grid(cfg, ["matryoshka"], overrides={"recipe": "published", "lr": 1e-4})[0].name
+        == "D_4_8_K_1_2"
+    )
+    assert load_grid(cfg, ["sail"], overrides={"recipe": "auto"})[0].name.startswith(
+        "D_4_8_K_1_2-h"
+    )
     # configs/paper.yaml (recipe published, permutation fixed): the names from before recipes existed
-    paper = load_grid("paper", ["sail", "matryoshka"], overrides={"recipe": "published", "permutation": "fixed"})
+    paper = load_grid(
+        "paper", ["sail", "matryoshka"], overrides={"recipe": "published", "permutation": "fixed"}
+    )
     suffix = "-h" + hash_config({"permutation": "fixed"})[:6]
     assert all(e.name == e.spec.published_name + suffix for e in paper)

@@ -38,7 +38,9 @@ def test_batch_topk_budget_and_reconstructions_per_level(impl):
 def test_budget_is_shared_across_the_batch():
     model = StackedSAE([SAESpec("matryoshka", (4, 8), (2, 3))], 8)
     model.initialize([0])
-    x = torch.nn.functional.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    x = torch.nn.functional.normalize(
+        torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), dim=1
+    )
     acts = model.activations(model.pre_activations(x))
     sels = model.train_selections(acts)
     counts = {s.level: s.flat.numel() for s in sels}
@@ -46,7 +48,9 @@ def test_budget_is_shared_across_the_batch():
     assert counts == {0: min(2 * 16, positives[0]), 1: min(3 * 16, positives[1])}
     assert counts[1] == 48
     rows = (sels[1].flat // 8) % 16
-    assert torch.bincount(rows, minlength=16).sum() == 48  # per sample it varies; the batch total does not
+    assert (
+        torch.bincount(rows, minlength=16).sum() == 48
+    )  # per sample it varies; the batch total does not
 
 
 @pytest.mark.parametrize("impl", ["dense", "sparse"])
@@ -63,7 +67,9 @@ def test_zero_valued_picks_neither_fire_nor_count_towards_l0(impl):
 
 
 def test_auxk_sees_latents_that_only_won_zero_valued_picks_as_dead():
-    x = torch.nn.functional.normalize(torch.randn(64, 8, generator=torch.Generator().manual_seed(2)), dim=1)
+    x = torch.nn.functional.normalize(
+        torch.randn(64, 8, generator=torch.Generator().manual_seed(2)), dim=1
+    )
     model = StackedSAE([SAESpec("matryoshka", (4, 8), (3, 6))], 8)
     model.initialize([0])
     with torch.no_grad():
@@ -98,13 +104,17 @@ def test_sail_decoder_is_stop_gradient_matryoshka_decoder_trains():
     mat.forward_train(X).loss.backward()
     assert torch.equal(mat.W_enc.grad, torch.zeros_like(mat.W_enc))
     # latent 0 decodes 0.9 (row 0) at both levels: 0.9 * 2/16 * ([0,-.1,.3,-.5] + [0,-.1,.3,0])
-    assert mat.W_dec.grad[0, 0].tolist() == pytest.approx([0.0, -0.0225, 0.0675, -0.05625], abs=1e-7)
+    assert mat.W_dec.grad[0, 0].tolist() == pytest.approx(
+        [0.0, -0.0225, 0.0675, -0.05625], abs=1e-7
+    )
 
 
 def test_published_threshold_update():
     sail = identity_sae("sail")
     sail.forward_train(X)
-    assert sail.theta_sum.item() == pytest.approx(0.4)  # smallest positive value kept at the last level
+    assert sail.theta_sum.item() == pytest.approx(
+        0.4
+    )  # smallest positive value kept at the last level
     assert sail.theta_count.item() == 1
     sail.forward_train(torch.tensor([[-0.1, -0.2, -0.3, -0.4]]))  # nothing positive: no update
     assert sail.theta_count.item() == 1
@@ -121,7 +131,9 @@ def test_inference_soft_threshold_vs_jumprelu():
         mat.thresholds.copy_(torch.tensor([[0.5, 0.3]]))
         mat.calibrated.fill_(True)
     # latents [0,2) need > 0.5, latents [2,4) need > 0.3; kept values are not shrunk
-    torch.testing.assert_close(mat.inference_codes(X)[0], torch.tensor([[0.9, 0.0, 0.0, 0.5], [0.0, 0.8, 0.4, 0.0]]))
+    torch.testing.assert_close(
+        mat.inference_codes(X)[0], torch.tensor([[0.9, 0.0, 0.0, 0.5], [0.0, 0.8, 0.4, 0.0]])
+    )
 
 
 def test_uncalibrated_matryoshka_refuses_inference():
@@ -132,7 +144,9 @@ def test_uncalibrated_matryoshka_refuses_inference():
 def test_global_mode_levels_are_prefixes_of_one_code():
     model = StackedSAE([SAESpec("matryoshka", (3, 6, 12), (4,), "global")], 5)
     model.initialize([2])
-    x = torch.nn.functional.normalize(torch.randn(7, 5, generator=torch.Generator().manual_seed(3)), dim=1)
+    x = torch.nn.functional.normalize(
+        torch.randn(7, 5, generator=torch.Generator().manual_seed(3)), dim=1
+    )
     acts = model.activations(model.pre_activations(x))
     sels = model.train_selections(acts)
     full = sels[-1].flat
@@ -147,15 +161,24 @@ def test_global_mode_levels_are_prefixes_of_one_code():
         torch.testing.assert_close(R[li, 0], expect)
 
 
-@pytest.mark.parametrize("variant,mode,ks", [("sail", "per_level", [(2, 3, 4), (1, 2, 5)]),
-                                             ("matryoshka", "per_level", [(2, 3, 4), (1, 2, 5)]),
-                                             ("matryoshka", "global", [(4,), (6,)])])
-@pytest.mark.parametrize("shape", [(10, 6, (4, 8, 16)), (256, 32, (64, 256, 1024))], ids=["tiny", "sampled_topk"])
+@pytest.mark.parametrize(
+    "variant,mode,ks",
+    [
+        ("sail", "per_level", [(2, 3, 4), (1, 2, 5)]),
+        ("matryoshka", "per_level", [(2, 3, 4), (1, 2, 5)]),
+        ("matryoshka", "global", [(4,), (6,)]),
+    ],
+)
+@pytest.mark.parametrize(
+    "shape", [(10, 6, (4, 8, 16)), (256, 32, (64, 256, 1024))], ids=["tiny", "sampled_topk"]
+)
 def test_sparse_and_dense_paths_agree(variant, mode, ks, shape):
     B, d, sizes = shape
     if B * sizes[-1] >= 1 << 16:  # large enough that BatchTopK takes the sampled-threshold path
         assert B * sizes[-1] >= 1 << 17
-    x = torch.nn.functional.normalize(torch.randn(B, d, generator=torch.Generator().manual_seed(0)), dim=1)
+    x = torch.nn.functional.normalize(
+        torch.randn(B, d, generator=torch.Generator().manual_seed(0)), dim=1
+    )
     dead = torch.zeros(2, sizes[-1], dtype=torch.bool)
     dead[:, sizes[-1] * 5 // 8 :] = True
     results = []
@@ -190,7 +213,9 @@ def test_sampled_threshold_topk_equals_plain_topk(case):
 
 
 def test_stacked_models_do_not_interact():
-    x = torch.nn.functional.normalize(torch.randn(9, 6, generator=torch.Generator().manual_seed(4)), dim=1)
+    x = torch.nn.functional.normalize(
+        torch.randn(9, 6, generator=torch.Generator().manual_seed(4)), dim=1
+    )
     specs = [SAESpec("matryoshka", (4, 8), (2, 3)), SAESpec("matryoshka", (4, 8), (1, 4))]
     both = StackedSAE(specs, 6)
     both.initialize([0, 1])
@@ -207,7 +232,9 @@ def _last_level_share(model: StackedSAE, x: torch.Tensor, batch_size: int) -> to
     bounds = torch.tensor([hi for _, hi in model.threshold_ranges()])
     counts = torch.zeros(len(bounds))
     for start in range(0, x.shape[0], batch_size):
-        sels = model.train_selections(model.activations(model.pre_activations(x[start : start + batch_size])))
+        sels = model.train_selections(
+            model.activations(model.pre_activations(x[start : start + batch_size]))
+        )
         latent = sels[-1].flat % model.n_latents
         counts += torch.bincount(torch.bucketize(latent, bounds, right=True), minlength=len(bounds))
     return counts / counts.sum()
@@ -225,10 +252,16 @@ def test_calibrated_code_is_the_last_levels_selection(ks):
     codes = model.inference_codes(x[2000:])[0]
     l0 = (codes != 0).sum(1).float().mean().item()
     assert abs(l0 - ks[-1]) / ks[-1] < 0.10, l0
-    stored = torch.tensor([(codes[:, lo:hi] != 0).sum().item() for lo, hi in model.threshold_ranges()])
-    torch.testing.assert_close(stored / stored.sum(), _last_level_share(model, x[2000:], 512), atol=0.03, rtol=0)
+    stored = torch.tensor(
+        [(codes[:, lo:hi] != 0).sum().item() for lo, hi in model.threshold_ranges()]
+    )
+    torch.testing.assert_close(
+        stored / stored.sum(), _last_level_share(model, x[2000:], 512), atol=0.03, rtol=0
+    )
     assert bool(torch.isfinite(model.thresholds).all()) and cals[0].dead_ranges == []
-    assert cals[0].share == pytest.approx(_last_level_share(model, x[:2000], 512).tolist(), abs=1e-6)
+    assert cals[0].share == pytest.approx(
+        _last_level_share(model, x[:2000], 512).tolist(), abs=1e-6
+    )
 
 
 def test_global_calibration_keeps_k_over_the_dictionary():
@@ -252,16 +285,24 @@ def test_a_range_that_never_fired_gets_inf_and_is_reported():
         model.b_enc[0, 8:32] = -10.0  # the second range can never be selected
     [cal] = model.calibrate(x)
     assert cal.dead_ranges == [[8, 32]] and cal.selected[1] == 0
-    assert math.isinf(model.thresholds[0, 1].item()) and math.isfinite(model.thresholds[0, 0].item())
+    assert math.isinf(model.thresholds[0, 1].item()) and math.isfinite(
+        model.thresholds[0, 0].item()
+    )
     assert not (model.inference_codes(x)[0, :, 8:32] != 0).any()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"variant": "other", "dict_sizes": (2, 4), "k_values": (1, 1)}, "variant"),
-    ({"variant": "sail", "dict_sizes": (4, 2), "k_values": (1, 1)}, "strictly increasing"),
-    ({"variant": "sail", "dict_sizes": (2, 4), "k_values": (1,)}, "k_values"),
-    ({"variant": "sail", "dict_sizes": (2, 4), "k_values": (1,), "topk_mode": "global"}, "per_level"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"variant": "other", "dict_sizes": (2, 4), "k_values": (1, 1)}, "variant"),
+        ({"variant": "sail", "dict_sizes": (4, 2), "k_values": (1, 1)}, "strictly increasing"),
+        ({"variant": "sail", "dict_sizes": (2, 4), "k_values": (1,)}, "k_values"),
+        (
+            {"variant": "sail", "dict_sizes": (2, 4), "k_values": (1,), "topk_mode": "global"},
+            "per_level",
+        ),
+    ],
+)
 def test_spec_validation(kwargs, match):
     with pytest.raises(SailError, match=match):
         SAESpec(**kwargs)
@@ -286,7 +327,9 @@ def test_bf16_selection_matches_fp64_with_a_large_shared_offset():
     model.initialize([1], x, "mean")
     with torch.no_grad():
         model.b_enc.normal_(0, 0.01, generator=g)
-    ref = (x.double() - model.b_dec[0].double()) @ model.W_enc[0].double().T + model.b_enc[0].double()
+    ref = (x.double() - model.b_dec[0].double()) @ model.W_enc[0].double().T + model.b_enc[
+        0
+    ].double()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pre = model.pre_activations(x)[0].double()
     assert (pre - ref).abs().median().item() < 4e-5

@@ -32,13 +32,20 @@ def workspace(tmp_path, tiny_table):
     vols = pd.Series(ids).str.split("/", expand=True)[[0, 1]].drop_duplicates()
     split = np.array(["train", "train", "train", "valid", "test"] * 4)[: len(vols)]
     ws.data_dir.mkdir()
-    pd.DataFrame({"modality": vols[0], "image_id": vols[1], "split": split}).to_csv(ws.split_csv, index=False)
+    pd.DataFrame({"modality": vols[0], "image_id": vols[1], "split": split}).to_csv(
+        ws.split_csv, index=False
+    )
     return ws
 
 
 def test_train_and_activations_stages(workspace, caplog):
-    cfg = load_config(None, {"workspace": workspace.root, "train": {"grid": GRID, "variants": ["matryoshka", "sail"],
-                                                                    "training": TRAINING}})
+    cfg = load_config(
+        None,
+        {
+            "workspace": workspace.root,
+            "train": {"grid": GRID, "variants": ["matryoshka", "sail"], "training": TRAINING},
+        },
+    )
     run_train(cfg, workspace)
     dirs = sorted(p.parent for p in (workspace.root / "sae" / "toy").glob("*/*/cfg.json"))
     assert len(dirs) == 4
@@ -54,11 +61,16 @@ def test_train_and_activations_stages(workspace, caplog):
         total = 0
         for split in ("train", "valid", "test"):
             ids, csr, meta = read_activations(
-                workspace.activations("toy", sae_dir.parent.name, sae_dir.name, split))
+                workspace.activations("toy", sae_dir.parent.name, sae_dir.name, split)
+            )
             total += len(ids)
             assert meta["n_features"] == 32 and meta["split"] == split
             if split == "valid" and sae_cfg["variant"] == "matryoshka":
-                assert abs(csr.getnnz(axis=1).mean() - sae_cfg["k_values"][-1]) / sae_cfg["k_values"][-1] < 0.35
+                assert (
+                    abs(csr.getnnz(axis=1).mean() - sae_cfg["k_values"][-1])
+                    / sae_cfg["k_values"][-1]
+                    < 0.35
+                )
         assert total == 400
 
 
@@ -77,21 +89,43 @@ def test_per_level_codes_use_every_range_on_held_out_rows(tmp_path, ks):
     vols = pd.Series(ids).str.rsplit("/", n=2).str[0].drop_duplicates().str.split("/", expand=True)
     split = np.array(["train"] * 8 + ["valid"] * 2)[np.arange(len(vols)) % 10]
     ws.data_dir.mkdir()
-    pd.DataFrame({"modality": vols[0], "image_id": vols[1], "split": split}).to_csv(ws.split_csv, index=False)
+    pd.DataFrame({"modality": vols[0], "image_id": vols[1], "split": split}).to_csv(
+        ws.split_csv, index=False
+    )
     grid = [{"dict_sizes": [8, 32, 64], "k_values": ks}]
-    cfg = load_config(None, {"workspace": ws.root, "train": {"grid": grid, "training": {
-        "epochs": 4, "batch_size": 128, "lr": 3e-3, "auxk_k": 8, "dead_window": 1000}}})
+    cfg = load_config(
+        None,
+        {
+            "workspace": ws.root,
+            "train": {
+                "grid": grid,
+                "training": {
+                    "epochs": 4,
+                    "batch_size": 128,
+                    "lr": 3e-3,
+                    "auxk_k": 8,
+                    "dead_window": 1000,
+                },
+            },
+        },
+    )
     run_train(cfg, ws)
     run_activations(cfg, ws)
     sae_dir = next((ws.root / "sae" / "toy" / "matryoshka").iterdir())
     _, sae_cfg = load_sae(sae_dir)
 
-    train_ids = np.sort(ids)[np.isin(pd.Series(np.sort(ids)).str.rsplit("/", n=2).str[0], ["/".join(v) for v in
-                                                                                          vols[split == "train"].values])]
+    train_ids = np.sort(ids)[
+        np.isin(
+            pd.Series(np.sort(ids)).str.rsplit("/", n=2).str[0],
+            ["/".join(v) for v in vols[split == "train"].values],
+        )
+    ]
     held = calibration_holdout(train_ids, 0.1, 42)
     cal = sae_cfg["calibration"]
     assert cal["held_out"] and cal["rows"] == held.sum() == 240 and cal["volumes"] == 12
-    assert cal["slice_ids_sha256"] == calibration_record(train_ids[held], 0.1, 42)["slice_ids_sha256"]
+    assert (
+        cal["slice_ids_sha256"] == calibration_record(train_ids[held], 0.1, 42)["slice_ids_sha256"]
+    )
     _, codes, _ = read_activations(ws.activations("toy", "matryoshka", sae_dir.name, "valid"))
     fired_ranges = [r for r, n in zip(cal["ranges"], cal["selected"]) if n > 0]
     assert len(fired_ranges) == 3
@@ -126,19 +160,41 @@ def test_csr_export_equals_dense_codes_and_round_trips(tmp_path, tiny_table):
 
 def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
     grid = tmp_path / "grid.yaml"
-    grid.write_text("training: {epochs: 1, batch_size: 64}\nconfigs:\n  - {dict_sizes: [8, 32], k_values: [2, 4]}\n")
+    grid.write_text(
+        "training: {epochs: 1, batch_size: 64}\nconfigs:\n  - {dict_sizes: [8, 32], k_values: [2, 4]}\n"
+    )
     runner = CliRunner()
     ws = tmp_path / "ws"
-    res = runner.invoke(app, ["train", "--embeddings", str(tiny_table[0]), "--grid", str(grid), "--variant", "sail",
-                              "--workspace", str(ws)])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--embeddings",
+            str(tiny_table[0]),
+            "--grid",
+            str(grid),
+            "--variant",
+            "sail",
+            "--workspace",
+            str(ws),
+        ],
+    )
     assert res.exit_code == 0, res.output
     sae = next((ws / "sae" / "tiny" / "sail").iterdir())
     _, cfg = load_sae(sae)
-    assert cfg["split"]["source"] == "seeded" and cfg["split"]["counts"] == {"train": 320, "valid": 40, "test": 40}
-    res = runner.invoke(app, ["activations", "--embeddings", str(tiny_table[0]), "--workspace", str(ws)])
+    assert cfg["split"]["source"] == "seeded" and cfg["split"]["counts"] == {
+        "train": 320,
+        "valid": 40,
+        "test": 40,
+    }
+    res = runner.invoke(
+        app, ["activations", "--embeddings", str(tiny_table[0]), "--workspace", str(ws)]
+    )
     assert res.exit_code == 0, res.output
     assert len(list((ws / "activations" / "tiny" / "sail").rglob("*.parquet"))) == 3
-    res = runner.invoke(app, ["train", "--encoder", "missing", "--grid", "demo", "--workspace", str(ws)])
+    res = runner.invoke(
+        app, ["train", "--encoder", "missing", "--grid", "demo", "--workspace", str(ws)]
+    )
     assert res.exit_code == 2 and "embeddings table not found" in res.output
 
 
@@ -152,14 +208,18 @@ def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, ca
     from sail.workspace import manifest_path
 
     grid = [{"dict_sizes": [8, 32], "k_values": [3, 3]}]
-    cfg = load_config(None, {"workspace": workspace.root, "train": {"grid": grid, "training": TRAINING}})
+    cfg = load_config(
+        None, {"workspace": workspace.root, "train": {"grid": grid, "training": TRAINING}}
+    )
     run_train(cfg, workspace)
     sae_dir = next((workspace.root / "sae" / "toy" / "matryoshka").iterdir())
     weights = sae_dir / "model.safetensors"
     # what SAIL <= 3e0f9d4 wrote: per-prefix thresholds (inf after the first range), no semantics
     state = load_file(str(weights))
     state["thresholds"] = torch.tensor([0.1, float("inf")])
-    save_file(state, str(weights), metadata={"sail": '{"schema_version": 1, "variant": "matryoshka"}'})
+    save_file(
+        state, str(weights), metadata={"sail": '{"schema_version": 1, "variant": "matryoshka"}'}
+    )
     old_cfg = json.loads((sae_dir / "cfg.json").read_text())
     for key in ("artifact_semantics", "calibration", "weights_sha256"):  # none of them existed then
         old_cfg.pop(key)
@@ -170,8 +230,17 @@ def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, ca
 
     with pytest.raises(Exception, match="--recalibrate"):
         load_sae(sae_dir)
-    res = CliRunner().invoke(app, ["train", "--grid", str(_grid_file(workspace, grid)), "--recalibrate",
-                                   "--workspace", str(workspace.root)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--grid",
+            str(_grid_file(workspace, grid)),
+            "--recalibrate",
+            "--workspace",
+            str(workspace.root),
+        ],
+    )
     assert res.exit_code == 0, res.output
     after = load_file(str(weights))
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
@@ -180,10 +249,16 @@ def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, ca
     model, new_cfg = load_sae(sae_dir)
     assert new_cfg["artifact_semantics"] == 2 and new_cfg["calibration"]["recalibrated"]
     assert new_cfg["final_metrics"]["dead_frac_source"] == "stored codes"
-    logging.getLogger().addHandler(caplog.handler)  # the CLI's logging setup replaced the root handlers
+    logging.getLogger().addHandler(
+        caplog.handler
+    )  # the CLI's logging setup replaced the root handlers
     caplog.set_level("INFO")
-    run_train(load_config(None, {"workspace": workspace.root, "train": {"grid": grid, "training": TRAINING}}),
-              workspace)
+    run_train(
+        load_config(
+            None, {"workspace": workspace.root, "train": {"grid": grid, "training": TRAINING}}
+        ),
+        workspace,
+    )
     assert "up to date" in caplog.text and "retraining" not in caplog.text
 
 

@@ -62,7 +62,9 @@ def _with_requirements(names: set[str], keep_out: set[str]) -> set[str]:
     """
     from packaging.requirements import Requirement
 
-    requires = {_norm(d.metadata["Name"]): d.requires or [] for d in importlib.metadata.distributions()}
+    requires = {
+        _norm(d.metadata["Name"]): d.requires or [] for d in importlib.metadata.distributions()
+    }
     todo, seen = list(names), set(names)
     while todo:
         for line in requires.get(todo.pop(), []):
@@ -115,8 +117,15 @@ def install(paths: list[str]) -> DeviceOnlyPathFinder:
     finder = DeviceOnlyPathFinder(_allowed(paths))
     sys.meta_path[:] = [finder if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
     if os.environ.get("SAIL_DEVICE_BLOCK_LOG"):
-        atexit.register(lambda: finder.blocked and print(
-            f"[device blocker] refused: {', '.join(sorted(finder.blocked))}", file=sys.stderr))
+        atexit.register(
+            lambda: (
+                finder.blocked
+                and print(
+                    f"[device blocker] refused: {', '.join(sorted(finder.blocked))}",
+                    file=sys.stderr,
+                )
+            )
+        )
     return finder
 
 

@@ -32,10 +32,14 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     if not series:
         raise DicomDefect(f"no DICOM series in folder {folder}")
     if len(series) > 1:
-        raise DicomDefect(f"folder {folder} holds {len(series)} DICOM series; give one series per manifest row")
+        raise DicomDefect(
+            f"folder {folder} holds {len(series)} DICOM series; give one series per manifest row"
+        )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
     if len(files) < 2:
-        raise DicomDefect(f"DICOM series in {folder} has {len(files)} file(s); a volume needs at least 2 slices")
+        raise DicomDefect(
+            f"DICOM series in {folder} has {len(files)} file(s); a volume needs at least 2 slices"
+        )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -43,9 +47,13 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise DicomDefect(f"cannot read DICOM series in {folder}: {str(exc).strip().splitlines()[-1]}") from None
+        raise DicomDefect(
+            f"cannot read DICOM series in {folder}: {str(exc).strip().splitlines()[-1]}"
+        ) from None
     _check_regular_spacing(reader, len(files), folder)
-    volume = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))  # (K, J, I) -> (I, J, K)
+    volume = np.ascontiguousarray(
+        sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    )  # (K, J, I) -> (I, J, K)
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     affine = np.eye(4)
     affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
@@ -67,5 +75,7 @@ def _check_regular_spacing(reader, n_files: int, folder: Path) -> None:
     gaps = np.diff(np.sort(along))
     median = float(np.median(gaps))
     if median <= 0 or np.abs(gaps - median).max() > _GAP_TOLERANCE * median + 1e-3:
-        raise DicomDefect(f"DICOM series in {folder} has missing, duplicate or irregularly spaced slices "
-                          f"(gaps {gaps.min():.3f}-{gaps.max():.3f} mm)")
+        raise DicomDefect(
+            f"DICOM series in {folder} has missing, duplicate or irregularly spaced slices "
+            f"(gaps {gaps.min():.3f}-{gaps.max():.3f} mm)"
+        )

@@ -34,15 +34,40 @@ log = logging.getLogger(__name__)
 
 # Metadata columns slices.parquet always has (null when a source lacks them), in table order.
 KNOWN_METADATA = [
-    "sex", "age", "age_group", "institute", "study_type", "manufacturer", "scanner_model", "kvp", "pathology",
-    "pathology_location", "magnetic_field_strength", "slice_thickness", "repetition_time", "echo_time",
-    "scanning_sequence", "source", "official_split",
+    "sex",
+    "age",
+    "age_group",
+    "institute",
+    "study_type",
+    "manufacturer",
+    "scanner_model",
+    "kvp",
+    "pathology",
+    "pathology_location",
+    "magnetic_field_strength",
+    "slice_thickness",
+    "repetition_time",
+    "echo_time",
+    "scanning_sequence",
+    "source",
+    "official_split",
 ]
 SOURCE_COLUMNS = ["image", "image_id", "modality", "segmentations", "labels"]
 # Columns sail writes itself: a manifest column of one of these names would be overwritten.
 RESERVED = {
-    "slice_id", "plane", "slice_idx", "png_path", "split", "pixel_spacing_mm", "slice_spacing_mm",
-    "slice_position_mm", "crop_r0", "crop_c0", "crop_size", "window_center", "window_width",
+    "slice_id",
+    "plane",
+    "slice_idx",
+    "png_path",
+    "split",
+    "pixel_spacing_mm",
+    "slice_spacing_mm",
+    "slice_position_mm",
+    "crop_r0",
+    "crop_c0",
+    "crop_size",
+    "window_center",
+    "window_width",
 }
 MODALITY_NAMES = {"ct": "ct", "mri": "mri", "mr": "mri"}
 _ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -68,8 +93,15 @@ class ScanRef:
 
 
 def skip_record(modality: str, image_id: str, reason: str, action: str = "skip_scan") -> dict:
-    return {"modality": modality, "image_id": image_id, "plane": None, "slice_from": None,
-            "slice_to": None, "action": action, "reason": reason}
+    return {
+        "modality": modality,
+        "image_id": image_id,
+        "plane": None,
+        "slice_from": None,
+        "slice_to": None,
+        "action": action,
+        "reason": reason,
+    }
 
 
 def is_manifest(source: Path) -> bool:
@@ -86,7 +118,11 @@ def read_manifest(path: Path) -> pd.DataFrame:
             table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
         else:
             table = pd.read_parquet(path)
-            table = table.astype(object).where(table.notna(), None).map(lambda v: v if v is None else str(v))
+            table = (
+                table.astype(object)
+                .where(table.notna(), None)
+                .map(lambda v: v if v is None else str(v))
+            )
     except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many types for a bad file
         raise SailError(f"{path}: cannot read manifest ({type(exc).__name__}: {exc})") from None
     table.columns = [str(c).strip() for c in table.columns]
@@ -94,11 +130,15 @@ def read_manifest(path: Path) -> pd.DataFrame:
     if dup:
         raise SailError(f"{path}: column '{dup[0]}' appears twice")
     if "image" not in table.columns:
-        raise SailError(f"{path}: missing required column 'image'; found {', '.join(table.columns)}")
+        raise SailError(
+            f"{path}: missing required column 'image'; found {', '.join(table.columns)}"
+        )
     bad = sorted(c for c in table.columns if c in RESERVED or c.startswith("has_") or not c)
     if bad:
-        raise SailError(f"{path}: column '{bad[0]}' is reserved for what sail writes (slice geometry, split, "
-                        "has_<structure> flags); rename it")
+        raise SailError(
+            f"{path}: column '{bad[0]}' is reserved for what sail writes (slice geometry, split, "
+            "has_<structure> flags); rename it"
+        )
     table = table.apply(lambda s: s.map(lambda v: v.strip() if isinstance(v, str) else v))
     return table.replace({"": None}).reset_index(drop=True)
 
@@ -121,8 +161,10 @@ def _resolve(base: Path, value: str) -> Path:
 def _modality(value: str | None, default: str | None, where: str) -> str:
     if value is None:
         if default is None:
-            raise SailError(f"{where}: no modality; add a 'modality' column (ct or mri) or set prepare.modalities "
-                            "to one modality")
+            raise SailError(
+                f"{where}: no modality; add a 'modality' column (ct or mri) or set prepare.modalities "
+                "to one modality"
+            )
         return default
     modality = MODALITY_NAMES.get(value.lower())
     if modality is None:
@@ -140,11 +182,15 @@ def read_label_table(path: Path) -> dict[str, int]:
         raise SailError(f"{path}: cannot read label table ({exc})") from None
     table.columns = [c.strip() for c in table.columns]
     if not {"value", "name"} <= set(table.columns):
-        raise SailError(f"{path}: label table needs columns 'value' and 'name'; found {', '.join(table.columns)}")
+        raise SailError(
+            f"{path}: label table needs columns 'value' and 'name'; found {', '.join(table.columns)}"
+        )
     values = pd.to_numeric(table["value"].str.strip(), errors="coerce")
     bad = table["value"][values.isna() | (values != values.round()) | (values <= 0)]
     if len(bad):
-        raise SailError(f"{path}: label value {bad.iloc[0]!r} (row {bad.index[0] + 1}) is not a positive integer")
+        raise SailError(
+            f"{path}: label value {bad.iloc[0]!r} (row {bad.index[0] + 1}) is not a positive integer"
+        )
     names = table["name"].str.strip()
     for column, series in (("name", names), ("value", values)):
         dup = series[series.duplicated()]
@@ -158,11 +204,19 @@ def read_label_table(path: Path) -> dict[str, int]:
 def _mask_names(seg_dir: Path) -> list[str]:
     if not seg_dir.is_dir():
         return []
-    return sorted({p.name[: -len(s)] for s in _NIFTI_SUFFIXES for p in seg_dir.glob(f"*{s}")
-                   if p.name.endswith(s) and not (s == ".nii" and p.name.endswith(".nii.gz"))})
+    return sorted(
+        {
+            p.name[: -len(s)]
+            for s in _NIFTI_SUFFIXES
+            for p in seg_dir.glob(f"*{s}")
+            if p.name.endswith(s) and not (s == ".nii" and p.name.endswith(".nii.gz"))
+        }
+    )
 
 
-def scans_from_table(table: pd.DataFrame, base: Path, modalities: list[str], origin: str) -> list[ScanRef]:
+def scans_from_table(
+    table: pd.DataFrame, base: Path, modalities: list[str], origin: str
+) -> list[ScanRef]:
     """Rows -> ScanRefs of the requested modalities. Table-level defects raise; per-volume defects
     (missing files) are left to the slicer, which skips the scan and records why."""
     default = modalities[0] if len(modalities) == 1 else None
@@ -174,13 +228,17 @@ def scans_from_table(table: pd.DataFrame, base: Path, modalities: list[str], ori
         modality = _modality(row.get("modality"), default, where)
         given = row.get("image_id")
         if given is not None and not _ID_OK.match(given):
-            raise SailError(f"{where}: image_id {given!r} may hold only letters, digits, '.', '_' and '-'")
+            raise SailError(
+                f"{where}: image_id {given!r} may hold only letters, digits, '.', '_' and '-'"
+            )
         rows.append((i, modality, given or derive_image_id(row["image"]), row))
     seen: dict[tuple[str, str], int] = {}
     for i, modality, image_id, _ in rows:
         if (modality, image_id) in seen:
-            raise SailError(f"{origin}: rows {seen[(modality, image_id)] + 1} and {i + 1} both give {modality} "
-                            f"image_id {image_id!r}; add a unique 'image_id' column")
+            raise SailError(
+                f"{origin}: rows {seen[(modality, image_id)] + 1} and {i + 1} both give {modality} "
+                f"image_id {image_id!r}; add a unique 'image_id' column"
+            )
         seen[(modality, image_id)] = i
     rows = [r for r in rows if r[1] in modalities]
     folder_names: dict[str, set[str]] = {m: set() for m in modalities}
@@ -195,17 +253,31 @@ def scans_from_table(table: pd.DataFrame, base: Path, modalities: list[str], ori
         seg = None if row.get("segmentations") is None else _resolve(base, row["segmentations"])
         if row.get("labels") is not None:
             if seg is None:
-                raise SailError(f"{origin} row {i + 1}: 'labels' given without a 'segmentations' label map")
+                raise SailError(
+                    f"{origin} row {i + 1}: 'labels' given without a 'segmentations' label map"
+                )
             table_path = _resolve(base, row["labels"])
             if table_path not in label_tables:
                 label_tables[table_path] = read_label_table(table_path)
             labels = label_tables[table_path]
             names = tuple(sorted(labels))
-            scans.append(ScanRef(modality, image_id, _resolve(base, row["image"]), None, names, meta,
-                                 label_map=seg, label_values=tuple(labels[n] for n in names)))
+            scans.append(
+                ScanRef(
+                    modality,
+                    image_id,
+                    _resolve(base, row["image"]),
+                    None,
+                    names,
+                    meta,
+                    label_map=seg,
+                    label_values=tuple(labels[n] for n in names),
+                )
+            )
         else:
             names = tuple(sorted(folder_names[modality])) if seg is not None else ()
-            scans.append(ScanRef(modality, image_id, _resolve(base, row["image"]), seg, names, meta))
+            scans.append(
+                ScanRef(modality, image_id, _resolve(base, row["image"]), seg, names, meta)
+            )
     return scans
 
 

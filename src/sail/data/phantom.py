@@ -49,14 +49,86 @@ MRI_STUDIES: dict[str, tuple[float, float, float]] = {
 }
 # Institutes A-J; A, D and E (the held-out test institutes) carry about 20% of scans.
 INSTITUTES: dict[str, dict] = {
-    "A": dict(weight=0.07, noise=18.0, gain=1.00, fov=1.00, manufacturer="siemens", scanner="Somatom Definition Flash", mr="Skyra", kvp=120),
-    "B": dict(weight=0.22, noise=8.0, gain=1.05, fov=0.95, manufacturer="siemens", scanner="Somatom Force", mr="Avanto_fit", kvp=100),
-    "C": dict(weight=0.20, noise=14.0, gain=0.92, fov=1.10, manufacturer="philips", scanner="IQon Spectral CT", mr="Achieva", kvp=120),
-    "D": dict(weight=0.07, noise=25.0, gain=1.10, fov=1.05, manufacturer="ge", scanner="Revolution CT", mr="Signa HDxt", kvp=80),
-    "E": dict(weight=0.06, noise=10.0, gain=0.95, fov=0.90, manufacturer="toshiba", scanner="Aquilion ONE", mr="Vantage Titan", kvp=140),
-    "F": dict(weight=0.14, noise=20.0, gain=1.02, fov=1.15, manufacturer="ge", scanner="LightSpeed VCT", mr="Signa Premier", kvp=120),
-    "G": dict(weight=0.14, noise=6.0, gain=0.98, fov=1.00, manufacturer="philips", scanner="Brilliance 64", mr="Ingenia", kvp=100),
-    "H": dict(weight=0.10, noise=12.0, gain=1.08, fov=0.92, manufacturer="siemens", scanner="Sensation 64", mr="Skyra", kvp=140),
+    "A": dict(
+        weight=0.07,
+        noise=18.0,
+        gain=1.00,
+        fov=1.00,
+        manufacturer="siemens",
+        scanner="Somatom Definition Flash",
+        mr="Skyra",
+        kvp=120,
+    ),
+    "B": dict(
+        weight=0.22,
+        noise=8.0,
+        gain=1.05,
+        fov=0.95,
+        manufacturer="siemens",
+        scanner="Somatom Force",
+        mr="Avanto_fit",
+        kvp=100,
+    ),
+    "C": dict(
+        weight=0.20,
+        noise=14.0,
+        gain=0.92,
+        fov=1.10,
+        manufacturer="philips",
+        scanner="IQon Spectral CT",
+        mr="Achieva",
+        kvp=120,
+    ),
+    "D": dict(
+        weight=0.07,
+        noise=25.0,
+        gain=1.10,
+        fov=1.05,
+        manufacturer="ge",
+        scanner="Revolution CT",
+        mr="Signa HDxt",
+        kvp=80,
+    ),
+    "E": dict(
+        weight=0.06,
+        noise=10.0,
+        gain=0.95,
+        fov=0.90,
+        manufacturer="toshiba",
+        scanner="Aquilion ONE",
+        mr="Vantage Titan",
+        kvp=140,
+    ),
+    "F": dict(
+        weight=0.14,
+        noise=20.0,
+        gain=1.02,
+        fov=1.15,
+        manufacturer="ge",
+        scanner="LightSpeed VCT",
+        mr="Signa Premier",
+        kvp=120,
+    ),
+    "G": dict(
+        weight=0.14,
+        noise=6.0,
+        gain=0.98,
+        fov=1.00,
+        manufacturer="philips",
+        scanner="Brilliance 64",
+        mr="Ingenia",
+        kvp=100,
+    ),
+    "H": dict(
+        weight=0.10,
+        noise=12.0,
+        gain=1.08,
+        fov=0.92,
+        manufacturer="siemens",
+        scanner="Sensation 64",
+        mr="Skyra",
+        kvp=140,
+    ),
 }
 PATHOLOGY_SITES = {"liver": "liver", "lung_lower_lobe_right": "lung", "kidney_left": "kidney"}
 
@@ -82,7 +154,11 @@ class Primitive:
             inside = q <= 1.0
             if self.kind == "shell":
                 t = self.thickness
-                inner = ((X - cx) / (rx - t)) ** 2 + ((Y - cy) / (ry - t)) ** 2 + ((Z - cz) / (rz - t)) ** 2
+                inner = (
+                    ((X - cx) / (rx - t)) ** 2
+                    + ((Y - cy) / (ry - t)) ** 2
+                    + ((Z - cz) / (rz - t)) ** 2
+                )
                 inside = inside & (inner > 1.0)
         if self.z_range is not None:
             inside = inside & (Z >= self.z_range[0]) & (Z <= self.z_range[1])
@@ -101,11 +177,36 @@ def _anatomy(sex: str, age: float, rng: np.random.Generator, modality: str) -> l
     # large containers first
     add("colon", (j(), 15 + j(), 975 + j()), (125, 75, 85), kind="shell", thickness=18)
     add("small_bowel", (j(), 45 + j(), 965 + j()), (85 * sc(), 40, 55 * sc()))
-    add("lung_upper_lobe_right", (85 + j(), j(), 1270 + j()), (75 * sc(), 85, 125), z_range=(1285, 1500))
-    add("lung_middle_lobe_right", (85 + j(), 10 + j(), 1270 + j()), (75 * sc(), 75, 125), z_range=(1205, 1285))
-    add("lung_lower_lobe_right", (85 + j(), j(), 1260 + j()), (75 * sc(), 85, 130), z_range=(1100, 1205))
-    add("lung_upper_lobe_left", (-85 + j(), j(), 1270 + j()), (70 * sc(), 85, 125), z_range=(1245, 1500))
-    add("lung_lower_lobe_left", (-85 + j(), j(), 1260 + j()), (70 * sc(), 85, 130), z_range=(1100, 1245))
+    add(
+        "lung_upper_lobe_right",
+        (85 + j(), j(), 1270 + j()),
+        (75 * sc(), 85, 125),
+        z_range=(1285, 1500),
+    )
+    add(
+        "lung_middle_lobe_right",
+        (85 + j(), 10 + j(), 1270 + j()),
+        (75 * sc(), 75, 125),
+        z_range=(1205, 1285),
+    )
+    add(
+        "lung_lower_lobe_right",
+        (85 + j(), j(), 1260 + j()),
+        (75 * sc(), 85, 130),
+        z_range=(1100, 1205),
+    )
+    add(
+        "lung_upper_lobe_left",
+        (-85 + j(), j(), 1270 + j()),
+        (70 * sc(), 85, 125),
+        z_range=(1245, 1500),
+    )
+    add(
+        "lung_lower_lobe_left",
+        (-85 + j(), j(), 1260 + j()),
+        (70 * sc(), 85, 130),
+        z_range=(1100, 1245),
+    )
     add("heart", (-25 + j(), 30 + j(), 1225 + j()), (60 * sc(), 50, 55 * sc()))
     add("liver", (70 + j(), 10 + j(), 1100 + j()), (95 * sc(), 85 * sc(), 70 * sc()))
     add("gallbladder", (55 + j(), 68 + j(), 1052 + j()), (16, 15, 26 * sc()))
@@ -139,7 +240,9 @@ def _anatomy(sex: str, age: float, rng: np.random.Generator, modality: str) -> l
     add("clavicula_right", (80, 50, 1405), (75, 9, 9))
     add("scapula_left", (-(shoulder - 60), -80, 1320), (45, 10, 70))
     add("scapula_right", (shoulder - 60, -80, 1320), (45, 10, 70))
-    add("humerus_left", (-(shoulder + 25), 0, 0), (14, 14, 1), kind="cylinder", z_range=(1130, 1400))
+    add(
+        "humerus_left", (-(shoulder + 25), 0, 0), (14, 14, 1), kind="cylinder", z_range=(1130, 1400)
+    )
     add("humerus_right", (shoulder + 25, 0, 0), (14, 14, 1), kind="cylinder", z_range=(1130, 1400))
     add("trachea", (0, 35, 0), (9, 9, 1), kind="cylinder", z_range=(1290, 1480))
     add("thyroid_gland", (j(2), 40, 1450), (25, 10, 15))
@@ -148,38 +251,101 @@ def _anatomy(sex: str, age: float, rng: np.random.Generator, modality: str) -> l
     levels += [(f"T{i}", 1380 - 26.5 * i, 1380 - 26.5 * (i - 1)) for i in range(1, 13)]
     levels += [(f"C{i}", 1480 - 14 * i, 1480 - 14 * (i - 1)) for i in range(1, 8)]
     for level, z0, z1 in levels:
-        add(f"vertebrae_{level}", (0, -45, 0), (22, 18, 1), kind="cylinder", z_range=(z0 + 1.5, z1 - 1.5))
-        add("intervertebral_discs", (0, -45, 0), (20, 16, 1), kind="cylinder", z_range=(z1 - 1.5, z1 + 1.5))
+        add(
+            f"vertebrae_{level}",
+            (0, -45, 0),
+            (22, 18, 1),
+            kind="cylinder",
+            z_range=(z0 + 1.5, z1 - 1.5),
+        )
+        add(
+            "intervertebral_discs",
+            (0, -45, 0),
+            (20, 16, 1),
+            kind="cylinder",
+            z_range=(z1 - 1.5, z1 + 1.5),
+        )
     add("spinal_cord", (0, -72, 0), (7, 7, 1), kind="cylinder", z_range=(880, 1500))
     add("skull", (0, 0, 1632), (82, 98, 80), kind="shell", thickness=8)
     add("brain", (0, 0, 1632), (72 * brain_scale, 88 * brain_scale, 70 * brain_scale))
     if modality == "mri":
-        merged = {"lung_upper_lobe_right": "lung_right", "lung_middle_lobe_right": "lung_right",
-                  "lung_lower_lobe_right": "lung_right", "lung_upper_lobe_left": "lung_left",
-                  "lung_lower_lobe_left": "lung_left"}
-        p = [Primitive(merged.get(q.name, q.name), q.centre, q.radii, q.kind, q.thickness, q.z_range) for q in p]
-        p = [Primitive("vertebrae", q.centre, q.radii, q.kind, q.thickness, q.z_range)
-             if q.name.startswith("vertebrae_") else q for q in p]
+        merged = {
+            "lung_upper_lobe_right": "lung_right",
+            "lung_middle_lobe_right": "lung_right",
+            "lung_lower_lobe_right": "lung_right",
+            "lung_upper_lobe_left": "lung_left",
+            "lung_lower_lobe_left": "lung_left",
+        }
+        p = [
+            Primitive(merged.get(q.name, q.name), q.centre, q.radii, q.kind, q.thickness, q.z_range)
+            for q in p
+        ]
+        p = [
+            Primitive("vertebrae", q.centre, q.radii, q.kind, q.thickness, q.z_range)
+            if q.name.startswith("vertebrae_")
+            else q
+            for q in p
+        ]
     vocab = set(VOCABULARY[modality])
     return [q for q in p if q.name in vocab]
 
 
 # intensity per structure: (CT HU, MRI T1-like signal)
 _TISSUE = {
-    "lung": (-850, 30), "heart": (45, 320), "liver": (60, 450), "gallbladder": (12, 150), "spleen": (50, 300),
-    "stomach": (25, 250), "pancreas": (40, 420), "kidney": (35, 380), "adrenal": (30, 350), "bowel": (30, 280),
-    "bladder": (8, 120), "prostate": (38, 330), "muscle": (50, 330), "vessel": (180, 90), "esophagus": (35, 300),
-    "trachea": (-950, 20), "thyroid": (90, 360), "brain": (35, 520), "disc": (80, 260), "cord": (30, 300),
+    "lung": (-850, 30),
+    "heart": (45, 320),
+    "liver": (60, 450),
+    "gallbladder": (12, 150),
+    "spleen": (50, 300),
+    "stomach": (25, 250),
+    "pancreas": (40, 420),
+    "kidney": (35, 380),
+    "adrenal": (30, 350),
+    "bowel": (30, 280),
+    "bladder": (8, 120),
+    "prostate": (38, 330),
+    "muscle": (50, 330),
+    "vessel": (180, 90),
+    "esophagus": (35, 300),
+    "trachea": (-950, 20),
+    "thyroid": (90, 360),
+    "brain": (35, 520),
+    "disc": (80, 260),
+    "cord": (30, 300),
 }
 
 
 def _tissue(name: str, bone_hu: float, marrow: float) -> tuple[float, float]:
-    if name.startswith(("vertebrae", "hip_", "femur", "sacrum", "sternum", "clavicula", "scapula", "humerus", "skull")):
+    if name.startswith(
+        (
+            "vertebrae",
+            "hip_",
+            "femur",
+            "sacrum",
+            "sternum",
+            "clavicula",
+            "scapula",
+            "humerus",
+            "skull",
+        )
+    ):
         return bone_hu, marrow
-    for key, value in (("lung", "lung"), ("kidney", "kidney"), ("adrenal", "adrenal"), ("colon", "bowel"),
-                       ("small_bowel", "bowel"), ("urinary", "bladder"), ("gluteus", "muscle"), ("iliopsoas", "muscle"),
-                       ("autochthon", "muscle"), ("aorta", "vessel"), ("vena", "vessel"), ("thyroid", "thyroid"),
-                       ("intervertebral", "disc"), ("spinal", "cord")):
+    for key, value in (
+        ("lung", "lung"),
+        ("kidney", "kidney"),
+        ("adrenal", "adrenal"),
+        ("colon", "bowel"),
+        ("small_bowel", "bowel"),
+        ("urinary", "bladder"),
+        ("gluteus", "muscle"),
+        ("iliopsoas", "muscle"),
+        ("autochthon", "muscle"),
+        ("aorta", "vessel"),
+        ("vena", "vessel"),
+        ("thyroid", "thyroid"),
+        ("intervertebral", "disc"),
+        ("spinal", "cord"),
+    ):
         if name.startswith(key) or key in name:
             return _TISSUE[value]
     return _TISSUE[name.split("_")[0]] if name.split("_")[0] in _TISSUE else (40, 300)
@@ -193,19 +359,30 @@ def _body_mask(X, Y, Z, sex: str, age: float) -> tuple[np.ndarray, np.ndarray]:
     trunk_rx = np.interp(Z, [820, 900, 1150, 1400, 1420], [hip, hip, 160, shoulder, 70])
     trunk_ry = np.interp(Z, [820, 1150, 1420], [115, 118, 70]) + 0.1 * fat
     trunk = ((X / trunk_rx) ** 2 + (Y / trunk_ry) ** 2 <= 1) & (Z >= 820) & (Z <= 1420)
-    neck = (X ** 2 + Y ** 2 <= 60 ** 2) & (Z > 1420) & (Z <= 1540)
+    neck = (X**2 + Y**2 <= 60**2) & (Z > 1420) & (Z <= 1540)
     head = (X / 85) ** 2 + (Y / 102) ** 2 + ((Z - 1632) / 118) ** 2 <= 1
     leg_r = np.interp(Z, [0, 500, 830], [45, 60, 75])
     legs = (((np.abs(X) - (hip - 60)) / leg_r) ** 2 + (Y / leg_r) ** 2 <= 1) & (Z < 830)
-    arms = ((np.abs(X) - (shoulder + 25)) ** 2 + Y ** 2 <= 38 ** 2) & (Z > 950) & (Z < 1410)
+    arms = ((np.abs(X) - (shoulder + 25)) ** 2 + Y**2 <= 38**2) & (Z > 950) & (Z < 1410)
     body = trunk | neck | head | legs | arms
     if sex == "f":
         breasts = ((np.abs(X) - 75) / 60) ** 2 + ((Y - 110) / 45) ** 2 + ((Z - 1270) / 55) ** 2 <= 1
         body |= breasts
-    inner = ((X / np.maximum(trunk_rx - fat, 1)) ** 2 + (Y / np.maximum(trunk_ry - fat, 1)) ** 2 <= 1) & (Z >= 820) & (Z <= 1420)
-    inner |= (X ** 2 + Y ** 2 <= (60 - fat / 3) ** 2) & (Z > 1420) & (Z <= 1540)
-    inner |= head | (legs & (((np.abs(X) - (hip - 60)) / np.maximum(leg_r - fat, 1)) ** 2 + (Y / np.maximum(leg_r - fat, 1)) ** 2 <= 1))
-    inner |= arms & ((np.abs(X) - (shoulder + 25)) ** 2 + Y ** 2 <= (38 - fat / 3) ** 2)
+    inner = (
+        ((X / np.maximum(trunk_rx - fat, 1)) ** 2 + (Y / np.maximum(trunk_ry - fat, 1)) ** 2 <= 1)
+        & (Z >= 820)
+        & (Z <= 1420)
+    )
+    inner |= (X**2 + Y**2 <= (60 - fat / 3) ** 2) & (Z > 1420) & (Z <= 1540)
+    inner |= head | (
+        legs
+        & (
+            ((np.abs(X) - (hip - 60)) / np.maximum(leg_r - fat, 1)) ** 2
+            + (Y / np.maximum(leg_r - fat, 1)) ** 2
+            <= 1
+        )
+    )
+    inner |= arms & ((np.abs(X) - (shoulder + 25)) ** 2 + Y**2 <= (38 - fat / 3) ** 2)
     return body, inner
 
 
@@ -236,13 +413,31 @@ def _plan_scans(cfg: PhantomConfig) -> list[ScanPlan]:
             sex = "m" if rng.random() < 0.5 else "f"
             age = int(rng.integers(18, 92))
             institute = str(rng.choice(names, p=weights / weights.sum()))
-            study = study_names[i % len(study_names)] if i < len(study_names) else str(rng.choice(study_names))
+            study = (
+                study_names[i % len(study_names)]
+                if i < len(study_names)
+                else str(rng.choice(study_names))
+            )
             pathology, site = "no_pathology", None
             if modality == "ct" and rng.random() < 0.3:
                 site = str(rng.choice(list(PATHOLOGY_SITES)))
                 pathology = "tumor"
-            plans.append(ScanPlan(modality, f"s{i:04d}", i, cfg.seed, cfg.size, sex, age, institute, study,
-                                  pathology, site, int(rng.integers(0, 3))))
+            plans.append(
+                ScanPlan(
+                    modality,
+                    f"s{i:04d}",
+                    i,
+                    cfg.seed,
+                    cfg.size,
+                    sex,
+                    age,
+                    institute,
+                    study,
+                    pathology,
+                    site,
+                    int(rng.integers(0, 3)),
+                )
+            )
     return plans
 
 
@@ -295,31 +490,52 @@ def _render(plan: ScanPlan) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarra
             centre_vox = pts[rng.integers(len(pts))]
             centre = origin + centre_vox * spacing
             radius = float(rng.uniform(9, 15))
-            sphere = ((X - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (Z - centre[2]) ** 2) <= radius ** 2
+            sphere = (
+                (X - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (Z - centre[2]) ** 2
+            ) <= radius**2
             hit = np.broadcast_to(sphere, full) & organ
             image[hit] = image[hit] - 45 if plan.pathology_site == "liver" else 40.0
-            lesion = {"structure": plan.pathology_site, "centre_mm": centre.round(1).tolist(), "radius_mm": round(radius, 1),
-                      "voxels": int(hit.sum())}
+            lesion = {
+                "structure": plan.pathology_site,
+                "centre_mm": centre.round(1).tolist(),
+                "radius_mm": round(radius, 1),
+                "voxels": int(hit.sum()),
+            }
     if ct:
         image = image * inst["gain"] + rng.normal(0, inst["noise"], full).astype(np.float32)
         image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
     else:
         ax = [np.linspace(-1, 1, n, dtype=np.float32) for n in full]
         bias = 1 + 0.15 * inst["gain"] * (ax[0][:, None, None] + 0.5 * ax[2][None, None, :])
-        image = np.abs(image * bias * inst["gain"] + rng.normal(0, inst["noise"], full).astype(np.float32))
+        image = np.abs(
+            image * bias * inst["gain"] + rng.normal(0, inst["noise"], full).astype(np.float32)
+        )
         image = np.rint(image).astype(np.int16)
     masks = {name: (label == i + 1).astype(np.uint8) for i, name in enumerate(names)}
     truth = {
-        "modality": plan.modality, "image_id": plan.image_id, "sex": plan.sex, "age": plan.age,
-        "age_group": age_group([plan.age]).iloc[0], "institute": plan.institute, "study_type": plan.study_type,
-        "shape": list(full), "spacing_mm": spacing.round(4).tolist(),
+        "modality": plan.modality,
+        "image_id": plan.image_id,
+        "sex": plan.sex,
+        "age": plan.age,
+        "age_group": age_group([plan.age]).iloc[0],
+        "institute": plan.institute,
+        "study_type": plan.study_type,
+        "shape": list(full),
+        "spacing_mm": spacing.round(4).tolist(),
         "body_range_mm": [round(float(Z.min()), 1), round(float(Z.max()), 1)],
-        "acquisition_plane": ["sagittal", "coronal", "axial"][plan.acquisition_axis] if not ct else None,
+        "acquisition_plane": ["sagittal", "coronal", "axial"][plan.acquisition_axis]
+        if not ct
+        else None,
         "structures_present": sorted(n for n, m in masks.items() if m.any()),
         "lesion": lesion,
-        "effects": {"noise_sd": inst["noise"], "gain": inst["gain"], "fov_scale": inst["fov"],
-                    "bone_hu": round(bone_hu, 1) if ct else None, "marrow_signal": None if ct else round(marrow, 1),
-                    "sex_specific": ["prostate"] if plan.sex == "m" else ["breasts", "wide_pelvis"]},
+        "effects": {
+            "noise_sd": inst["noise"],
+            "gain": inst["gain"],
+            "fov_scale": inst["fov"],
+            "bone_hu": round(bone_hu, 1) if ct else None,
+            "marrow_signal": None if ct else round(marrow, 1),
+            "sex_specific": ["prostate"] if plan.sex == "m" else ["breasts", "wide_pelvis"],
+        },
     }
     return image, affine, masks, truth
 
@@ -348,29 +564,54 @@ def write_scan(plan: ScanPlan, root: Path) -> dict:
 def _meta_row(plan: ScanPlan, truth: dict, rng: np.random.Generator) -> dict:
     inst = INSTITUTES[plan.institute]
     split = str(rng.choice(["train", "val", "test"], p=[0.8, 0.1, 0.1]))
-    row = {"image_id": plan.image_id, "age": plan.age, "gender": plan.sex, "institute": plan.institute,
-           "study_type": plan.study_type, "split": split, "manufacturer": inst["manufacturer"]}
+    row = {
+        "image_id": plan.image_id,
+        "age": plan.age,
+        "gender": plan.sex,
+        "institute": plan.institute,
+        "study_type": plan.study_type,
+        "split": split,
+        "manufacturer": inst["manufacturer"],
+    }
     if plan.modality == "ct":
-        row |= {"scanner_model": inst["scanner"], "kvp": f"{float(inst['kvp']):.1f}", "pathology": plan.pathology,
-                "pathology_location": PATHOLOGY_SITES.get(truth["lesion"]["structure"], "") if truth["lesion"] else "no_location"}
+        row |= {
+            "scanner_model": inst["scanner"],
+            "kvp": f"{float(inst['kvp']):.1f}",
+            "pathology": plan.pathology,
+            "pathology_location": PATHOLOGY_SITES.get(truth["lesion"]["structure"], "")
+            if truth["lesion"]
+            else "no_location",
+        }
         if truth["lesion"] is None:
             row["pathology"] = "no_pathology"
     else:
-        row |= {"scanner_model": inst["mr"], "magnetic_field_strength": "3.0" if plan.institute in "ABG" else "1.5",
-                "slice_thickness": f"{max(truth['spacing_mm']):.2f}", "repetition_time": f"{rng.uniform(3, 700):.1f}",
-                "echo_time": f"{rng.uniform(1, 20):.2f}", "scanning_sequence": str(rng.choice(["GR", "SE", "GR\\IR"])),
-                "source": "phantom"}
+        row |= {
+            "scanner_model": inst["mr"],
+            "magnetic_field_strength": "3.0" if plan.institute in "ABG" else "1.5",
+            "slice_thickness": f"{max(truth['spacing_mm']):.2f}",
+            "repetition_time": f"{rng.uniform(3, 700):.1f}",
+            "echo_time": f"{rng.uniform(1, 20):.2f}",
+            "scanning_sequence": str(rng.choice(["GR", "SE", "GR\\IR"])),
+            "source": "phantom",
+        }
     return row
 
 
-def write_phantom_dataset(out_dir: str | Path, cfg: PhantomConfig, workers: int = 1,
-                          map_fn: Callable | None = None) -> Path:
+def write_phantom_dataset(
+    out_dir: str | Path, cfg: PhantomConfig, workers: int = 1, map_fn: Callable | None = None
+) -> Path:
     """Write ``cfg.n_ct`` CT and ``cfg.n_mri`` MRI scans plus meta.csv files and phantom_truth.json."""
     root = Path(out_dir)
     plans = _plan_scans(cfg)
     if workers > 1 and len(plans) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            truths = list(track(pool.map(write_scan, plans, [root] * len(plans)), "phantom scans", total=len(plans)))
+            truths = list(
+                track(
+                    pool.map(write_scan, plans, [root] * len(plans)),
+                    "phantom scans",
+                    total=len(plans),
+                )
+            )
     else:
         truths = [write_scan(p, root) for p in track(plans, "phantom scans")]
     meta_rng = np.random.default_rng([cfg.seed, 3])
@@ -380,18 +621,29 @@ def write_phantom_dataset(out_dir: str | Path, cfg: PhantomConfig, workers: int 
             continue
         cols = META_COLUMNS[modality]
         lines = [";".join(cols)] + [";".join(str(r.get(c, "")) for c in cols) for r in rows]
-        write_text_atomic(root / DATASET_FOLDERS[modality] / "meta.csv", "\ufeff" + "\n".join(lines) + "\n")
-    write_json_atomic(root / "phantom_truth.json", {
-        "generator": "sail.data.phantom", "seed": cfg.seed, "size": cfg.size, "n_ct": cfg.n_ct, "n_mri": cfg.n_mri,
-        "concepts": {
-            "structures": "one labelled solid per TotalSegmentator structure, masks mutually exclusive",
-            "sex": "male: prostate, broader shoulders; female: breasts, wider pelvis",
-            "age": "bone density falls (CT HU), marrow brightens (MRI), brain shrinks, subcutaneous fat grows",
-            "institute": "noise, gain, field of view, scanner model and manufacturer per institute",
-            "pathology": "a lesion sphere in the organ named by pathology_location (tumor)",
+        write_text_atomic(
+            root / DATASET_FOLDERS[modality] / "meta.csv", "\ufeff" + "\n".join(lines) + "\n"
+        )
+    write_json_atomic(
+        root / "phantom_truth.json",
+        {
+            "generator": "sail.data.phantom",
+            "seed": cfg.seed,
+            "size": cfg.size,
+            "n_ct": cfg.n_ct,
+            "n_mri": cfg.n_mri,
+            "concepts": {
+                "structures": "one labelled solid per TotalSegmentator structure, masks mutually exclusive",
+                "sex": "male: prostate, broader shoulders; female: breasts, wider pelvis",
+                "age": "bone density falls (CT HU), marrow brightens (MRI), brain shrinks, subcutaneous fat grows",
+                "institute": "noise, gain, field of view, scanner model and manufacturer per institute",
+                "pathology": "a lesion sphere in the organ named by pathology_location (tumor)",
+            },
+            "institutes": {
+                k: {kk: vv for kk, vv in v.items() if kk != "weight"} for k, v in INSTITUTES.items()
+            },
+            "scans": truths,
         },
-        "institutes": {k: {kk: vv for kk, vv in v.items() if kk != "weight"} for k, v in INSTITUTES.items()},
-        "scans": truths,
-    })
+    )
     log.info("phantom: %d CT + %d MRI scans in %s", cfg.n_ct, cfg.n_mri, root)
     return root

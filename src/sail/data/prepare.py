@@ -41,11 +41,37 @@ log = logging.getLogger(__name__)
 
 SKIP_COLUMNS = ["modality", "image_id", "plane", "slice_from", "slice_to", "action", "reason"]
 META_ORDER = [
-    "slice_id", "modality", "image_id", "plane", "slice_idx", "png_path", "sex", "age", "age_group", "institute",
-    "study_type", "manufacturer", "scanner_model", "kvp", "pathology", "pathology_location",
-    "magnetic_field_strength", "slice_thickness", "repetition_time", "echo_time", "scanning_sequence", "source",
-    "official_split", "pixel_spacing_mm", "slice_spacing_mm", "slice_position_mm", "crop_r0", "crop_c0",
-    "crop_size", "window_center", "window_width",
+    "slice_id",
+    "modality",
+    "image_id",
+    "plane",
+    "slice_idx",
+    "png_path",
+    "sex",
+    "age",
+    "age_group",
+    "institute",
+    "study_type",
+    "manufacturer",
+    "scanner_model",
+    "kvp",
+    "pathology",
+    "pathology_location",
+    "magnetic_field_strength",
+    "slice_thickness",
+    "repetition_time",
+    "echo_time",
+    "scanning_sequence",
+    "source",
+    "official_split",
+    "pixel_spacing_mm",
+    "slice_spacing_mm",
+    "slice_position_mm",
+    "crop_r0",
+    "crop_c0",
+    "crop_size",
+    "window_center",
+    "window_width",
 ]
 
 
@@ -66,7 +92,11 @@ def run_phantom(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         return
     if ws.phantom_dir.exists():
         shutil.rmtree(ws.phantom_dir)
-    write_phantom_dataset(ws.phantom_dir, cfg.phantom, workers=_workers(cfg.prepare.workers, cfg.phantom.n_ct + cfg.phantom.n_mri))
+    write_phantom_dataset(
+        ws.phantom_dir,
+        cfg.phantom,
+        workers=_workers(cfg.prepare.workers, cfg.phantom.n_ct + cfg.phantom.n_mri),
+    )
     mark_done(truth, record)
 
 
@@ -111,17 +141,27 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     source = dataset_source(cfg, ws)
     if pc.source is None and not source.exists():
         run_phantom(cfg, ws)
-    opts = SliceOptions(style=pc.style, image_size=pc.image_size, slice_stride=pc.slice_stride,
-                        ct_spacing_mm=pc.ct_spacing_mm)
+    opts = SliceOptions(
+        style=pc.style,
+        image_size=pc.image_size,
+        slice_stride=pc.slice_stride,
+        ct_spacing_mm=pc.ct_spacing_mm,
+    )
     settings = pc.model_dump(mode="json", exclude={"workers", "source"})
     config_hash = hash_config(settings)
-    record = StageRecord("prepare", config_hash, _meta_fingerprint(source, pc.modalities) | {"source": str(source.resolve())})
+    record = StageRecord(
+        "prepare",
+        config_hash,
+        _meta_fingerprint(source, pc.modalities) | {"source": str(source.resolve())},
+    )
     if not force and is_done(ws.slices_table, record):
         log.info("prepare: up to date (%s)", ws.slices_table)
         return
     scans, skips = (discover_manifest if is_manifest(source) else discover)(source, pc.modalities)
     if pc.max_scans is not None:
-        scans = [s for m in pc.modalities for s in [r for r in scans if r.modality == m][: pc.max_scans]]
+        scans = [
+            s for m in pc.modalities for s in [r for r in scans if r.modality == m][: pc.max_scans]
+        ]
     if not scans:
         raise SailError(f"{source}: no scans found for modalities {', '.join(pc.modalities)}")
     parts = ws.data_dir / ".parts" / config_hash
@@ -150,7 +190,9 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                 bar.advance(task)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(_slice_and_store, ref, opts, ws.root, parts): ref for ref in todo}
+                futures = {
+                    pool.submit(_slice_and_store, ref, opts, ws.root, parts): ref for ref in todo
+                }
                 for future in as_completed(futures):
                     ref = futures[future]
                     results[(ref.modality, ref.image_id)] = future.result()
@@ -165,15 +207,27 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         raise SailError(f"{source}: every scan was skipped; reasons in {failed}")
     table = _assemble(frames)
     write_parquet_atomic(ws.slices_table, table)
-    _write_skips(ws, skips)  # after the table: the pair is consistent once the manifest below is written
+    _write_skips(
+        ws, skips
+    )  # after the table: the pair is consistent once the manifest below is written
     n_skipped = sum(1 for s in skips if s["action"] == "skip_scan")
-    summary = {"slices": len(table), "scans": int(table.groupby(["modality", "image_id"]).ngroups),
-               "skipped_scans": n_skipped, "skipped_csv": fingerprint(ws.skipped_csv)}
+    summary = {
+        "slices": len(table),
+        "scans": int(table.groupby(["modality", "image_id"]).ngroups),
+        "skipped_scans": n_skipped,
+        "skipped_csv": fingerprint(ws.skipped_csv),
+    }
     mark_done(ws.slices_table, record, summary)
     shutil.rmtree(parts, ignore_errors=True)
     by_plane = table.groupby(["modality", "plane"]).size().to_dict()
-    log.info("prepare: %d slices from %d scans (%s); %d scans skipped -> %s", len(table), summary["scans"],
-             ", ".join(f"{m}/{p}: {n}" for (m, p), n in by_plane.items()), n_skipped, ws.relative(ws.skipped_csv))
+    log.info(
+        "prepare: %d slices from %d scans (%s); %d scans skipped -> %s",
+        len(table),
+        summary["scans"],
+        ", ".join(f"{m}/{p}: {n}" for (m, p), n in by_plane.items()),
+        n_skipped,
+        ws.relative(ws.skipped_csv),
+    )
 
 
 def _write_skips(ws: Workspace, skips: list[dict]) -> None:
@@ -203,11 +257,17 @@ def _assemble(frames: list[pd.DataFrame]) -> pd.DataFrame:
     for col in META_ORDER:
         if col not in table.columns:
             table[col] = None
-    free = [c for c in table.columns if c not in META_ORDER and not c.startswith("has_")]  # manifest order
+    free = [
+        c for c in table.columns if c not in META_ORDER and not c.startswith("has_")
+    ]  # manifest order
     for col in free:  # a free column whose every value is a number becomes float (e.g. a score)
         numbers = pd.to_numeric(table[col], errors="coerce")
         if table[col].notna().any() and numbers.notna().sum() == table[col].notna().sum():
             table[col] = numbers.astype(float)
-    table = table[META_ORDER + free + flag_cols].sort_values("slice_id", kind="stable").reset_index(drop=True)
+    table = (
+        table[META_ORDER + free + flag_cols]
+        .sort_values("slice_id", kind="stable")
+        .reset_index(drop=True)
+    )
     table["slice_idx"] = table["slice_idx"].astype(np.int32)
     return table

@@ -35,11 +35,18 @@ from sail.data.manifest import skip_record as _skip
 
 log = logging.getLogger(__name__)
 
-PLANES = ("sagittal", "coronal", "axial")  # array axis 0, 1, 2 in RAS (and as labelled by the published code)
+PLANES = (
+    "sagittal",
+    "coronal",
+    "axial",
+)  # array axis 0, 1, 2 in RAS (and as labelled by the published code)
 
 # (centre, width) in HU per normalised study type, as published (38 types).
 _WINDOW_GROUPS: list[tuple[tuple[float, float], list[str]]] = [
-    ((-100, 1400), ["ct thorax-abdomen-pelvis", "ct neck-thorax-abdomen-pelvis", "ct thorax-abdomen"]),
+    (
+        (-100, 1400),
+        ["ct thorax-abdomen-pelvis", "ct neck-thorax-abdomen-pelvis", "ct thorax-abdomen"],
+    ),
     ((50, 1000), ["ct abdomen-pelvis", "ct abdomen", "ct neck", "ct intervention", "ct operation"]),
     ((-200, 1400), ["ct thorax-neck", "ct thorax-chest", "ct thorax", "ct chest"]),
     ((-50, 1400), ["ct polytrauma", "ct whole body"]),
@@ -47,17 +54,37 @@ _WINDOW_GROUPS: list[tuple[tuple[float, float], list[str]]] = [
     ((40, 400), ["ct head", "ct polytrauma head"]),
     ((60, 1000), ["ct orbita"]),
     ((120, 1200), ["ct headbasis-felsenleg", "ct gesichtshead"]),
-    ((120, 1000), [
-        "ct angiography neck-thx-abd-pelvis-leg", "ct angiography pelvis-leg",
-        "ct angiography thorax-abdomen-pelvis", "ct angiography abdomen-pelvis-leg",
-        "ct angiography abdomen-pelvis", "ct heart-thorakale aorta", "ct aortic valve", "ct heart",
-        "ct left artrium", "ct coronary arteries",
-    ]),
+    (
+        (120, 1000),
+        [
+            "ct angiography neck-thx-abd-pelvis-leg",
+            "ct angiography pelvis-leg",
+            "ct angiography thorax-abdomen-pelvis",
+            "ct angiography abdomen-pelvis-leg",
+            "ct angiography abdomen-pelvis",
+            "ct heart-thorakale aorta",
+            "ct aortic valve",
+            "ct heart",
+            "ct left artrium",
+            "ct coronary arteries",
+        ],
+    ),
     ((100, 900), ["ct angiography head", "ct angiography neck"]),
     ((100, 1000), ["ct angiography thorax"]),
-    ((200, 2000), ["ct spine", "ct upper leg left", "ct hip right", "ct upper limb both", "ct lower limb left"]),
+    (
+        (200, 2000),
+        [
+            "ct spine",
+            "ct upper leg left",
+            "ct hip right",
+            "ct upper limb both",
+            "ct lower limb left",
+        ],
+    ),
 ]
-CT_WINDOWS: dict[str, tuple[float, float]] = {name: w for w, names in _WINDOW_GROUPS for name in names}
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    name: w for w, names in _WINDOW_GROUPS for name in names
+}
 # Wide soft-tissue/bone window used for study types outside the published table (recorded per scan).
 DEFAULT_CT_WINDOW = (-50.0, 1400.0)
 
@@ -128,7 +155,9 @@ def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(data).all():
         raise ScanDefect(f"image {path} has {int((~np.isfinite(data)).sum())} non-finite voxels")
     if float(data.max()) == float(data.min()):
-        raise ScanDefect(f"image {path} is an empty volume (constant intensity {float(data.min()):g})")
+        raise ScanDefect(
+            f"image {path} is an empty volume (constant intensity {float(data.min()):g})"
+        )
     return data, affine
 
 
@@ -154,14 +183,18 @@ def _read_packed_masks(ref: ScanRef, shape: tuple[int, ...], affine: np.ndarray)
 def _mask_voxels(path: Path, what: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
     img = _load_volume(path, what)
     if tuple(img.shape) != tuple(shape):
-        raise ScanDefect(f"{what} shape {tuple(img.shape)} differs from image shape {tuple(shape)} ({path})")
+        raise ScanDefect(
+            f"{what} shape {tuple(img.shape)} differs from image shape {tuple(shape)} ({path})"
+        )
     if not np.allclose(img.affine, affine, atol=1e-2):
         raise ScanDefect(f"{what} affine differs from the image affine ({path})")
     try:
         voxels = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise ScanDefect(f"cannot decode {what} {path}: {exc}") from None
-    if voxels.dtype.kind in "fc" and not np.isfinite(voxels).all():  # NaN != 0 would mark every voxel
+    if (
+        voxels.dtype.kind in "fc" and not np.isfinite(voxels).all()
+    ):  # NaN != 0 would mark every voxel
         raise ScanDefect(f"{what} holds NaN or inf voxels ({path})")
     return voxels
 
@@ -172,16 +205,23 @@ def _pack_label_map(ref: ScanRef, labels: np.ndarray, packed: np.ndarray) -> np.
     unknown = sorted(set(values.tolist()) - {0} - set(ref.label_values))
     if unknown:
         shown = ", ".join(f"{v:g}" for v in unknown[:8])
-        raise ScanDefect(f"label map {ref.label_map} holds value(s) {shown} missing from its label table")
+        raise ScanDefect(
+            f"label map {ref.label_map} holds value(s) {shown} missing from its label table"
+        )
     if not ref.label_values:
         return packed
     lut_bit = np.full(max(ref.label_values) + 1, -1, dtype=np.int64)
     lut_bit[list(ref.label_values)] = np.arange(len(ref.label_values))
-    bit = lut_bit[labels.astype(np.int64)]  # 0 -> -1 (background); every other value is in the table
+    bit = lut_bit[
+        labels.astype(np.int64)
+    ]  # 0 -> -1 (background); every other value is in the table
     for w in range(packed.shape[-1]):
         in_word = (bit >= 64 * w) & (bit < 64 * (w + 1))
-        packed[..., w] = np.where(in_word, np.left_shift(np.uint64(1), (bit - 64 * w).clip(0).astype(np.uint64)),
-                                  np.uint64(0))
+        packed[..., w] = np.where(
+            in_word,
+            np.left_shift(np.uint64(1), (bit - 64 * w).clip(0).astype(np.uint64)),
+            np.uint64(0),
+        )
     return packed
 
 
@@ -191,7 +231,9 @@ def _nearest_index(n_in: int, spacing_in: float, spacing_out: float) -> tuple[in
     return n_out, centres
 
 
-def _resample_axis(vol: np.ndarray, axis: int, spacing_in: float, spacing_out: float, linear: bool) -> np.ndarray:
+def _resample_axis(
+    vol: np.ndarray, axis: int, spacing_in: float, spacing_out: float, linear: bool
+) -> np.ndarray:
     """Resample one axis with voxel centres aligned to the same physical extent."""
     n_in = vol.shape[axis]
     n_out, pos = _nearest_index(n_in, spacing_in, spacing_out)
@@ -287,7 +329,10 @@ def _meta_columns(ref: ScanRef, style: str) -> dict:
         "kvp": num("kvp"),
         "pathology": m.get("pathology"),
         "pathology_location": m.get("pathology_location"),
-        **{k: num(k) for k in ("magnetic_field_strength", "slice_thickness", "repetition_time", "echo_time")},
+        **{
+            k: num(k)
+            for k in ("magnetic_field_strength", "slice_thickness", "repetition_time", "echo_time")
+        },
         "scanning_sequence": m.get("scanning_sequence"),
         "source": m.get("source"),
         "official_split": m.get("official_split"),
@@ -327,16 +372,26 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
         if opts.style == "canonical":
             for axis in range(3):
                 data = _resample_axis(data, axis, spacing[axis], opts.ct_spacing_mm, linear=True)
-                packed = _resample_axis(packed, axis, spacing[axis], opts.ct_spacing_mm, linear=False)
+                packed = _resample_axis(
+                    packed, axis, spacing[axis], opts.ct_spacing_mm, linear=False
+                )
             spacing = np.full(3, opts.ct_spacing_mm)
         elif np.ptp(spacing) > 1e-6:
-            raise ScanDefect(f"CT is not isotropic (spacing {np.round(spacing, 4).tolist()} mm); "
-                             "the published style does not resample")
+            raise ScanDefect(
+                f"CT is not isotropic (spacing {np.round(spacing, 4).tolist()} mm); "
+                "the published style does not resample"
+            )
         (centre, width), known = ct_window(ref.meta.get("study_type"))
         if not known:
-            skips.append(_skip(ref.modality, ref.image_id,
-                               f"unknown study type {ref.meta.get('study_type')!r}: default window "
-                               f"centre {centre:g} width {width:g}", action="default_window"))
+            skips.append(
+                _skip(
+                    ref.modality,
+                    ref.image_id,
+                    f"unknown study type {ref.meta.get('study_type')!r}: default window "
+                    f"centre {centre:g} width {width:g}",
+                    action="default_window",
+                )
+            )
         lower, upper = centre - width / 2, centre + width / 2
         axes = [0, 1, 2]
     else:
@@ -353,11 +408,15 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
             raise ScanDefect(f"image {ref.image_path} has no voxel above 0")
         lower, upper = (float(v) for v in np.percentile(foreground, [1, 99]))
         if upper <= lower:
-            raise ScanDefect(f"image {ref.image_path} has no intensity range between its 1st and 99th percentiles")
+            raise ScanDefect(
+                f"image {ref.image_path} has no intensity range between its 1st and 99th percentiles"
+            )
         centre, width = (lower + upper) / 2, upper - lower
         axes = [axis]
 
-    pixels = (_to_uint8_fixed if opts.style == "canonical" else _to_uint8_published)(data, lower, upper)
+    pixels = (_to_uint8_fixed if opts.style == "canonical" else _to_uint8_published)(
+        data, lower, upper
+    )
     del data
     meta = _meta_columns(ref, opts.style)
     out_dir = workspace_root / "data" / "slices" / ref.modality / ref.image_id
@@ -369,23 +428,43 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
         view_masks = geom.display(packed)
         n, rows, cols = view.shape
         r0, c0, side = _square_box(rows, cols, opts.style, geom.flip_cols)
-        rs, cs = slice(max(r0, 0), max(r0, 0) + min(side, rows)), slice(max(c0, 0), max(c0, 0) + min(side, cols))
+        rs, cs = (
+            slice(max(r0, 0), max(r0, 0) + min(side, rows)),
+            slice(max(c0, 0), max(c0, 0) + min(side, cols)),
+        )
         words = np.bitwise_or.reduce(view_masks[:, rs, cs].reshape(n, -1, packed.shape[-1]), axis=1)
         flags = _unpack(words, len(ref.structures))
         if ref.has_masks:
             occupied, empty = np.flatnonzero(flags.any(axis=1)), "no structure"
         else:  # no segmentations: keep every slice that shows anything (not one flat grey level)
             crop = view[:, rs, cs].reshape(n, -1)
-            occupied, empty = np.flatnonzero(crop.max(axis=1) > crop.min(axis=1)), "blank (no masks given)"
+            occupied, empty = (
+                np.flatnonzero(crop.max(axis=1) > crop.min(axis=1)),
+                "blank (no masks given)",
+            )
         if occupied.size == 0:
-            skips.append(_skip(ref.modality, ref.image_id, f"{empty} in any {plane} slice: view dropped",
-                               action="drop_view") | {"plane": plane, "slice_from": 0, "slice_to": n - 1})
+            skips.append(
+                _skip(
+                    ref.modality,
+                    ref.image_id,
+                    f"{empty} in any {plane} slice: view dropped",
+                    action="drop_view",
+                )
+                | {"plane": plane, "slice_from": 0, "slice_to": n - 1}
+            )
             continue
         first, last = int(occupied[0]), int(occupied[-1])
         for lo, hi in ((0, first - 1), (last + 1, n - 1)):
             if hi >= lo:
-                skips.append(_skip(ref.modality, ref.image_id, f"empty leading/trailing slices ({empty})",
-                                   action="drop_slices") | {"plane": plane, "slice_from": lo, "slice_to": hi})
+                skips.append(
+                    _skip(
+                        ref.modality,
+                        ref.image_id,
+                        f"empty leading/trailing slices ({empty})",
+                        action="drop_slices",
+                    )
+                    | {"plane": plane, "slice_from": lo, "slice_to": hi}
+                )
         keep = np.arange(first, last + 1)
         keep = keep[keep % opts.slice_stride == 0]
         if keep.size == 0:
@@ -406,23 +485,25 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
         world = (affine[:3, :3] @ vox.T).T + affine[:3, 3]
         normal = int(np.argmax(np.abs(affine[:3, axis])))
         in_plane_spacing = float(spacing[[a for a in range(3) if a != axis]].max())
-        frame = pd.DataFrame({
-            "slice_id": [f"{ref.modality}/{ref.image_id}/{plane}/{i:04d}" for i in keep],
-            "modality": ref.modality,
-            "image_id": ref.image_id,
-            "plane": plane,
-            "slice_idx": keep.astype(np.int32),
-            "png_path": paths,
-            **{k: [v] * keep.size for k, v in meta.items()},
-            "pixel_spacing_mm": in_plane_spacing,
-            "slice_spacing_mm": float(spacing[axis]),
-            "slice_position_mm": world[:, normal],
-            "crop_r0": r0,
-            "crop_c0": c0,
-            "crop_size": side,
-            "window_center": float(centre),
-            "window_width": float(width),
-        })
+        frame = pd.DataFrame(
+            {
+                "slice_id": [f"{ref.modality}/{ref.image_id}/{plane}/{i:04d}" for i in keep],
+                "modality": ref.modality,
+                "image_id": ref.image_id,
+                "plane": plane,
+                "slice_idx": keep.astype(np.int32),
+                "png_path": paths,
+                **{k: [v] * keep.size for k, v in meta.items()},
+                "pixel_spacing_mm": in_plane_spacing,
+                "slice_spacing_mm": float(spacing[axis]),
+                "slice_position_mm": world[:, normal],
+                "crop_r0": r0,
+                "crop_c0": c0,
+                "crop_size": side,
+                "window_center": float(centre),
+                "window_width": float(width),
+            }
+        )
         present = pd.DataFrame(flags[keep], columns=[f"has_{s}" for s in ref.structures])
         frames.append(pd.concat([frame, present], axis=1))
     rows = pd.concat(frames, ignore_index=True) if frames else None

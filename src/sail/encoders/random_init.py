@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from sail.encoders.base import Preprocess, get_spec
-from sail.encoders.biomedparse import FOCALNET_L, BiomedParseEncoder, FocalNetArch, biomedparse_preprocess, build_focalnet
+from sail.encoders.biomedparse import (
+    FOCALNET_L,
+    BiomedParseEncoder,
+    FocalNetArch,
+    biomedparse_preprocess,
+    build_focalnet,
+)
 from sail.encoders.dinov3 import DINOv3Encoder
 
 SEED = 42
@@ -63,10 +69,18 @@ def build_random_biomedparse(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = reinit_published(build_focalnet(arch))
-    return BiomedParseEncoder(model.eval(), arch, biomedparse_preprocess(image_size), spec.weights_identity(None), spec.name)
+    return BiomedParseEncoder(
+        model.eval(),
+        arch,
+        biomedparse_preprocess(image_size),
+        spec.weights_identity(None),
+        spec.name,
+    )
 
 
-def build_random_dinov3(weights: str | None = None, image_size: int = 1024, config: dict | None = None) -> DINOv3Encoder:
+def build_random_dinov3(
+    weights: str | None = None, image_size: int = 1024, config: dict | None = None
+) -> DINOv3Encoder:
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     spec = get_spec("random-dinov3")
@@ -74,4 +88,6 @@ def build_random_dinov3(weights: str | None = None, image_size: int = 1024, conf
         torch.manual_seed(SEED)
         model = reinit_published(DINOv3ViTModel(DINOv3ViTConfig(**(config or VITL16))))
     # DINOv3's processor defaults: rescale 1/255, bilinear antialiased resize, ImageNet mean/std.
-    return DINOv3Encoder(model.eval(), Preprocess(image_size=image_size), spec.weights_identity(None), spec.name)
+    return DINOv3Encoder(
+        model.eval(), Preprocess(image_size=image_size), spec.weights_identity(None), spec.name
+    )

@@ -38,7 +38,9 @@ def embeddings_arrow(slice_ids, x_ND: np.ndarray) -> pa.Table:
     return pa.table({"slice_id": pa.array(list(slice_ids), type=pa.string()), "embedding": emb})
 
 
-def write_embeddings(path: str | Path, slice_ids, x_ND: np.ndarray, metadata: dict | None = None) -> None:
+def write_embeddings(
+    path: str | Path, slice_ids, x_ND: np.ndarray, metadata: dict | None = None
+) -> None:
     """Write rows sorted by slice_id with ``metadata`` (JSON) under the schema key ``sail``."""
     slice_ids = np.asarray(slice_ids, dtype=object)
     order = np.argsort(slice_ids, kind="stable")
@@ -59,9 +61,13 @@ def read_embeddings(path: str | Path) -> EmbeddingTable:
             raise SailError(f"{path}: missing column '{col}'")
     emb = table.column("embedding").combine_chunks()
     if not pa.types.is_fixed_size_list(emb.type):
-        raise SailError(f"{path}: column 'embedding' must be fixed_size_list<float32, d>, got {emb.type}")
+        raise SailError(
+            f"{path}: column 'embedding' must be fixed_size_list<float32, d>, got {emb.type}"
+        )
     d = emb.type.list_size
-    x_ND = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
+    x_ND = (
+        emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
+    )
     raw_meta = (table.schema.metadata or {}).get(META_KEY.encode())
     metadata = json.loads(raw_meta) if raw_meta else {}
     slice_ids = np.asarray(table.column("slice_id").to_pylist(), dtype=object)

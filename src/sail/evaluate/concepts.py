@@ -21,14 +21,53 @@ import scipy.sparse as sp
 from sail.evaluate.probes import age_groups, kvp_values, roc_auc, string_values
 
 REPORT_COLUMNS = ["valid_roc_auc", "test_roc_auc"]
-CONCEPT_COLUMNS = ["encoder", "variant", "sae_config", "label", "n_positive_train", "best_feature", "train_roc_auc",
-                   *REPORT_COLUMNS]
-CONFOUND_COLUMNS = ["encoder", "variant", "sae_config", "feature", "label", "train_roc_auc", "valid_roc_auc",
-                    "best_structure", "best_structure_valid_roc_auc"]
-BREAKDOWN_COLUMNS = ["encoder", "variant", "sae_config", "task", "target", "by", "group", "n", "n_volumes",
-                     "roc_auc", "ci_low", "ci_high"]
-METADATA_LABELS = ["modality", "plane", "sex", "age_group", "institute", "manufacturer", "scanner_model", "kvp",
-                   "pathology", "study_type"]
+CONCEPT_COLUMNS = [
+    "encoder",
+    "variant",
+    "sae_config",
+    "label",
+    "n_positive_train",
+    "best_feature",
+    "train_roc_auc",
+    *REPORT_COLUMNS,
+]
+CONFOUND_COLUMNS = [
+    "encoder",
+    "variant",
+    "sae_config",
+    "feature",
+    "label",
+    "train_roc_auc",
+    "valid_roc_auc",
+    "best_structure",
+    "best_structure_valid_roc_auc",
+]
+BREAKDOWN_COLUMNS = [
+    "encoder",
+    "variant",
+    "sae_config",
+    "task",
+    "target",
+    "by",
+    "group",
+    "n",
+    "n_volumes",
+    "roc_auc",
+    "ci_low",
+    "ci_high",
+]
+METADATA_LABELS = [
+    "modality",
+    "plane",
+    "sex",
+    "age_group",
+    "institute",
+    "manufacturer",
+    "scanner_model",
+    "kvp",
+    "pathology",
+    "study_type",
+]
 
 
 def sparse_ranks(codes: sp.csr_matrix) -> tuple[sp.csc_matrix, np.ndarray]:
@@ -62,7 +101,10 @@ def auc_matrix(codes: sp.csr_matrix, labels_NL: np.ndarray) -> np.ndarray:
     y = labels_NL.astype(np.float64)
     pattern = ranks.copy()
     pattern.data = np.ones_like(pattern.data)
-    pos_rank_sum = np.asarray(ranks.T @ y).T + (y.sum(0)[:, None] - np.asarray(pattern.T @ y).T) * zero_rank[None, :]
+    pos_rank_sum = (
+        np.asarray(ranks.T @ y).T
+        + (y.sum(0)[:, None] - np.asarray(pattern.T @ y).T) * zero_rank[None, :]
+    )
     p = y.sum(0)[:, None]
     q = len(y) - p
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -71,7 +113,9 @@ def auc_matrix(codes: sp.csr_matrix, labels_NL: np.ndarray) -> np.ndarray:
     return auc
 
 
-def label_families(slices: pd.DataFrame, rows: np.ndarray) -> list[tuple[str, np.ndarray, list[str], np.ndarray]]:
+def label_families(
+    slices: pd.DataFrame, rows: np.ndarray
+) -> list[tuple[str, np.ndarray, list[str], np.ndarray]]:
     """(family, rows where known, label names, 0/1 matrix) for structures and each metadata column."""
     sub = slices.iloc[rows]
     out = []
@@ -99,8 +143,9 @@ def label_families(slices: pd.DataFrame, rows: np.ndarray) -> list[tuple[str, np
     return out
 
 
-def _single_aucs(codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray,
-                 pairs: list[tuple[str, int]]) -> np.ndarray:
+def _single_aucs(
+    codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray, pairs: list[tuple[str, int]]
+) -> np.ndarray:
     """ROC-AUC of each (label name, feature) pair on ``rows`` (NaN where the label has one class there)."""
     out = np.full(len(pairs), np.nan)
     feats = sorted({f for _, f in pairs if f >= 0})
@@ -122,8 +167,14 @@ def _single_aucs(codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray,
     return out
 
 
-def ground_concepts(codes: sp.csr_matrix, slices: pd.DataFrame, split_rows: dict[str, np.ndarray], ids: dict[str, str],
-                    confound_labels: list[str], confound_min_auc: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def ground_concepts(
+    codes: sp.csr_matrix,
+    slices: pd.DataFrame,
+    split_rows: dict[str, np.ndarray],
+    ids: dict[str, str],
+    confound_labels: list[str],
+    confound_min_auc: float,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Best feature per label (concepts) and features whose best label is an acquisition confound.
 
     The best feature of a label (and the best label of a feature) is selected on the train split;
@@ -139,16 +190,27 @@ def ground_concepts(codes: sp.csr_matrix, slices: pd.DataFrame, split_rows: dict
         for j, name in enumerate(names):
             ok = np.isfinite(a[j])
             best = int(np.nanargmax(a[j])) if ok.any() else -1
-            concept_rows.append({**ids, "label": name, "n_positive_train": int(y[:, j].sum()),
-                                 "best_feature": best, "train_roc_auc": float(a[j, best]) if best >= 0 else np.nan})
+            concept_rows.append(
+                {
+                    **ids,
+                    "label": name,
+                    "n_positive_train": int(y[:, j].sum()),
+                    "best_feature": best,
+                    "train_roc_auc": float(a[j, best]) if best >= 0 else np.nan,
+                }
+            )
         label_names += names
         label_family += [family] * len(names)
         aucs.append(a)
-    concepts = pd.DataFrame(concept_rows, columns=[c for c in CONCEPT_COLUMNS if c not in REPORT_COLUMNS])
+    concepts = pd.DataFrame(
+        concept_rows, columns=[c for c in CONCEPT_COLUMNS if c not in REPORT_COLUMNS]
+    )
     pairs = list(zip(concepts["label"], concepts["best_feature"].astype(int)))
     for split in ("valid", "test"):
         concepts[f"{split}_roc_auc"] = _single_aucs(codes, slices, split_rows[split], pairs)
-    concepts["best_feature"] = concepts["best_feature"].astype("Int64").where(concepts["best_feature"] >= 0)
+    concepts["best_feature"] = (
+        concepts["best_feature"].astype("Int64").where(concepts["best_feature"] >= 0)
+    )
     concepts = concepts[CONCEPT_COLUMNS]
     if not aucs:
         return concepts, pd.DataFrame(columns=CONFOUND_COLUMNS)
@@ -162,26 +224,38 @@ def ground_concepts(codes: sp.csr_matrix, slices: pd.DataFrame, split_rows: dict
     struct_auc = np.where(is_struct[:, None], filled, -np.inf)
     best_struct = struct_auc.argmax(axis=0)
     feats = np.flatnonzero(np.isin(family[best_label], confound_labels) & np.isfinite(best_auc))
-    valid_auc = _single_aucs(codes, slices, split_rows["valid"], [(names[best_label[f]], int(f)) for f in feats])
+    valid_auc = _single_aucs(
+        codes, slices, split_rows["valid"], [(names[best_label[f]], int(f)) for f in feats]
+    )
     keep = valid_auc >= confound_min_auc
     feats, valid_auc = feats[keep], valid_auc[keep]
     has_struct = np.isfinite(struct_auc[best_struct[feats], feats])
-    s_valid = _single_aucs(codes, slices, split_rows["valid"],
-                           [(names[best_struct[f]], int(f)) for f in feats])
-    conf = pd.DataFrame({
-        **{k: [v] * len(feats) for k, v in ids.items()},
-        "feature": feats, "label": names[best_label[feats]], "train_roc_auc": best_auc[feats],
-        "valid_roc_auc": valid_auc,
-        "best_structure": np.where(has_struct, names[best_struct[feats]], None),
-        "best_structure_valid_roc_auc": np.where(has_struct, s_valid, np.nan),
-    }, columns=CONFOUND_COLUMNS)
-    return concepts, conf.sort_values("valid_roc_auc", ascending=False, kind="stable").reset_index(drop=True)
+    s_valid = _single_aucs(
+        codes, slices, split_rows["valid"], [(names[best_struct[f]], int(f)) for f in feats]
+    )
+    conf = pd.DataFrame(
+        {
+            **{k: [v] * len(feats) for k, v in ids.items()},
+            "feature": feats,
+            "label": names[best_label[feats]],
+            "train_roc_auc": best_auc[feats],
+            "valid_roc_auc": valid_auc,
+            "best_structure": np.where(has_struct, names[best_struct[feats]], None),
+            "best_structure_valid_roc_auc": np.where(has_struct, s_valid, np.nan),
+        },
+        columns=CONFOUND_COLUMNS,
+    )
+    return concepts, conf.sort_values("valid_roc_auc", ascending=False, kind="stable").reset_index(
+        drop=True
+    )
 
 
 def weighted_auc(y01: np.ndarray, score: np.ndarray, w_BN: np.ndarray) -> np.ndarray:
     """ROC-AUC under each row of sample weights ``w_BN`` (ties count one half), batched."""
     uniq, inv = np.unique(score, return_inverse=True)
-    onehot = sp.csr_matrix((np.ones(len(score)), (np.arange(len(score)), inv)), shape=(len(score), len(uniq)))
+    onehot = sp.csr_matrix(
+        (np.ones(len(score)), (np.arange(len(score)), inv)), shape=(len(score), len(uniq))
+    )
     pos = np.asarray((w_BN * (y01 == 1)) @ onehot)
     neg = np.asarray((w_BN * (y01 == 0)) @ onehot)
     below = np.cumsum(neg, axis=1) - neg
@@ -191,8 +265,15 @@ def weighted_auc(y01: np.ndarray, score: np.ndarray, w_BN: np.ndarray) -> np.nda
         return np.where(den > 0, num / den, np.nan)
 
 
-def breakdown(test_scores: dict, slices: pd.DataFrame, volume: np.ndarray, by: list[str], n_boot: int, seed: int,
-              ids: dict[str, str]) -> pd.DataFrame:
+def breakdown(
+    test_scores: dict,
+    slices: pd.DataFrame,
+    volume: np.ndarray,
+    by: list[str],
+    n_boot: int,
+    seed: int,
+    ids: dict[str, str],
+) -> pd.DataFrame:
     """Test ROC-AUC per group of each ``by`` column, with a 95% volume-clustered bootstrap interval."""
     rows = []
     for (task, target), (r, y01, score) in test_scores.items():
@@ -214,6 +295,18 @@ def breakdown(test_scores: dict, slices: pd.DataFrame, volume: np.ndarray, by: l
                     boot = boot[np.isfinite(boot)]
                     if len(boot):
                         lo, hi = np.percentile(boot, [2.5, 97.5])
-                rows.append({**ids, "task": task, "target": target, "by": col, "group": g, "n": int(m.sum()),
-                             "n_volumes": int(vol.max() + 1), "roc_auc": auc, "ci_low": lo, "ci_high": hi})
+                rows.append(
+                    {
+                        **ids,
+                        "task": task,
+                        "target": target,
+                        "by": col,
+                        "group": g,
+                        "n": int(m.sum()),
+                        "n_volumes": int(vol.max() + 1),
+                        "roc_auc": auc,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                    }
+                )
     return pd.DataFrame(rows, columns=BREAKDOWN_COLUMNS)

@@ -70,7 +70,9 @@ class GroundTruthSettings:
     offset_norm: float = 1.0
     n_rows: int = 100_000
     max_prob: float = 0.5
-    max_conditional: float = 0.5  # P(child | parent) cap: a child always seen with its parent is not identifiable
+    max_conditional: float = (
+        0.5  # P(child | parent) cap: a child always seen with its parent is not identifiable
+    )
     correlation: float = 0.3
     block_size: int = 4
     seed: int = 0
@@ -98,13 +100,19 @@ def _hierarchy(s: GroundTruthSettings, rng: np.random.Generator) -> np.ndarray:
     lo, hi = s.children
     n_children = rng.integers(lo, hi + 1, size=s.n_parents)
     if s.n_parents + n_children.sum() > s.n_features:
-        raise SailError(f"ground truth: {s.n_parents} parents with {lo}-{hi} children exceed {s.n_features} features")
+        raise SailError(
+            f"ground truth: {s.n_parents} parents with {lo}-{hi} children exceed {s.n_features} features"
+        )
     parent_F = np.full(s.n_features, -1, dtype=np.int64)
-    parent_F[s.n_parents : s.n_parents + n_children.sum()] = np.repeat(np.arange(s.n_parents), n_children)
+    parent_F[s.n_parents : s.n_parents + n_children.sum()] = np.repeat(
+        np.arange(s.n_parents), n_children
+    )
     return parent_F
 
 
-def _marginals(s: GroundTruthSettings, parent_F: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _marginals(
+    s: GroundTruthSettings, parent_F: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Zipf weights on a random rank order, each parent given the largest weight of its group,
     scaled (by bisection) so the capped probabilities sum to ``mean_active``."""
     w = 1.0 / np.arange(1, s.n_features + 1) ** s.zipf_exponent
@@ -114,7 +122,9 @@ def _marginals(s: GroundTruthSettings, parent_F: np.ndarray, rng: np.random.Gene
         top = group[np.argmax(w[group])]
         w[[p, top]] = w[[top, p]]
     if s.mean_active >= s.max_prob * s.n_features:
-        raise SailError(f"ground truth: mean_active {s.mean_active} is unreachable with max_prob {s.max_prob}")
+        raise SailError(
+            f"ground truth: mean_active {s.mean_active} is unreachable with max_prob {s.max_prob}"
+        )
     child = np.flatnonzero(parent_F >= 0)
 
     def probs(scale: float) -> np.ndarray:
@@ -129,8 +139,13 @@ def _marginals(s: GroundTruthSettings, parent_F: np.ndarray, rng: np.random.Gene
     return probs(hi)
 
 
-def _fires(s: GroundTruthSettings, prob_F: np.ndarray, parent_F: np.ndarray, n: int,
-           rng: np.random.Generator) -> np.ndarray:
+def _fires(
+    s: GroundTruthSettings,
+    prob_F: np.ndarray,
+    parent_F: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Boolean (n, F) firing pattern: copula for top-level features, conditional draws for children."""
     top = np.flatnonzero(parent_F < 0)
     n_blocks = -(-top.size // s.block_size)
@@ -142,7 +157,9 @@ def _fires(s: GroundTruthSettings, prob_F: np.ndarray, parent_F: np.ndarray, n: 
     fires[:, top] = z < ndtri(prob_F[top]).astype(np.float32)
     child = np.flatnonzero(parent_F >= 0)
     cond = prob_F[child] / prob_F[parent_F[child]]
-    fires[:, child] = fires[:, parent_F[child]] & (rng.random((n, child.size), dtype=np.float32) < cond)
+    fires[:, child] = fires[:, parent_F[child]] & (
+        rng.random((n, child.size), dtype=np.float32) < cond
+    )
     return fires
 
 
@@ -166,12 +183,21 @@ def generate(settings: GroundTruthSettings | None = None) -> GroundTruth:
         x[start : start + n] = mags @ dictionary.astype(np.float32) + offset.astype(np.float32)
         x[start : start + n] += rng.normal(0.0, s.noise_std, size=(n, s.d)).astype(np.float32)
         parts.append(sp.csr_matrix(mags))
-    return GroundTruth(s, x, sp.vstack(parts, format="csr"), dictionary.astype(np.float32), parent_F, prob_F,
-                       offset.astype(np.float32))
+    return GroundTruth(
+        s,
+        x,
+        sp.vstack(parts, format="csr"),
+        dictionary.astype(np.float32),
+        parent_F,
+        prob_F,
+        offset.astype(np.float32),
+    )
 
 
 # ----- scoring ---------------------------------------------------------------------------------
-def match_features(decoder_LD: np.ndarray, dictionary_FD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def match_features(
+    decoder_LD: np.ndarray, dictionary_FD: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Hungarian match of true features to decoder rows on |cos|: (latent per feature or -1, its |cos|)."""
     dec = decoder_LD / np.maximum(np.linalg.norm(decoder_LD, axis=1, keepdims=True), 1e-12)
     cos_FL = np.abs(dictionary_FD.astype(np.float64) @ dec.T.astype(np.float64))
@@ -183,17 +209,22 @@ def match_features(decoder_LD: np.ndarray, dictionary_FD: np.ndarray) -> tuple[n
     return latent_F, cos_F
 
 
-def absorption(true_NF: sp.csr_matrix, codes_NL: sp.csr_matrix, parent_F: np.ndarray,
-               latent_F: np.ndarray) -> dict[str, float]:
+def absorption(
+    true_NF: sp.csr_matrix, codes_NL: sp.csr_matrix, parent_F: np.ndarray, latent_F: np.ndarray
+) -> dict[str, float]:
     """Absorption and plain-miss rates over (row, parent) pairs with the parent and a child active."""
     true_on = (true_NF > 0).astype(np.float32).tocsc()
     fired = (codes_NL > 0).astype(np.float32).tocsc()
-    children = np.flatnonzero((parent_F >= 0) & (latent_F[np.maximum(parent_F, 0)] >= 0) & (latent_F >= 0))
+    children = np.flatnonzero(
+        (parent_F >= 0) & (latent_F[np.maximum(parent_F, 0)] >= 0) & (latent_F >= 0)
+    )
     # (N, P) counts of active children per parent, and of active children whose latent fires
     parents = np.unique(parent_F[children])
     col = np.searchsorted(parents, parent_F[children])
-    to_parent = sp.csr_matrix((np.ones(children.size, np.float32), (np.arange(children.size), col)),
-                              shape=(children.size, parents.size))
+    to_parent = sp.csr_matrix(
+        (np.ones(children.size, np.float32), (np.arange(children.size), col)),
+        shape=(children.size, parents.size),
+    )
     child_on = true_on[:, children]
     active_children = (child_on @ to_parent).toarray() > 0
     absorbing = (child_on.multiply(fired[:, latent_F[children]]) @ to_parent).toarray() > 0
@@ -213,10 +244,18 @@ def absorption(true_NF: sp.csr_matrix, codes_NL: sp.csr_matrix, parent_F: np.nda
 def recovered_by_role(cos_F: np.ndarray, truth: GroundTruth) -> dict[str, float]:
     """Recovered share among parents, children and free features, and among the rarer half."""
     is_parent = np.isin(np.arange(cos_F.size), truth.parents)
-    groups = {"parents": is_parent, "children": truth.parent_F >= 0, "free": (truth.parent_F < 0) & ~is_parent,
-              "rare_half": truth.prob_F < np.median(truth.prob_F)}
-    return {f"recovered_{name}": float((cos_F[mask] >= RECOVERED_COS).mean()) if mask.any() else float("nan")
-            for name, mask in groups.items()}
+    groups = {
+        "parents": is_parent,
+        "children": truth.parent_F >= 0,
+        "free": (truth.parent_F < 0) & ~is_parent,
+        "rare_half": truth.prob_F < np.median(truth.prob_F),
+    }
+    return {
+        f"recovered_{name}": float((cos_F[mask] >= RECOVERED_COS).mean())
+        if mask.any()
+        else float("nan")
+        for name, mask in groups.items()
+    }
 
 
 @torch.no_grad()
@@ -235,7 +274,9 @@ def decoder_rows(model: Any) -> torch.Tensor:
     return (model.W if model.variant == "sail" else model.W_dec).detach()
 
 
-def score_sae(model: Any, x_ND: torch.Tensor, truth: GroundTruth, rows: np.ndarray) -> list[dict[str, float]]:
+def score_sae(
+    model: Any, x_ND: torch.Tensor, truth: GroundTruth, rows: np.ndarray
+) -> list[dict[str, float]]:
     """Metrics of every stacked model on L2-normalised held-out rows ``x_ND`` (= truth rows ``rows``)."""
     codes = inference_codes(model, x_ND)
     W = decoder_rows(model).float().cpu()
@@ -248,21 +289,28 @@ def score_sae(model: Any, x_ND: torch.Tensor, truth: GroundTruth, rows: np.ndarr
         recon = torch.from_numpy((c @ W[m].numpy()).astype(np.float32)).double() + b_dec[m].double()
         latent_F, cos_F = match_features(W[m].numpy(), truth.dictionary_FD)
         fired_L = np.asarray((c > 0).sum(0)).ravel() > 0
-        out.append({
-            "mcc": float(cos_F.mean()),
-            "recovered": float((cos_F >= RECOVERED_COS).mean()),
-            "fvu": float((x - recon).pow(2).sum().item() / max(var, 1e-30)),
-            "l0": float(c.nnz / max(c.shape[0], 1)),
-            "dead": float(1 - fired_L.mean()),
-            **recovered_by_role(cos_F, truth),
-            **absorption(true_codes, c, truth.parent_F, latent_F),
-        })
+        out.append(
+            {
+                "mcc": float(cos_F.mean()),
+                "recovered": float((cos_F >= RECOVERED_COS).mean()),
+                "fvu": float((x - recon).pow(2).sum().item() / max(var, 1e-30)),
+                "l0": float(c.nnz / max(c.shape[0], 1)),
+                "dead": float(1 - fired_L.mean()),
+                **recovered_by_role(cos_F, truth),
+                **absorption(true_codes, c, truth.parent_F, latent_F),
+            }
+        )
     return out
 
 
 # ----- training --------------------------------------------------------------------------------
-def train_models(specs: list[Any], x_train: torch.Tensor, x_valid: torch.Tensor, training: dict[str, Any],
-                 workdir: Any) -> Any:
+def train_models(
+    specs: list[Any],
+    x_train: torch.Tensor,
+    x_valid: torch.Tensor,
+    training: dict[str, Any],
+    workdir: Any,
+) -> Any:
     """Train one family of SAEs with the real trainer (``train_family``); returns the trained stack.
 
     The single call site into the trainer, so the benchmark and its test follow trainer changes.
@@ -278,6 +326,10 @@ def train_models(specs: list[Any], x_train: torch.Tensor, x_valid: torch.Tensor,
     settings = TrainingSettings.model_validate(training)
     entries = [GridEntry(spec, settings) for spec in specs]
     dirs = [Path(workdir) / f"{e.spec.variant}-{e.name}" for e in entries]
-    rt = Runtime(device=x_train.device, decode="sparse" if x_train.device.type == "cpu" else "dense",
-                 checkpoint_every=10**9, show_progress=False)
+    rt = Runtime(
+        device=x_train.device,
+        decode="sparse" if x_train.device.type == "cpu" else "dense",
+        checkpoint_every=10**9,
+        show_progress=False,
+    )
     return train_family(entries, x_train, x_valid, dirs, rt)

@@ -62,16 +62,28 @@ def load_eval_data(ws: Workspace) -> EvalData:
             raise SailError(f"{ws.split_csv}: missing column '{col}'")
     bad = sorted(set(split["split"]) - set(SPLITS))
     if bad:
-        raise SailError(f"{ws.split_csv}: column 'split' has values {bad}; expected train|valid|test")
+        raise SailError(
+            f"{ws.split_csv}: column 'split' has values {bad}; expected train|valid|test"
+        )
     if split.duplicated(["modality", "image_id"]).any():
         row = split[split.duplicated(["modality", "image_id"])].iloc[0]
-        raise SailError(f"{ws.split_csv}: volume ({row['modality']}, {row['image_id']}) listed twice")
+        raise SailError(
+            f"{ws.split_csv}: volume ({row['modality']}, {row['image_id']}) listed twice"
+        )
     if slices["slice_id"].duplicated().any():
-        raise SailError(f"{ws.slices_table}: duplicate slice_id {slices['slice_id'][slices['slice_id'].duplicated()].iloc[0]!r}")
-    slices = slices.drop(columns=["split"], errors="ignore").merge(split[["modality", "image_id", "split"]], on=["modality", "image_id"], how="left")
+        raise SailError(
+            f"{ws.slices_table}: duplicate slice_id {slices['slice_id'][slices['slice_id'].duplicated()].iloc[0]!r}"
+        )
+    slices = slices.drop(columns=["split"], errors="ignore").merge(
+        split[["modality", "image_id", "split"]], on=["modality", "image_id"], how="left"
+    )
     unsplit = int(slices["split"].isna().sum())
     if unsplit:
-        log.warning("%d slices belong to volumes missing from %s; they are not evaluated", unsplit, ws.split_csv)
+        log.warning(
+            "%d slices belong to volumes missing from %s; they are not evaluated",
+            unsplit,
+            ws.split_csv,
+        )
         slices = slices[slices["split"].notna()]
     return _make_eval_data(slices)
 
@@ -79,7 +91,11 @@ def load_eval_data(ws: Workspace) -> EvalData:
 def _make_eval_data(slices: pd.DataFrame) -> EvalData:
     slices = slices.sort_values("slice_id", kind="stable").reset_index(drop=True)
     # Volumes are keyed by (modality, image_id): CT and MRI reuse sNNNN ids.
-    volume = pd.MultiIndex.from_frame(slices[["modality", "image_id"]].astype(str)).factorize()[0].astype(np.int64)
+    volume = (
+        pd.MultiIndex.from_frame(slices[["modality", "image_id"]].astype(str))
+        .factorize()[0]
+        .astype(np.int64)
+    )
     split_rows = {s: np.flatnonzero(slices["split"].to_numpy() == s) for s in SPLITS}
     return EvalData(slices=slices, volume=volume, split_rows=split_rows)
 
@@ -103,13 +119,17 @@ def embedded(ws: Workspace, encoder: str, data: EvalData) -> tuple[EvalData, np.
         missing = int((pos < 0).sum())
         if missing == len(pos):
             raise SailError(f"{path}: no slice_id matches {ws.slices_table}")
-        log.warning("%s: %d of %d slices have no embedding; they are not evaluated", path, missing, len(pos))
+        log.warning(
+            "%s: %d of %d slices have no embedding; they are not evaluated", path, missing, len(pos)
+        )
         data = restrict(data, pos >= 0)
         pos = pos[pos >= 0]
     return data, pos
 
 
-def load_dense(ws: Workspace, encoder: str, data: EvalData, normalise: bool = False) -> tuple[EvalData, np.ndarray]:
+def load_dense(
+    ws: Workspace, encoder: str, data: EvalData, normalise: bool = False
+) -> tuple[EvalData, np.ndarray]:
     """Embeddings row-aligned to ``data`` (restricted to the slices that have one)."""
     data, pos = embedded(ws, encoder, data)
     x_ND = read_embeddings(ws.embeddings(encoder)).x_ND[pos]
@@ -128,7 +148,9 @@ def discover_configs(ws: Workspace, encoder: str) -> list[tuple[str, str]]:
         for cfg_dir in sorted(p for p in variant_dir.iterdir() if p.is_dir()):
             missing = [s for s in SPLITS if not (cfg_dir / f"{s}.parquet").is_file()]
             if missing:
-                log.warning("%s: no %s activations; config not evaluated", cfg_dir, "/".join(missing))
+                log.warning(
+                    "%s: no %s activations; config not evaluated", cfg_dir, "/".join(missing)
+                )
                 continue
             found.append((variant_dir.name, cfg_dir.name))
     return found
@@ -136,10 +158,14 @@ def discover_configs(ws: Workspace, encoder: str) -> list[tuple[str, str]]:
 
 def discover_encoders(ws: Workspace) -> list[str]:
     root = ws.root / "embeddings"
-    return sorted(p.name[: -len(".parquet")] for p in root.glob("*.parquet")) if root.is_dir() else []
+    return (
+        sorted(p.name[: -len(".parquet")] for p in root.glob("*.parquet")) if root.is_dir() else []
+    )
 
 
-def load_sparse(ws: Workspace, encoder: str, variant: str, config: str, data: EvalData) -> sp.csr_matrix:
+def load_sparse(
+    ws: Workspace, encoder: str, variant: str, config: str, data: EvalData
+) -> sp.csr_matrix:
     """All splits' codes stacked into one CSR aligned to ``data`` rows."""
     parts_idx, parts_csr, n_features = [], [], None
     for split in SPLITS:
@@ -163,7 +189,9 @@ def load_sparse(ws: Workspace, encoder: str, variant: str, config: str, data: Ev
     order = np.argsort(np.concatenate(parts_idx), kind="stable")
     out = stacked[order]
     if out.shape[0] != len(data.slices):
-        raise SailError(f"activations of {encoder}/{variant}/{config} cover {out.shape[0]} of {len(data.slices)} slices")
+        raise SailError(
+            f"activations of {encoder}/{variant}/{config} cover {out.shape[0]} of {len(data.slices)} slices"
+        )
     out = sp.csr_matrix(out, dtype=np.float32)
     out.sort_indices()
     return out
@@ -177,7 +205,9 @@ def parse_config_name(name: str) -> tuple[list[int], list[int]] | None:
     return [int(v) for v in m["d"].split("_")], [int(v) for v in m["k"].split("_")]
 
 
-def load_sae_info(ws: Workspace, encoder: str, variant: str, config: str, n_features: int) -> SaeInfo:
+def load_sae_info(
+    ws: Workspace, encoder: str, variant: str, config: str, n_features: int
+) -> SaeInfo:
     """Level boundaries from cfg.json (else the folder name) and last validation metrics."""
     sae_dir = ws.sae_dir(encoder, variant, config)
     dict_sizes: list[int] | None = None
@@ -196,9 +226,18 @@ def load_sae_info(ws: Workspace, encoder: str, variant: str, config: str, n_feat
             dict_sizes, k_values = parsed
     if not dict_sizes or dict_sizes[-1] != n_features:
         if dict_sizes:
-            log.warning("%s: dict_sizes %s do not end at the %d activation features; one level assumed", config, dict_sizes, n_features)
+            log.warning(
+                "%s: dict_sizes %s do not end at the %d activation features; one level assumed",
+                config,
+                dict_sizes,
+                n_features,
+            )
         dict_sizes = [n_features]
-    return SaeInfo(dict_sizes=dict_sizes, k_values=k_values, metrics=read_final_metrics(sae_dir / "metrics.csv"))
+    return SaeInfo(
+        dict_sizes=dict_sizes,
+        k_values=k_values,
+        metrics=read_final_metrics(sae_dir / "metrics.csv"),
+    )
 
 
 def read_final_metrics(path: Path) -> dict[str, float]:
@@ -223,4 +262,8 @@ def read_final_metrics(path: Path) -> dict[str, float]:
     if "step" in df.columns:
         df = df[df["step"] == df["step"].max()]
     row = df.iloc[-1]
-    return {k: float(row[k]) for k in ("l0", "fvu", "r2_published", "dead_frac") if k in row and pd.notna(row[k])}
+    return {
+        k: float(row[k])
+        for k in ("l0", "fvu", "r2_published", "dead_frac")
+        if k in row and pd.notna(row[k])
+    }

@@ -18,14 +18,35 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-FEATURE_COLUMNS = ["encoder", "variant", "sae_config", "split", "top_n", "feature", "dict_level", "n_volumes",
-                   "coherence", "null_coherence", "specificity", "monosemanticity"]
-CONFIG_COLUMNS = ["encoder", "variant", "sae_config", "m_config_top10", "m_config_top50",
-                  "n_scored_features", "n_dead_features"]
+FEATURE_COLUMNS = [
+    "encoder",
+    "variant",
+    "sae_config",
+    "split",
+    "top_n",
+    "feature",
+    "dict_level",
+    "n_volumes",
+    "coherence",
+    "null_coherence",
+    "specificity",
+    "monosemanticity",
+]
+CONFIG_COLUMNS = [
+    "encoder",
+    "variant",
+    "sae_config",
+    "m_config_top10",
+    "m_config_top50",
+    "n_scored_features",
+    "n_dead_features",
+]
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def structure_matrix(slices: pd.DataFrame, vocabulary: dict[str, list[str]]) -> tuple[np.ndarray, list[str], int]:
+def structure_matrix(
+    slices: pd.DataFrame, vocabulary: dict[str, list[str]]
+) -> tuple[np.ndarray, list[str], int]:
     """(rows x structures) bool matrix counting only each row's own modality vocabulary, the
     structure names, and V = size of the union vocabulary of the modalities present.
 
@@ -33,7 +54,11 @@ def structure_matrix(slices: pd.DataFrame, vocabulary: dict[str, list[str]]) -> 
     it does not count twice; without a known vocabulary every ``has_`` column counts.
     """
     cols = [c[4:] for c in slices.columns if c.startswith("has_")]
-    modality = slices["modality"].astype(str).str.lower().to_numpy() if "modality" in slices.columns else None
+    modality = (
+        slices["modality"].astype(str).str.lower().to_numpy()
+        if "modality" in slices.columns
+        else None
+    )
     known = modality is not None and set(np.unique(modality)) <= set(vocabulary)
     if known:
         present = sorted(set(np.unique(modality)))
@@ -44,11 +69,17 @@ def structure_matrix(slices: pd.DataFrame, vocabulary: dict[str, list[str]]) -> 
             allowed = np.isin(modality, [m for m in present if s in vocabulary[m]])
             o[:, j] = slices[f"has_{s}"].fillna(False).to_numpy(dtype=bool) & allowed
         return o, names, len(union)
-    o = np.stack([slices[f"has_{c}"].fillna(False).to_numpy(dtype=bool) for c in cols], axis=1) if cols else np.zeros((len(slices), 0), bool)
+    o = (
+        np.stack([slices[f"has_{c}"].fillna(False).to_numpy(dtype=bool) for c in cols], axis=1)
+        if cols
+        else np.zeros((len(slices), 0), bool)
+    )
     return o, cols, len(cols)
 
 
-def top_volumes(codes: sp.csr_matrix, volume: np.ndarray, n_max: int) -> tuple[np.ndarray, np.ndarray]:
+def top_volumes(
+    codes: sp.csr_matrix, volume: np.ndarray, n_max: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per feature, the rows of its ``n_max`` highest positive activations with one row per volume.
 
     Returns (top rows, F x n_max int64, -1 padded, in descending activation order) and the number of
@@ -84,12 +115,12 @@ def mean_pairwise_jaccard(sets_BNS: np.ndarray) -> np.ndarray:
     out = np.empty(b, dtype=np.float64)
     step = max(1, _CHUNK_ELEMENTS // max(1, n * max(n, s)))
     for lo in range(0, b, step):
-        a = sets_BNS[lo: lo + step].astype(np.float32)
+        a = sets_BNS[lo : lo + step].astype(np.float32)
         inter = a @ a.transpose(0, 2, 1)
         size = a.sum(axis=2)
         union = size[:, :, None] + size[:, None, :] - inter
         jac = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-        out[lo: lo + step] = (jac.sum(axis=(1, 2), dtype=np.float64) - n) / (n * (n - 1))
+        out[lo : lo + step] = (jac.sum(axis=(1, 2), dtype=np.float64) - n) / (n * (n - 1))
     return out
 
 
@@ -104,7 +135,9 @@ def specificity(sets_BNS: np.ndarray, vocabulary_size: int) -> np.ndarray:
     return np.where(total[:, 0] > 0, s, 0.0)
 
 
-def null_coherence(structures: np.ndarray, n: int, draws: int, seed: int, volume: np.ndarray) -> tuple[float, float]:
+def null_coherence(
+    structures: np.ndarray, n: int, draws: int, seed: int, volume: np.ndarray
+) -> tuple[float, float]:
     """Mean and std of the coherence of ``draws`` random sets of ``n`` slices, one slice from each of
     ``n`` distinct random volumes: drawn like a feature's top-N (one per volume), so two slices of one
     volume, which share most structures, cannot inflate the null."""
@@ -141,11 +174,20 @@ def score_features(
         sets = structures[top[feats, :n]]
         c = mean_pairwise_jaccard(sets) if n > 1 else np.ones(len(feats))
         s = specificity(sets, vocabulary_size)
-        frames.append(pd.DataFrame({
-            "top_n": n, "feature": feats, "dict_level": level[feats], "n_volumes": n_vol[feats],
-            "coherence": c, "null_coherence": nulls[n], "specificity": s,
-            "monosemanticity": np.maximum(0.0, c - nulls[n]) * s,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "top_n": n,
+                    "feature": feats,
+                    "dict_level": level[feats],
+                    "n_volumes": n_vol[feats],
+                    "coherence": c,
+                    "null_coherence": nulls[n],
+                    "specificity": s,
+                    "monosemanticity": np.maximum(0.0, c - nulls[n]) * s,
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 

@@ -28,12 +28,36 @@ from sail.evaluate.saga import SagaLogistic
 log = logging.getLogger(__name__)
 
 Kind = Literal["multiclass", "multilabel"]
-_METADATA_COLUMN = {"modality": "modality", "plane": "plane", "sex": "sex", "age_group": "age_group",
-                    "kvp": "kvp", "institute": "institute", "manufacturer": "manufacturer",
-                    "scanner_model": "scanner_model", "pathology": "pathology"}
-_FIXED_TARGETS = {"modality": ("mri", "ct"), "plane": ("sagittal", "coronal", "axial"), "sex": ("f", "m"),
-                  "age_group": ("<40", ">=80"), "kvp": ("80", "120")}
-PROBE_COLUMNS = ["encoder", "variant", "sae_config", "task", "target", "split", "n", "roc_auc", "f1", "balanced_accuracy"]
+_METADATA_COLUMN = {
+    "modality": "modality",
+    "plane": "plane",
+    "sex": "sex",
+    "age_group": "age_group",
+    "kvp": "kvp",
+    "institute": "institute",
+    "manufacturer": "manufacturer",
+    "scanner_model": "scanner_model",
+    "pathology": "pathology",
+}
+_FIXED_TARGETS = {
+    "modality": ("mri", "ct"),
+    "plane": ("sagittal", "coronal", "axial"),
+    "sex": ("f", "m"),
+    "age_group": ("<40", ">=80"),
+    "kvp": ("80", "120"),
+}
+PROBE_COLUMNS = [
+    "encoder",
+    "variant",
+    "sae_config",
+    "task",
+    "target",
+    "split",
+    "n",
+    "roc_auc",
+    "f1",
+    "balanced_accuracy",
+]
 
 
 @dataclass(frozen=True)
@@ -56,7 +80,9 @@ class Task:
         """Stratification key per row: the class, or the label-combination code (multilabel)."""
         if self.kind == "multiclass":
             return self.y
-        weights = (1 << np.arange(self.y.shape[1], dtype=np.int64)) if self.y.shape[1] < 63 else None
+        weights = (
+            (1 << np.arange(self.y.shape[1], dtype=np.int64)) if self.y.shape[1] < 63 else None
+        )
         if weights is None:
             return pd.MultiIndex.from_arrays(list(self.y.T)).factorize()[0]
         return self.y.astype(np.int64) @ weights
@@ -85,7 +111,11 @@ def age_groups(slices: pd.DataFrame) -> np.ndarray:
     The published pipeline probed an ``age_bin`` column that no table contained; here the group is
     always available when the age is.
     """
-    derived = derive_age_group(slices["age"]) if "age" in slices.columns else pd.Series([None] * len(slices))
+    derived = (
+        derive_age_group(slices["age"])
+        if "age" in slices.columns
+        else pd.Series([None] * len(slices))
+    )
     derived = string_values(pd.Series(derived.to_numpy(), index=slices.index))
     if "age_group" not in slices.columns:
         return derived
@@ -107,12 +137,24 @@ def build_tasks(data: EvalData, ecfg: EvaluateConfig) -> tuple[list[Task], list[
     for name in [*ecfg.tasks, *ecfg.extra_tasks]:
         if name == "structures":
             names = [s for s in ecfg.probe_structures if f"{STRUCTURE_PREFIX}{s}" in slices.columns]
-            skipped += [f"structures/{s}: no column {STRUCTURE_PREFIX}{s}" for s in ecfg.probe_structures if s not in names]
+            skipped += [
+                f"structures/{s}: no column {STRUCTURE_PREFIX}{s}"
+                for s in ecfg.probe_structures
+                if s not in names
+            ]
             if names:
-                y = np.stack([slices[f"{STRUCTURE_PREFIX}{s}"].fillna(False).to_numpy(dtype=bool) for s in names], axis=1)
+                y = np.stack(
+                    [
+                        slices[f"{STRUCTURE_PREFIX}{s}"].fillna(False).to_numpy(dtype=bool)
+                        for s in names
+                    ],
+                    axis=1,
+                )
                 tasks.append(Task("structures", "multilabel", tuple(names), y.astype(np.int8)))
             continue
-        column = _METADATA_COLUMN.get(name, name)  # any other name: a metadata column (e.g. from a manifest)
+        column = _METADATA_COLUMN.get(
+            name, name
+        )  # any other name: a metadata column (e.g. from a manifest)
         if name == "age_group":
             if "age_group" not in slices.columns and "age" not in slices.columns:
                 skipped.append("age_group: neither 'age_group' nor 'age' column")
@@ -165,17 +207,33 @@ def stratified_subsample(strata: np.ndarray, rows: np.ndarray, n: int, seed: int
     return np.sort(rows[rank < quota[inv]])
 
 
-def make_classifier(p: ProbeSettings, max_iter: int | None = None, warm_start: bool = False,
-                    solver: str | None = None) -> LogisticRegression | SagaLogistic:
+def make_classifier(
+    p: ProbeSettings,
+    max_iter: int | None = None,
+    warm_start: bool = False,
+    solver: str | None = None,
+) -> LogisticRegression | SagaLogistic:
     """The published elastic-net probe (saga, balanced classes), fitted by ``p.solver`` unless given."""
     if (solver or p.solver) == "sail":
-        return SagaLogistic(C=p.C, l1_ratio=p.l1_ratio, tol=p.tol, max_iter=max_iter or p.max_iter,
-                            random_state=p.seed, warm_start=warm_start)
+        return SagaLogistic(
+            C=p.C,
+            l1_ratio=p.l1_ratio,
+            tol=p.tol,
+            max_iter=max_iter or p.max_iter,
+            random_state=p.seed,
+            warm_start=warm_start,
+        )
     # scikit-learn >= 1.8 (the floor in pyproject.toml): l1_ratio in (0, 1) with saga is the elastic net;
     # `penalty` is deprecated there. Older versions silently fitted pure L2 without penalty='elasticnet'.
     return LogisticRegression(
-        C=p.C, l1_ratio=p.l1_ratio, solver="saga", class_weight="balanced", tol=p.tol,
-        max_iter=max_iter or p.max_iter, random_state=p.seed, warm_start=warm_start,
+        C=p.C,
+        l1_ratio=p.l1_ratio,
+        solver="saga",
+        class_weight="balanced",
+        tol=p.tol,
+        max_iter=max_iter or p.max_iter,
+        random_state=p.seed,
+        warm_start=warm_start,
     )
 
 
@@ -216,7 +274,9 @@ def roc_auc(y01: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y01 == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def binary_metrics(y01: np.ndarray, score: np.ndarray | None, pred01: np.ndarray) -> tuple[float, float, float]:
+def binary_metrics(
+    y01: np.ndarray, score: np.ndarray | None, pred01: np.ndarray
+) -> tuple[float, float, float]:
     """(ROC-AUC, F1, balanced accuracy); NaN where the split lacks a class or no score exists.
 
     Computed from counts rather than sklearn.metrics, whose input validation dominated the cost
@@ -242,7 +302,9 @@ class ProbeOutput:
 
     rows: list[dict] = field(default_factory=list)
     coefs: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
-    test_scores: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    test_scores: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )
     n_unconverged: int = 0
     n_fits: int = 0
 
@@ -267,7 +329,9 @@ def _target_coef(clf: LogisticRegression, t: int) -> np.ndarray | None:
     return clf.coef_[classes.index(t)]
 
 
-def run_probes(tasks: list[Task], x, data: EvalData, p: ProbeSettings, ids: dict[str, str]) -> ProbeOutput:
+def run_probes(
+    tasks: list[Task], x, data: EvalData, p: ProbeSettings, ids: dict[str, str]
+) -> ProbeOutput:
     """Fit every task on a stratified training subsample of ``x`` (dense array or CSR); evaluate
     on that subsample, the validation split and the test split."""
     out = ProbeOutput()
@@ -276,7 +340,11 @@ def run_probes(tasks: list[Task], x, data: EvalData, p: ProbeSettings, ids: dict
         strata = task.strata()
         labelled = train_rows[strata[train_rows] >= 0] if task.kind == "multiclass" else train_rows
         sub = stratified_subsample(strata, labelled, p.train_samples, p.seed)
-        eval_rows = {"train": sub, "valid": data.split_rows["valid"], "test": data.split_rows["test"]}
+        eval_rows = {
+            "train": sub,
+            "valid": data.split_rows["valid"],
+            "test": data.split_rows["test"],
+        }
         if task.kind == "multiclass":
             models = [(None, sub)]
         else:
@@ -284,8 +352,11 @@ def run_probes(tasks: list[Task], x, data: EvalData, p: ProbeSettings, ids: dict
         for label, rows in models:
             y_fit = task.y[rows] if label is None else task.y[rows, label]
             if len(np.unique(y_fit)) < 2:
-                log.warning("%s%s: one class in the training subsample; not fitted",
-                            task.name, "" if label is None else f"/{task.targets[label]}")
+                log.warning(
+                    "%s%s: one class in the training subsample; not fitted",
+                    task.name,
+                    "" if label is None else f"/{task.targets[label]}",
+                )
                 clf = None
             else:
                 clf, converged = fit_quiet(make_classifier(p), x[rows], y_fit)
@@ -301,10 +372,24 @@ def run_probes(tasks: list[Task], x, data: EvalData, p: ProbeSettings, ids: dict
                     y01 = (task.y[r] == t) if task.kind == "multiclass" else task.y[r, t]
                     score, pred = _target_scores(clf, proba, t if label is None else 1, len(r))
                     auc, f1, bacc = binary_metrics(y01.astype(np.int8), score, pred)
-                    out.rows.append({**ids, "task": task.name, "target": task.targets[t], "split": split,
-                                     "n": len(r), "roc_auc": auc, "f1": f1, "balanced_accuracy": bacc})
+                    out.rows.append(
+                        {
+                            **ids,
+                            "task": task.name,
+                            "target": task.targets[t],
+                            "split": split,
+                            "n": len(r),
+                            "roc_auc": auc,
+                            "f1": f1,
+                            "balanced_accuracy": bacc,
+                        }
+                    )
                     if split == "test" and score is not None:
-                        out.test_scores[(task.name, task.targets[t])] = (r, y01.astype(np.int8), score)
+                        out.test_scores[(task.name, task.targets[t])] = (
+                            r,
+                            y01.astype(np.int8),
+                            score,
+                        )
             if clf is not None:
                 for t in targets:
                     coef = _target_coef(clf, t) if label is None else clf.coef_[0]
@@ -313,15 +398,26 @@ def run_probes(tasks: list[Task], x, data: EvalData, p: ProbeSettings, ids: dict
     return out
 
 
-def coefficient_table(coefs: dict[tuple[str, str], np.ndarray], ids: dict[str, str]) -> pd.DataFrame:
+def coefficient_table(
+    coefs: dict[tuple[str, str], np.ndarray], ids: dict[str, str]
+) -> pd.DataFrame:
     """Nonzero coefficients per target, ranked by |coef| (rank 1 = largest; ties by feature index)."""
     frames = []
     for (task, target), coef in coefs.items():
         nz = np.flatnonzero(coef)
         order = nz[np.lexsort((nz, -np.abs(coef[nz])))]
-        frames.append(pd.DataFrame({**{k: [v] * len(order) for k, v in ids.items()}, "task": task, "target": target,
-                                    "feature": order.astype(np.int64), "coef": coef[order],
-                                    "rank": np.arange(1, len(order) + 1, dtype=np.int64)}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    **{k: [v] * len(order) for k, v in ids.items()},
+                    "task": task,
+                    "target": target,
+                    "feature": order.astype(np.int64),
+                    "coef": coef[order],
+                    "rank": np.arange(1, len(order) + 1, dtype=np.int64),
+                }
+            )
+        )
     cols = [*ids, "task", "target", "feature", "coef", "rank"]
     return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 

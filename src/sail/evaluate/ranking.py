@@ -26,20 +26,37 @@ from sail.evaluate.recovery import threshold_column
 
 log = logging.getLogger(__name__)
 
-RANKING_COLUMNS = ["encoder", "variant", "sae_config", "m_config", "mean_n_features", "n_targets",
-                   "rank_mono", "rank_perf", "rank_combined", "final_rank"]
+RANKING_COLUMNS = [
+    "encoder",
+    "variant",
+    "sae_config",
+    "m_config",
+    "mean_n_features",
+    "n_targets",
+    "rank_mono",
+    "rank_perf",
+    "rank_combined",
+    "final_rank",
+]
 SYMMETRIC_TASKS = ("modality", "sex", "age_group", "kvp")
 
 
 def effective(s: RankingSettings) -> RankingSettings:
     if not s.published:
         return s
-    return s.model_copy(update={"m_config": "top50", "fill_unreached": "column_max_plus_one",
-                                "count_both_binary_targets": True, "variants_together": False})
+    return s.model_copy(
+        update={
+            "m_config": "top50",
+            "fill_unreached": "column_max_plus_one",
+            "count_both_binary_targets": True,
+            "variants_together": False,
+        }
+    )
 
 
-def mean_features_to_threshold(summary: pd.DataFrame, thresholds: list[float], grid_max: int,
-                               s: RankingSettings) -> pd.DataFrame:
+def mean_features_to_threshold(
+    summary: pd.DataFrame, thresholds: list[float], grid_max: int, s: RankingSettings
+) -> pd.DataFrame:
     """Per config: mean over (target x threshold) of the smallest N reaching the threshold."""
     cols = [threshold_column(t) for t in thresholds]
     keys = ["encoder", "variant", "sae_config"]
@@ -56,24 +73,41 @@ def mean_features_to_threshold(summary: pd.DataFrame, thresholds: list[float], g
             vals = vals.fillna(float(grid_max))
         else:
             vals = vals.apply(lambda c: c.fillna(c.max() + 1 if c.notna().any() else 100.0))
-        rows.append({**dict(zip(keys, key)), "mean_n_features": float(np.nanmean(vals.to_numpy())), "n_targets": len(g)})
+        rows.append(
+            {
+                **dict(zip(keys, key)),
+                "mean_n_features": float(np.nanmean(vals.to_numpy())),
+                "n_targets": len(g),
+            }
+        )
     return pd.DataFrame(rows, columns=[*keys, "mean_n_features", "n_targets"])
 
 
-def rank_configs(mono: pd.DataFrame, summary: pd.DataFrame, thresholds: list[float], grid_max: int,
-                 settings: RankingSettings) -> pd.DataFrame:
+def rank_configs(
+    mono: pd.DataFrame,
+    summary: pd.DataFrame,
+    thresholds: list[float],
+    grid_max: int,
+    settings: RankingSettings,
+) -> pd.DataFrame:
     """Rank within each encoder (and variant): ties share the smaller rank (method ``min``)."""
     s = effective(settings)
     keys = ["encoder", "variant", "sae_config"]
     perf = mean_features_to_threshold(summary, thresholds, grid_max, s)
-    m = mono[keys + [f"m_config_{s.m_config}"]].rename(columns={f"m_config_{s.m_config}": "m_config"})
+    m = mono[keys + [f"m_config_{s.m_config}"]].rename(
+        columns={f"m_config_{s.m_config}": "m_config"}
+    )
     df = m.merge(perf, on=keys, how="inner")
     # No scored feature (none reaches N volumes: a dead or collapsed SAE) means no monosemantic
     # feature: M_config 0, so the config ranks last on monosemanticity instead of leaving the table.
     unscored = df["m_config"].isna()
     if unscored.any():
-        log.warning("ranking: no scored feature in %s; M_config counted as 0",
-                    ", ".join("/".join(map(str, r)) for r in df.loc[unscored, keys].itertuples(index=False)))
+        log.warning(
+            "ranking: no scored feature in %s; M_config counted as 0",
+            ", ".join(
+                "/".join(map(str, r)) for r in df.loc[unscored, keys].itertuples(index=False)
+            ),
+        )
         df.loc[unscored, "m_config"] = 0.0
     df = df[df["mean_n_features"].notna()]
     group = ["encoder"] if s.variants_together else ["encoder", "variant"]
@@ -83,18 +117,27 @@ def rank_configs(mono: pd.DataFrame, summary: pd.DataFrame, thresholds: list[flo
     df["rank_mono"] = g["m_config"].rank(ascending=False, method="min")
     df["rank_perf"] = g["mean_n_features"].rank(ascending=True, method="min")
     df["rank_combined"] = (df["rank_mono"] + df["rank_perf"]) / 2
-    df["final_rank"] = df.groupby(group, sort=False)["rank_combined"].rank(ascending=True, method="min")
+    df["final_rank"] = df.groupby(group, sort=False)["rank_combined"].rank(
+        ascending=True, method="min"
+    )
     for c in ("rank_mono", "rank_perf", "final_rank"):
         df[c] = df[c].astype(int)
-    return df.sort_values([*group, "final_rank", "sae_config"], kind="stable")[RANKING_COLUMNS].reset_index(drop=True)
+    return df.sort_values([*group, "final_rank", "sae_config"], kind="stable")[
+        RANKING_COLUMNS
+    ].reset_index(drop=True)
 
 
 def _fmt(v, spec: str) -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
 
-def table1_markdown(ranking: pd.DataFrame, sae_metrics: dict[tuple[str, str, str], dict], settings: RankingSettings,
-                    top: int = 3, m_slices: int = 10) -> str:
+def table1_markdown(
+    ranking: pd.DataFrame,
+    sae_metrics: dict[tuple[str, str, str], dict],
+    settings: RankingSettings,
+    top: int = 3,
+    m_slices: int = 10,
+) -> str:
     """Table 1 as Markdown: the best configs per encoder (and variant) with their SAE quality."""
     s = effective(settings)
     lines = [

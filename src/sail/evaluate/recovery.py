@@ -21,7 +21,16 @@ from sail.evaluate.probes import Task, fit_quiet, make_classifier, roc_auc, stra
 
 log = logging.getLogger(__name__)
 
-CURVE_COLUMNS = ["encoder", "variant", "sae_config", "task", "target", "n_features", "valid_roc_auc", "dense_valid_roc_auc"]
+CURVE_COLUMNS = [
+    "encoder",
+    "variant",
+    "sae_config",
+    "task",
+    "target",
+    "n_features",
+    "valid_roc_auc",
+    "dense_valid_roc_auc",
+]
 
 
 def threshold_column(t: float) -> str:
@@ -36,7 +45,9 @@ def n_grid(grid: list[int], n_ranked: int) -> list[int]:
     return sorted(ns)
 
 
-def features_to_threshold(ns: list[int], aucs: list[float], dense_auc: float, thresholds: list[float]) -> dict[str, float]:
+def features_to_threshold(
+    ns: list[int], aucs: list[float], dense_auc: float, thresholds: list[float]
+) -> dict[str, float]:
     """Smallest N whose valid ROC-AUC reaches ``t`` x the dense valid ROC-AUC, per threshold (NaN if never)."""
     ratio = np.asarray(aucs, dtype=float) / dense_auc
     out = {}
@@ -47,8 +58,14 @@ def features_to_threshold(ns: list[int], aucs: list[float], dense_auc: float, th
 
 
 def recovery_curve(
-    x_train: np.ndarray, y_train: np.ndarray, x_valid, y_valid: np.ndarray, ns: list[int],
-    p: ProbeSettings, max_iter: int, warm_start: bool = True,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_valid,
+    y_valid: np.ndarray,
+    ns: list[int],
+    p: ProbeSettings,
+    max_iter: int,
+    warm_start: bool = True,
 ) -> tuple[list[float], int]:
     """Valid ROC-AUC of a binary probe on the first n columns, for each n in ``ns``.
 
@@ -68,19 +85,38 @@ def recovery_curve(
     return aucs, unconverged
 
 
-def _summary_row(ids: dict[str, str], task: str, target: str, dense: float, ns: list[int], aucs: list[float],
-                 n_ranked: int, thresholds: list[float]) -> dict:
+def _summary_row(
+    ids: dict[str, str],
+    task: str,
+    target: str,
+    dense: float,
+    ns: list[int],
+    aucs: list[float],
+    n_ranked: int,
+    thresholds: list[float],
+) -> dict:
     """One summary row; with no ranked feature every threshold is unreached (NaN) and max AUC NaN."""
-    row = {**ids, "task": task, "target": target, "dense_valid_roc_auc": dense,
-           **features_to_threshold(ns, aucs, dense, thresholds)}
+    row = {
+        **ids,
+        "task": task,
+        "target": target,
+        "dense_valid_roc_auc": dense,
+        **features_to_threshold(ns, aucs, dense, thresholds),
+    }
     row["max_valid_roc_auc"] = float(np.nanmax(aucs)) if np.isfinite(aucs).any() else np.nan
     row["n_ranked"] = n_ranked
     return row
 
 
 def run_recovery(
-    tasks: list[Task], codes: sp.csr_matrix, data: EvalData, coefs: dict[tuple[str, str], np.ndarray],
-    dense_valid_auc: dict[tuple[str, str], float], p: ProbeSettings, r: RecoverySettings, ids: dict[str, str],
+    tasks: list[Task],
+    codes: sp.csr_matrix,
+    data: EvalData,
+    coefs: dict[tuple[str, str], np.ndarray],
+    dense_valid_auc: dict[tuple[str, str], float],
+    p: ProbeSettings,
+    r: RecoverySettings,
+    ids: dict[str, str],
 ) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Curves and threshold summary for every target with a usable dense baseline."""
     csc = sp.csc_matrix(codes)
@@ -105,8 +141,11 @@ def run_recovery(
                 on_sub = np.isin(sub, rows_t)
                 y_tr = y_t[np.searchsorted(rows_t, sub[on_sub])]
                 if len(np.unique(y_tr)) < 2:
-                    log.warning("recovery %s/%s: one class in the training subsample; target left out",
-                                task.name, target)
+                    log.warning(
+                        "recovery %s/%s: one class in the training subsample; target left out",
+                        task.name,
+                        target,
+                    )
                     continue  # depends on the data and seed only, so every config leaves it out
                 nz = np.flatnonzero(coef) if coef is not None else np.array([], dtype=np.int64)
                 ranked = nz[np.lexsort((nz, -np.abs(coef[nz])))][:max_n] if len(nz) else nz
@@ -116,7 +155,9 @@ def run_recovery(
                     # The sparse probe kept no feature for this target: the config fails it. The row
                     # stays, every threshold unreached, so ranking charges the unreached penalty.
                     done[target] = ([], [], 0)
-                    summary.append(_summary_row(ids, task.name, target, dense, [], [], 0, r.thresholds))
+                    summary.append(
+                        _summary_row(ids, task.name, target, dense, [], [], 0, r.thresholds)
+                    )
                     continue
                 cols = csc[:, ranked]
                 x_tr = cols[sub[on_sub]].toarray().astype(np.float64)
@@ -128,11 +169,28 @@ def run_recovery(
                 unconverged += bad
                 done[target] = (ns, aucs, n_ranked)
             for n, auc in zip(ns, aucs):
-                curves.append({**ids, "task": task.name, "target": target, "n_features": n,
-                               "valid_roc_auc": auc, "dense_valid_roc_auc": dense})
-            summary.append(_summary_row(ids, task.name, target, dense, ns, aucs, n_ranked, r.thresholds))
-    summary_cols = [*ids, "task", "target", "dense_valid_roc_auc", *[threshold_column(t) for t in r.thresholds],
-                    "max_valid_roc_auc", "n_ranked"]
+                curves.append(
+                    {
+                        **ids,
+                        "task": task.name,
+                        "target": target,
+                        "n_features": n,
+                        "valid_roc_auc": auc,
+                        "dense_valid_roc_auc": dense,
+                    }
+                )
+            summary.append(
+                _summary_row(ids, task.name, target, dense, ns, aucs, n_ranked, r.thresholds)
+            )
+    summary_cols = [
+        *ids,
+        "task",
+        "target",
+        "dense_valid_roc_auc",
+        *[threshold_column(t) for t in r.thresholds],
+        "max_valid_roc_auc",
+        "n_ranked",
+    ]
     curves_df = pd.DataFrame(curves, columns=CURVE_COLUMNS)
     summary_df = pd.DataFrame(summary, columns=summary_cols)
     for th in r.thresholds:

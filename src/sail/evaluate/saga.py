@@ -39,8 +39,17 @@ def _geo(m: int, log_a: float, one_minus_a: float) -> float:
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath=True)
-def _catch_up(w: float, k: int, a: float, d: float, c: float, log_a: float, one_minus_a: float,
-              a_k: float, geo_k: float) -> float:
+def _catch_up(
+    w: float,
+    k: int,
+    a: float,
+    d: float,
+    c: float,
+    log_a: float,
+    one_minus_a: float,
+    a_k: float,
+    geo_k: float,
+) -> float:
     """k steps of w <- soft(a w - d, c), in closed form per sign phase (at most two phases).
 
     ``a_k = a^k`` and ``geo_k = sum_{i<k} a^i`` come from the caller's table (scalars only: array
@@ -81,15 +90,35 @@ def _catch_up(w: float, k: int, a: float, d: float, c: float, log_a: float, one_
 
 @numba.njit(cache=True, error_model="numpy", fastmath=True, inline="always")
 def _lagged(w, k, a, d, c, log_a, one_minus_a, pow_a, geo_a):
-    if w == 0.0 and abs(d) <= c:  # a zero weight whose mean gradient is inside the L1 band stays zero
+    if (
+        w == 0.0 and abs(d) <= c
+    ):  # a zero weight whose mean gradient is inside the L1 band stays zero
         return 0.0
     if k < pow_a.shape[0]:
         return _catch_up(w, k, a, d, c, log_a, one_minus_a, pow_a[k], geo_a[k])
-    return _catch_up(w, k, a, d, c, log_a, one_minus_a, math.exp(k * log_a), _geo(k, log_a, one_minus_a))
+    return _catch_up(
+        w, k, a, d, c, log_a, one_minus_a, math.exp(k * log_a), _geo(k, log_a, one_minus_a)
+    )
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath=True)
-def _saga(indptr, indices, data, y, sw, W, b, n_classes_fit, step, alpha, beta, tol, max_epochs, fit_intercept, seed):
+def _saga(
+    indptr,
+    indices,
+    data,
+    y,
+    sw,
+    W,
+    b,
+    n_classes_fit,
+    step,
+    alpha,
+    beta,
+    tol,
+    max_epochs,
+    fit_intercept,
+    seed,
+):
     """Run SAGA epochs in place on W (F, K) and b (K,); returns (epochs, converged)."""
     n = indptr.shape[0] - 1
     F, K = W.shape
@@ -123,7 +152,9 @@ def _saga(indptr, indices, data, y, sw, W, b, n_classes_fit, step, alpha, beta, 
                     j = indices[p]
                     lag = t - last[j]
                     if lag > 0:
-                        W[j, 0] = _lagged(W[j, 0], lag, a, step * gbar[j, 0], c, log_a, one_minus_a, pow_a, geo_a)
+                        W[j, 0] = _lagged(
+                            W[j, 0], lag, a, step * gbar[j, 0], c, log_a, one_minus_a, pow_a, geo_a
+                        )
                     z0 += W[j, 0] * data[p]
                 pr = 1.0 / (1.0 + math.exp(-z0)) if z0 >= 0 else math.exp(z0) / (1.0 + math.exp(z0))
                 g[0] = sw[i] * (pr - y[i])
@@ -143,7 +174,17 @@ def _saga(indptr, indices, data, y, sw, W, b, n_classes_fit, step, alpha, beta, 
                     lag = t - last[j]
                     for k in range(K):
                         if lag > 0:
-                            W[j, k] = _lagged(W[j, k], lag, a, step * gbar[j, k], c, log_a, one_minus_a, pow_a, geo_a)
+                            W[j, k] = _lagged(
+                                W[j, k],
+                                lag,
+                                a,
+                                step * gbar[j, k],
+                                c,
+                                log_a,
+                                one_minus_a,
+                                pow_a,
+                                geo_a,
+                            )
                         z[k] += W[j, k] * v
                     last[j] = t
                 zmax = z[0]
@@ -174,7 +215,9 @@ def _saga(indptr, indices, data, y, sw, W, b, n_classes_fit, step, alpha, beta, 
             lag = t - last[j]
             if lag > 0:
                 for k in range(K):
-                    W[j, k] = _lagged(W[j, k], lag, a, step * gbar[j, k], c, log_a, one_minus_a, pow_a, geo_a)
+                    W[j, k] = _lagged(
+                        W[j, k], lag, a, step * gbar[j, k], c, log_a, one_minus_a, pow_a, geo_a
+                    )
                 last[j] = t
         max_change = 0.0
         max_w = 0.0
@@ -191,16 +234,32 @@ def _saga(indptr, indices, data, y, sw, W, b, n_classes_fit, step, alpha, beta, 
 class SagaLogistic:
     """The subset of sklearn's LogisticRegression API the probes use, fitted by ``_saga``."""
 
-    def __init__(self, C: float = 1.0, l1_ratio: float = 0.5, tol: float = 1e-4, max_iter: int = 1000,
-                 random_state: int = 0, warm_start: bool = False, fit_intercept: bool = True):
+    def __init__(
+        self,
+        C: float = 1.0,
+        l1_ratio: float = 0.5,
+        tol: float = 1e-4,
+        max_iter: int = 1000,
+        random_state: int = 0,
+        warm_start: bool = False,
+        fit_intercept: bool = True,
+    ):
         self.C, self.l1_ratio, self.tol, self.max_iter = C, l1_ratio, tol, max_iter
-        self.random_state, self.warm_start, self.fit_intercept = random_state, warm_start, fit_intercept
+        self.random_state, self.warm_start, self.fit_intercept = (
+            random_state,
+            warm_start,
+            fit_intercept,
+        )
 
     def fit(self, X, y) -> SagaLogistic:
         X = sp.csr_matrix(X, dtype=np.float64)
         X.sort_indices()
-        if not np.isfinite(X.data).all():  # sklearn refuses these too; SAGA would spread NaN silently
-            raise ValueError(f"input contains NaN or infinity ({int((~np.isfinite(X.data)).sum())} entries)")
+        if not np.isfinite(
+            X.data
+        ).all():  # sklearn refuses these too; SAGA would spread NaN silently
+            raise ValueError(
+                f"input contains NaN or infinity ({int((~np.isfinite(X.data)).sum())} entries)"
+            )
         y = np.asarray(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
@@ -212,17 +271,39 @@ class SagaLogistic:
         K = 1 if n_classes == 2 else n_classes
         W = np.zeros((F, K))
         b = np.zeros(K)
-        if self.warm_start and getattr(self, "coef_", None) is not None and self.coef_.shape == (K, F):
+        if (
+            self.warm_start
+            and getattr(self, "coef_", None) is not None
+            and self.coef_.shape == (K, F)
+        ):
             W[:] = self.coef_.T
             b[:] = self.intercept_
         alpha = (1.0 - self.l1_ratio) / (self.C * n)
         beta = self.l1_ratio / (self.C * n)
         max_sq = float(X.multiply(X).sum(axis=1).max()) if X.nnz else 0.0
-        lipschitz = 0.25 * (max_sq + int(self.fit_intercept)) + alpha  # sklearn's (per-sample weights not included)
-        step = 1.0 / (2 * lipschitz + min(2 * n * alpha, lipschitz))  # SAGA's 1/(2(L + mu n)), as sklearn
-        epochs, converged = _saga(X.indptr.astype(np.int64), X.indices.astype(np.int64), X.data, y_idx.astype(np.int64),
-                                  sw, W, b, n_classes, step, alpha, beta, float(self.tol), int(self.max_iter),
-                                  bool(self.fit_intercept), int(self.random_state) % (2**32))
+        lipschitz = (
+            0.25 * (max_sq + int(self.fit_intercept)) + alpha
+        )  # sklearn's (per-sample weights not included)
+        step = 1.0 / (
+            2 * lipschitz + min(2 * n * alpha, lipschitz)
+        )  # SAGA's 1/(2(L + mu n)), as sklearn
+        epochs, converged = _saga(
+            X.indptr.astype(np.int64),
+            X.indices.astype(np.int64),
+            X.data,
+            y_idx.astype(np.int64),
+            sw,
+            W,
+            b,
+            n_classes,
+            step,
+            alpha,
+            beta,
+            float(self.tol),
+            int(self.max_iter),
+            bool(self.fit_intercept),
+            int(self.random_state) % (2**32),
+        )
         self.coef_ = np.ascontiguousarray(W.T)
         self.intercept_ = b
         self.n_iter_ = np.array([epochs])

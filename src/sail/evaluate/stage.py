@@ -21,13 +21,38 @@ from sail.data.labels import VOCABULARY
 from sail.errors import SailError
 from sail.evaluate import concepts as concepts_mod
 from sail.evaluate import monosemanticity as mono
-from sail.evaluate.inputs import (EvalData, discover_configs, embedded, discover_encoders, load_dense, load_eval_data,
-                                  load_sae_info, load_sparse, read_final_metrics)
-from sail.evaluate.probes import PROBE_COLUMNS, as_design, build_tasks, coefficient_table, run_probes
+from sail.evaluate.inputs import (
+    EvalData,
+    discover_configs,
+    embedded,
+    discover_encoders,
+    load_dense,
+    load_eval_data,
+    load_sae_info,
+    load_sparse,
+    read_final_metrics,
+)
+from sail.evaluate.probes import (
+    PROBE_COLUMNS,
+    as_design,
+    build_tasks,
+    coefficient_table,
+    run_probes,
+)
 from sail.evaluate.ranking import rank_configs, table1_markdown
 from sail.evaluate.recovery import run_recovery
-from sail.workspace import (StageRecord, Workspace, check_table, fingerprint, hash_config, is_done, mark_done,
-                            write_csv_atomic, write_parquet_atomic, write_text_atomic)
+from sail.workspace import (
+    StageRecord,
+    Workspace,
+    check_table,
+    fingerprint,
+    hash_config,
+    is_done,
+    mark_done,
+    write_csv_atomic,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +96,19 @@ def _unit_done(folder: Path, record: StageRecord) -> bool:
 
 
 def _probe_settings_hash(ecfg: EvaluateConfig) -> dict:
-    return {"tasks": ecfg.tasks, "extra_tasks": ecfg.extra_tasks, "probe_structures": ecfg.probe_structures,
-            "probe": ecfg.probe.model_dump(), "concepts": ecfg.concepts.model_dump(),
-            "monosemanticity": ecfg.monosemanticity.model_dump()}
+    return {
+        "tasks": ecfg.tasks,
+        "extra_tasks": ecfg.extra_tasks,
+        "probe_structures": ecfg.probe_structures,
+        "probe": ecfg.probe.model_dump(),
+        "concepts": ecfg.concepts.model_dump(),
+        "monosemanticity": ecfg.monosemanticity.model_dump(),
+    }
 
 
-def run_dense_unit(ecfg: EvaluateConfig, encoder: str, data: EvalData, x_ND: np.ndarray) -> dict[str, pd.DataFrame]:
+def run_dense_unit(
+    ecfg: EvaluateConfig, encoder: str, data: EvalData, x_ND: np.ndarray
+) -> dict[str, pd.DataFrame]:
     """Dense probes (once per encoder) and the monosemanticity null, shared by all its configs."""
     ids = {"encoder": encoder, "variant": DENSE, "sae_config": DENSE}
     tasks, skipped = build_tasks(data, ecfg)
@@ -89,21 +121,37 @@ def run_dense_unit(ecfg: EvaluateConfig, encoder: str, data: EvalData, x_ND: np.
     nulls = []
     for n in sorted(set(ms.top_n)):
         mean, std = mono.null_coherence(o, n, ms.null_draws, ms.seed, data.volume[rows])
-        nulls.append({"encoder": encoder, "split": ms.split, "top_n": n, "null_mean": mean, "null_std": std,
-                      "draws": ms.null_draws})
+        nulls.append(
+            {
+                "encoder": encoder,
+                "split": ms.split,
+                "top_n": n,
+                "null_mean": mean,
+                "null_std": std,
+                "draws": ms.null_draws,
+            }
+        )
     cc = ecfg.concepts
     parts = {
         "probes": pd.DataFrame(out.rows, columns=PROBE_COLUMNS),
         "probe_coefficients": coefficient_table(out.coefs, ids),
-        "probes_breakdown": concepts_mod.breakdown(out.test_scores, data.slices, data.volume, cc.breakdown_by,
-                                                   cc.bootstrap, cc.seed, ids),
+        "probes_breakdown": concepts_mod.breakdown(
+            out.test_scores, data.slices, data.volume, cc.breakdown_by, cc.bootstrap, cc.seed, ids
+        ),
         "null_baselines": pd.DataFrame(nulls),
     }
     return parts
 
 
-def run_sparse_unit(ws: Workspace, ecfg: EvaluateConfig, encoder: str, variant: str, config: str, data: EvalData,
-                    dense_parts: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def run_sparse_unit(
+    ws: Workspace,
+    ecfg: EvaluateConfig,
+    encoder: str,
+    variant: str,
+    config: str,
+    data: EvalData,
+    dense_parts: dict[str, pd.DataFrame],
+) -> dict[str, pd.DataFrame]:
     """Sparse probes, recovery, monosemanticity and concepts of one SAE config."""
     ids = {"encoder": encoder, "variant": variant, "sae_config": config}
     codes = load_sparse(ws, encoder, variant, config, data)
@@ -113,30 +161,46 @@ def run_sparse_unit(ws: Workspace, ecfg: EvaluateConfig, encoder: str, variant: 
     dense = dense_parts["probes"]
     dense = dense[dense["split"] == "valid"]
     dense_auc = {(r.task, r.target): float(r.roc_auc) for r in dense.itertuples()}
-    curves, summary, rec_bad = run_recovery(tasks, codes, data, out.coefs, dense_auc, ecfg.probe, ecfg.recovery, ids)
+    curves, summary, rec_bad = run_recovery(
+        tasks, codes, data, out.coefs, dense_auc, ecfg.probe, ecfg.recovery, ids
+    )
 
     ms = ecfg.monosemanticity
     rows = data.split_rows[ms.split]
     o, _, vocab_size = mono.structure_matrix(data.slices.iloc[rows], VOCABULARY)
     null = dense_parts["null_baselines"].set_index("top_n")["null_mean"].to_dict()
     sub = codes[rows]
-    feats = mono.score_features(sub, data.volume[rows], o, vocab_size, ms.top_n, null, info.dict_sizes)
+    feats = mono.score_features(
+        sub, data.volume[rows], o, vocab_size, ms.top_n, null, info.dict_sizes
+    )
     n_dead = int((np.diff(sub.tocsc().indptr) == 0).sum())
     for k, v in reversed(list(ids.items())):
         feats.insert(0, k, v)
     feats.insert(3, "split", ms.split)
-    mono_cfg = pd.DataFrame([{**ids, **mono.config_scores(feats, n_dead)}], columns=mono.CONFIG_COLUMNS)
+    mono_cfg = pd.DataFrame(
+        [{**ids, **mono.config_scores(feats, n_dead)}], columns=mono.CONFIG_COLUMNS
+    )
 
     cc = ecfg.concepts
-    concepts, confounds = concepts_mod.ground_concepts(codes, data.slices, data.split_rows, ids,
-                                                       cc.confound_labels, cc.confound_min_auc)
-    log.info("%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; vocabulary %d structures",
-             encoder, variant, config, out.n_fits, out.n_unconverged, rec_bad, vocab_size)
+    concepts, confounds = concepts_mod.ground_concepts(
+        codes, data.slices, data.split_rows, ids, cc.confound_labels, cc.confound_min_auc
+    )
+    log.info(
+        "%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; vocabulary %d structures",
+        encoder,
+        variant,
+        config,
+        out.n_fits,
+        out.n_unconverged,
+        rec_bad,
+        vocab_size,
+    )
     return {
         "probes": pd.DataFrame(out.rows, columns=PROBE_COLUMNS),
         "probe_coefficients": coefficient_table(out.coefs, ids),
-        "probes_breakdown": concepts_mod.breakdown(out.test_scores, data.slices, data.volume, cc.breakdown_by,
-                                                   cc.bootstrap, cc.seed, ids),
+        "probes_breakdown": concepts_mod.breakdown(
+            out.test_scores, data.slices, data.volume, cc.breakdown_by, cc.bootstrap, cc.seed, ids
+        ),
         "monosemanticity_features": feats[mono.FEATURE_COLUMNS],
         "monosemanticity_configs": mono_cfg,
         "recovery_curves": curves,
@@ -154,15 +218,21 @@ def _select_encoders(ws: Workspace, ecfg: EvaluateConfig) -> list[str]:
     available = discover_encoders(ws)
     if ecfg.encoders is None:
         if not available:
-            raise SailError(f"no embeddings tables in {ws.root / 'embeddings'}: run `sail encode` first")
+            raise SailError(
+                f"no embeddings tables in {ws.root / 'embeddings'}: run `sail encode` first"
+            )
         return available
     for enc in ecfg.encoders:
         if not ws.embeddings(enc).is_file():
-            raise SailError(f"evaluate.encoders: {ws.embeddings(enc)} not found (have: {', '.join(available) or 'none'})")
+            raise SailError(
+                f"evaluate.encoders: {ws.embeddings(enc)} not found (have: {', '.join(available) or 'none'})"
+            )
     return list(ecfg.encoders)
 
 
-def _stage_inputs(ws: Workspace, encoders: list[str]) -> tuple[dict[str, str], dict[str, list[tuple[str, str]]]]:
+def _stage_inputs(
+    ws: Workspace, encoders: list[str]
+) -> tuple[dict[str, str], dict[str, list[tuple[str, str]]]]:
     inputs = {"slices": fingerprint(ws.slices_table), "split": fingerprint(ws.split_csv)}
     configs = {}
     for enc in encoders:
@@ -176,9 +246,13 @@ def _stage_inputs(ws: Workspace, encoders: list[str]) -> tuple[dict[str, str], d
 def _sparse_inputs(ws: Workspace, enc: str, variant: str, cfg_name: str) -> dict[str, str]:
     out = {}
     for split in ("train", "valid", "test"):
-        out[f"activations/{enc}/{variant}/{cfg_name}/{split}"] = fingerprint(ws.activations(enc, variant, cfg_name, split))
+        out[f"activations/{enc}/{variant}/{cfg_name}/{split}"] = fingerprint(
+            ws.activations(enc, variant, cfg_name, split)
+        )
     for name in ("cfg.json", "metrics.csv"):
-        out[f"sae/{enc}/{variant}/{cfg_name}/{name}"] = fingerprint(ws.sae_dir(enc, variant, cfg_name) / name)
+        out[f"sae/{enc}/{variant}/{cfg_name}/{name}"] = fingerprint(
+            ws.sae_dir(enc, variant, cfg_name) / name
+        )
     return out
 
 
@@ -196,25 +270,42 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         for table in sorted((ws.root / "activations" / enc).rglob("*.parquet")):
             check_table(table, "activations table")
     probe_hash = hash_config(_probe_settings_hash(ecfg))
-    unit_hash = hash_config({k: v for k, v in ecfg.model_dump(mode="json").items() if k not in ("ranking", "encoders")})
+    unit_hash = hash_config(
+        {k: v for k, v in ecfg.model_dump(mode="json").items() if k not in ("ranking", "encoders")}
+    )
     for enc in encoders:
-        base = {"slices": inputs["slices"], "split": inputs["split"], "embeddings": inputs[f"embeddings/{enc}"]}
+        base = {
+            "slices": inputs["slices"],
+            "split": inputs["split"],
+            "embeddings": inputs[f"embeddings/{enc}"],
+        }
         dense_dir = unit_dir(ws, enc, DENSE, DENSE)
         dense_record = StageRecord("evaluate/dense", probe_hash, base)
         data = None
         if force or not _unit_done(dense_dir, dense_record):
             data, x_ND = load_dense(ws, enc, data_all, normalise=ecfg.probe.dense_input == "l2")
-            log.info("%s: dense probes on %d slices x %d dims", enc, len(data.slices), x_ND.shape[1])
+            log.info(
+                "%s: dense probes on %d slices x %d dims", enc, len(data.slices), x_ND.shape[1]
+            )
             t0 = time.perf_counter()
             _write_parts(dense_dir, run_dense_unit(ecfg, enc, data, x_ND))
-            mark_done(dense_dir / UNIT_MAIN, dense_record, {"seconds": round(time.perf_counter() - t0, 2)})
+            mark_done(
+                dense_dir / UNIT_MAIN, dense_record, {"seconds": round(time.perf_counter() - t0, 2)}
+            )
         dense_parts = _read_parts(dense_dir)
         keep = {dense_dir}
         for variant, cfg_name in configs[enc]:
             folder = unit_dir(ws, enc, variant, cfg_name)
             keep.add(folder)
-            rec = StageRecord("evaluate/sae", unit_hash,
-                              {**base, "dense_unit": fingerprint(dense_dir / UNIT_MAIN), **_sparse_inputs(ws, enc, variant, cfg_name)})
+            rec = StageRecord(
+                "evaluate/sae",
+                unit_hash,
+                {
+                    **base,
+                    "dense_unit": fingerprint(dense_dir / UNIT_MAIN),
+                    **_sparse_inputs(ws, enc, variant, cfg_name),
+                },
+            )
             if not force and _unit_done(folder, rec):
                 log.info("%s/%s/%s: up to date", enc, variant, cfg_name)
                 continue
@@ -224,7 +315,9 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             parts = run_sparse_unit(ws, ecfg, enc, variant, cfg_name, data, dense_parts)
             _write_parts(folder, parts)
             mark_done(folder / UNIT_MAIN, rec, {"seconds": round(time.perf_counter() - t0, 2)})
-            log.info("%s/%s/%s: evaluated in %.1f s", enc, variant, cfg_name, time.perf_counter() - t0)
+            log.info(
+                "%s/%s/%s: evaluated in %.1f s", enc, variant, cfg_name, time.perf_counter() - t0
+            )
         _prune(units_root(ws) / enc, keep)
     assemble(cfg, ws)
     mark_done(main, record)
@@ -253,8 +346,11 @@ def assemble(cfg: SailConfig, ws: Workspace) -> None:
                     collected[name].append(df)
     tables = {}
     for name, (filename, fmt) in TABLES.items():
-        df = (pd.concat(collected[name], ignore_index=True) if collected[name]
-              else pd.DataFrame(columns=columns.get(name, [])))
+        df = (
+            pd.concat(collected[name], ignore_index=True)
+            if collected[name]
+            else pd.DataFrame(columns=columns.get(name, []))
+        )
         tables[name] = df
         path = ws.eval_dir / filename
         if fmt == "csv":
@@ -263,13 +359,31 @@ def assemble(cfg: SailConfig, ws: Workspace) -> None:
             write_parquet_atomic(path, df)
     mono_cfg, summary = tables["monosemanticity_configs"], tables["recovery_summary"]
     if len(mono_cfg) and len(summary):
-        ranking = rank_configs(mono_cfg, summary, ecfg.recovery.thresholds, max(ecfg.recovery.n_features), ecfg.ranking)
+        ranking = rank_configs(
+            mono_cfg, summary, ecfg.recovery.thresholds, max(ecfg.recovery.n_features), ecfg.ranking
+        )
     else:
-        ranking = pd.DataFrame(columns=["encoder", "variant", "sae_config", "m_config", "mean_n_features", "n_targets",
-                                        "rank_mono", "rank_perf", "rank_combined", "final_rank"])
+        ranking = pd.DataFrame(
+            columns=[
+                "encoder",
+                "variant",
+                "sae_config",
+                "m_config",
+                "mean_n_features",
+                "n_targets",
+                "rank_mono",
+                "rank_perf",
+                "rank_combined",
+                "final_rank",
+            ]
+        )
     metrics = {}
     for r in ranking.itertuples():
-        metrics[(r.encoder, r.variant, r.sae_config)] = read_final_metrics(ws.sae_dir(r.encoder, r.variant, r.sae_config) / "metrics.csv")
+        metrics[(r.encoder, r.variant, r.sae_config)] = read_final_metrics(
+            ws.sae_dir(r.encoder, r.variant, r.sae_config) / "metrics.csv"
+        )
     write_csv_atomic(ws.eval_dir / "ranking.csv", ranking)
-    write_text_atomic(ws.eval_dir / "table1.md", table1_markdown(ranking, metrics, ecfg.ranking,
-                                                                       m_slices=min(ecfg.monosemanticity.top_n)))
+    write_text_atomic(
+        ws.eval_dir / "table1.md",
+        table1_markdown(ranking, metrics, ecfg.ranking, m_slices=min(ecfg.monosemanticity.top_n)),
+    )

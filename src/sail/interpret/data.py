@@ -22,7 +22,17 @@ from sail.workspace import Workspace, check_table, fingerprint
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = ["slice_id", "modality", "image_id", "plane", "slice_idx", "png_path", "sex", "age", "age_group"]
+META_COLUMNS = [
+    "slice_id",
+    "modality",
+    "image_id",
+    "plane",
+    "slice_idx",
+    "png_path",
+    "sex",
+    "age",
+    "age_group",
+]
 
 
 @dataclass(frozen=True, order=True)
@@ -41,10 +51,15 @@ def select_targets(cfg: SailConfig, ws: Workspace) -> list[Target]:
     every config with activations."""
     icfg = cfg.interpret
     act_root = ws.root / "activations"
-    found = sorted(
-        Target(p.parent.parent.name, p.parent.name, p.name)
-        for p in act_root.glob("*/*/*") if p.is_dir()
-    ) if act_root.is_dir() else []
+    found = (
+        sorted(
+            Target(p.parent.parent.name, p.parent.name, p.name)
+            for p in act_root.glob("*/*/*")
+            if p.is_dir()
+        )
+        if act_root.is_dir()
+        else []
+    )
     if icfg.encoders:
         found = [t for t in found if t.encoder in icfg.encoders]
     if not found:
@@ -64,8 +79,12 @@ def select_targets(cfg: SailConfig, ws: Workspace) -> list[Target]:
     chosen |= {t for t in found if t.sae_config in icfg.sae_configs}
     out = [t for t in found if t in chosen]
     if not out:
-        log.warning("interpret: %s ranks no config with activations (too few validation volumes?); "
-                    "using every config under %s", ranking_csv, act_root)
+        log.warning(
+            "interpret: %s ranks no config with activations (too few validation volumes?); "
+            "using every config under %s",
+            ranking_csv,
+            act_root,
+        )
         return found
     return out
 
@@ -105,7 +124,11 @@ class SplitData:
     def H_NS(self) -> np.ndarray:
         """Structure presence (null -> absent)."""
         cols = [f"has_{s}" for s in self.structures]
-        return self.meta[cols].fillna(False).to_numpy(dtype=bool) if cols else np.zeros((self.n, 0), bool)
+        return (
+            self.meta[cols].fillna(False).to_numpy(dtype=bool)
+            if cols
+            else np.zeros((self.n, 0), bool)
+        )
 
     @cached_property
     def volume(self) -> np.ndarray:
@@ -131,7 +154,9 @@ class SplitData:
     @cached_property
     def always_on(self) -> np.ndarray:
         """Features active on every slice (the published 'minimum activation > 0')."""
-        nonzero = np.bincount(self.codes.indices[self.codes.data > 0], minlength=self.codes.shape[1])
+        nonzero = np.bincount(
+            self.codes.indices[self.codes.data > 0], minlength=self.codes.shape[1]
+        )
         return nonzero >= self.n
 
     def fingerprint(self) -> str:
@@ -142,9 +167,11 @@ def load_split(ws: Workspace, target: Target, split: str, slices: pd.DataFrame) 
     path = ws.activations(target.encoder, target.variant, target.sae_config, split)
     slice_ids, codes, _ = read_activations(path)
     if len(slice_ids) == 0:
-        raise SailError(f"{path}: the {split} split has no slices (data/split.csv assigns it no scan; with the "
-                        "default split.test_institutes A, D, E a dataset lacking those institutes has no test scans); "
-                        "set split.test_institutes to institutes in your data and rerun from `sail split`")
+        raise SailError(
+            f"{path}: the {split} split has no slices (data/split.csv assigns it no scan; with the "
+            "default split.test_institutes A, D, E a dataset lacking those institutes has no test scans); "
+            "set split.test_institutes to institutes in your data and rerun from `sail split`"
+        )
     order = np.argsort(slice_ids, kind="stable")
     slice_ids, codes = slice_ids[order], codes[order]
     index = pd.Index(slices["slice_id"])
@@ -155,8 +182,10 @@ def load_split(ws: Workspace, target: Target, split: str, slices: pd.DataFrame) 
     meta = slices.iloc[rows].reset_index(drop=True)
     wrong = meta["split"].astype(str) != split
     if wrong.any():
-        raise SailError(f"{path}: slice {meta.slice_id[wrong].iloc[0]!r} belongs to split "
-                        f"{meta.split[wrong].iloc[0]!r} in data/split.csv, not {split!r}")
+        raise SailError(
+            f"{path}: slice {meta.slice_id[wrong].iloc[0]!r} belongs to split "
+            f"{meta.split[wrong].iloc[0]!r} in data/split.csv, not {split!r}"
+        )
     structures = [c[4:] for c in meta.columns if c.startswith("has_")]
     codes = sp.csr_matrix(codes, dtype=np.float32)
     codes.eliminate_zeros()
@@ -170,5 +199,7 @@ def dense_aligned(ws: Workspace, encoder: str, slice_ids: np.ndarray) -> np.ndar
     table = read_embeddings(ws.embeddings(encoder))
     rows = pd.Index(table.slice_ids).get_indexer(slice_ids)
     if (rows < 0).any():
-        raise SailError(f"{ws.embeddings(encoder)}: no embedding for slice_id {slice_ids[rows < 0][0]!r}")
+        raise SailError(
+            f"{ws.embeddings(encoder)}: no embedding for slice_id {slice_ids[rows < 0][0]!r}"
+        )
     return table.x_ND[rows]

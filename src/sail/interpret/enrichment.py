@@ -31,7 +31,9 @@ class Enrichment:
     n_top: int  # top slices
     n_volumes: int = 0  # the volumes they come from: the unit of the p-values
     # attribute -> list of (value, share, base, lift, p), sorted by share desc
-    categorical: dict[str, list[tuple[str, float, float, float, float]]] = field(default_factory=dict)
+    categorical: dict[str, list[tuple[str, float, float, float, float]]] = field(
+        default_factory=dict
+    )
     structures: list[tuple[str, float, float, float, float]] = field(default_factory=list)
     regions: list[tuple[str, float, float, float, float]] = field(default_factory=list)
 
@@ -59,8 +61,17 @@ class Enrichment:
 
     def to_json(self) -> dict:
         def rows(rs, only=None):
-            return [{"value": v, "share": round(s, 3), "base": round(b, 3), "lift": round(li, 2), "p": float(f"{p:.2g}")}
-                    for v, s, b, li, p in rs if only is None or (v in only)]
+            return [
+                {
+                    "value": v,
+                    "share": round(s, 3),
+                    "base": round(b, 3),
+                    "lift": round(li, 2),
+                    "p": float(f"{p:.2g}"),
+                }
+                for v, s, b, li, p in rs
+                if only is None or (v in only)
+            ]
 
         return {
             "n_top": self.n_top,
@@ -90,7 +101,11 @@ class EnrichmentTable:
             col = meta[a].astype("string")
             known = col.notna().to_numpy()
             cats = sorted(col.dropna().unique())
-            onehot = np.stack([(col == c).fillna(False).to_numpy() for c in cats], axis=1) if cats else np.zeros((len(meta), 0), bool)
+            onehot = (
+                np.stack([(col == c).fillna(False).to_numpy() for c in cats], axis=1)
+                if cats
+                else np.zeros((len(meta), 0), bool)
+            )
             base = onehot[known].mean(0) if known.any() else np.zeros(len(cats))
             self.values[a] = (np.asarray(cats, dtype=object), onehot, known, base)
         self.structures = np.asarray(structures, dtype=object)
@@ -119,9 +134,15 @@ class EnrichmentTable:
         np.add.at(sums, inv_R[known_R], x)
         counts = np.bincount(inv_R[known_R], minlength=n_vol)
         per_volume = sums[counts > 0] / counts[counts > 0, None]
-        p = stats.binom.sf(np.floor(per_volume.sum(0) + 1e-9) - 1, len(per_volume), np.clip(base, 1e-12, 1))
+        p = stats.binom.sf(
+            np.floor(per_volume.sum(0) + 1e-9) - 1, len(per_volume), np.clip(base, 1e-12, 1)
+        )
         order = np.lexsort((names.astype(str), -share))
-        return [(str(names[i]), float(share[i]), float(base[i]), float(lift[i]), float(p[i])) for i in order if hits[i] > 0]
+        return [
+            (str(names[i]), float(share[i]), float(base[i]), float(lift[i]), float(p[i]))
+            for i in order
+            if hits[i] > 0
+        ]
 
     def of(self, rows: np.ndarray) -> Enrichment:
         """Enrichment of a feature's top slices ``rows``; p-values count the volumes they come from."""
@@ -132,6 +153,8 @@ class EnrichmentTable:
         everywhere = np.ones(len(rows), dtype=bool)
         for a, (cats, onehot, known, base) in self.values.items():
             ev.categorical[a] = self._rows(cats, onehot[rows], known[rows], inv, n_vol, base)
-        ev.structures = self._rows(self.structures, self.H[rows], everywhere, inv, n_vol, self.h_base)
+        ev.structures = self._rows(
+            self.structures, self.H[rows], everywhere, inv, n_vol, self.h_base
+        )
         ev.regions = self._rows(self.regions, self.RG[rows], everywhere, inv, n_vol, self.r_base)
         return ev

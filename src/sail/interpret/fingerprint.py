@@ -37,7 +37,9 @@ def draw_references(n: int, cfg: FingerprintSettings) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(cfg.n_references, n), replace=False))
 
 
-def sparse_fingerprints(codes: sp.csr_matrix, rows: np.ndarray, k: int, exclude: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def sparse_fingerprints(
+    codes: sp.csr_matrix, rows: np.ndarray, k: int, exclude: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(feature ids, values) of the top-k active, non-excluded features of each row (desc, ties by id)."""
     out = []
     for r in rows:
@@ -59,8 +61,13 @@ def dense_fingerprints(x_BD: np.ndarray, k: int) -> np.ndarray:
     return q
 
 
-def restricted_cosine(dot_NB: np.ndarray, sq_NB: np.ndarray, q_norm_B: np.ndarray, single_B: np.ndarray,
-                      q_single_B: np.ndarray) -> np.ndarray:
+def restricted_cosine(
+    dot_NB: np.ndarray,
+    sq_NB: np.ndarray,
+    q_norm_B: np.ndarray,
+    single_B: np.ndarray,
+    q_single_B: np.ndarray,
+) -> np.ndarray:
     """Cosine over each query's own support; one-feature queries use 1/(1+|a - a_ref|)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = dot_NB / (np.sqrt(sq_NB) * q_norm_B[None, :])
@@ -83,7 +90,9 @@ def similarity_rule(method: str, fp_size_B: np.ndarray) -> np.ndarray:
     return np.where(single, SINGLE_FEATURE_RULE, "cosine")
 
 
-def best_per_volume(S_NB: np.ndarray, data: SplitData, own_vol_B: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+def best_per_volume(
+    S_NB: np.ndarray, data: SplitData, own_vol_B: np.ndarray, top: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Top ``top`` other volumes per column by their best slice: (rows (B, top), scores), -1 padded."""
     S = np.where(np.isnan(S_NB), -np.inf, S_NB)
     vmax_VB = np.maximum.reduceat(S, data.vol_start, axis=0)
@@ -116,7 +125,10 @@ class _Meta:
             onehot = np.zeros((data.n, n_cat), dtype=np.float64)
             known = codes >= 0
             onehot[np.flatnonzero(known), codes[known]] = 1.0
-            self.vol_share[a] = np.add.reduceat(onehot, data.vol_start, axis=0) / np.diff(np.r_[data.vol_start, data.n])[:, None]
+            self.vol_share[a] = (
+                np.add.reduceat(onehot, data.vol_start, axis=0)
+                / np.diff(np.r_[data.vol_start, data.n])[:, None]
+            )
             self.vol_known[a] = np.add.reduceat(known.astype(float), data.vol_start) > 0
         self.H = data.H_NS.astype(np.float32)
         self.h_count = self.H.sum(1)
@@ -139,10 +151,14 @@ def _agreement(meta: _Meta, ref_B: np.ndarray, hits_BT: np.ndarray) -> dict[str,
         known = valid & (hit_c >= 0) & (ref_c >= 0)
         agree = (hit_c == ref_c) & known
         with np.errstate(invalid="ignore"):
-            out[f"p_{a}"] = np.where(known.any(1), agree.sum(1) / np.maximum(known.sum(1), 1), np.nan)
+            out[f"p_{a}"] = np.where(
+                known.any(1), agree.sum(1) / np.maximum(known.sum(1), 1), np.nan
+            )
     jac = _jaccard(meta.H, meta.h_count, np.broadcast_to(ref_B[:, None], safe.shape), safe)
     with np.errstate(invalid="ignore"):
-        out["jaccard_structures"] = np.where(valid.any(1), (jac * valid).sum(1) / np.maximum(valid.sum(1), 1), np.nan)
+        out["jaccard_structures"] = np.where(
+            valid.any(1), (jac * valid).sum(1) / np.maximum(valid.sum(1), 1), np.nan
+        )
     return out
 
 
@@ -161,13 +177,18 @@ def _chance(meta: _Meta, data: SplitData, ref_B: np.ndarray) -> dict[str, np.nda
     inter = meta.H @ h_ref.T  # (N, B)
     union = meta.h_count[:, None] + meta.h_count[ref_B][None, :] - inter
     jac = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    per_vol = np.add.reduceat(jac, data.vol_start, axis=0) / np.diff(np.r_[data.vol_start, data.n])[:, None]
+    per_vol = (
+        np.add.reduceat(jac, data.vol_start, axis=0)
+        / np.diff(np.r_[data.vol_start, data.n])[:, None]
+    )
     per_vol[own, np.arange(len(ref_B))] = np.nan
     out["jaccard_structures"] = np.nanmean(per_vol, axis=0)
     return out
 
 
-def run_fingerprint_retrieval(data: SplitData, x_ND: np.ndarray, cfg: FingerprintSettings) -> dict[str, pd.DataFrame]:
+def run_fingerprint_retrieval(
+    data: SplitData, x_ND: np.ndarray, cfg: FingerprintSettings
+) -> dict[str, pd.DataFrame]:
     """Per-reference metrics (long), hits and fingerprints at ``k_main``, and the summary."""
     x_ND = np.asarray(x_ND, dtype=np.float32)
     xn_ND = x_ND / np.maximum(np.linalg.norm(x_ND, axis=1, keepdims=True), 1e-12)
@@ -184,43 +205,71 @@ def run_fingerprint_retrieval(data: SplitData, x_ND: np.ndarray, cfg: Fingerprin
     def record(method, k, ref_B, hits_BT, sims_BT, fp_size_B, dense_cos_NB, chance):
         agree = _agreement(meta, ref_B, hits_BT)
         valid = hits_BT >= 0
-        qual = np.where(valid, dense_cos_NB[np.where(valid, hits_BT, 0), np.arange(len(ref_B))[:, None]], np.nan)
+        qual = np.where(
+            valid, dense_cos_NB[np.where(valid, hits_BT, 0), np.arange(len(ref_B))[:, None]], np.nan
+        )
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            frame = pd.DataFrame({
-                "method": method, "k": k, "reference": ids[ref_B], "fp_size": fp_size_B,
-                "similarity_rule": similarity_rule(method, fp_size_B),
-                "n_hits": valid.sum(1), "quality_mean": np.nanmean(qual, 1), "quality_std": np.nanstd(qual, 1, ddof=1) if qual.shape[1] > 1 else np.nan,
-                "quality_min": np.nanmin(qual, 1), "quality_max": np.nanmax(qual, 1),
-                **agree, **{f"chance_{m}": v for m, v in chance.items()},
-            })
-        frame.loc[frame.n_hits == 0, ["quality_mean", "quality_std", "quality_min", "quality_max"]] = np.nan
+            frame = pd.DataFrame(
+                {
+                    "method": method,
+                    "k": k,
+                    "reference": ids[ref_B],
+                    "fp_size": fp_size_B,
+                    "similarity_rule": similarity_rule(method, fp_size_B),
+                    "n_hits": valid.sum(1),
+                    "quality_mean": np.nanmean(qual, 1),
+                    "quality_std": np.nanstd(qual, 1, ddof=1) if qual.shape[1] > 1 else np.nan,
+                    "quality_min": np.nanmin(qual, 1),
+                    "quality_max": np.nanmax(qual, 1),
+                    **agree,
+                    **{f"chance_{m}": v for m, v in chance.items()},
+                }
+            )
+        frame.loc[
+            frame.n_hits == 0, ["quality_mean", "quality_std", "quality_min", "quality_max"]
+        ] = np.nan
         rows.append(frame)
         if method == "dense_full" or k == cfg.k_main:
             b_idx, t_idx = np.nonzero(valid)
             h = hits_BT[b_idx, t_idx]
-            hit_rows.append(pd.DataFrame({
-                "method": method, "k": k, "reference": ids[ref_B[b_idx]], "rank": t_idx + 1,
-                "hit": ids[h], "similarity": sims_BT[b_idx, t_idx],
-                "similarity_rule": similarity_rule(method, np.asarray(fp_size_B)[b_idx]),
-                "dense_cosine": qual[b_idx, t_idx],
-                **{a: data.meta[a].to_numpy()[h] for a in CATEGORICAL},
-            }))
+            hit_rows.append(
+                pd.DataFrame(
+                    {
+                        "method": method,
+                        "k": k,
+                        "reference": ids[ref_B[b_idx]],
+                        "rank": t_idx + 1,
+                        "hit": ids[h],
+                        "similarity": sims_BT[b_idx, t_idx],
+                        "similarity_rule": similarity_rule(method, np.asarray(fp_size_B)[b_idx]),
+                        "dense_cosine": qual[b_idx, t_idx],
+                        **{a: data.meta[a].to_numpy()[h] for a in CATEGORICAL},
+                    }
+                )
+            )
 
     for start in range(0, len(refs), cfg.batch_size):
-        ref_B = refs[start:start + cfg.batch_size]
+        ref_B = refs[start : start + cfg.batch_size]
         B = len(ref_B)
         own = data.volume[ref_B]
         dense_cos_NB = xn_ND @ xn_ND[ref_B].T
         chance = _chance(meta, data, ref_B)
         hits, sims = best_per_volume(dense_cos_NB, data, own, cfg.top_hits)
-        record("dense_full", None, ref_B, hits, sims, np.full(B, x_ND.shape[1]), dense_cos_NB, chance)
+        record(
+            "dense_full", None, ref_B, hits, sims, np.full(B, x_ND.shape[1]), dense_cos_NB, chance
+        )
         for k in k_values:
             fps = sparse_fingerprints(csr, ref_B, k, exclude)
             fp_size = np.array([len(f) for f, _ in fps])
-            q = sp.csr_matrix((np.concatenate([v for _, v in fps]).astype(np.float64),
-                               np.concatenate([f for f, _ in fps]), np.r_[0, np.cumsum(fp_size)]),
-                              shape=(B, csr.shape[1]))
+            q = sp.csr_matrix(
+                (
+                    np.concatenate([v for _, v in fps]).astype(np.float64),
+                    np.concatenate([f for f, _ in fps]),
+                    np.r_[0, np.cumsum(fp_size)],
+                ),
+                shape=(B, csr.shape[1]),
+            )
             mask = q.copy()
             mask.data[:] = 1.0
             dot = (csr @ q.T).toarray()
@@ -233,15 +282,37 @@ def run_fingerprint_retrieval(data: SplitData, x_ND: np.ndarray, cfg: Fingerprin
             qd = dense_fingerprints(x_ND[ref_B], k)
             md = (qd != 0).astype(np.float32)
             fp_size_d = md.sum(1).astype(int)
-            Sd = restricted_cosine(x_ND @ qd.T, x2_ND @ md.T, np.linalg.norm(qd, axis=1), fp_size_d == 1, qd.sum(1))
+            Sd = restricted_cosine(
+                x_ND @ qd.T, x2_ND @ md.T, np.linalg.norm(qd, axis=1), fp_size_d == 1, qd.sum(1)
+            )
             hits, sims = best_per_volume(Sd, data, own, cfg.top_hits)
             record("dense_fp", k, ref_B, hits, sims, fp_size_d, dense_cos_NB, chance)
             if k == cfg.k_main:
                 for b, (f, v) in enumerate(fps):
-                    fp_rows.append(pd.DataFrame({"method": "sparse", "reference": ids[ref_B[b]], "rank": np.arange(1, len(f) + 1), "feature": f, "value": v}))
+                    fp_rows.append(
+                        pd.DataFrame(
+                            {
+                                "method": "sparse",
+                                "reference": ids[ref_B[b]],
+                                "rank": np.arange(1, len(f) + 1),
+                                "feature": f,
+                                "value": v,
+                            }
+                        )
+                    )
                     dims = np.flatnonzero(md[b])
                     dims = dims[np.argsort(-np.abs(qd[b, dims]), kind="stable")]
-                    fp_rows.append(pd.DataFrame({"method": "dense_fp", "reference": ids[ref_B[b]], "rank": np.arange(1, len(dims) + 1), "feature": dims, "value": qd[b, dims]}))
+                    fp_rows.append(
+                        pd.DataFrame(
+                            {
+                                "method": "dense_fp",
+                                "reference": ids[ref_B[b]],
+                                "rank": np.arange(1, len(dims) + 1),
+                                "feature": dims,
+                                "value": qd[b, dims],
+                            }
+                        )
+                    )
     per_ref = pd.concat(rows, ignore_index=True)
     per_ref["k"] = per_ref["k"].astype("Int64")
     per_ref = _add_relative(per_ref)
@@ -250,7 +321,9 @@ def run_fingerprint_retrieval(data: SplitData, x_ND: np.ndarray, cfg: Fingerprin
     return {
         "per_reference": per_ref,
         "hits": hits,
-        "fingerprints": pd.concat(fp_rows, ignore_index=True) if fp_rows else pd.DataFrame(columns=["method", "reference", "rank", "feature", "value"]),
+        "fingerprints": pd.concat(fp_rows, ignore_index=True)
+        if fp_rows
+        else pd.DataFrame(columns=["method", "reference", "rank", "feature", "value"]),
         "summary": summarise(per_ref),
         "always_on": pd.DataFrame({"feature": np.flatnonzero(exclude)}),
     }
@@ -260,9 +333,13 @@ def _add_relative(per_ref: pd.DataFrame) -> pd.DataFrame:
     """Per-reference ratios to the dense baselines (matched on the slice_id, not a collapsed key)."""
     full = per_ref[per_ref.method == "dense_full"].set_index("reference")["quality_mean"]
     dfp = per_ref[per_ref.method == "dense_fp"].set_index(["k", "reference"])["quality_mean"]
-    per_ref["relative_to_dense_full"] = per_ref["quality_mean"] / per_ref["reference"].map(full).to_numpy()
+    per_ref["relative_to_dense_full"] = (
+        per_ref["quality_mean"] / per_ref["reference"].map(full).to_numpy()
+    )
     key = pd.MultiIndex.from_arrays([per_ref["k"], per_ref["reference"]])
-    per_ref["relative_to_dense_fp"] = per_ref["quality_mean"].to_numpy() / dfp.reindex(key).to_numpy()
+    per_ref["relative_to_dense_fp"] = (
+        per_ref["quality_mean"].to_numpy() / dfp.reindex(key).to_numpy()
+    )
     return per_ref
 
 
@@ -295,23 +372,33 @@ def summarise(per_ref: pd.DataFrame) -> pd.DataFrame:
     volume = pd.Series(volume_ids(per_ref["reference"]), index=per_ref.index)
     for (method, k), g in per_ref.groupby(["method", per_ref["k"].fillna(-1)], sort=True):
         vol = volume.loc[g.index].to_numpy()
-        n_single = int((g["similarity_rule"] == SINGLE_FEATURE_RULE).sum()) if "similarity_rule" in g else 0
+        n_single = (
+            int((g["similarity_rule"] == SINGLE_FEATURE_RULE).sum())
+            if "similarity_rule" in g
+            else 0
+        )
         for m in (*METRICS, "relative_to_dense_full", "relative_to_dense_fp"):
             col = f"{m}_mean" if m == "quality" else m
             vals = g[col].to_numpy(dtype=float)
             chance_col = f"chance_{m}"
             chance = g[chance_col].to_numpy(dtype=float) if chance_col in g else None
             per_vol = per_volume_mean(vals - chance, vol) if chance is not None else np.zeros(0)
-            out.append({
-                "method": method, "k": pd.NA if k == -1 else int(k), "metric": m,
-                "mean": np.nanmean(vals) if np.isfinite(vals).any() else np.nan,
-                "std": np.nanstd(vals, ddof=1) if np.isfinite(vals).sum() > 1 else np.nan,
-                "n": int(np.isfinite(vals).sum()),
-                "n_volumes": int(len(np.unique(vol[np.isfinite(vals)]))),
-                "chance_mean": np.nanmean(chance) if chance is not None and np.isfinite(chance).any() else np.nan,
-                "p_vs_chance": _one_sided_p(per_vol) if chance is not None else np.nan,
-                "n_single_feature": n_single,
-            })
+            out.append(
+                {
+                    "method": method,
+                    "k": pd.NA if k == -1 else int(k),
+                    "metric": m,
+                    "mean": np.nanmean(vals) if np.isfinite(vals).any() else np.nan,
+                    "std": np.nanstd(vals, ddof=1) if np.isfinite(vals).sum() > 1 else np.nan,
+                    "n": int(np.isfinite(vals).sum()),
+                    "n_volumes": int(len(np.unique(vol[np.isfinite(vals)]))),
+                    "chance_mean": np.nanmean(chance)
+                    if chance is not None and np.isfinite(chance).any()
+                    else np.nan,
+                    "p_vs_chance": _one_sided_p(per_vol) if chance is not None else np.nan,
+                    "n_single_feature": n_single,
+                }
+            )
     return pd.DataFrame(out)
 
 
@@ -328,7 +415,16 @@ def plot_k_sweep(summary: pd.DataFrame, path, title: str) -> None:
         s = summary[summary.metric == metric]
         for method, color in (("sparse", "darkorange"), ("dense_fp", "steelblue")):
             d = s[s.method == method].sort_values("k")
-            ax.errorbar(d.k.astype(float), d["mean"], yerr=d["std"], marker="o", ms=3, capsize=2, color=color, label=method)
+            ax.errorbar(
+                d.k.astype(float),
+                d["mean"],
+                yerr=d["std"],
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=color,
+                label=method,
+            )
         full = s[s.method == "dense_full"]
         if len(full):
             ax.axhline(float(full["mean"].iloc[0]), color="k", ls="--", lw=1, label="dense_full")

@@ -40,16 +40,57 @@ SCORINGS = ("published_cosine", "weighted_sum", "soft_and")
 _REGION_WORDS: dict[str, list[str]] = {
     "thorax": ["lungs", "heart", "mediastinum", "rib cage"],
     "chest": ["lungs", "heart", "mediastinum", "rib cage"],
-    "abdomen": ["liver", "spleen", "pancreas", "stomach", "kidneys", "bowel", "gallbladder", "adrenal glands"],
+    "abdomen": [
+        "liver",
+        "spleen",
+        "pancreas",
+        "stomach",
+        "kidneys",
+        "bowel",
+        "gallbladder",
+        "adrenal glands",
+    ],
     "retroperitoneum": ["kidneys", "adrenal glands", "abdominal vasculature", "pancreas"],
-    "pelvis": ["bony pelvis", "urinary bladder", "prostate", "sacrum", "pelvic vasculature", "gluteal muscles"],
+    "pelvis": [
+        "bony pelvis",
+        "urinary bladder",
+        "prostate",
+        "sacrum",
+        "pelvic vasculature",
+        "gluteal muscles",
+    ],
     "spine": ["cervical spine", "thoracic spine", "lumbar spine", "sacrum", "spinal canal"],
     "thoracolumbar": ["thoracic spine", "lumbar spine"],
     "head": ["brain", "skull"],
     "neck": ["cervical spine", "thyroid"],
 }
-_STOP = {"of", "the", "and", "in", "a", "an", "with", "patient", "patients", "ct", "mri", "mr", "axial", "coronal",
-         "sagittal", "male", "female", "elderly", "young", "slice", "slices", "image", "images", "including", "or"}
+_STOP = {
+    "of",
+    "the",
+    "and",
+    "in",
+    "a",
+    "an",
+    "with",
+    "patient",
+    "patients",
+    "ct",
+    "mri",
+    "mr",
+    "axial",
+    "coronal",
+    "sagittal",
+    "male",
+    "female",
+    "elderly",
+    "young",
+    "slice",
+    "slices",
+    "image",
+    "images",
+    "including",
+    "or",
+}
 
 
 @dataclass
@@ -65,8 +106,17 @@ class Query:
     structures: list[str] = field(default_factory=list)
 
     def row(self) -> dict:
-        return {"query": self.name, "text": self.text, "source": self.source, "modality": self.modality, "plane": self.plane,
-                "sex": self.sex, "age_min": self.age_min, "age_max": self.age_max, "structures": ";".join(self.structures)}
+        return {
+            "query": self.name,
+            "text": self.text,
+            "source": self.source,
+            "modality": self.modality,
+            "plane": self.plane,
+            "sex": self.sex,
+            "age_min": self.age_min,
+            "age_max": self.age_max,
+            "structures": ";".join(self.structures),
+        }
 
 
 def _norm(text: str) -> str:
@@ -95,7 +145,10 @@ def parse_query(name: str, text: str, structures: list[str], source: str = "user
     from sail.interpret.backends.metadata_describer import display_name
 
     wanted: set[str] = set()
-    regions = {r: [s for s in structures if STRUCTURE_REGION.get(s) == r] for r in set(STRUCTURE_REGION.values())}
+    regions = {
+        r: [s for s in structures if STRUCTURE_REGION.get(s) == r]
+        for r in set(STRUCTURE_REGION.values())
+    }
     for s in structures:
         names = {_norm(display_name(s)).strip(), _norm(s.replace("_", " ")).strip()}
         if any(f" {n} " in t for n in names if n):
@@ -113,15 +166,26 @@ def parse_query(name: str, text: str, structures: list[str], source: str = "user
     return q
 
 
-def load_queries(published: bool, user: list[dict], structures: list[str], origin: str = "interpret.language.queries") -> list[Query]:
+def load_queries(
+    published: bool,
+    user: list[dict],
+    structures: list[str],
+    origin: str = "interpret.language.queries",
+) -> list[Query]:
     from sail.errors import SailError
 
-    out = [parse_query(n, t, structures, "published") for n, t in PUBLISHED_QUERIES] if published else []
+    out = (
+        [parse_query(n, t, structures, "published") for n, t in PUBLISHED_QUERIES]
+        if published
+        else []
+    )
     for i, item in enumerate(user):
         if isinstance(item, str):
             item = {"name": re.sub(r"[^a-z0-9]+", "_", item.lower()).strip("_"), "text": item}
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-            raise SailError(f"{origin}[{i}]: expected a string or a mapping with 'text' (and optional 'name')")
+            raise SailError(
+                f"{origin}[{i}]: expected a string or a mapping with 'text' (and optional 'name')"
+            )
         out.append(parse_query(str(item.get("name") or f"query_{i}"), item["text"], structures))
     names = [q.name for q in out]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -164,7 +228,11 @@ def match_embedding(query: str, descriptions: list[str], n: int) -> tuple[np.nda
 
 
 def _words(text: str) -> set[str]:
-    return {w for w in _norm(text).split() if w not in _STOP and len(w) > 1} | {w for w in _norm(text).split() if w in ("ct", "mri", "axial", "coronal", "sagittal", "male", "female")}
+    return {w for w in _norm(text).split() if w not in _STOP and len(w) > 1} | {
+        w
+        for w in _norm(text).split()
+        if w in ("ct", "mri", "axial", "coronal", "sagittal", "male", "female")
+    }
 
 
 def match_lexical(query: str, descriptions: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +253,9 @@ def scoring_rule(scoring: str, n_features: int) -> str:
     return scoring
 
 
-def score_images(data: SplitData, features: np.ndarray, mean_act: np.ndarray, weights: np.ndarray, scoring: str) -> np.ndarray:
+def score_images(
+    data: SplitData, features: np.ndarray, mean_act: np.ndarray, weights: np.ndarray, scoring: str
+) -> np.ndarray:
     """Score every slice from its activations on the matched features."""
     A = data.csc[:, features].toarray().astype(np.float64)  # (N, m)
     if scoring == "published_cosine":
@@ -210,17 +280,27 @@ def score_images(data: SplitData, features: np.ndarray, mean_act: np.ndarray, we
     raise ValueError(scoring)
 
 
-def rank_per_volume(score_N: np.ndarray, data: SplitData, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def rank_per_volume(
+    score_N: np.ndarray, data: SplitData, k: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """Top-k volumes by their best slice (ties by volume order), and whether rank k ties rank k+1."""
     vmax = np.maximum.reduceat(score_N, data.vol_start)
     order = np.argsort(-vmax, kind="stable")
     top = order[:k]
-    rows = np.array([data.vol_start[v] + int(np.argmax(score_N[data.vol_start[v]:data.vol_end[v]])) for v in top], dtype=int)
+    rows = np.array(
+        [
+            data.vol_start[v] + int(np.argmax(score_N[data.vol_start[v] : data.vol_end[v]]))
+            for v in top
+        ],
+        dtype=int,
+    )
     boundary_tie = len(order) > k and vmax[order[k - 1]] == vmax[order[k]]
     return rows, score_N[rows], bool(boundary_tie)
 
 
 def chance_precision(meets: pd.Series, data: SplitData) -> float:
     """Expected share meeting the query for one random slice of a random volume."""
-    per_vol = np.add.reduceat(meets.to_numpy(dtype=float), data.vol_start) / np.diff(np.r_[data.vol_start, data.n])
+    per_vol = np.add.reduceat(meets.to_numpy(dtype=float), data.vol_start) / np.diff(
+        np.r_[data.vol_start, data.n]
+    )
     return float(per_vol.mean())

@@ -15,8 +15,10 @@ from sail.interpret.enrichment import Enrichment
 
 TEMPLATE_VERSION = "sail-interpret-v1"
 
-SYSTEM = ("You are an expert radiologist analysing the features of a sparse autoencoder trained on embeddings "
-          "of CT and MRI slices. Answer with JSON only.")
+SYSTEM = (
+    "You are an expert radiologist analysing the features of a sparse autoencoder trained on embeddings "
+    "of CT and MRI slices. Answer with JSON only."
+)
 
 CONCEPT_SCHEMA = {
     "type": "object",
@@ -28,7 +30,13 @@ CONCEPT_SCHEMA = {
 _PLANE = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
 
 
-def sample_blocks(samples: pd.DataFrame, structures: list[str], H_NS: np.ndarray, rows: np.ndarray, acts: np.ndarray) -> str:
+def sample_blocks(
+    samples: pd.DataFrame,
+    structures: list[str],
+    H_NS: np.ndarray,
+    rows: np.ndarray,
+    acts: np.ndarray,
+) -> str:
     """One 'Sample i:' block per image: modality, plane, sex, age, structures (organ columns only), regions."""
     from sail.data.labels import regions_of
 
@@ -36,12 +44,18 @@ def sample_blocks(samples: pd.DataFrame, structures: list[str], H_NS: np.ndarray
     for i, (r, a) in enumerate(zip(rows, acts), 1):
         m = samples.iloc[r]
         present = [structures[j] for j in np.flatnonzero(H_NS[r])]
-        lines = [f"Sample {i}:", f"- Modality: {str(m['modality']).upper()}", f"- Plane: {_PLANE.get(str(m['plane']), m['plane'])}"]
+        lines = [
+            f"Sample {i}:",
+            f"- Modality: {str(m['modality']).upper()}",
+            f"- Plane: {_PLANE.get(str(m['plane']), m['plane'])}",
+        ]
         if pd.notna(m["sex"]):
             lines.append(f"- Sex: {str(m['sex']).upper()}")
         if pd.notna(m["age"]):
             lines.append(f"- Age: {float(m['age']):.0f} years")
-        lines.append(f"- Anatomical structures ({len(present)} total): {', '.join(present) or 'none'}")
+        lines.append(
+            f"- Anatomical structures ({len(present)} total): {', '.join(present) or 'none'}"
+        )
         lines.append(f"- Anatomical regions: {', '.join(regions_of(present)) or 'none'}")
         lines.append(f"- Activation: {float(a):.3f}")
         blocks.append("\n".join(lines))
@@ -50,16 +64,26 @@ def sample_blocks(samples: pd.DataFrame, structures: list[str], H_NS: np.ndarray
 
 def enrichment_text(ev: Enrichment) -> str:
     """The population statistics: share among the top slices vs the dataset base rate."""
-    out = [f"Population statistics over the {ev.n_top} top-activating slices, from {ev.n_volumes} volumes "
-           "(share vs dataset base rate):"]
+    out = [
+        f"Population statistics over the {ev.n_top} top-activating slices, from {ev.n_volumes} volumes "
+        "(share vs dataset base rate):"
+    ]
     for attr, rows in ev.categorical.items():
         parts = [f"{v} {s:.0%} (base {b:.0%})" for v, s, b, _, _ in rows[:4]]
         out.append(f"- {attr}: {'; '.join(parts) or 'unknown'}")
     enr = ev.enriched_structures()[:8]
-    out.append("- enriched structures: " + ("; ".join(f"{v} {s:.0%} (base {b:.0%})" for v, s, b, _, _ in enr) or "none"))
+    out.append(
+        "- enriched structures: "
+        + ("; ".join(f"{v} {s:.0%} (base {b:.0%})" for v, s, b, _, _ in enr) or "none")
+    )
     enr = ev.enriched_regions()[:6]
-    out.append("- enriched regions: " + ("; ".join(f"{v} {s:.0%} (base {b:.0%})" for v, s, b, _, _ in enr) or "none"))
-    out.append("Demographic values whose share is close to the base rate are NOT characteristic of the feature.")
+    out.append(
+        "- enriched regions: "
+        + ("; ".join(f"{v} {s:.0%} (base {b:.0%})" for v, s, b, _, _ in enr) or "none")
+    )
+    out.append(
+        "Demographic values whose share is close to the base rate are NOT characteristic of the feature."
+    )
     return "\n".join(out)
 
 
@@ -85,8 +109,14 @@ Answer as JSON: {{"concept": "..."}}"""
 def judge_schema(labels: list[str]) -> dict:
     return {
         "type": "object",
-        "properties": {"ranking": {"type": "array", "items": {"type": "string", "enum": labels},
-                                   "minItems": len(labels), "maxItems": len(labels)}},
+        "properties": {
+            "ranking": {
+                "type": "array",
+                "items": {"type": "string", "enum": labels},
+                "minItems": len(labels),
+                "maxItems": len(labels),
+            }
+        },
         "required": ["ranking"],
         "additionalProperties": False,
     }
@@ -108,8 +138,14 @@ Answer as JSON: {{"ranking": [{", ".join(f'"{lab}"' for lab in labels)}]}} reord
 def match_schema(n: int, n_total: int) -> dict:
     return {
         "type": "object",
-        "properties": {"feature_numbers": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": n_total},
-                                           "minItems": n, "maxItems": n}},
+        "properties": {
+            "feature_numbers": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 1, "maximum": n_total},
+                "minItems": n,
+                "maxItems": n,
+            }
+        },
         "required": ["feature_numbers"],
         "additionalProperties": False,
     }
@@ -127,7 +163,10 @@ Pick the {n} features that best match the query. Match modality first, then plan
 Answer as JSON: {{"feature_numbers": [{", ".join(f"n{i}" for i in range(1, n + 1))}]}} with integers."""
 
 
-_BOILERPLATE = re.compile(r"^(?:(?:these|the|all)\s+(?:\w+\s+){0,4}?(?:show|shows|depict|depicts|demonstrate|demonstrates)\s+|consistently\s+|predominantly\s+)", re.I)
+_BOILERPLATE = re.compile(
+    r"^(?:(?:these|the|all)\s+(?:\w+\s+){0,4}?(?:show|shows|depict|depicts|demonstrate|demonstrates)\s+|consistently\s+|predominantly\s+)",
+    re.I,
+)
 
 
 def parse_concept(raw: str) -> str:
@@ -152,6 +191,7 @@ def make_parse_ranking(labels: list[str]):
         if not isinstance(ranking, list) or sorted(map(str, ranking)) != sorted(labels):
             raise ValueError(f"'ranking' must be a permutation of {labels}")
         return [str(x) for x in ranking]
+
     return parse
 
 
@@ -161,13 +201,16 @@ def make_parse_match(n: int, n_total: int):
 
         obj = extract_json(raw)
         nums = obj.get("feature_numbers") if isinstance(obj, dict) else None
-        if not isinstance(nums, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in nums):
+        if not isinstance(nums, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in nums
+        ):
             raise ValueError("'feature_numbers' must be a list of integers")
         if len(nums) != n or len(set(nums)) != n:
             raise ValueError(f"need exactly {n} distinct numbers, got {nums}")
         if not all(1 <= x <= n_total for x in nums):
             raise ValueError(f"numbers must lie in 1..{n_total}")
         return nums
+
     return parse
 
 

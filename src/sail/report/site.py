@@ -26,8 +26,16 @@ from sail.console import track
 from sail.data.labels import STRUCTURE_REGION
 from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
 from sail.interpret.data import select_targets
-from sail.workspace import (StageRecord, Workspace, check_table, fingerprint, hash_config, is_done, mark_done,
-                            write_text_atomic)
+from sail.workspace import (
+    StageRecord,
+    Workspace,
+    check_table,
+    fingerprint,
+    hash_config,
+    is_done,
+    mark_done,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +60,23 @@ def _ranks(ws: Workspace) -> dict[tuple[str, str, str], int]:
     ranking = _read_csv(ws.eval_dir / "ranking.csv")
     if ranking is None:
         return {}
-    return {(r.encoder, r.variant, str(r.sae_config)): int(r.final_rank) for r in ranking.itertuples()}
+    return {
+        (r.encoder, r.variant, str(r.sae_config)): int(r.final_rank) for r in ranking.itertuples()
+    }
 
 
 def _env() -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]),
-                      trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = lambda v, nd=3: "" if v is None or (isinstance(v, float) and np.isnan(v)) else (
-        f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html", "j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = lambda v, nd=3: (
+        ""
+        if v is None or (isinstance(v, float) and np.isnan(v))
+        else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+    )
     return env
 
 
@@ -67,7 +84,9 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.is_file() and path.stat().st_size > 0 else None
 
 
-def _svg_bars(values: list[float], labels: list[str] | None = None, width: int = 320, height: int = 80) -> str:
+def _svg_bars(
+    values: list[float], labels: list[str] | None = None, width: int = 320, height: int = 80
+) -> str:
     """A tiny inline SVG bar chart (numbers only; the template marks it safe)."""
     vals = np.asarray(values, float)
     if vals.size == 0 or not np.isfinite(vals).any():
@@ -78,7 +97,9 @@ def _svg_bars(values: list[float], labels: list[str] | None = None, width: int =
     for i, v in enumerate(vals):
         h = 0 if not np.isfinite(v) else (height - 12) * v / top
         title = f"<title>{escape(labels[i]) if labels else i}: {v:.3g}</title>"
-        bars.append(f'<rect x="{i * bw:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" height="{h:.1f}" fill="#3b6ea8">{title}</rect>')
+        bars.append(
+            f'<rect x="{i * bw:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" height="{h:.1f}" fill="#3b6ea8">{title}</rect>'
+        )
     return f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">{"".join(bars)}</svg>'
 
 
@@ -98,13 +119,22 @@ def _thumb(ws: Workspace, out: Path, slice_id: str, png_path: str, size: int) ->
     return f"thumbs/{name}"
 
 
-def _enrichment(data: EvalData, rows: np.ndarray, codes: sp.csc_matrix, features: np.ndarray, top_n: int,
-                volumes: np.ndarray, label_columns: list[str]) -> dict[int, list[dict]]:
+def _enrichment(
+    data: EvalData,
+    rows: np.ndarray,
+    codes: sp.csc_matrix,
+    features: np.ndarray,
+    top_n: int,
+    volumes: np.ndarray,
+    label_columns: list[str],
+) -> dict[int, list[dict]]:
     """Per feature: label frequencies among its top-``top_n`` slices (one per volume) vs base rate."""
     slices = data.slices.iloc[rows].reset_index(drop=True)
     onehots, names = [], []
     for col in label_columns:
-        dummies = pd.get_dummies(slices[col].astype("string"), prefix=col, prefix_sep="=", dtype=np.float32)
+        dummies = pd.get_dummies(
+            slices[col].astype("string"), prefix=col, prefix_sep="=", dtype=np.float32
+        )
         onehots.append(dummies.to_numpy())
         names += list(dummies.columns)
     flags = [c for c in slices.columns if c.startswith("has_")]
@@ -113,7 +143,9 @@ def _enrichment(data: EvalData, rows: np.ndarray, codes: sp.csc_matrix, features
     regions = sorted(set(region_of))
     # a slice is in a region when any of the region's structures is present (none: a cohort without masks)
     if regions:
-        onehots.append(np.stack([present[:, (region_of == r).to_numpy()].max(axis=1) for r in regions], axis=1))
+        onehots.append(
+            np.stack([present[:, (region_of == r).to_numpy()].max(axis=1) for r in regions], axis=1)
+        )
     names += [f"region={r}" for r in regions]
     onehots.append(present)
     names += [f"structure={c[4:]}" for c in flags]
@@ -127,12 +159,22 @@ def _enrichment(data: EvalData, rows: np.ndarray, codes: sp.csc_matrix, features
         freq = L[top].mean(axis=0)
         lift = (freq + 1e-3) / (base + 1e-3)
         order = np.argsort(-(freq - base), kind="stable")[:8]
-        out[int(f)] = [{"label": names[j], "freq": float(freq[j]), "base": float(base[j]), "lift": float(lift[j])}
-                       for j in order if freq[j] > base[j]]
+        out[int(f)] = [
+            {
+                "label": names[j],
+                "freq": float(freq[j]),
+                "base": float(base[j]),
+                "lift": float(lift[j]),
+            }
+            for j in order
+            if freq[j] > base[j]
+        ]
     return out
 
 
-def top_slices(codes: sp.csc_matrix, feature: int, volumes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_slices(
+    codes: sp.csc_matrix, feature: int, volumes: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows and values of the ``k`` highest activations of ``feature``, at most one per volume."""
     lo, hi = codes.indptr[feature], codes.indptr[feature + 1]
     rows, vals = codes.indices[lo:hi], codes.data[lo:hi]
@@ -143,32 +185,52 @@ def top_slices(codes: sp.csc_matrix, feature: int, volumes: np.ndarray, k: int) 
     return rows[keep], vals[keep]
 
 
-def _feature_scores(ws: Workspace, unit: ConfigUnit, n_features: int, active_counts: np.ndarray) -> tuple[np.ndarray, dict]:
+def _feature_scores(
+    ws: Workspace, unit: ConfigUnit, n_features: int, active_counts: np.ndarray
+) -> tuple[np.ndarray, dict]:
     """Selection score per feature: monosemanticity (top-10) where evaluated, else activation rate."""
     score = active_counts.astype(float) / max(active_counts.max(), 1) * 1e-3
     mono = _read_csv(ws.eval_dir / "monosemanticity_features.csv")
     extra: dict[int, dict] = {}
     if mono is not None:
-        m = mono[(mono.encoder == unit.encoder) & (mono.variant == unit.variant) & (mono.sae_config == unit.config)
-                 & (mono.top_n == 10)]
+        m = mono[
+            (mono.encoder == unit.encoder)
+            & (mono.variant == unit.variant)
+            & (mono.sae_config == unit.config)
+            & (mono.top_n == 10)
+        ]
         for row in m.itertuples():
             if 0 <= row.feature < n_features and np.isfinite(row.monosemanticity):
                 score[row.feature] += row.monosemanticity
-                extra.setdefault(int(row.feature), {})["monosemanticity"] = float(row.monosemanticity)
+                extra.setdefault(int(row.feature), {})["monosemanticity"] = float(
+                    row.monosemanticity
+                )
     return score, extra
 
 
 def _descriptions(ws: Workspace, unit: ConfigUnit) -> dict[int, dict]:
-    path = ws.interpret_dir / "autointerp" / unit.encoder / unit.variant / unit.config / "descriptions.csv"
+    path = (
+        ws.interpret_dir
+        / "autointerp"
+        / unit.encoder
+        / unit.variant
+        / unit.config
+        / "descriptions.csv"
+    )
     table = _read_csv(path)
     if table is None or "feature" not in table.columns:
         return {}
-    keep = [c for c in ("description", "status", "describer", "judge", "judge_success", "judge_rank_mean")
-            if c in table.columns]
+    keep = [
+        c
+        for c in ("description", "status", "describer", "judge", "judge_success", "judge_rank_mean")
+        if c in table.columns
+    ]
     return {int(r["feature"]): {k: r[k] for k in keep} for r in table.to_dict("records")}
 
 
-def _decoder_neighbours(ws: Workspace, unit: ConfigUnit, features: np.ndarray, k: int = 5) -> dict[int, list[tuple[int, float]]]:
+def _decoder_neighbours(
+    ws: Workspace, unit: ConfigUnit, features: np.ndarray, k: int = 5
+) -> dict[int, list[tuple[int, float]]]:
     from sail.sae.checkpoint import load_sae
 
     sae_dir = ws.sae_dir(unit.encoder, unit.variant, unit.config)
@@ -180,13 +242,24 @@ def _decoder_neighbours(ws: Workspace, unit: ConfigUnit, features: np.ndarray, k
     sims = W[features] @ W.T
     sims[np.arange(len(features)), features] = -np.inf
     nearest = np.argsort(-sims, axis=1)[:, :k]
-    return {int(f): [(int(j), float(sims[i, j])) for j in nearest[i]] for i, f in enumerate(features)}
+    return {
+        int(f): [(int(j), float(sims[i, j])) for j in nearest[i]] for i, f in enumerate(features)
+    }
 
 
-def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, data: EvalData, rcfg,
-                label_columns: list[str]) -> dict:
+def _unit_pages(
+    ws: Workspace,
+    env: Environment,
+    out: Path,
+    unit: ConfigUnit,
+    data: EvalData,
+    rcfg,
+    label_columns: list[str],
+) -> dict:
     codes = load_sparse(ws, unit.encoder, unit.variant, unit.config, data)
-    rows = data.split_rows["valid"] if len(data.split_rows["valid"]) else np.arange(len(data.slices))
+    rows = (
+        data.split_rows["valid"] if len(data.split_rows["valid"]) else np.arange(len(data.slices))
+    )
     sub = codes[rows].tocsc()
     sub.sort_indices()
     volumes = data.volume[rows]
@@ -215,75 +288,143 @@ def _unit_pages(ws: Workspace, env: Environment, out: Path, unit: ConfigUnit, da
         for r, value in zip(top, top_vals):
             row = slices.iloc[r]
             present = [flag_cols[j][4:] for j in np.flatnonzero(flags[r])]
-            tiles.append({"thumb": _thumb(ws, out, row.slice_id, row.png_path, rcfg.thumb_size),
-                          "slice_id": row.slice_id, "value": float(value),
-                          "meta": f"{row.modality} {row.plane} {row.sex or '?'} {row.age_group or '?'} inst {row.institute}",
-                          "structures": ", ".join(present[:8]) + (" …" if len(present) > 8 else "")})
-        info = {"feature": f, "n_active": int(active[f]), "frac_active": float(active[f] / max(len(rows), 1)),
-                "monosemanticity": extra.get(f, {}).get("monosemanticity"), **descriptions.get(f, {})}
+            tiles.append(
+                {
+                    "thumb": _thumb(ws, out, row.slice_id, row.png_path, rcfg.thumb_size),
+                    "slice_id": row.slice_id,
+                    "value": float(value),
+                    "meta": f"{row.modality} {row.plane} {row.sex or '?'} {row.age_group or '?'} inst {row.institute}",
+                    "structures": ", ".join(present[:8]) + (" …" if len(present) > 8 else ""),
+                }
+            )
+        info = {
+            "feature": f,
+            "n_active": int(active[f]),
+            "frac_active": float(active[f] / max(len(rows), 1)),
+            "monosemanticity": extra.get(f, {}).get("monosemanticity"),
+            **descriptions.get(f, {}),
+        }
         page = env.get_template("feature.html.j2").render(
-            unit=unit, info=info, tiles=tiles, enrichment=enrich.get(f, []),
-            histogram=_svg_bars(hist.tolist(), [f"{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(hist))]),
-            neighbours=[(j, sim, j in paged) for j, sim in neighbours.get(f, [])])
+            unit=unit,
+            info=info,
+            tiles=tiles,
+            enrichment=enrich.get(f, []),
+            histogram=_svg_bars(
+                hist.tolist(), [f"{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(hist))]
+            ),
+            neighbours=[(j, sim, j in paged) for j, sim in neighbours.get(f, [])],
+        )
         write_text_atomic(feature_dir / f"f{f:05d}.html", page)
-        cards.append(info | {"href": f"../features/{unit.key}/f{f:05d}.html",
-                             "thumb": tiles[0]["thumb"] if tiles else "", "top_label": (enrich.get(f) or [{}])[0].get("label", "")})
+        cards.append(
+            info
+            | {
+                "href": f"../features/{unit.key}/f{f:05d}.html",
+                "thumb": tiles[0]["thumb"] if tiles else "",
+                "top_label": (enrich.get(f) or [{}])[0].get("label", ""),
+            }
+        )
     recovery = _read_csv(ws.eval_dir / "recovery_summary.csv")
     rec_rows = []
     if recovery is not None:
-        rec = recovery[(recovery.encoder == unit.encoder) & (recovery.variant == unit.variant) & (recovery.sae_config == unit.config)]
+        rec = recovery[
+            (recovery.encoder == unit.encoder)
+            & (recovery.variant == unit.variant)
+            & (recovery.sae_config == unit.config)
+        ]
         rec_rows = rec.drop(columns=["encoder", "variant", "sae_config"]).to_dict("records")
     cfg_json = ws.sae_dir(unit.encoder, unit.variant, unit.config) / "cfg.json"
     quality = json.loads(cfg_json.read_text()) if cfg_json.is_file() else {}
     metrics = quality.get("final_metrics") or quality.get("metrics") or {}
     page = env.get_template("config.html.j2").render(
-        unit=unit, cards=cards, recovery=rec_rows, metrics=metrics, n_features=n_features,
+        unit=unit,
+        cards=cards,
+        recovery=rec_rows,
+        metrics=metrics,
+        n_features=n_features,
         fingerprint=_fingerprint_section(ws, out, unit, data.slices, rcfg),
         language=_language_section(ws, out, unit, data.slices, rcfg),
-        dead=int((active == 0).sum()), l0=float(np.diff(codes[rows].tocsr().indptr).mean()) if len(rows) else 0.0)
+        dead=int((active == 0).sum()),
+        l0=float(np.diff(codes[rows].tocsr().indptr).mean()) if len(rows) else 0.0,
+    )
     write_text_atomic(out / "configs" / f"{unit.key}.html", page)
-    return {"unit": unit, "href": f"configs/{unit.key}.html", "n_pages": len(cards), "dead": int((active == 0).sum()),
-            "n_features": n_features}
+    return {
+        "unit": unit,
+        "href": f"configs/{unit.key}.html",
+        "n_pages": len(cards),
+        "dead": int((active == 0).sum()),
+        "n_features": n_features,
+    }
 
 
-SINGLE_FEATURE_NOTE = ("one-feature scoring (published): similarity 1/(1+|a - a_ref|), "
-                       "so a slice where the feature is inactive still scores 1/(1+a_ref)")
+SINGLE_FEATURE_NOTE = (
+    "one-feature scoring (published): similarity 1/(1+|a - a_ref|), "
+    "so a slice where the feature is inactive still scores 1/(1+a_ref)"
+)
 
 
-def _fingerprint_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg, n_examples: int = 4) -> dict:
+def _fingerprint_section(
+    ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg, n_examples: int = 4
+) -> dict:
     """Retrieval examples (reference + its sparse-fingerprint hits) and the metric summary."""
     folder = ws.interpret_dir / "fingerprint" / unit.encoder / unit.variant / unit.config
     hits, summary = _read_csv(folder / "hits.csv"), _read_csv(folder / "summary.csv")
     if hits is None:
         return {}
     paths = slices.set_index("slice_id").png_path
-    thumb = lambda sid: _thumb(ws, out, sid, paths[sid], rcfg.thumb_size) if sid in paths.index else ""  # noqa: E731
+    thumb = lambda sid: (
+        _thumb(ws, out, sid, paths[sid], rcfg.thumb_size) if sid in paths.index else ""
+    )  # noqa: E731
     sparse = hits[hits.method == "sparse"]
     examples = []
     for ref in sparse.reference.drop_duplicates().head(n_examples):
         rows = sparse[sparse.reference == ref].sort_values("rank").head(5)
-        single = "similarity_rule" in rows and (rows.similarity_rule == "published_single_feature").any()
-        examples.append({"reference": ref, "thumb": thumb(ref), "rule_note": SINGLE_FEATURE_NOTE if single else "",
-                         "hits": [{"slice_id": r.hit, "thumb": thumb(r.hit), "similarity": float(r.similarity)}
-                                  for r in rows.itertuples()]})
+        single = (
+            "similarity_rule" in rows and (rows.similarity_rule == "published_single_feature").any()
+        )
+        examples.append(
+            {
+                "reference": ref,
+                "thumb": thumb(ref),
+                "rule_note": SINGLE_FEATURE_NOTE if single else "",
+                "hits": [
+                    {"slice_id": r.hit, "thumb": thumb(r.hit), "similarity": float(r.similarity)}
+                    for r in rows.itertuples()
+                ],
+            }
+        )
     table, p_text = [], ""
     if summary is not None:
         k = int(sparse.k.dropna().iloc[0]) if sparse.k.notna().any() else None
         pick = summary[(summary.k == k) | summary.k.isna()] if k is not None else summary
-        table = pick.pivot_table(index="metric", columns="method", values="mean").reset_index().to_dict("records")
-        p_rows = pick[(pick.method == "sparse") & pick.p_vs_chance.notna()] if "p_vs_chance" in pick else pick.iloc[:0]
+        table = (
+            pick.pivot_table(index="metric", columns="method", values="mean")
+            .reset_index()
+            .to_dict("records")
+        )
+        p_rows = (
+            pick[(pick.method == "sparse") & pick.p_vs_chance.notna()]
+            if "p_vs_chance" in pick
+            else pick.iloc[:0]
+        )
         p_text = "; ".join(f"{r.metric} p = {r.p_vs_chance:.2g}" for r in p_rows.itertuples())
         if p_text:
-            unit = (f"over {int(p_rows.n_volumes.max())} reference volumes" if "n_volumes" in p_rows
-                    else "slice-level: references of one volume counted as independent")
+            unit = (
+                f"over {int(p_rows.n_volumes.max())} reference volumes"
+                if "n_volumes" in p_rows
+                else "slice-level: references of one volume counted as independent"
+            )
             p_text = f"sparse vs chance (one-sided Wilcoxon, {unit}): {p_text}"
     return {"examples": examples, "summary": table, "p_text": p_text}
 
 
-def _language_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg) -> list[dict]:
+def _language_section(
+    ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg
+) -> list[dict]:
     """Per query: its text, precision@k against its constraints vs chance, and the top hits."""
     folder = ws.interpret_dir / "language" / unit.encoder / unit.variant / unit.config
-    hits, metrics, queries = (_read_csv(folder / f) for f in ("hits.csv", "metrics.csv", "queries.csv"))
+    hits, metrics, queries = (
+        _read_csv(folder / f) for f in ("hits.csv", "metrics.csv", "queries.csv")
+    )
     if hits is None or metrics is None or queries is None:
         return []
     paths = slices.set_index("slice_id").png_path
@@ -291,16 +432,32 @@ def _language_section(ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.Dat
     rows = []
     for q in queries.itertuples():
         m = metrics[(metrics["query"] == q.query) & (metrics.scoring == scoring)]
-        top = hits[(hits["query"] == q.query) & (hits.scoring == scoring)].sort_values("rank").head(6)
+        top = (
+            hits[(hits["query"] == q.query) & (hits.scoring == scoring)].sort_values("rank").head(6)
+        )
         labelled = len(m) and "scoring_rule" in m and isinstance(m.scoring_rule.iloc[0], str)
         rule = m.scoring_rule.iloc[0] if labelled else scoring
-        rows.append({"query": q.query, "text": q.text, "scoring": scoring,
-                     "rule_note": SINGLE_FEATURE_NOTE if rule == "published_single_feature" else "",
-                     "precision": float(m.precision.iloc[0]) if len(m) else None,
-                     "chance": float(m.chance.iloc[0]) if len(m) else None,
-                     "hits": [{"slice_id": h.slice_id, "ok": bool(h.meets_all), "score": float(h.score),
-                               "thumb": _thumb(ws, out, h.slice_id, paths[h.slice_id], rcfg.thumb_size)
-                               if h.slice_id in paths.index else ""} for h in top.itertuples()]})
+        rows.append(
+            {
+                "query": q.query,
+                "text": q.text,
+                "scoring": scoring,
+                "rule_note": SINGLE_FEATURE_NOTE if rule == "published_single_feature" else "",
+                "precision": float(m.precision.iloc[0]) if len(m) else None,
+                "chance": float(m.chance.iloc[0]) if len(m) else None,
+                "hits": [
+                    {
+                        "slice_id": h.slice_id,
+                        "ok": bool(h.meets_all),
+                        "score": float(h.score),
+                        "thumb": _thumb(ws, out, h.slice_id, paths[h.slice_id], rcfg.thumb_size)
+                        if h.slice_id in paths.index
+                        else "",
+                    }
+                    for h in top.itertuples()
+                ],
+            }
+        )
     return rows
 
 
@@ -313,12 +470,17 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
     env = _env()
     data = load_eval_data(ws)
     ranks = _ranks(ws)
-    units = [ConfigUnit(t.encoder, t.variant, t.sae_config, ranks.get((t.encoder, t.variant, t.sae_config)))
-             for t in select_targets(cfg, ws)]
+    units = [
+        ConfigUnit(
+            t.encoder, t.variant, t.sae_config, ranks.get((t.encoder, t.variant, t.sae_config))
+        )
+        for t in select_targets(cfg, ws)
+    ]
     # metadata columns named as probe targets (e.g. a manifest's diagnosis) are enriched too; other free
     # columns (patient groups, ids) never reach the pages
-    label_columns = LABEL_COLUMNS + [c for c in cfg.evaluate.extra_tasks
-                                     if c in data.slices.columns and c not in LABEL_COLUMNS]
+    label_columns = LABEL_COLUMNS + [
+        c for c in cfg.evaluate.extra_tasks if c in data.slices.columns and c not in LABEL_COLUMNS
+    ]
     unit_cards = [_unit_pages(ws, env, out, u, data, rcfg, label_columns) for u in units]
     figures = []
     if ws.figures_dir.is_dir():
@@ -334,30 +496,59 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
         for (enc, task, target), grp in test.groupby(["encoder", "task", "target"]):
             dense = grp[grp.sae_config == "dense"].roc_auc
             sparse = grp[grp.sae_config != "dense"]
-            best = sparse.loc[sparse.roc_auc.idxmax()] if len(sparse) and sparse.roc_auc.notna().any() else None
-            probe_rows.append({"encoder": enc, "task": task, "target": target,
-                               "dense": float(dense.iloc[0]) if len(dense) else None,
-                               "sparse": float(best.roc_auc) if best is not None else None,
-                               "config": f"{best.variant}/{best.sae_config}" if best is not None else ""})
+            best = (
+                sparse.loc[sparse.roc_auc.idxmax()]
+                if len(sparse) and sparse.roc_auc.notna().any()
+                else None
+            )
+            probe_rows.append(
+                {
+                    "encoder": enc,
+                    "task": task,
+                    "target": target,
+                    "dense": float(dense.iloc[0]) if len(dense) else None,
+                    "sparse": float(best.roc_auc) if best is not None else None,
+                    "config": f"{best.variant}/{best.sae_config}" if best is not None else "",
+                }
+            )
     ranking = _read_csv(ws.eval_dir / "ranking.csv")
     page = env.get_template("index.html.j2").render(
-        n_slices=len(data.slices), n_volumes=int(data.volume.max() + 1) if len(data.volume) else 0,
-        split_counts=split_counts.reset_index().to_dict("records"), split_columns=list(split_counts.columns),
-        units=unit_cards, figures=figures, probes=probe_rows,
-        ranking=ranking.to_dict("records") if ranking is not None else [])
+        n_slices=len(data.slices),
+        n_volumes=int(data.volume.max() + 1) if len(data.volume) else 0,
+        split_counts=split_counts.reset_index().to_dict("records"),
+        split_columns=list(split_counts.columns),
+        units=unit_cards,
+        figures=figures,
+        probes=probe_rows,
+        ranking=ranking.to_dict("records") if ranking is not None else [],
+    )
     write_text_atomic(out / "index.html", page)
-    log.info("report: %s (%d configs, %d feature pages)", out / "index.html", len(unit_cards),
-             sum(u["n_pages"] for u in unit_cards))
+    log.info(
+        "report: %s (%d configs, %d feature pages)",
+        out / "index.html",
+        len(unit_cards),
+        sum(u["n_pages"] for u in unit_cards),
+    )
     return out / "index.html"
 
 
 def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     inputs = {"slices": fingerprint(ws.slices_table), "split": fingerprint(ws.split_csv)}
-    for folder in (ws.eval_dir, ws.interpret_dir, ws.figures_dir, ws.root / "activations", ws.root / "sae"):
+    for folder in (
+        ws.eval_dir,
+        ws.interpret_dir,
+        ws.figures_dir,
+        ws.root / "activations",
+        ws.root / "sae",
+    ):
         if folder.is_dir():
-            inputs[folder.name] = hash_config(sorted(
-                (str(p.relative_to(ws.root)), p.stat().st_size) for p in folder.rglob("*") if p.is_file()
-                and not p.name.startswith(".")))
+            inputs[folder.name] = hash_config(
+                sorted(
+                    (str(p.relative_to(ws.root)), p.stat().st_size)
+                    for p in folder.rglob("*")
+                    if p.is_file() and not p.name.startswith(".")
+                )
+            )
     record = StageRecord("report", hash_config(cfg.report.model_dump(mode="json")), inputs)
     index = ws.report_dir / "index.html"
     if not force and is_done(index, record):

@@ -26,13 +26,17 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def encode_csr(model: StackedSAE, x_ND: np.ndarray, batch_size: int = 8192, device: torch.device | None = None) -> sp.csr_matrix:
+def encode_csr(
+    model: StackedSAE, x_ND: np.ndarray, batch_size: int = 8192, device: torch.device | None = None
+) -> sp.csr_matrix:
     """Stored codes of a single SAE (M = 1) for raw embeddings ``x_ND`` as float32 CSR (N, D)."""
     device = device or model.b_dec.device
     n, D = x_ND.shape[0], model.n_latents
     counts, cols, vals = [], [], []
     for start in range(0, n, batch_size):
-        xb = torch.from_numpy(np.require(x_ND[start : start + batch_size], np.float32, ["C", "W"])).to(device)
+        xb = torch.from_numpy(
+            np.require(x_ND[start : start + batch_size], np.float32, ["C", "W"])
+        ).to(device)
         codes = model.inference_codes(torch.nn.functional.normalize(xb, dim=1))[0]
         nz = codes.nonzero()
         counts.append(torch.bincount(nz[:, 0], minlength=xb.shape[0]).cpu())
@@ -56,8 +60,16 @@ def _sae_dirs(ws: Workspace, encoder: str, variants: list[str], sae_config: str)
     return dirs
 
 
-def export_sae(ws: Workspace, sae_dir: Path, data: EmbeddingData, splits: list[str], batch_size: int,
-               device: torch.device, force: bool = False, verify: bool = True) -> list[Path]:
+def export_sae(
+    ws: Workspace,
+    sae_dir: Path,
+    data: EmbeddingData,
+    splits: list[str],
+    batch_size: int,
+    device: torch.device,
+    force: bool = False,
+    verify: bool = True,
+) -> list[Path]:
     """Write activations/<encoder>/<variant>/<config>/<split>.parquet for one checkpoint."""
     variant, name = sae_dir.parent.name, sae_dir.name
     record = StageRecord(
@@ -71,16 +83,31 @@ def export_sae(ws: Workspace, sae_dir: Path, data: EmbeddingData, splits: list[s
         return outs
     model, cfg = load_sae(sae_dir, device, verify=verify)
     if model.d_in != data.x_ND.shape[1]:
-        raise SailError(f"{sae_dir / CFG}: d_in {model.d_in} does not match {data.encoder} embeddings of width {data.x_ND.shape[1]}")
+        raise SailError(
+            f"{sae_dir / CFG}: d_in {model.d_in} does not match {data.encoder} embeddings of width {data.x_ND.shape[1]}"
+        )
     for split, out in zip(splits, outs):
         rows = data.rows(split)
         codes = encode_csr(model, data.x_ND[rows], batch_size, device)
-        meta = {"encoder": data.encoder, "variant": variant, "sae_config": name, "split": split,
-                "dict_sizes": cfg["dict_sizes"], "inference": cfg["inference"]}
+        meta = {
+            "encoder": data.encoder,
+            "variant": variant,
+            "sae_config": name,
+            "split": split,
+            "dict_sizes": cfg["dict_sizes"],
+            "inference": cfg["inference"],
+        }
         write_activations(out, data.slice_ids[rows], codes, meta)
         mark_done(out, record, {"rows": int(codes.shape[0]), "nnz": int(codes.nnz)})
-        log.info("activations %s/%s/%s/%s: %d rows, mean L0 %.1f", data.encoder, variant, name, split,
-                 codes.shape[0], codes.nnz / max(codes.shape[0], 1))
+        log.info(
+            "activations %s/%s/%s/%s: %d rows, mean L0 %.1f",
+            data.encoder,
+            variant,
+            name,
+            split,
+            codes.shape[0],
+            codes.nnz / max(codes.shape[0], 1),
+        )
     return outs
 
 
@@ -100,10 +127,26 @@ def run_activations(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
     for encoder, table in targets:
         dirs = _sae_dirs(ws, encoder, list(ac.variants), ac.sae_config)
         if not dirs:
-            raise SailError(f"no trained SAE matches encoder {encoder!r}, variants {list(ac.variants) or 'all'}, config {ac.sae_config!r}")
+            raise SailError(
+                f"no trained SAE matches encoder {encoder!r}, variants {list(ac.variants) or 'all'}, config {ac.sae_config!r}"
+            )
         split_info = read_cfg(dirs[0]).get("split") or {}
-        data = load_data(ws, encoder=None if table else encoder, embeddings=table, name=encoder,
-                         group_by=split_info.get("group_by") or ac.group_by, seed=split_info.get("seed", 42))
+        data = load_data(
+            ws,
+            encoder=None if table else encoder,
+            embeddings=table,
+            name=encoder,
+            group_by=split_info.get("group_by") or ac.group_by,
+            seed=split_info.get("seed", 42),
+        )
         for sae_dir in dirs:
-            export_sae(ws, sae_dir, data, list(ac.splits), ac.batch_size, device, force, ac.verify_checkpoints)
-
+            export_sae(
+                ws,
+                sae_dir,
+                data,
+                list(ac.splits),
+                ac.batch_size,
+                device,
+                force,
+                ac.verify_checkpoints,
+            )

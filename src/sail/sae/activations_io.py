@@ -24,12 +24,20 @@ def activations_arrow(slice_ids, codes: sp.csr_matrix) -> pa.Table:
     codes = sp.csr_matrix(codes)
     codes.sort_indices()
     offsets = pa.array(codes.indptr.astype(np.int32), type=pa.int32())
-    idx = pa.ListArray.from_arrays(offsets, pa.array(codes.indices.astype(np.int32), type=pa.int32()))
-    val = pa.ListArray.from_arrays(offsets, pa.array(codes.data.astype(np.float32), type=pa.float32()))
-    return pa.table({"slice_id": pa.array(list(slice_ids), type=pa.string()), "idx": idx, "val": val})
+    idx = pa.ListArray.from_arrays(
+        offsets, pa.array(codes.indices.astype(np.int32), type=pa.int32())
+    )
+    val = pa.ListArray.from_arrays(
+        offsets, pa.array(codes.data.astype(np.float32), type=pa.float32())
+    )
+    return pa.table(
+        {"slice_id": pa.array(list(slice_ids), type=pa.string()), "idx": idx, "val": val}
+    )
 
 
-def write_activations(path: str | Path, slice_ids, codes: sp.csr_matrix, metadata: dict | None = None) -> None:
+def write_activations(
+    path: str | Path, slice_ids, codes: sp.csr_matrix, metadata: dict | None = None
+) -> None:
     meta = dict(metadata or {})
     meta["n_features"] = int(codes.shape[1])
     table = activations_arrow(slice_ids, codes)

@@ -25,13 +25,29 @@ SCHEMA_VERSION = 1
 WEIGHTS = "model.safetensors"
 CFG = "cfg.json"
 METRICS = "metrics.csv"
-METRIC_COLUMNS = ["step", "epoch", "split", "level", "fvu", "r2_published", "l0", "dead_frac", "auxk_loss", "lr", "mode"]
+METRIC_COLUMNS = [
+    "step",
+    "epoch",
+    "split",
+    "level",
+    "fvu",
+    "r2_published",
+    "l0",
+    "dead_frac",
+    "auxk_loss",
+    "lr",
+    "mode",
+]
 
 
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -75,7 +91,9 @@ def save_sae(
     with atomic_path(out_dir / WEIGHTS) as tmp:
         # one metadata key: safetensors writes a multi-key metadata map in hash order, which would
         # make the bytes of identical models differ between processes
-        meta = json.dumps({"schema_version": SCHEMA_VERSION, "variant": spec.variant}, sort_keys=True)
+        meta = json.dumps(
+            {"schema_version": SCHEMA_VERSION, "variant": spec.variant}, sort_keys=True
+        )
         save_file(state, str(tmp), metadata={"sail": meta})
     cfg = {
         "weights_sha256": sha256_file(out_dir / WEIGHTS),
@@ -112,16 +130,24 @@ def _read_weights(weights: Path, cfg: dict[str, Any], verify: bool) -> dict[str,
     redo = "retrain it (`sail train --force`) or restore the file"
     expected = cfg.get("weights_sha256")
     if verify and expected is not None and sha256_file(weights) != expected:
-        raise SailError(f"{weights}: content does not match the sha256 recorded in {CFG} when it was written (the "
-                        f"file is damaged or was replaced); {redo}, or pass --no-verify to load it anyway")
+        raise SailError(
+            f"{weights}: content does not match the sha256 recorded in {CFG} when it was written (the "
+            f"file is damaged or was replaced); {redo}, or pass --no-verify to load it anyway"
+        )
     try:
         state = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every defect
-        raise SailError(f"{weights}: not a readable safetensors file ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'empty'}); {redo}") from None
+        raise SailError(
+            f"{weights}: not a readable safetensors file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'empty'}); {redo}"
+        ) from None
     for name, tensor in state.items():
         # thresholds are NaN before calibration and +inf for a range that never fired; weights must be finite
-        if name != "thresholds" and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if (
+            name != "thresholds"
+            and tensor.is_floating_point()
+            and not bool(torch.isfinite(tensor).all())
+        ):
             raise SailError(f"{weights}: tensor '{name}' holds NaN or inf values; {redo}")
     return state
 
@@ -135,16 +161,27 @@ def read_cfg(sae_dir: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise SailError(f"{path}: not valid JSON: {exc}") from exc
     if cfg.get("schema_version") != SCHEMA_VERSION:
-        raise SailError(f"{path}: schema_version {cfg.get('schema_version')!r} is not {SCHEMA_VERSION}")
+        raise SailError(
+            f"{path}: schema_version {cfg.get('schema_version')!r} is not {SCHEMA_VERSION}"
+        )
     return cfg
 
 
 def spec_from_cfg(cfg: dict[str, Any]) -> SAESpec:
-    return SAESpec(cfg["variant"], tuple(cfg["dict_sizes"]), tuple(cfg["k_values"]), cfg.get("topk_mode", "per_level"))
+    return SAESpec(
+        cfg["variant"],
+        tuple(cfg["dict_sizes"]),
+        tuple(cfg["k_values"]),
+        cfg.get("topk_mode", "per_level"),
+    )
 
 
-def load_sae(sae_dir: str | Path, device: str | torch.device = "cpu",
-             allow_stale: bool = False, verify: bool = True) -> tuple[StackedSAE, dict[str, Any]]:
+def load_sae(
+    sae_dir: str | Path,
+    device: str | torch.device = "cpu",
+    allow_stale: bool = False,
+    verify: bool = True,
+) -> tuple[StackedSAE, dict[str, Any]]:
     """Load a checkpoint folder as a single-SAE :class:`StackedSAE` (M = 1) and its cfg.json.
 
     A matryoshka checkpoint calibrated by an older SAIL (artifact semantics 1: per-prefix
@@ -156,14 +193,22 @@ def load_sae(sae_dir: str | Path, device: str | torch.device = "cpu",
     weights = sae_dir / WEIGHTS
     if not weights.is_file():
         raise SailError(f"SAE weights not found: {weights}")
-    if not allow_stale and cfg["variant"] == "matryoshka" and cfg.get("artifact_semantics", 1) < SEMANTICS["train"]:
-        raise SailError(f"{sae_dir / CFG}: its thresholds were calibrated by an older SAIL whose rule is wrong for "
-                        "flat-K schedules; run `sail train --recalibrate` (keeps the weights) or retrain")
+    if (
+        not allow_stale
+        and cfg["variant"] == "matryoshka"
+        and cfg.get("artifact_semantics", 1) < SEMANTICS["train"]
+    ):
+        raise SailError(
+            f"{sae_dir / CFG}: its thresholds were calibrated by an older SAIL whose rule is wrong for "
+            "flat-K schedules; run `sail train --recalibrate` (keeps the weights) or retrain"
+        )
     model = StackedSAE([spec_from_cfg(cfg)], int(cfg["d_in"]))
     state = _read_weights(weights, cfg, verify)
     missing = sorted(set(model.model_state(0)) - set(state))
     if missing:
-        raise SailError(f"{weights}: tensor(s) {missing} missing; retrain it (`sail train --force`)")
+        raise SailError(
+            f"{weights}: tensor(s) {missing} missing; retrain it (`sail train --force`)"
+        )
     try:
         model.load_model_state(0, state)
     except SailError as exc:
@@ -184,7 +229,11 @@ def _load_lightning_ckpt(path: Path, trust_pickle: bool) -> dict[str, Any]:
 
 
 def import_published(
-    ckpt: str | Path, hparams: str | Path, out_root: str | Path, encoder: str, trust_pickle: bool = False
+    ckpt: str | Path,
+    hparams: str | Path,
+    out_root: str | Path,
+    encoder: str,
+    trust_pickle: bool = False,
 ) -> Path:
     """Convert a published ``last.ckpt`` + ``hparams.yaml`` into ``<out_root>/<encoder>/sail/<name>/``."""
     ckpt, hparams = Path(ckpt), Path(hparams)
@@ -213,20 +262,25 @@ def import_published(
         if key not in state:
             raise SailError(f"{ckpt}: state_dict lacks '{key}' (keys: {sorted(state)[:8]}...)")
     if "model.decoder.weight" in state:
-        raise SailError(f"{ckpt}: untied decoder checkpoints are not supported (the published grid is tied)")
+        raise SailError(
+            f"{ckpt}: untied decoder checkpoints are not supported (the published grid is tied)"
+        )
     spec = SAESpec("sail", tuple(hp["dictionary_sizes"]), tuple(hp["k_values"]))
     d_in = int(hp["input_dim"])
     model = StackedSAE([spec], d_in)
     tensors = {
-        ours: state[theirs].detach().to(torch.float32 if ours != "theta_count" else torch.int64).reshape(
-            getattr(model, ours)[0].shape
-        )
+        ours: state[theirs]
+        .detach()
+        .to(torch.float32 if ours != "theta_count" else torch.int64)
+        .reshape(getattr(model, ours)[0].shape)
         for ours, theirs in keys.items()
         if state[theirs].numel() == getattr(model, ours)[0].numel()
     }
     if len(tensors) != len(keys):
         bad = [theirs for ours, theirs in keys.items() if ours not in tensors]
-        raise SailError(f"{ckpt}: tensor(s) {bad} do not match input_dim {d_in} and dictionary {spec.dict_sizes}")
+        raise SailError(
+            f"{ckpt}: tensor(s) {bad} do not match input_dim {d_in} and dictionary {spec.dict_sizes}"
+        )
     model.load_model_state(0, tensors)
     saved_theta = state.get("model.inference_threshold")
     extra = {

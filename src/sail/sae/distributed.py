@@ -87,9 +87,12 @@ def global_topk_flat(flats: list[Tensor], ks: list[int], ctx: DistContext) -> li
             cand[i, :kk] = f.float().topk(kk, sorted=False).values
     allc = ctx.all_gather(cand).transpose(0, 1).reshape(P, -1)  # (P, world*kmax)
     thr = torch.stack([allc[i].topk(k).values[-1] for i, k in enumerate(ks)])
-    counts = torch.stack([
-        torch.stack([(f.float() > thr[i]).sum(), (f.float() == thr[i]).sum()]) for i, f in enumerate(flats)
-    ])  # (P, 2)
+    counts = torch.stack(
+        [
+            torch.stack([(f.float() > thr[i]).sum(), (f.float() == thr[i]).sum()])
+            for i, f in enumerate(flats)
+        ]
+    )  # (P, 2)
     allcounts = ctx.all_gather(counts)  # (world, P, 2)
     n_gt = allcounts[:, :, 0].sum(0)
     eq_before = allcounts[: ctx.rank, :, 1].sum(0)

@@ -23,7 +23,12 @@ from sail.workspace import hash_config
 
 log = logging.getLogger(__name__)
 
-PAPER_DICT_SIZES = [[16, 64, 256, 1024], [32, 128, 512, 2048], [64, 256, 1024, 4096], [128, 512, 2048, 8192]]
+PAPER_DICT_SIZES = [
+    [16, 64, 256, 1024],
+    [32, 128, 512, 2048],
+    [64, 256, 1024, 4096],
+    [128, 512, 2048, 8192],
+]
 PAPER_K_VALUES = [
     [5, 5, 5, 5], [10, 10, 10, 10], [20, 20, 20, 20], [30, 30, 30, 30],
     [5, 10, 20, 40], [10, 20, 40, 80], [20, 40, 80, 160], [30, 60, 120, 240],
@@ -35,21 +40,41 @@ DEMO_GRID: dict[str, Any] = {
     "configs": [
         {"dict_sizes": [32, 128, 512], "k_values": [4, 8, 16]},
         {"dict_sizes": [32, 128, 512], "k_values": [8, 16, 32]},
-        {"variant": "matryoshka", "topk_mode": "global", "dict_sizes": [32, 128, 512], "k_values": [16]},
+        {
+            "variant": "matryoshka",
+            "topk_mode": "global",
+            "dict_sizes": [32, 128, 512],
+            "k_values": [16],
+        },
     ],
 }
 
 ENTRY_KEYS = {"variant", "dict_sizes", "k_values", "topk_mode"}
 # Settings that change a trained model; each variant ignores the others when naming folders.
 _RESULT_SETTINGS = {
-    "sail": ["epochs", "batch_size", "lr", "lr_min", "warmup_steps", "clip_norm", "seed", "permutation", "schedule"],
+    "sail": [
+        "epochs",
+        "batch_size",
+        "lr",
+        "lr_min",
+        "warmup_steps",
+        "clip_norm",
+        "seed",
+        "permutation",
+        "schedule",
+    ],
     "matryoshka": [k for k in TrainingSettings.model_fields if k != "recipe"],
 }
 
 
 def paper_grid() -> dict[str, Any]:
     """The published grid: dictionary sizes outermost, K schedules fastest (ParameterGrid order)."""
-    return {"training": {}, "configs": [{"dict_sizes": d, "k_values": k} for d in PAPER_DICT_SIZES for k in PAPER_K_VALUES]}
+    return {
+        "training": {},
+        "configs": [
+            {"dict_sizes": d, "k_values": k} for d in PAPER_DICT_SIZES for k in PAPER_K_VALUES
+        ],
+    }
 
 
 @dataclass(frozen=True)
@@ -84,11 +109,20 @@ def non_default_settings(settings: TrainingSettings, variant: str) -> dict[str, 
     default = TrainingSettings()
     keys = _RESULT_SETTINGS[variant]
     if effective_recipe(settings, variant) == "published":
-        return {key: getattr(settings, key) for key in keys if getattr(settings, key) != getattr(default, key)}
+        return {
+            key: getattr(settings, key)
+            for key in keys
+            if getattr(settings, key) != getattr(default, key)
+        }
     given = settings.model_fields_set
-    return {"recipe": "auto", **{
-        key: getattr(settings, key) for key in keys if key in given or getattr(settings, key) != getattr(default, key)
-    }}
+    return {
+        "recipe": "auto",
+        **{
+            key: getattr(settings, key)
+            for key in keys
+            if key in given or getattr(settings, key) != getattr(default, key)
+        },
+    }
 
 
 def _read_grid(grid: str | list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
@@ -108,7 +142,9 @@ def _read_grid(grid: str | list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         raise SailError(f"{path}: a grid file needs a 'configs' list (and optionally 'training')")
     unknown = set(raw) - {"configs", "training"}
     if unknown:
-        raise SailError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected configs, training")
+        raise SailError(
+            f"{path}: unknown top-level key(s) {sorted(unknown)}; expected configs, training"
+        )
     return raw, str(path)
 
 
@@ -142,13 +178,17 @@ def load_grid(
             raise SailError(f"{where}: expected a mapping with dict_sizes and k_values")
         unknown = set(item) - ENTRY_KEYS
         if unknown:
-            raise SailError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(ENTRY_KEYS)}")
+            raise SailError(
+                f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(ENTRY_KEYS)}"
+            )
         for key in ("dict_sizes", "k_values"):
             _check_positive_ints(item.get(key), f"{where}.{key}")
         mode = item.get("topk_mode", "per_level")
         if "variant" in item:
             if variants_explicit and item["variant"] not in variants:
-                raise SailError(f"{where}: variant {item['variant']!r} conflicts with --variant {','.join(variants)}")
+                raise SailError(
+                    f"{where}: variant {item['variant']!r} conflicts with --variant {','.join(variants)}"
+                )
             names = [item["variant"]]
         else:
             names = [v for v in variants if not (v == "sail" and mode == "global")]
@@ -160,11 +200,20 @@ def load_grid(
             if spec.valid:
                 entries.append(GridEntry(spec, settings))
             else:
-                dropped.append(f"configs[{i}] {variant} {spec.published_name} (a K exceeds its level's size)")
+                dropped.append(
+                    f"configs[{i}] {variant} {spec.published_name} (a K exceeds its level's size)"
+                )
     if dropped:
-        log.info("%s: dropped %d config(s), as the published grid does: %s", origin, len(dropped), "; ".join(dropped))
+        log.info(
+            "%s: dropped %d config(s), as the published grid does: %s",
+            origin,
+            len(dropped),
+            "; ".join(dropped),
+        )
     if not entries:
-        raise SailError(f"{origin}: every config was dropped: {'; '.join(dropped) or 'no variant applies'}")
+        raise SailError(
+            f"{origin}: every config was dropped: {'; '.join(dropped) or 'no variant applies'}"
+        )
     seen: set[tuple[str, str]] = set()
     unique = []
     for e in entries:
@@ -203,8 +252,13 @@ def shard_entries(entries: list[GridEntry], shard: str | None) -> list[GridEntry
 
 def families(entries: list[GridEntry]) -> list[list[GridEntry]]:
     """Group entries that can share batches (same family and settings), keeping grid order."""
+
     def key(e: GridEntry):
-        return (e.spec.family, e.settings.model_dump_json(), tuple(sorted(e.settings.model_fields_set)))
+        return (
+            e.spec.family,
+            e.settings.model_dump_json(),
+            tuple(sorted(e.settings.model_fields_set)),
+        )
 
     order = {}
     for e in entries:

@@ -30,11 +30,15 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
-def check_fits(names: list[str], dict_size: int, d_in: int, batch_size: int, device: torch.device) -> None:
+def check_fits(
+    names: list[str], dict_size: int, d_in: int, batch_size: int, device: torch.device
+) -> None:
     """Refuse a family that cannot fit in the device's memory, naming its configs and the estimate."""
     need = family_bytes(dict_size, d_in, len(names), batch_size)
     have = available_bytes(device)
     if need > have:
-        raise SailError(f"SAE config(s) {', '.join(names)}: dictionary size {dict_size} x d_in {d_in} needs about "
-                        f"{need / 2**30:,.1f} GiB but {device} has {have / 2**30:,.1f} GiB; use smaller dict_sizes "
-                        "or a smaller batch_size")
+        raise SailError(
+            f"SAE config(s) {', '.join(names)}: dictionary size {dict_size} x d_in {d_in} needs about "
+            f"{need / 2**30:,.1f} GiB but {device} has {have / 2**30:,.1f} GiB; use smaller dict_sizes "
+            "or a smaller batch_size"
+        )

@@ -53,17 +53,25 @@ class SAESpec:
         object.__setattr__(self, "k_values", tuple(int(v) for v in self.k_values))
         where = f"SAE config {self.published_name}"
         if self.variant not in VARIANTS:
-            raise SailError(f"{where}: variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
+            raise SailError(
+                f"{where}: variant {self.variant!r} is not one of {', '.join(VARIANTS)}"
+            )
         if self.topk_mode not in TOPK_MODES:
-            raise SailError(f"{where}: topk_mode {self.topk_mode!r} is not one of {', '.join(TOPK_MODES)}")
+            raise SailError(
+                f"{where}: topk_mode {self.topk_mode!r} is not one of {', '.join(TOPK_MODES)}"
+            )
         if self.variant == "sail" and self.topk_mode != "per_level":
             raise SailError(f"{where}: the sail variant only has per_level top-k")
         sizes = self.dict_sizes
         if not sizes or any(s <= 0 for s in sizes) or any(b <= a for a, b in zip(sizes, sizes[1:])):
-            raise SailError(f"{where}: dict_sizes must be positive and strictly increasing, got {list(sizes)}")
+            raise SailError(
+                f"{where}: dict_sizes must be positive and strictly increasing, got {list(sizes)}"
+            )
         want = len(sizes) if self.topk_mode == "per_level" else 1
         if len(self.k_values) != want:
-            raise SailError(f"{where}: topk_mode {self.topk_mode} needs {want} k_values, got {len(self.k_values)}")
+            raise SailError(
+                f"{where}: topk_mode {self.topk_mode} needs {want} k_values, got {len(self.k_values)}"
+            )
         if any(k <= 0 for k in self.k_values):
             raise SailError(f"{where}: k_values must be positive, got {list(self.k_values)}")
 
@@ -128,7 +136,9 @@ def _prefix_pairs(spec_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(zip(lo, spec_sizes))
 
 
-def _encoder_grads(g_key: Tensor, key: Tensor, rows: Tensor, x_BD: Tensor, W_MFD: Tensor, b_dec_MD: Tensor):
+def _encoder_grads(
+    g_key: Tensor, key: Tensor, rows: Tensor, x_BD: Tensor, W_MFD: Tensor, b_dec_MD: Tensor
+):
     """Gradients of pre = (x - b_dec) W^T + b_enc from gradient entries sorted by (model, latent).
 
     dW = G^T (x - b_dec) is a sparse-dense product: ``embedding_bag`` over the batch rows, bagged
@@ -137,7 +147,11 @@ def _encoder_grads(g_key: Tensor, key: Tensor, rows: Tensor, x_BD: Tensor, W_MFD
     M, Fd, _ = W_MFD.shape
     offsets = torch.searchsorted(key, torch.arange(M * Fd, device=key.device))
     gW = F.embedding_bag(rows, x_BD, offsets, mode="sum", per_sample_weights=g_key.to(x_BD.dtype))
-    gsum_MF = torch.zeros(M * Fd, device=g_key.device, dtype=W_MFD.dtype).index_add_(0, key, g_key.to(W_MFD.dtype)).view(M, Fd)
+    gsum_MF = (
+        torch.zeros(M * Fd, device=g_key.device, dtype=W_MFD.dtype)
+        .index_add_(0, key, g_key.to(W_MFD.dtype))
+        .view(M, Fd)
+    )
     gW_MFD = gW.view(M, Fd, -1) - gsum_MF[..., None] * b_dec_MD[:, None, :]
     g_bdec = -torch.bmm(gsum_MF[:, None, :], W_MFD).squeeze(1)
     return gW_MFD, gsum_MF, g_bdec
@@ -152,8 +166,16 @@ class _EncodeAt(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, vals: Tensor, flat: Tensor, relu: bool, x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor,
-                b_dec_MD: Tensor) -> Tensor:
+    def forward(
+        ctx,
+        vals: Tensor,
+        flat: Tensor,
+        relu: bool,
+        x_BD: Tensor,
+        W_MFD: Tensor,
+        b_enc_MF: Tensor,
+        b_dec_MD: Tensor,
+    ) -> Tensor:
         ctx.save_for_backward(vals, flat, x_BD, W_MFD, b_dec_MD)
         ctx.relu = relu
         return vals.clone()
@@ -166,7 +188,9 @@ class _EncodeAt(torch.autograd.Function):
         if ctx.relu:
             g = g * (vals > 0)
         key = (flat // (B * Fd)) * Fd + flat % Fd
-        key, order = torch.sort(key, stable=True)  # flat is row-major, so rows stay ascending per latent
+        key, order = torch.sort(
+            key, stable=True
+        )  # flat is row-major, so rows stay ascending per latent
         rows = (flat[order] // Fd) % B
         gW, gb, gbd = _encoder_grads(g[order], key, rows, x_BD, W_MFD, b_dec_MD)
         return None, None, None, None, gW, gb, gbd
@@ -180,8 +204,15 @@ class _EncodeColumns(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, codes_MBC: Tensor, cols: Tensor, x_BD: Tensor, W_MFD: Tensor, b_enc_MF: Tensor,
-                b_dec_MD: Tensor) -> Tensor:
+    def forward(
+        ctx,
+        codes_MBC: Tensor,
+        cols: Tensor,
+        x_BD: Tensor,
+        W_MFD: Tensor,
+        b_enc_MF: Tensor,
+        b_dec_MD: Tensor,
+    ) -> Tensor:
         ctx.save_for_backward(codes_MBC, cols, x_BD, W_MFD, b_dec_MD)
         return codes_MBC.clone()
 
@@ -190,7 +221,10 @@ class _EncodeColumns(torch.autograd.Function):
         codes_MBC, cols, x_BD, W_MFD, b_dec_MD = ctx.saved_tensors
         G = g_MBC * (codes_MBC > 0)
         gsum_MC = G.sum(1)
-        gW_MCD = torch.matmul(G.transpose(1, 2), x_BD.to(G.dtype)) - gsum_MC[..., None] * b_dec_MD[:, None, :]
+        gW_MCD = (
+            torch.matmul(G.transpose(1, 2), x_BD.to(G.dtype))
+            - gsum_MC[..., None] * b_dec_MD[:, None, :]
+        )
         gW = torch.zeros_like(W_MFD)
         gW[:, cols] = gW_MCD.to(gW.dtype)
         gb = torch.zeros(W_MFD.shape[:2], device=G.device, dtype=W_MFD.dtype)
@@ -255,7 +289,9 @@ class _DecoderGradTap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, R: Tensor, W_flat: Tensor, bag_by_key: Tensor, key: Tensor, vals_by_key: Tensor) -> Tensor:
+    def forward(
+        ctx, R: Tensor, W_flat: Tensor, bag_by_key: Tensor, key: Tensor, vals_by_key: Tensor
+    ) -> Tensor:
         ctx.save_for_backward(bag_by_key, key, vals_by_key)
         ctx.n_rows = W_flat.shape[0]
         return R.view_as(R)
@@ -264,8 +300,13 @@ class _DecoderGradTap(torch.autograd.Function):
     def backward(ctx, g_R: Tensor):
         bag_by_key, key, vals_by_key = ctx.saved_tensors
         offsets = torch.searchsorted(key, torch.arange(ctx.n_rows, device=key.device))
-        gW = F.embedding_bag(bag_by_key, g_R.reshape(-1, g_R.shape[-1]), offsets, mode="sum",
-                             per_sample_weights=vals_by_key.to(g_R.dtype))
+        gW = F.embedding_bag(
+            bag_by_key,
+            g_R.reshape(-1, g_R.shape[-1]),
+            offsets,
+            mode="sum",
+            per_sample_weights=vals_by_key.to(g_R.dtype),
+        )
         return g_R, gW, None, None, None
 
 
@@ -278,13 +319,17 @@ class StackedSAE(nn.Module):
             raise SailError("StackedSAE needs at least one SAE config")
         fam = {s.family for s in specs}
         if len(fam) != 1:
-            raise SailError(f"configs of different families cannot be stacked: {sorted(map(str, fam))}")
+            raise SailError(
+                f"configs of different families cannot be stacked: {sorted(map(str, fam))}"
+            )
         self.specs = list(specs)
         self.variant, self.dict_sizes, self.topk_mode = specs[0].family
         self.d_in = int(d_in)
         M, D, d, L = len(specs), self.dict_sizes[-1], self.d_in, len(self.dict_sizes)
         self.n_models, self.n_latents, self.n_levels = M, D, L
-        self.register_buffer("k_ML", torch.tensor([s.k_values for s in specs], dtype=torch.int64), persistent=False)
+        self.register_buffer(
+            "k_ML", torch.tensor([s.k_values for s in specs], dtype=torch.int64), persistent=False
+        )
         if self.variant == "sail":
             self.W = nn.Parameter(torch.zeros(M, D, d))
             self.register_buffer("theta_sum", torch.zeros(M))
@@ -310,7 +355,9 @@ class StackedSAE(nn.Module):
         return self.W.detach() if self.variant == "sail" else self.W_dec
 
     @torch.no_grad()
-    def initialize(self, seeds: list[int], x_sample_ND: Tensor | None = None, b_dec_init: str = "zeros") -> None:
+    def initialize(
+        self, seeds: list[int], x_sample_ND: Tensor | None = None, b_dec_init: str = "zeros"
+    ) -> None:
         """Published init for sail (Xavier, unit rows, zero biases); tied unit-norm init for matryoshka.
 
         One seed per stacked model, so a model's init does not depend on the family it trains in.
@@ -347,7 +394,9 @@ class StackedSAE(nn.Module):
         if self.variant == "sail" or self.W_dec.grad is None:
             return
         g, W = self.W_dec.grad, self.W_dec
-        along = torch.matmul(g.unsqueeze(-2), W.unsqueeze(-1)).squeeze(-1)  # row-wise dot, no (M, D, d) temporary
+        along = torch.matmul(g.unsqueeze(-2), W.unsqueeze(-1)).squeeze(
+            -1
+        )  # row-wise dot, no (M, D, d) temporary
         g.sub_(along * W)
 
     @torch.no_grad()
@@ -356,8 +405,15 @@ class StackedSAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     # ----- selection --------------------------------------------------------------------------
-    def _select_batch_topk(self, s_MBF: Tensor, level_sizes: list[int], k_per_level_M: Tensor, B: int,
-                           ctx: DistContext | None = None, B_global: int | None = None) -> list[Selection]:
+    def _select_batch_topk(
+        self,
+        s_MBF: Tensor,
+        level_sizes: list[int],
+        k_per_level_M: Tensor,
+        B: int,
+        ctx: DistContext | None = None,
+        B_global: int | None = None,
+    ) -> list[Selection]:
         """Independent BatchTopK per (level, model): the top K*B entries of the level's prefix.
 
         With ``ctx`` the rows are this rank's slice of a global batch of ``B_global`` rows and
@@ -376,7 +432,10 @@ class StackedSAE(nn.Module):
             ks = [min(int(k_host[m][li]) * B_global, B_global * Dl) for li, Dl, m in pairs]
             picks = global_topk_flat(flats, ks, ctx)
         else:
-            picks = [topk_flat_sorted(f, min(int(k_host[m][li]) * B, f.numel())) for (li, _, m), f in zip(pairs, flats)]
+            picks = [
+                topk_flat_sorted(f, min(int(k_host[m][li]) * B, f.numel()))
+                for (li, _, m), f in zip(pairs, flats)
+            ]
         for (li, Dl, m), flat, f in zip(pairs, flats, picks):  # f is row-major: (row, latent)
             if positive_only:
                 f = f[flat[f] > 0]
@@ -407,12 +466,18 @@ class StackedSAE(nn.Module):
                 out.append(Selection(m * B * D + nz[latent < Dl], li, m))
         return out
 
-    def train_selections(self, acts_MBF: Tensor, ctx: DistContext | None = None, B_global: int | None = None) -> list[Selection]:
+    def train_selections(
+        self, acts_MBF: Tensor, ctx: DistContext | None = None, B_global: int | None = None
+    ) -> list[Selection]:
         """The training-time selection of both variants (per-level or global BatchTopK)."""
         B = acts_MBF.shape[1]
         if self.topk_mode == "per_level":
-            return self._select_batch_topk(acts_MBF, list(self.dict_sizes), self.k_ML, B, ctx, B_global)
-        full = self._select_batch_topk(acts_MBF, [self.n_latents], self.k_ML[:, :1], B, ctx, B_global)
+            return self._select_batch_topk(
+                acts_MBF, list(self.dict_sizes), self.k_ML, B, ctx, B_global
+            )
+        full = self._select_batch_topk(
+            acts_MBF, [self.n_latents], self.k_ML[:, :1], B, ctx, B_global
+        )
         D = self.n_latents
         out = []
         for sel in full:
@@ -428,7 +493,9 @@ class StackedSAE(nn.Module):
     def activations(self, pre_MBF: Tensor) -> Tensor:
         return pre_MBF if self.variant == "sail" else F.relu(pre_MBF)
 
-    def decode(self, sels: list[Selection], vals: list[Tensor], B: int, impl: str = "dense") -> Tensor:
+    def decode(
+        self, sels: list[Selection], vals: list[Tensor], B: int, impl: str = "dense"
+    ) -> Tensor:
         """Reconstructions (L, M, B, d) of each level from its selection, decoding at prefix width."""
         M, D, L, d = self.n_models, self.n_latents, self.n_levels, self.d_in
         Wd = self.W_decoder
@@ -442,7 +509,9 @@ class StackedSAE(nn.Module):
             v = torch.cat(vals)
             offsets = torch.searchsorted(rows, torch.arange(L * M * B, device=rows.device))
             W_flat = Wd.reshape(M * D, d)
-            R = F.embedding_bag(emb_idx, W_flat.detach(), offsets, mode="sum", per_sample_weights=v.to(Wd.dtype))
+            R = F.embedding_bag(
+                emb_idx, W_flat.detach(), offsets, mode="sum", per_sample_weights=v.to(Wd.dtype)
+            )
             if W_flat.requires_grad and torch.is_grad_enabled():
                 key, order = torch.sort(emb_idx, stable=True)
                 R = _DecoderGradTap.apply(R, W_flat, rows[order], key, v.detach()[order])
@@ -453,7 +522,9 @@ class StackedSAE(nn.Module):
             local = sel.flat - sel.model * B * D
             rows, latent = local // D, local % D
             codes = torch.zeros(B, Dl, device=v.device, dtype=v.dtype).index_put((rows, latent), v)
-            out[sel.level, sel.model] = codes @ Wd[sel.model, :Dl].to(codes.dtype) + b_dec[sel.model]
+            out[sel.level, sel.model] = (
+                codes @ Wd[sel.model, :Dl].to(codes.dtype) + b_dec[sel.model]
+            )
         return out
 
     def forward_train(
@@ -482,8 +553,15 @@ class StackedSAE(nn.Module):
                 sels = self.train_selections(acts, ctx, B_global)
             flat_all = torch.cat([s.flat for s in sels])
             flat_u = torch.unique(flat_all)
-            vals_u = _EncodeAt.apply(acts.reshape(-1)[flat_u], flat_u, self.variant != "sail", x_BD,
-                                     self.W_encoder, self.b_enc, self.b_dec)
+            vals_u = _EncodeAt.apply(
+                acts.reshape(-1)[flat_u],
+                flat_u,
+                self.variant != "sail",
+                x_BD,
+                self.W_encoder,
+                self.b_enc,
+                self.b_dec,
+            )
             vals_all = vals_u[torch.searchsorted(flat_u, flat_all)]
         else:
             acts = self.activations(self.pre_activations(x_BD))
@@ -508,12 +586,22 @@ class StackedSAE(nn.Module):
         if self.variant == "sail":
             self._update_theta(sels, vals, ctx)
         elif auxk_alpha > 0 and dead_MF is not None and auxk_k > 0:
-            aux_loss_M, auxk_M = self._auxk_loss(x_BD, acts, R_LMBD[-1].detach(), dead_MF, auxk_k, ctx, B_global)
+            aux_loss_M, auxk_M = self._auxk_loss(
+                x_BD, acts, R_LMBD[-1].detach(), dead_MF, auxk_k, ctx, B_global
+            )
             loss_M = loss_M + auxk_alpha * aux_loss_M
         return ForwardOut(loss_M.sum(), sse_LM, l0_LM, auxk_M.detach(), fired_MF)
 
-    def _auxk_loss(self, x_BD: Tensor, acts_MBF: Tensor, R_MBD: Tensor, dead_MF: Tensor, k_aux: int,
-                   ctx: DistContext | None = None, B_global: int | None = None) -> tuple[Tensor, Tensor]:
+    def _auxk_loss(
+        self,
+        x_BD: Tensor,
+        acts_MBF: Tensor,
+        R_MBD: Tensor,
+        dead_MF: Tensor,
+        k_aux: int,
+        ctx: DistContext | None = None,
+        B_global: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """AuxK (Gao et al.): the top-k_aux dead latents reconstruct the residual, bias-free.
 
         Returns (loss term, normalised value for metrics). The loss term is an MSE in the same
@@ -530,8 +618,11 @@ class StackedSAE(nn.Module):
         if cols.numel() == 0:
             e_hat = torch.zeros_like(e_MBD)
         else:
-            sub = torch.where(dead_MF[:, None, cols], acts_MBF[:, :, cols],
-                              torch.zeros((), dtype=acts_MBF.dtype, device=acts_MBF.device))
+            sub = torch.where(
+                dead_MF[:, None, cols],
+                acts_MBF[:, :, cols],
+                torch.zeros((), dtype=acts_MBF.dtype, device=acts_MBF.device),
+            )
             top = sub.topk(min(k, cols.numel()), dim=-1)
             codes = torch.zeros_like(sub).scatter_(-1, top.indices, top.values)
             if not acts_MBF.requires_grad:  # the sparse path: attach the encoder on these columns
@@ -541,8 +632,15 @@ class StackedSAE(nn.Module):
         if ctx is not None:
             n = B_global * e_MBD.shape[-1]
             sse = (e_hat - e_MBD).pow(2).sum(dim=(1, 2))
-            stats = ctx.all_reduce(torch.cat([sse.detach().double(), e_MBD.double().pow(2).sum(dim=(1, 2)),
-                                              e_MBD.double().sum(1).reshape(-1)]))
+            stats = ctx.all_reduce(
+                torch.cat(
+                    [
+                        sse.detach().double(),
+                        e_MBD.double().pow(2).sum(dim=(1, 2)),
+                        e_MBD.double().sum(1).reshape(-1),
+                    ]
+                )
+            )
             mu_MD = stats[2 * M :].view(M, -1) / B_global
             var = ((stats[M : 2 * M] - B_global * mu_MD.pow(2).sum(-1)) / n).clamp_min(1e-12)
             return scale * sse / n, (stats[:M] / n / var).to(e_hat.dtype)
@@ -551,7 +649,9 @@ class StackedSAE(nn.Module):
         return scale * mse, (mse / var).detach()
 
     @torch.no_grad()
-    def _update_theta(self, sels: list[Selection], vals: list[Tensor], ctx: DistContext | None = None) -> None:
+    def _update_theta(
+        self, sels: list[Selection], vals: list[Tensor], ctx: DistContext | None = None
+    ) -> None:
         """Published threshold: running mean of the smallest positive value kept at the last level.
 
         With ``ctx`` the minimum is taken over the global batch (all-reduced across ranks).
@@ -561,7 +661,9 @@ class StackedSAE(nn.Module):
         for s, v in zip(sels, vals):
             if s.level != last:
                 continue
-            pos = torch.where(v > 0, v.detach().float(), torch.full_like(v, math.inf, dtype=torch.float32))
+            pos = torch.where(
+                v > 0, v.detach().float(), torch.full_like(v, math.inf, dtype=torch.float32)
+            )
             lows[s.model] = pos.min() if pos.numel() else torch.tensor(math.inf, device=v.device)
         if ctx is not None:
             reduced = ctx.all_reduce(torch.stack([lows[m] for m in sorted(lows)]), "min")
@@ -579,11 +681,17 @@ class StackedSAE(nn.Module):
     def threshold_ranges(self) -> list[tuple[int, int]]:
         """Latent ranges that share one JumpReLU threshold: the nested levels' new latents
         [D_{i-1}, D_i) in per_level mode, the whole dictionary in global mode."""
-        return _prefix_pairs(self.dict_sizes) if self.topk_mode == "per_level" else [(0, self.n_latents)]
+        return (
+            _prefix_pairs(self.dict_sizes)
+            if self.topk_mode == "per_level"
+            else [(0, self.n_latents)]
+        )
 
     def latent_thresholds_MF(self) -> Tensor:
         """Per-latent JumpReLU threshold from the per-range thresholds."""
-        sizes = torch.tensor([hi - lo for lo, hi in self.threshold_ranges()], device=self.thresholds.device)
+        sizes = torch.tensor(
+            [hi - lo for lo, hi in self.threshold_ranges()], device=self.thresholds.device
+        )
         return torch.repeat_interleave(self.thresholds, sizes, dim=1)
 
     @torch.no_grad()
@@ -593,7 +701,9 @@ class StackedSAE(nn.Module):
         if self.variant == "sail":
             return F.relu(pre - self.theta_M()[:, None, None])
         if not bool(self.calibrated.all()):
-            raise SailError("matryoshka SAE has no calibrated thresholds; run calibration on held-out data first")
+            raise SailError(
+                "matryoshka SAE has no calibrated thresholds; run calibration on held-out data first"
+            )
         acts = F.relu(pre)
         return acts * (acts > self.latent_thresholds_MF()[:, None, :])
 
@@ -607,7 +717,11 @@ class StackedSAE(nn.Module):
         """
         B = x_BD.shape[0]
         if mode == "published":
-            mode = "inference" if bool((self.theta_count >= SAIL_THRESHOLD_MIN_STEPS).all()) else "sample_topk"
+            mode = (
+                "inference"
+                if bool((self.theta_count >= SAIL_THRESHOLD_MIN_STEPS).all())
+                else "sample_topk"
+            )
         pre = _dense_pre(x_BD, self.W_encoder, self.b_enc, self.b_dec)
         if mode == "train":
             acts = self.activations(pre)
@@ -643,7 +757,9 @@ class StackedSAE(nn.Module):
         values are not shrunk.
         """
         if self.variant == "sail":
-            raise SailError("the sail variant uses the published soft threshold; it is not calibrated")
+            raise SailError(
+                "the sail variant uses the published soft threshold; it is not calibrated"
+            )
         N = x_ND.shape[0]
         if N == 0:
             raise SailError("cannot calibrate thresholds on an empty set of rows")
@@ -653,12 +769,20 @@ class StackedSAE(nn.Module):
         self.thresholds.copy_(thresholds_MR)
         self.calibrated.fill_(True)
         total_M = counts_MR.sum(1).clamp_min(1)
-        return [Calibration(rows=N, ranges=[list(r) for r in ranges], selected=counts_MR[m].tolist(),
-                            share=(counts_MR[m] / total_M[m]).tolist(),
-                            dead_ranges=[list(r) for r, c in zip(ranges, counts_MR[m].tolist()) if c == 0])
-                for m in range(self.n_models)]
+        return [
+            Calibration(
+                rows=N,
+                ranges=[list(r) for r in ranges],
+                selected=counts_MR[m].tolist(),
+                share=(counts_MR[m] / total_M[m]).tolist(),
+                dead_ranges=[list(r) for r, c in zip(ranges, counts_MR[m].tolist()) if c == 0],
+            )
+            for m in range(self.n_models)
+        ]
 
-    def _training_selection_counts(self, x_ND: Tensor, batch_size: int, ranges: list[tuple[int, int]]) -> Tensor:
+    def _training_selection_counts(
+        self, x_ND: Tensor, batch_size: int, ranges: list[tuple[int, int]]
+    ) -> Tensor:
         """(M, R) number of the last level's BatchTopK picks per threshold range, over batches of x."""
         bounds = torch.tensor([hi for _, hi in ranges], device=x_ND.device)
         counts = torch.zeros(self.n_models, len(ranges), dtype=torch.int64, device=x_ND.device)
@@ -669,16 +793,21 @@ class StackedSAE(nn.Module):
                 flat = acts_MBF[m].reshape(-1)
                 pick = topk_flat_sorted(flat, min(int(k_last[m]) * acts_MBF.shape[1], flat.numel()))
                 latent = pick[flat[pick] > 0] % self.n_latents
-                counts[m] += torch.bincount(torch.bucketize(latent, bounds, right=True), minlength=len(ranges))
+                counts[m] += torch.bincount(
+                    torch.bucketize(latent, bounds, right=True), minlength=len(ranges)
+                )
         return counts
 
-    def _thresholds_keeping(self, x_ND: Tensor, batch_size: int, ranges: list[tuple[int, int]],
-                            counts_MR: Tensor) -> Tensor:
+    def _thresholds_keeping(
+        self, x_ND: Tensor, batch_size: int, ranges: list[tuple[int, int]], counts_MR: Tensor
+    ) -> Tensor:
         """(M, R) thresholds: the (n+1)-th largest activation of each range over all rows, so that
         ``acts > threshold`` keeps n of them (0 when the range has only n positive values)."""
         M, R = counts_MR.shape
         need = counts_MR.tolist()
-        tops: list[list[Tensor]] = [[torch.empty(0, device=x_ND.device) for _ in range(R)] for _ in range(M)]
+        tops: list[list[Tensor]] = [
+            [torch.empty(0, device=x_ND.device) for _ in range(R)] for _ in range(M)
+        ]
         for start in range(0, x_ND.shape[0], batch_size):
             acts_MBF = F.relu(self.pre_activations(x_ND[start : start + batch_size]))
             for m in range(M):
@@ -700,8 +829,11 @@ class StackedSAE(nn.Module):
     # ----- per-model state -------------------------------------------------------------------------
     def model_state(self, m: int) -> dict[str, Tensor]:
         """Tensors of model m alone (what model.safetensors holds)."""
-        names = ["W", "b_enc", "b_dec", "theta_sum", "theta_count"] if self.variant == "sail" else [
-            "W_enc", "b_enc", "W_dec", "b_dec", "thresholds"]
+        names = (
+            ["W", "b_enc", "b_dec", "theta_sum", "theta_count"]
+            if self.variant == "sail"
+            else ["W_enc", "b_enc", "W_dec", "b_dec", "thresholds"]
+        )
         return {n: getattr(self, n)[m].detach().clone().contiguous() for n in names}
 
     @torch.no_grad()
@@ -709,7 +841,9 @@ class StackedSAE(nn.Module):
         for name, value in state.items():
             target = getattr(self, name)
             if tuple(target[m].shape) != tuple(value.shape):
-                raise SailError(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(target[m].shape)}")
+                raise SailError(
+                    f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(target[m].shape)}"
+                )
             target[m].copy_(value)
         if self.variant != "sail":
             self.calibrated[m] = not bool(torch.isnan(self.thresholds[m]).any())

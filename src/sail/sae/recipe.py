@@ -64,7 +64,9 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, math.ceil(n_train / max(1, min(batch_size, n_train))))
 
 
-def auto_values(n_train: int, dict_size: int, batch_size: int, epochs: int | None = None) -> dict[str, Any]:
+def auto_values(
+    n_train: int, dict_size: int, batch_size: int, epochs: int | None = None
+) -> dict[str, Any]:
     """The ``auto`` recipe's epochs, lr, lr_min, warmup, clipping and schedule for this shape
     (warmup from the given ``epochs`` when the user set them)."""
     per_epoch = steps_per_epoch(n_train, batch_size)
@@ -81,7 +83,9 @@ def auto_values(n_train: int, dict_size: int, batch_size: int, epochs: int | Non
     }
 
 
-def resolve(settings: TrainingSettings, variant: str, n_train: int, dict_size: int) -> TrainingSettings:
+def resolve(
+    settings: TrainingSettings, variant: str, n_train: int, dict_size: int
+) -> TrainingSettings:
     """Concrete settings for one family: the recipe's values where the user gave none.
 
     The result names its recipe and has a concrete warmup, so cfg.json records what ran.
@@ -94,7 +98,9 @@ def resolve(settings: TrainingSettings, variant: str, n_train: int, dict_size: i
         auto = auto_values(n_train, dict_size, settings.batch_size, given_epochs)
         values.update({k: v for k, v in auto.items() if k not in explicit})
     elif values["warmup_steps"] is None:
-        values["warmup_steps"] = min(1000, values["epochs"] * steps_per_epoch(n_train, settings.batch_size) // 10)
+        values["warmup_steps"] = min(
+            1000, values["epochs"] * steps_per_epoch(n_train, settings.batch_size) // 10
+        )
     values["recipe"] = recipe
     return TrainingSettings.model_validate(values)
 
@@ -154,7 +160,9 @@ def warn_if_unconverged(names: list[str], metrics: list[Any]) -> list[str]:
         if drop is not None and drop > MAX_LATE_DROP:
             log.warning(
                 "%s: %.0f%% of the training FVU decrease came between 60%% and 80%% of the steps; the run is probably "
-                "too short to converge: give more epochs (training.epochs) or use training.recipe: auto", name, 100 * drop,
+                "too short to converge: give more epochs (training.epochs) or use training.recipe: auto",
+                name,
+                100 * drop,
             )
             warned.append(name)
     return warned

@@ -32,7 +32,15 @@ from sail.sae.memory import check_fits
 from sail.sae.model import StackedSAE
 from sail.sae.recipe import lr_at, resolve, warn_if_unconverged
 from sail.slice_ids import volume_ids
-from sail.workspace import StageRecord, Workspace, atomic_path, fingerprint, hash_config, is_done, mark_done
+from sail.workspace import (
+    StageRecord,
+    Workspace,
+    atomic_path,
+    fingerprint,
+    hash_config,
+    is_done,
+    mark_done,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,9 @@ STATE_FILE = "train_state.pt"
 
 
 # ----- data -----------------------------------------------------------------------------------
-def split_labels(slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = "data/split.csv") -> np.ndarray:
+def split_labels(
+    slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = "data/split.csv"
+) -> np.ndarray:
     """Split label per slice_id ("modality/image_id/plane/idx") from a modality,image_id,split table."""
     for col in ("modality", "image_id", "split"):
         if col not in split_df.columns:
@@ -49,12 +59,20 @@ def split_labels(slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = "d
     bad = ~split_df["split"].isin(SPLITS)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise SailError(f"{source}: line {row + 2}: split {split_df['split'].iloc[row]!r} is not train, valid or test")
+        raise SailError(
+            f"{source}: line {row + 2}: split {split_df['split'].iloc[row]!r} is not train, valid or test"
+        )
     parts = pd.Series(slice_ids, dtype=object).str.split("/", n=2, expand=True)
     if parts.shape[1] < 3 or parts.isna().any().any():
-        first = slice_ids[int(np.flatnonzero(parts.isna().any(axis=1).to_numpy())[0])] if parts.shape[1] >= 3 else slice_ids[0]
+        first = (
+            slice_ids[int(np.flatnonzero(parts.isna().any(axis=1).to_numpy())[0])]
+            if parts.shape[1] >= 3
+            else slice_ids[0]
+        )
         raise SailError(f"slice_id {first!r} is not 'modality/image_id/plane/index'")
-    key = split_df.astype({"modality": str, "image_id": str}).drop_duplicates(["modality", "image_id"])
+    key = split_df.astype({"modality": str, "image_id": str}).drop_duplicates(
+        ["modality", "image_id"]
+    )
     merged = pd.DataFrame({"modality": parts[0], "image_id": parts[1]}).merge(
         key[["modality", "image_id", "split"]], on=["modality", "image_id"], how="left"
     )
@@ -67,7 +85,11 @@ def split_labels(slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = "d
 
 def seeded_split(n: int, groups: np.ndarray | None, seed: int) -> np.ndarray:
     """80/10/10 split of rows (or of the distinct values of ``groups``), reproducible per seed."""
-    keys, inverse = (np.arange(n), np.arange(n)) if groups is None else np.unique(groups.astype(str), return_inverse=True)
+    keys, inverse = (
+        (np.arange(n), np.arange(n))
+        if groups is None
+        else np.unique(groups.astype(str), return_inverse=True)
+    )
     g = len(keys)
     order = np.random.default_rng(seed).permutation(g)
     n_valid = max(1, round(0.1 * g)) if g >= 3 else 0
@@ -99,8 +121,13 @@ def calibration_holdout(slice_ids: np.ndarray, fraction: float, seed: int) -> np
 def calibration_record(slice_ids: np.ndarray, fraction: float, seed: int) -> dict[str, Any]:
     """What cfg.json records about the calibration rows: counts and a hash of their ids."""
     ids = np.sort(np.asarray(slice_ids, dtype=str))
-    return {"rows": int(len(ids)), "volumes": int(len(np.unique(volume_ids(ids)))), "fraction": fraction,
-            "seed": seed, "slice_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+    return {
+        "rows": int(len(ids)),
+        "volumes": int(len(np.unique(volume_ids(ids)))),
+        "fraction": fraction,
+        "seed": seed,
+        "slice_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+    }
 
 
 @dataclass
@@ -133,20 +160,34 @@ def load_data(
         schema = pq.read_schema(path)
         encoder = name or path.stem
         if "split" in schema.names:
-            split = np.asarray(pq.read_table(path, columns=["split"]).column("split").to_pylist(), dtype=object)
+            split = np.asarray(
+                pq.read_table(path, columns=["split"]).column("split").to_pylist(), dtype=object
+            )
             bad = ~np.isin(split, SPLITS)
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
-                raise SailError(f"{path}: column 'split' row {row}: {split[row]!r} is not train, valid or test")
+                raise SailError(
+                    f"{path}: column 'split' row {row}: {split[row]!r} is not train, valid or test"
+                )
             info = {"source": "column"}
         else:
             groups = None
             if group_by is not None:
                 if group_by not in schema.names:
-                    raise SailError(f"{path}: --group-by column '{group_by}' not found (columns: {schema.names})")
-                groups = np.asarray(pq.read_table(path, columns=[group_by]).column(group_by).to_pylist(), dtype=object)
+                    raise SailError(
+                        f"{path}: --group-by column '{group_by}' not found (columns: {schema.names})"
+                    )
+                groups = np.asarray(
+                    pq.read_table(path, columns=[group_by]).column(group_by).to_pylist(),
+                    dtype=object,
+                )
             split = seeded_split(len(table.slice_ids), groups, seed)
-            info = {"source": "seeded", "fractions": [0.8, 0.1, 0.1], "group_by": group_by, "seed": seed}
+            info = {
+                "source": "seeded",
+                "fractions": [0.8, 0.1, 0.1],
+                "group_by": group_by,
+                "seed": seed,
+            }
         inputs = {"embeddings": fingerprint(path), "split": hash_config(info)}
     else:
         if encoder is None:
@@ -154,8 +195,12 @@ def load_data(
         path = ws.embeddings(encoder)
         table = read_embeddings(path)
         if not ws.split_csv.is_file():
-            raise SailError(f"{ws.split_csv} not found; run `sail split` first (or train with --embeddings)")
-        split = split_labels(table.slice_ids, pd.read_csv(ws.split_csv, dtype=str), str(ws.split_csv))
+            raise SailError(
+                f"{ws.split_csv} not found; run `sail split` first (or train with --embeddings)"
+            )
+        split = split_labels(
+            table.slice_ids, pd.read_csv(ws.split_csv, dtype=str), str(ws.split_csv)
+        )
         info = {"source": "split.csv", "fingerprint": fingerprint(ws.split_csv)}
         inputs = {"embeddings": fingerprint(path), "split": fingerprint(ws.split_csv)}
     if not np.isfinite(table.x_ND).all():
@@ -173,19 +218,25 @@ def check_trainable(path: Path, slice_ids: np.ndarray, x_ND: np.ndarray) -> None
     if (counts > 1).any():
         dup = str(uniq[counts > 1][0])
         rows = np.flatnonzero(slice_ids.astype(str) == dup)[:2].tolist()
-        raise SailError(f"{path}: column 'slice_id' has duplicates, e.g. {dup!r} at rows {rows}; each slice must "
-                        "appear once")
+        raise SailError(
+            f"{path}: column 'slice_id' has duplicates, e.g. {dup!r} at rows {rows}; each slice must "
+            "appear once"
+        )
     if len(x_ND) == 0:
         raise SailError(f"{path}: the table has no rows")
     zero = ~np.any(x_ND, axis=1)
     if zero.any():
         row = int(np.flatnonzero(zero)[0])
-        raise SailError(f"{path}: row {row} ({slice_ids[row]}) is an all-zero embedding ({int(zero.sum())} such rows)")
+        raise SailError(
+            f"{path}: row {row} ({slice_ids[row]}) is an all-zero embedding ({int(zero.sum())} such rows)"
+        )
     norms_N = np.sqrt(np.einsum("nd,nd->n", x_ND, x_ND, dtype=np.float64))
     cos_N = (x_ND @ (x_ND[0] / norms_N[0]).astype(x_ND.dtype)) / norms_N  # no (N, d) temporary
     if len(x_ND) > 1 and cos_N.min() > 1 - 1e-6:
-        raise SailError(f"{path}: every row holds the same direction (the SAE sees L2-normalised rows): it would "
-                        "reconstruct them perfectly and learn nothing")
+        raise SailError(
+            f"{path}: every row holds the same direction (the SAE sees L2-normalised rows): it would "
+            "reconstruct them perfectly and learn nothing"
+        )
 
 
 def to_device_normalized(x_ND: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -196,12 +247,16 @@ def to_device_normalized(x_ND: np.ndarray, device: torch.device) -> torch.Tensor
 
 # ----- schedule, clipping, metrics --------------------------------------------------------------
 @torch.no_grad()
-def clip_per_model(params: list[torch.nn.Parameter], n_models: int, max_norm: float) -> torch.Tensor:
+def clip_per_model(
+    params: list[torch.nn.Parameter], n_models: int, max_norm: float
+) -> torch.Tensor:
     """clip_grad_norm_ applied to each stacked model separately (models never share a norm)."""
     sq = torch.zeros(n_models, device=params[0].device, dtype=torch.float32)
     for p in params:
         if p.grad is not None:
-            sq += torch.linalg.vector_norm(p.grad.reshape(n_models, -1), dim=1, dtype=torch.float32).pow(2)
+            sq += torch.linalg.vector_norm(
+                p.grad.reshape(n_models, -1), dim=1, dtype=torch.float32
+            ).pow(2)
     norm = sq.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in params:
@@ -228,7 +283,13 @@ class Meter:
         self.n = 0
         self.steps = 0
 
-    def add(self, x_BD: torch.Tensor, sse_LM: torch.Tensor, l0_LM: torch.Tensor, auxk_M: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        x_BD: torch.Tensor,
+        sse_LM: torch.Tensor,
+        l0_LM: torch.Tensor,
+        auxk_M: torch.Tensor | None = None,
+    ) -> None:
         xd = x_BD.double()
         self.sum_x += xd.sum(0)
         self.sumsq_x += xd.pow(2).sum(0)
@@ -279,10 +340,24 @@ class Runtime:
     @classmethod
     def from_config(cls, tc: TrainConfig) -> Runtime:
         device = local_device(resolve_device(tc.device))
-        precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        decode = tc.decode if tc.decode != "auto" else ("dense" if device.type == "cuda" else "sparse")
+        precision = (
+            tc.precision
+            if tc.precision != "auto"
+            else ("bf16" if device.type == "cuda" else "fp32")
+        )
+        decode = (
+            tc.decode if tc.decode != "auto" else ("dense" if device.type == "cuda" else "sparse")
+        )
         ctx = from_env(device)
-        return cls(device, precision, decode, tc.log_every, tc.checkpoint_every, ctx is None or ctx.is_main, ctx)
+        return cls(
+            device,
+            precision,
+            decode,
+            tc.log_every,
+            tc.checkpoint_every,
+            ctx is None or ctx.is_main,
+            ctx,
+        )
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, fixed: bool) -> torch.Tensor:
@@ -296,28 +371,55 @@ class FamilyResult:
     model: StackedSAE
     metrics: list[pd.DataFrame]
     final: list[dict[str, Any]]  # per model: metrics of the stored codes on held-out rows
-    calibration: list[dict[str, Any]] | None = None  # per model: how thresholds were set (matryoshka)
+    calibration: list[dict[str, Any]] | None = (
+        None  # per model: how thresholds were set (matryoshka)
+    )
     settings: TrainingSettings | None = None  # the resolved settings the family trained with
 
 
 def _state_key(entries: list[GridEntry], n_train: int, d: int) -> str:
-    return hash_config({"names": [e.name for e in entries], "settings": entries[0].settings.model_dump(mode="json"),
-                        "n_train": n_train, "d": d})
+    return hash_config(
+        {
+            "names": [e.name for e in entries],
+            "settings": entries[0].settings.model_dump(mode="json"),
+            "n_train": n_train,
+            "d": d,
+        }
+    )
 
 
-def _save_states(dirs: list[Path], model: StackedSAE, opt: torch.optim.Optimizer, names: list[str],
-                 since_fired: torch.Tensor, rows: list[list[dict]], step: int, epoch: int, key: str) -> None:
+def _save_states(
+    dirs: list[Path],
+    model: StackedSAE,
+    opt: torch.optim.Optimizer,
+    names: list[str],
+    since_fired: torch.Tensor,
+    rows: list[list[dict]],
+    step: int,
+    epoch: int,
+    key: str,
+) -> None:
     params = dict(model.named_parameters())
     for m, out in enumerate(dirs):
         opt_state = {}
         for name, p in params.items():
             st = opt.state.get(p, {})
             if st:
-                opt_state[name] = {"exp_avg": st["exp_avg"][m].cpu().clone(), "exp_avg_sq": st["exp_avg_sq"][m].cpu().clone(),
-                                   "step": float(st["step"])}
-        state = {"key": key, "step": step, "epoch": epoch, "member": names[m],
-                 "model": {k: v.cpu() for k, v in model.model_state(m).items()},
-                 "since_fired": since_fired[m].cpu().clone(), "opt": opt_state, "rows": rows[m]}
+                opt_state[name] = {
+                    "exp_avg": st["exp_avg"][m].cpu().clone(),
+                    "exp_avg_sq": st["exp_avg_sq"][m].cpu().clone(),
+                    "step": float(st["step"]),
+                }
+        state = {
+            "key": key,
+            "step": step,
+            "epoch": epoch,
+            "member": names[m],
+            "model": {k: v.cpu() for k, v in model.model_state(m).items()},
+            "since_fired": since_fired[m].cpu().clone(),
+            "opt": opt_state,
+            "rows": rows[m],
+        }
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / STATE_FILE) as tmp:
             torch.save(state, tmp)
@@ -333,12 +435,16 @@ def _load_states(dirs: list[Path], key: str) -> list[dict] | None:
         log.warning("cannot resume (%s); training the family from scratch", exc)
         return None
     if any(s["key"] != key for s in states) or len({s["step"] for s in states}) != 1:
-        log.warning("train_state.pt files do not match this family and settings; training from scratch")
+        log.warning(
+            "train_state.pt files do not match this family and settings; training from scratch"
+        )
         return None
     return states
 
 
-def _restore(states: list[dict], model: StackedSAE, opt: torch.optim.Optimizer, fused: bool) -> torch.Tensor:
+def _restore(
+    states: list[dict], model: StackedSAE, opt: torch.optim.Optimizer, fused: bool
+) -> torch.Tensor:
     for m, st in enumerate(states):
         model.load_model_state(m, {k: v.to(model.b_dec.device) for k, v in st["model"].items()})
     for name, p in model.named_parameters():
@@ -346,7 +452,9 @@ def _restore(states: list[dict], model: StackedSAE, opt: torch.optim.Optimizer, 
             continue
         step_dev = p.device if fused else torch.device("cpu")
         opt.state[p] = {
-            "step": torch.tensor(states[0]["opt"][name]["step"], dtype=torch.float32, device=step_dev),
+            "step": torch.tensor(
+                states[0]["opt"][name]["step"], dtype=torch.float32, device=step_dev
+            ),
             "exp_avg": torch.stack([s["opt"][name]["exp_avg"] for s in states]).to(p.device),
             "exp_avg_sq": torch.stack([s["opt"][name]["exp_avg_sq"] for s in states]).to(p.device),
         }
@@ -356,30 +464,52 @@ def _restore(states: list[dict], model: StackedSAE, opt: torch.optim.Optimizer, 
 @torch.no_grad()
 def all_reduce_grads(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
     """Sum the ranks' gradients in one flat buffer (each rank's loss is its share of the global mean)."""
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
     ctx.all_reduce(flat)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
 
 
-def _rows(meter: Meter, model: StackedSAE, step: int, epoch: int, split: str, dead_MF: torch.Tensor,
-          lr: float, out: list[list[dict]], mode: str) -> dict[str, np.ndarray]:
+def _rows(
+    meter: Meter,
+    model: StackedSAE,
+    step: int,
+    epoch: int,
+    split: str,
+    dead_MF: torch.Tensor,
+    lr: float,
+    out: list[list[dict]],
+    mode: str,
+) -> dict[str, np.ndarray]:
     s = meter.summary()
     dead = dead_MF.float()
     dead_frac = np.stack([dead[:, :Dl].mean(1).cpu().numpy() for Dl in model.dict_sizes])  # (L, M)
     for m in range(model.n_models):
         for li in range(model.n_levels):
-            out[m].append({
-                "step": step, "epoch": epoch, "split": split, "mode": mode, "level": li,
-                "fvu": float(s["fvu"][li, m]), "r2_published": float(s["r2_published"][li, m]),
-                "l0": float(s["l0"][li, m]), "dead_frac": float(dead_frac[li, m]),
-                "auxk_loss": float(s["auxk"][m]) if split == "train" else float("nan"), "lr": lr,
-            })
+            out[m].append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "split": split,
+                    "mode": mode,
+                    "level": li,
+                    "fvu": float(s["fvu"][li, m]),
+                    "r2_published": float(s["r2_published"][li, m]),
+                    "l0": float(s["l0"][li, m]),
+                    "dead_frac": float(dead_frac[li, m]),
+                    "auxk_loss": float(s["auxk"][m]) if split == "train" else float("nan"),
+                    "lr": lr,
+                }
+            )
     s["dead_frac"] = dead_frac
     return s
 
 
-def _evaluate(model: StackedSAE, x_ND: torch.Tensor, batch_size: int, mode: str, meter: Meter) -> torch.Tensor:
+def _evaluate(
+    model: StackedSAE, x_ND: torch.Tensor, batch_size: int, mode: str, meter: Meter
+) -> torch.Tensor:
     """Metric sums of ``mode``'s codes on x into ``meter``; returns the latents that never fired (M, F)."""
     meter.reset()
     fired_MF = torch.zeros(model.n_models, model.n_latents, dtype=torch.bool, device=x_ND.device)
@@ -425,11 +555,15 @@ def train_family(
     alpha = settings.auxk_alpha if variant == "matryoshka" else 0.0
     key = _state_key(entries, N, d)
 
-    sample_idx = torch.randperm(N, generator=torch.Generator().manual_seed(settings.seed))[:8192].to(device)
+    sample_idx = torch.randperm(N, generator=torch.Generator().manual_seed(settings.seed))[
+        :8192
+    ].to(device)
     seeds = [int(hash_config([settings.seed, e.spec.to_json()]), 16) % (2**62) for e in entries]
     model.initialize(seeds, x_train[sample_idx], settings.b_dec_init)
     fused = device.type in ("cuda", "cpu")  # one kernel per parameter instead of ~10 passes over it
-    opt = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+    opt = torch.optim.Adam(
+        model.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None
+    )
     params = list(model.parameters())
     since_fired = torch.zeros(M, model.n_latents, dtype=torch.int64, device=device)
     rows: list[list[dict]] = [[] for _ in range(M)]
@@ -439,7 +573,12 @@ def train_family(
         since_fired = _restore(states, model, opt, fused)
         step, start_epoch = states[0]["step"], states[0]["epoch"]
         rows = [list(s["rows"]) for s in states]
-        log.info("resuming %s at epoch %d (step %d)", ", ".join(e.name for e in entries), start_epoch, step)
+        log.info(
+            "resuming %s at epoch %d (step %d)",
+            ", ".join(e.name for e in entries),
+            start_epoch,
+            step,
+        )
 
     autocast = rt.precision == "bf16"
     meter = Meter(model.n_levels, M, d, device)
@@ -453,7 +592,9 @@ def train_family(
     with progress() as bar:
         task = bar.add_task(label, total=total, completed=step, visible=rt.show_progress)
         for epoch in range(start_epoch, settings.epochs):
-            perm = epoch_permutation(N, settings.seed, epoch, settings.permutation == "fixed").to(device)
+            perm = epoch_permutation(N, settings.seed, epoch, settings.permutation == "fixed").to(
+                device
+            )
             model.train()
             for b in range(steps_per_epoch):
                 idx = perm[b * B : (b + 1) * B]
@@ -468,8 +609,15 @@ def train_family(
                 dead = since_fired >= window
                 use_aux = alpha > 0 and (device.type != "cpu" or bool(dead.any()))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    out = model.forward_train(x, rt.decode, dead if use_aux else None, auxk_k, alpha if use_aux else 0.0,
-                                              ctx, idx.numel())
+                    out = model.forward_train(
+                        x,
+                        rt.decode,
+                        dead if use_aux else None,
+                        auxk_k,
+                        alpha if use_aux else 0.0,
+                        ctx,
+                        idx.numel(),
+                    )
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 fired_MF = out.fired_MF
@@ -481,19 +629,33 @@ def train_family(
                     clip_per_model(params, M, settings.clip_norm)
                 opt.step()
                 model.normalize_decoder()
-                since_fired = torch.where(fired_MF, torch.zeros_like(since_fired), since_fired + idx.numel())
+                since_fired = torch.where(
+                    fired_MF, torch.zeros_like(since_fired), since_fired + idx.numel()
+                )
                 meter.add(x, out.sse_LM, out.l0_LM, out.auxk_M)
                 step += 1
                 if step % rt.log_every == 0 or b == steps_per_epoch - 1:
                     if ctx is not None:
                         meter.all_reduce(ctx)
-                    _rows(meter, model, step, epoch, "train", since_fired >= window, lr, rows, "batchtopk")
+                    _rows(
+                        meter,
+                        model,
+                        step,
+                        epoch,
+                        "train",
+                        since_fired >= window,
+                        lr,
+                        rows,
+                        "batchtopk",
+                    )
                     meter.reset()
                     bar.update(task, completed=step)
             model.eval()
             if x_valid.shape[0]:
                 _evaluate(model, x_valid, B, val_mode, vmeter)
-                _rows(vmeter, model, step, epoch, "valid", since_fired >= window, lr, rows, val_label)
+                _rows(
+                    vmeter, model, step, epoch, "valid", since_fired >= window, lr, rows, val_label
+                )
             done = epoch + 1 == settings.epochs
             if not done and (epoch + 1) % rt.checkpoint_every == 0 and rt.is_main:
                 _save_states(dirs, model, opt, names, since_fired, rows, step, epoch + 1, key)
@@ -504,34 +666,56 @@ def train_family(
     held_split, x_held = _held_out(x_valid, x_calib, x_train)
     dead_MF = _evaluate(model, x_held, B, "inference", vmeter)
     final = _rows(vmeter, model, step, settings.epochs, held_split, dead_MF, lr, rows, "inference")
-    finals = [{
-        "split": held_split, "rows": int(x_held.shape[0]), "mode": "inference",
-        "fvu": final["fvu"][:, m].tolist(), "r2_published": final["r2_published"][:, m].tolist(),
-        "l0": final["l0"][:, m].tolist(), "dead_frac": final["dead_frac"][:, m].tolist(),
-        "dead_frac_source": "stored codes", "steps": step,
-    } for m in range(M)]
+    finals = [
+        {
+            "split": held_split,
+            "rows": int(x_held.shape[0]),
+            "mode": "inference",
+            "fvu": final["fvu"][:, m].tolist(),
+            "r2_published": final["r2_published"][:, m].tolist(),
+            "l0": final["l0"][:, m].tolist(),
+            "dead_frac": final["dead_frac"][:, m].tolist(),
+            "dead_frac_source": "stored codes",
+            "steps": step,
+        }
+        for m in range(M)
+    ]
     metrics = [pd.DataFrame(r, columns=METRIC_COLUMNS) for r in rows]
     warn_if_unconverged(names, metrics)
     return FamilyResult(model, metrics, finals, calibration, settings)
 
 
-def _calibrate(model: StackedSAE, names: list[str], x_calib: torch.Tensor | None, x_train: torch.Tensor,
-               batch_size: int) -> list[dict[str, Any]] | None:
+def _calibrate(
+    model: StackedSAE,
+    names: list[str],
+    x_calib: torch.Tensor | None,
+    x_train: torch.Tensor,
+    batch_size: int,
+) -> list[dict[str, Any]] | None:
     """Calibrate matryoshka thresholds on the held-out training rows (the training rows if none)."""
     if model.variant == "sail":
         return None
     held_out = x_calib is not None and x_calib.shape[0] > 0
     if not held_out:
-        log.warning("no held-out calibration rows: calibrating thresholds on the rows the SAE was trained on")
+        log.warning(
+            "no held-out calibration rows: calibrating thresholds on the rows the SAE was trained on"
+        )
     found = model.calibrate(x_calib if held_out else x_train, batch_size)
     for name, cal in zip(names, found):
         for lo, hi in cal.dead_ranges:
-            log.warning("%s: latents [%d, %d) were never selected at the last level on the calibration rows; "
-                        "threshold inf, counted dead", name, lo, hi)
+            log.warning(
+                "%s: latents [%d, %d) were never selected at the last level on the calibration rows; "
+                "threshold inf, counted dead",
+                name,
+                lo,
+                hi,
+            )
     return [{**asdict(cal), "held_out": held_out} for cal in found]
 
 
-def _held_out(x_valid: torch.Tensor, x_calib: torch.Tensor | None, x_train: torch.Tensor) -> tuple[str, torch.Tensor]:
+def _held_out(
+    x_valid: torch.Tensor, x_calib: torch.Tensor | None, x_train: torch.Tensor
+) -> tuple[str, torch.Tensor]:
     """Rows the final metrics come from: valid, else the calibration rows, else (warned) train."""
     if x_valid.shape[0]:
         return "valid", x_valid
@@ -548,7 +732,9 @@ def _encoders(cfg: SailConfig, ws: Workspace) -> list[str]:
         return list(cfg.train.encoders)
     found = sorted(p.stem for p in (ws.root / "embeddings").glob("*.parquet"))
     if not found:
-        raise SailError(f"no embeddings tables in {ws.root / 'embeddings'}; run `sail encode` or pass --embeddings")
+        raise SailError(
+            f"no embeddings tables in {ws.root / 'embeddings'}; run `sail encode` or pass --embeddings"
+        )
     return found
 
 
@@ -556,26 +742,47 @@ def grid_entries(tc: TrainConfig) -> list[GridEntry]:
     entries = load_grid(tc.grid, list(tc.variants), "variants" in tc.model_fields_set, tc.training)
     entries = shard_entries(entries, tc.shard)
     if not entries:
-        log.warning("shard %s of the grid is empty (the grid has fewer configs than shards)", tc.shard)
+        log.warning(
+            "shard %s of the grid is empty (the grid has fewer configs than shards)", tc.shard
+        )
     return entries
 
 
-def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: list[GridEntry],
-                  force: bool = False, on_epoch_end: Callable[[int], None] | None = None) -> list[Path]:
+def train_encoder(
+    cfg: SailConfig,
+    ws: Workspace,
+    data: EmbeddingData,
+    entries: list[GridEntry],
+    force: bool = False,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> list[Path]:
     """Train the entries (skipping finished ones) for one table; returns the checkpoint folders."""
     rt = Runtime.from_config(cfg.train)
-    records = {e.name + e.spec.variant: StageRecord("train", hash_config(e.record_config()), data.inputs) for e in entries}
+    records = {
+        e.name + e.spec.variant: StageRecord("train", hash_config(e.record_config()), data.inputs)
+        for e in entries
+    }
     todo = [
-        e for e in entries
-        if force or not is_done(ws.sae_dir(data.encoder, e.spec.variant, e.name) / WEIGHTS, records[e.name + e.spec.variant])
+        e
+        for e in entries
+        if force
+        or not is_done(
+            ws.sae_dir(data.encoder, e.spec.variant, e.name) / WEIGHTS,
+            records[e.name + e.spec.variant],
+        )
     ]
     for e in entries:
         sae_dir = ws.sae_dir(data.encoder, e.spec.variant, e.name)
         if e not in todo:
             log.info("%s/%s/%s: up to date", data.encoder, e.spec.variant, e.name)
-        elif not force and is_done(sae_dir / WEIGHTS, records[e.name + e.spec.variant], ignore_semantics=True):
-            log.warning("%s was written by an older SAIL whose thresholds/metrics meant something else; retraining "
-                        "it. `sail train --recalibrate` keeps the trained weights and only recomputes them", sae_dir)
+        elif not force and is_done(
+            sae_dir / WEIGHTS, records[e.name + e.spec.variant], ignore_semantics=True
+        ):
+            log.warning(
+                "%s was written by an older SAIL whose thresholds/metrics meant something else; retraining "
+                "it. `sail train --recalibrate` keeps the trained weights and only recomputes them",
+                sae_dir,
+            )
     if not todo:
         return [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in entries]
     train_rows = data.rows("train")
@@ -588,11 +795,23 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
                 (d / STATE_FILE).unlink(missing_ok=True)
         if rt.dist is not None:
             rt.dist.barrier()  # no rank may resume from a state rank 0 is about to discard
-        check_fits([e.name for e in fam], fam[0].spec.dict_sizes[-1], x_train.shape[1],
-                   fam[0].settings.batch_size, rt.device)
-        fit, x_calib, calib_info = _fit_and_calibration_rows(fam[0], data.slice_ids[train_rows], x_train)
-        log.info("training %s on %d %s rows: %s", fam[0].spec.variant, fit.shape[0], data.encoder,
-                 ", ".join(e.name for e in fam))
+        check_fits(
+            [e.name for e in fam],
+            fam[0].spec.dict_sizes[-1],
+            x_train.shape[1],
+            fam[0].settings.batch_size,
+            rt.device,
+        )
+        fit, x_calib, calib_info = _fit_and_calibration_rows(
+            fam[0], data.slice_ids[train_rows], x_train
+        )
+        log.info(
+            "training %s on %d %s rows: %s",
+            fam[0].spec.variant,
+            fit.shape[0],
+            data.encoder,
+            ", ".join(e.name for e in fam),
+        )
         result = train_family(fam, fit, x_valid, dirs, rt, on_epoch_end, x_calib=x_calib)
         for m, (e, out) in enumerate(zip(fam, dirs) if rt.is_main else []):
             extra = {
@@ -613,7 +832,9 @@ def train_encoder(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: 
     return [ws.sae_dir(data.encoder, e.spec.variant, e.name) for e in entries]
 
 
-def _calibration_rows(entry: GridEntry, train_ids: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+def _calibration_rows(
+    entry: GridEntry, train_ids: np.ndarray
+) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Mask of the training rows held out to calibrate ``entry`` (None: train on them all) and
     what cfg.json records about them. Only matryoshka calibrates; ``sail`` trains on the whole
     training split, as published."""
@@ -626,8 +847,9 @@ def _calibration_rows(entry: GridEntry, train_ids: np.ndarray) -> tuple[np.ndarr
     return held, calibration_record(train_ids[held], fraction, seed)
 
 
-def _fit_and_calibration_rows(entry: GridEntry, train_ids: np.ndarray, x_train: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+def _fit_and_calibration_rows(
+    entry: GridEntry, train_ids: np.ndarray, x_train: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """The rows trained on and the held-out calibration rows (None when nothing is held out)."""
     held, info = _calibration_rows(entry, train_ids)
     if held is None:
@@ -642,15 +864,18 @@ def run_train(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     entries = grid_entries(tc)
     seed = TrainingSettings.model_validate(tc.training).seed
     if tc.embeddings is not None:
-        data = load_data(ws, embeddings=tc.embeddings, name=tc.name, group_by=tc.group_by, seed=seed)
+        data = load_data(
+            ws, embeddings=tc.embeddings, name=tc.name, group_by=tc.group_by, seed=seed
+        )
         _train_or_recalibrate(cfg, ws, data, entries, force)
         return
     for encoder in _encoders(cfg, ws):
         _train_or_recalibrate(cfg, ws, load_data(ws, encoder=encoder), entries, force)
 
 
-def _train_or_recalibrate(cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: list[GridEntry],
-                          force: bool) -> None:
+def _train_or_recalibrate(
+    cfg: SailConfig, ws: Workspace, data: EmbeddingData, entries: list[GridEntry], force: bool
+) -> None:
     if cfg.train.recalibrate:
         from sail.sae.recalibrate import recalibrate_encoder
 

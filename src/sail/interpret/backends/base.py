@@ -49,7 +49,9 @@ def sha(data: bytes | str) -> str:
 
 
 def call_key(model: ChatModel, template: str, request: ChatRequest) -> dict[str, Any]:
-    prompt = json.dumps([request.system, request.text, request.history, request.schema], sort_keys=True)
+    prompt = json.dumps(
+        [request.system, request.text, request.history, request.schema], sort_keys=True
+    )
     parts = {
         "model": model.identity,
         "template": template,
@@ -57,7 +59,9 @@ def call_key(model: ChatModel, template: str, request: ChatRequest) -> dict[str,
         "image_shas": [sha(b)[:24] for b in request.images],
         "params": model.params,
     }
-    if getattr(model, "endpoint", None):  # another server may answer differently: never replay its answers
+    if getattr(
+        model, "endpoint", None
+    ):  # another server may answer differently: never replay its answers
         parts["endpoint"] = model.endpoint
     parts["key"] = sha(json.dumps(parts, sort_keys=True))[:32]
     return parts
@@ -80,8 +84,12 @@ class CallCache:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     bad.append(i)
             if bad:
-                log.warning("%s: %d unreadable line(s) skipped (first: line %d); those calls will be made again",
-                            path, len(bad), bad[0])
+                log.warning(
+                    "%s: %d unreadable line(s) skipped (first: line %d); those calls will be made again",
+                    path,
+                    len(bad),
+                    bad[0],
+                )
 
     def get(self, key: str) -> str | None:
         with self._lock:
@@ -138,7 +146,14 @@ def call_validated(
     import time
 
     result = CallResult(ok=False)
-    req = ChatRequest(request.system, request.text, request.images, request.schema, request.schema_name, list(request.history))
+    req = ChatRequest(
+        request.system,
+        request.text,
+        request.images,
+        request.schema,
+        request.schema_name,
+        list(request.history),
+    )
     for _ in range(retries + 1):
         result.attempts += 1
         parts = call_key(model, template, req)
@@ -161,7 +176,12 @@ def call_validated(
             result.value = parse(raw)
         except ValueError as exc:
             result.error = f"unparseable answer: {exc}"
-            req.history.append((raw, f"That answer could not be used ({exc}). Reply again with only the JSON object the schema describes."))
+            req.history.append(
+                (
+                    raw,
+                    f"That answer could not be used ({exc}). Reply again with only the JSON object the schema describes.",
+                )
+            )
             continue
         result.ok, result.error = True, ""
         return result
@@ -173,11 +193,11 @@ def extract_json(raw: str) -> Any:
     text = raw.strip()
     if text.startswith("```"):
         text = text.strip("`")
-        text = text[text.find("\n") + 1:] if "\n" in text else text
+        text = text[text.find("\n") + 1 :] if "\n" in text else text
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end <= start:
         raise ValueError("no JSON object found")
     try:
-        return json.loads(text[start:end + 1])
+        return json.loads(text[start : end + 1])
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON ({exc.msg})") from None

@@ -33,7 +33,9 @@ def describe(ev: Enrichment) -> str:
         return "Inactive feature"
     mod = ev.dominant("modality", CONSISTENT)
     plane = ev.dominant("plane", CONSISTENT)
-    head = " ".join(x for x in [plane.capitalize() if plane else "", mod.upper() if mod else "CT or MRI"] if x)
+    head = " ".join(
+        x for x in [plane.capitalize() if plane else "", mod.upper() if mod else "CT or MRI"] if x
+    )
     structures = [r for r in ev.enriched_structures() if r[1] >= NAMED_SHARE]
     regions = [r for r in ev.enriched_regions() if r[1] >= NAMED_SHARE]
     named = [s for s, *_ in structures[:MAX_STRUCTURES]]

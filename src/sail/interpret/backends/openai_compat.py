@@ -43,12 +43,16 @@ def check_endpoint(url: str, allow_remote: bool, key: str) -> None:
     if urlsplit(url).scheme not in ("http", "https"):
         raise SailError(f"{key}: {url!r} is not an http(s) URL")
     if not allow_remote and not is_loopback(url):
-        raise SailError(f"{key}: {urlsplit(url).hostname!r} is not a loopback address; images and metadata "
-                        "would leave this machine. Pass --allow-remote (interpret.allow_remote: true) to allow it")
+        raise SailError(
+            f"{key}: {urlsplit(url).hostname!r} is not a loopback address; images and metadata "
+            "would leave this machine. Pass --allow-remote (interpret.allow_remote: true) to allow it"
+        )
 
 
 class OpenAIChat:
-    def __init__(self, settings: EndpointSettings, allow_remote: bool, key: str = "interpret.openai"):
+    def __init__(
+        self, settings: EndpointSettings, allow_remote: bool, key: str = "interpret.openai"
+    ):
         base_url = settings.base_url or os.environ.get("SAIL_OPENAI_BASE_URL")
         model = settings.model or os.environ.get("SAIL_OPENAI_MODEL")
         if not base_url:
@@ -61,31 +65,56 @@ class OpenAIChat:
         self.model = model
         self.identity = f"openai:{model}"
         self.endpoint = base_url.rstrip("/")  # part of the call-cache key
-        self.params: dict[str, Any] = {"temperature": settings.temperature, "max_tokens": settings.max_tokens, "seed": settings.seed}
+        self.params: dict[str, Any] = {
+            "temperature": settings.temperature,
+            "max_tokens": settings.max_tokens,
+            "seed": settings.seed,
+        }
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(settings.api_key_env)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self._client = httpx.Client(timeout=settings.timeout_s, headers=headers,
-                                    limits=httpx.Limits(max_connections=settings.concurrency))
+        self._client = httpx.Client(
+            timeout=settings.timeout_s,
+            headers=headers,
+            limits=httpx.Limits(max_connections=settings.concurrency),
+        )
         self._schema_ok = settings.json_schema
         self._lock = threading.Lock()
 
     def _messages(self, req: ChatRequest) -> list[dict[str, Any]]:
         content: list[dict[str, Any]] = [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b).decode("ascii")}}
+            {
+                "type": "image_url",
+                "image_url": {
+                    "url": "data:image/png;base64," + base64.b64encode(b).decode("ascii")
+                },
+            }
             for b in req.images
         ]
         content.append({"type": "text", "text": req.text})
-        messages = [{"role": "system", "content": req.system}, {"role": "user", "content": content if req.images else req.text}]
+        messages = [
+            {"role": "system", "content": req.system},
+            {"role": "user", "content": content if req.images else req.text},
+        ]
         for answer, feedback in req.history:
-            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]
+            messages += [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": feedback},
+            ]
         return messages
 
     def _payload(self, req: ChatRequest, with_schema: bool) -> dict[str, Any]:
-        payload: dict[str, Any] = {"model": self.model, "messages": self._messages(req), **{k: v for k, v in self.params.items() if v is not None}}
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": self._messages(req),
+            **{k: v for k, v in self.params.items() if v is not None},
+        }
         if with_schema and req.schema is not None:
-            payload["response_format"] = {"type": "json_schema", "json_schema": {"name": req.schema_name, "schema": req.schema, "strict": True}}
+            payload["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": req.schema_name, "schema": req.schema, "strict": True},
+            }
         return payload
 
     def complete(self, req: ChatRequest) -> str:
@@ -104,7 +133,12 @@ class OpenAIChat:
             except httpx.TransportError as exc:
                 last = f"connection error ({type(exc).__name__})"
                 continue
-            if resp.status_code == 400 and with_schema and req.schema is not None and "response_format" in resp.text:
+            if (
+                resp.status_code == 400
+                and with_schema
+                and req.schema is not None
+                and "response_format" in resp.text
+            ):
                 log.warning("%s: server rejects response_format; asking without a schema", self.url)
                 with self._lock:
                     self._schema_ok = False

@@ -34,24 +34,39 @@ class LocalVLM:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         try:
             self.processor = AutoProcessor.from_pretrained(settings.model)
-            self.model = AutoModelForImageTextToText.from_pretrained(settings.model, dtype=dtype).to(device).eval()
+            self.model = (
+                AutoModelForImageTextToText.from_pretrained(settings.model, dtype=dtype)
+                .to(device)
+                .eval()
+            )
         except (OSError, ValueError) as exc:
             raise SailError(f"{key}.model {settings.model!r}: cannot load ({exc})") from None
         self.device = device
         name = Path(settings.model).name if Path(settings.model).exists() else settings.model
         self.identity = f"transformers:{name}"
-        self.params: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": False, "dtype": str(dtype)}
+        self.params: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": False,
+            "dtype": str(dtype),
+        }
         self._lock = threading.Lock()
 
     def _messages(self, req: ChatRequest) -> list[dict[str, Any]]:
         from PIL import Image
 
-        content: list[dict[str, Any]] = [{"type": "image", "image": Image.open(io.BytesIO(b)).convert("RGB")} for b in req.images]
+        content: list[dict[str, Any]] = [
+            {"type": "image", "image": Image.open(io.BytesIO(b)).convert("RGB")} for b in req.images
+        ]
         content.append({"type": "text", "text": req.text})
-        messages = [{"role": "system", "content": [{"type": "text", "text": req.system}]}, {"role": "user", "content": content}]
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": req.system}]},
+            {"role": "user", "content": content},
+        ]
         for answer, feedback in req.history:
-            messages += [{"role": "assistant", "content": [{"type": "text", "text": answer}]},
-                         {"role": "user", "content": [{"type": "text", "text": feedback}]}]
+            messages += [
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                {"role": "user", "content": [{"type": "text", "text": feedback}]},
+            ]
         return messages
 
     def complete(self, req: ChatRequest) -> str:
@@ -60,11 +75,17 @@ class LocalVLM:
         with self._lock:
             try:
                 inputs = self.processor.apply_chat_template(
-                    self._messages(req), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+                    self._messages(req),
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
                 ).to(self.device)
                 with torch.inference_mode():
-                    out = self.model.generate(**inputs, max_new_tokens=self.params["max_new_tokens"], do_sample=False)
+                    out = self.model.generate(
+                        **inputs, max_new_tokens=self.params["max_new_tokens"], do_sample=False
+                    )
             except (RuntimeError, ValueError, TypeError) as exc:
                 raise BackendError(f"{self.identity}: generation failed ({exc})") from None
-            new = out[0, inputs["input_ids"].shape[1]:]
+            new = out[0, inputs["input_ids"].shape[1] :]
             return self.processor.decode(new, skip_special_tokens=True).strip()
