@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from sail.config import TrainingSettings, read_yaml
 from sail.errors import SailError
-from sail.sae.model import SAESpec
+from sail.sae.model import SAESpec, variant_class
 from sail.sae.recipe import effective_recipe
 from sail.workspace import hash_config
 
@@ -50,21 +50,6 @@ DEMO_GRID: dict[str, Any] = {
 }
 
 ENTRY_KEYS = {"variant", "dict_sizes", "k_values", "topk_mode"}
-# Settings that change a trained model; each variant ignores the others when naming folders.
-_RESULT_SETTINGS = {
-    "sail": [
-        "epochs",
-        "batch_size",
-        "lr",
-        "lr_min",
-        "warmup_steps",
-        "clip_norm",
-        "seed",
-        "permutation",
-        "schedule",
-    ],
-    "matryoshka": [k for k in TrainingSettings.model_fields if k != "recipe"],
-}
 
 
 def paper_grid() -> dict[str, Any]:
@@ -107,7 +92,10 @@ def non_default_settings(settings: TrainingSettings, variant: str) -> dict[str, 
     plus every explicitly given value, since the recipe fills in the rest.
     """
     default = TrainingSettings()
-    keys = _RESULT_SETTINGS[variant]
+    # settings that change a trained model; a variant may ignore some when naming folders
+    keys = variant_class(variant).result_settings or [
+        k for k in TrainingSettings.model_fields if k != "recipe"
+    ]
     if effective_recipe(settings, variant) == "published":
         return {
             key: getattr(settings, key)

@@ -54,10 +54,13 @@ RECIPE_KEYS = ("epochs", "lr", "lr_min", "warmup_steps", "clip_norm", "schedule"
 
 
 def effective_recipe(settings: TrainingSettings, variant: str) -> str:
-    """The named recipe, else ``published`` for ``sail`` (paper parity) and ``auto`` otherwise."""
+    """The named recipe, else the variant's default (``published`` for ``sail``, for paper
+    parity; ``auto`` otherwise)."""
     if settings.recipe is not None:
         return settings.recipe
-    return "published" if variant == "sail" else "auto"
+    from sail.sae.model import variant_class
+
+    return variant_class(variant).default_recipe
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -151,7 +154,7 @@ def warn_if_unconverged(names: list[str], metrics: list[Any]) -> list[str]:
     ``metrics`` are the members' metrics tables (metrics.csv columns). Returns the names warned.
     """
     warned = []
-    for name, table in zip(names, metrics):
+    for name, table in zip(names, metrics, strict=False):
         train = table[table["split"] == "train"]
         if train.empty:
             continue
