@@ -117,7 +117,7 @@ class MatryoshkaSAE(StackedSAE):
         """Dense (M, B, F) codes as stored: the calibrated JumpReLU."""
         if not bool(self.calibrated.all()):
             raise SailError(
-                "matryoshka SAE has no calibrated thresholds; run calibration on held-out data first"
+                "matryoshka SAE has no calibrated thresholds; calibrate on held-out rows first"
             )
         acts = tnf.relu(self.pre_activations(x_BD))
         return acts * (acts > self.latent_thresholds_MF()[:, None, :])
