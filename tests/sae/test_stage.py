@@ -160,7 +160,8 @@ def test_csr_export_equals_dense_codes_and_round_trips(tmp_path, tiny_table):
 def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
     grid = tmp_path / "grid.yaml"
     grid.write_text(
-        "training: {epochs: 1, batch_size: 64}\nconfigs:\n  - {dict_sizes: [8, 32], k_values: [2, 4]}\n"
+        "training: {epochs: 1, batch_size: 64}\nconfigs:\n  - "
+        "{dict_sizes: [8, 32], k_values: [2, 4]}\n"
     )
     runner = CliRunner()
     ws = tmp_path / "ws"
@@ -198,7 +199,8 @@ def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
 
 
 def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, caplog):
-    """Artifact semantics: an old checkpoint is refused or retrained; --recalibrate keeps its weights."""
+    """Artifact semantics: an old checkpoint is refused or retrained; --recalibrate keeps its
+    weights."""
     import json
     import logging
 

@@ -92,7 +92,8 @@ def export_sae(
     cfg = sae.cfg
     if sae.d_in != data.x_ND.shape[1]:
         raise SailError(
-            f"{sae_dir / CFG}: d_in {sae.d_in} does not match {data.encoder} embeddings of width {data.x_ND.shape[1]}"
+            f"{sae_dir / CFG}: d_in {sae.d_in} does not match {data.encoder} embeddings of width "
+            f"{data.x_ND.shape[1]}"
         )
     for split, out in zip(splits, outs, strict=False):
         rows = data.rows(split)
@@ -136,7 +137,8 @@ def run_activations(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
         dirs = _sae_dirs(ws, encoder, list(ac.variants), ac.sae_config)
         if not dirs:
             raise SailError(
-                f"no trained SAE matches encoder {encoder!r}, variants {list(ac.variants) or 'all'}, config {ac.sae_config!r}"
+                f"no trained SAE matches encoder {encoder!r}, variants "
+                f"{list(ac.variants) or 'all'}, config {ac.sae_config!r}"
             )
         split_info = read_cfg(dirs[0]).get("split") or {}
         data = load_data(

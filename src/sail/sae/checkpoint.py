@@ -106,13 +106,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def _read_weights(
     weights: Path, cfg: dict[str, Any], verify: bool, nonfinite_ok: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """The tensors of ``weights``, after checking they are what save_sae wrote (unless not ``verify``)."""
+    """The tensors of ``weights``, after checking they are what save_sae wrote (unless not
+    ``verify``)."""
     redo = "retrain it (`sail train --force`) or restore the file"
     expected = cfg.get("weights_sha256")
     if verify and expected is not None and sha256_file(weights) != expected:
         raise SailError(
-            f"{weights}: content does not match the sha256 recorded in {CFG} when it was written (the "
-            f"file is damaged or was replaced); {redo}, or pass --no-verify to load it anyway"
+            f"{weights}: content does not match the sha256 recorded in {CFG} when it was written "
+            f"(the file is damaged or was replaced); {redo}, or pass --no-verify to load it anyway"
         )
     try:
         state = load_file(str(weights))
@@ -225,7 +226,8 @@ def _load_lightning_ckpt(path: Path, trust_pickle: bool) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal ends up here
         if not trust_pickle:
             raise SailError(
-                f"{path}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}); "
+                f"{path}: cannot be read with torch.load(weights_only=True) "
+                f"({type(exc).__name__}); "
                 "pass --trust-checkpoint to unpickle it fully, only if you trust its source"
             ) from None
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -238,7 +240,8 @@ def import_published(
     encoder: str,
     trust_pickle: bool = False,
 ) -> Path:
-    """Convert a published ``last.ckpt`` + ``hparams.yaml`` into ``<out_root>/<encoder>/sail/<name>/``."""
+    """Convert a published ``last.ckpt`` + ``hparams.yaml`` into
+    ``<out_root>/<encoder>/sail/<name>/``."""
     ckpt, hparams = Path(ckpt), Path(hparams)
     for p in (ckpt, hparams):
         if not p.is_file():
@@ -282,7 +285,8 @@ def import_published(
     if len(tensors) != len(keys):
         bad = [theirs for ours, theirs in keys.items() if ours not in tensors]
         raise SailError(
-            f"{ckpt}: tensor(s) {bad} do not match input_dim {d_in} and dictionary {spec.dict_sizes}"
+            f"{ckpt}: tensor(s) {bad} do not match input_dim {d_in} and dictionary "
+            f"{spec.dict_sizes}"
         )
     model.load_model_state(0, tensors)
     saved_theta = state.get("model.inference_threshold")

@@ -73,7 +73,8 @@ def variant_names() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class SAESpec:
-    """What makes one SAE: variant, nested dictionary sizes, K per level (or one K in global mode)."""
+    """What makes one SAE: variant, nested dictionary sizes, K per level (or one K in global
+    mode)."""
 
     variant: str
     dict_sizes: tuple[int, ...]
@@ -97,14 +98,19 @@ class SAESpec:
                 f"{where}: the {self.variant} variant only has {' or '.join(cls.topk_modes)} top-k"
             )
         sizes = self.dict_sizes
-        if not sizes or any(s <= 0 for s in sizes) or any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+        if (
+            not sizes
+            or any(s <= 0 for s in sizes)
+            or any(b <= a for a, b in zip(sizes, sizes[1:], strict=False))
+        ):
             raise SailError(
                 f"{where}: dict_sizes must be positive and strictly increasing, got {list(sizes)}"
             )
         want = len(sizes) if self.topk_mode == "per_level" else 1
         if len(self.k_values) != want:
             raise SailError(
-                f"{where}: topk_mode {self.topk_mode} needs {want} k_values, got {len(self.k_values)}"
+                f"{where}: topk_mode {self.topk_mode} needs {want} k_values, got "
+                f"{len(self.k_values)}"
             )
         if any(k <= 0 for k in self.k_values):
             raise SailError(f"{where}: k_values must be positive, got {list(self.k_values)}")
@@ -292,7 +298,8 @@ class StackedSAE(nn.Module):
         return None, None
 
     def resolve_eval_mode(self, mode: str) -> str:
-        """*variant*: map a named evaluation mode (e.g. ``published``) to train/sample_topk/inference."""
+        """*variant*: map a named evaluation mode (e.g. ``published``) to
+        train/sample_topk/inference."""
         return mode
 
     def after_load(self, m: int) -> None:
@@ -341,7 +348,8 @@ class StackedSAE(nn.Module):
                 topk_flat_sorted(f, min(int(k_host[m][li]) * B, f.numel()))
                 for (li, _, m), f in zip(pairs, flats, strict=False)
             ]
-        for (li, Fl, m), flat, f in zip(pairs, flats, picks, strict=False):  # f indexes a (B, Fl) prefix
+        # each pick f indexes a (B, Fl) prefix, row-major
+        for (li, Fl, m), flat, f in zip(pairs, flats, picks, strict=True):
             if self.nonnegative:
                 f = f[flat[f] > 0]
             out.append(Selection(pack_flat(m, f // Fl, f % Fl, B, F), li, m))
@@ -399,7 +407,8 @@ class StackedSAE(nn.Module):
         return dense_pre(x_BD, self.W_encoder, self.b_enc, self.b_dec)
 
     def activations(self, pre_MBF: Tensor, inplace: bool = False) -> Tensor:
-        """What BatchTopK ranks: ReLU codes for nonnegative variants, the raw pre-activations else."""
+        """What BatchTopK ranks: ReLU codes for nonnegative variants, the raw pre-activations
+        else."""
         if not self.nonnegative:
             return pre_MBF
         return pre_MBF.relu_() if inplace else tnf.relu(pre_MBF)
@@ -407,7 +416,8 @@ class StackedSAE(nn.Module):
     def decode(
         self, sels: list[Selection], vals: list[Tensor], B: int, impl: str = "dense"
     ) -> Tensor:
-        """Reconstructions (L, M, B, D) of each level from its selection, decoding at prefix width."""
+        """Reconstructions (L, M, B, D) of each level from its selection, decoding at prefix
+        width."""
         M, F, L, D = self.n_models, self.n_latents, self.n_levels, self.d_in
         Wd = self.W_decoder
         b_dec = self.b_dec
@@ -652,7 +662,9 @@ class StackedSAE(nn.Module):
                 ranges=[list(r) for r in ranges],
                 selected=counts_MR[m].tolist(),
                 share=(counts_MR[m] / total_M[m]).tolist(),
-                dead_ranges=[list(r) for r, c in zip(ranges, counts_MR[m].tolist(), strict=False) if c == 0],
+                dead_ranges=[
+                    list(r) for r, c in zip(ranges, counts_MR[m].tolist(), strict=False) if c == 0
+                ],
             )
             for m in range(self.n_models)
         ]
@@ -661,7 +673,8 @@ class StackedSAE(nn.Module):
     def _training_selection_counts(
         self, x_ND: Tensor, batch_size: int, ranges: list[tuple[int, int]]
     ) -> Tensor:
-        """(M, R) number of the last level's BatchTopK picks per threshold range, over batches of x."""
+        """(M, R) number of the last level's BatchTopK picks per threshold range, over batches of
+        x."""
         bounds = torch.tensor([hi for _, hi in ranges], device=x_ND.device)
         counts = torch.zeros(self.n_models, len(ranges), dtype=torch.int64, device=x_ND.device)
         k_last = self.k_ML[:, -1].tolist()
@@ -715,7 +728,8 @@ class StackedSAE(nn.Module):
             target = getattr(self, name)
             if tuple(target[m].shape) != tuple(value.shape):
                 raise SailError(
-                    f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(target[m].shape)}"
+                    f"tensor '{name}' has shape {tuple(value.shape)}, expected "
+                    f"{tuple(target[m].shape)}"
                 )
             target[m].copy_(value)
         self.after_load(m)

@@ -142,7 +142,8 @@ def _settings_that_ran(old_cfg: dict[str, Any], entry: GridEntry) -> TrainingSet
 
 
 def _training_rows(path: Path, entry: GridEntry, epochs: int) -> pd.DataFrame:
-    """metrics.csv without its old final rows (epoch == epochs), with the ``mode`` column filled in."""
+    """metrics.csv without its old final rows (epoch == epochs), with the ``mode`` column filled
+    in."""
     df = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=METRIC_COLUMNS)
     if "mode" not in df.columns:
         published = variant_class(entry.spec.variant).validation_mode == "published"

@@ -2,7 +2,11 @@
 batches are gathers through a device permutation, and a whole dictionary family trains per step.
 
 Metrics are summed on the device and read back every ``log_every`` steps; the training recipe
-(``auto`` or ``published``, see ``sail.sae.recipe``) fills in the settings the user did not give. A family resumes from its members' ``train_state.pt`` with identical final weights.
+(``auto`` or ``published``, see ``sail.sae.recipe``) fills in the settings the user did not
+give. A family resumes from its members' ``train_state.pt`` with identical final weights.
+``train_family`` is a short loop over named steps (``plan_family``, ``start_run``,
+``resume_step``, ``train_step``, ``log_step``, ``validate_step``, ``checkpoint_step``,
+``final_step``).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ STATE_FILE = "train_state.pt"
 def split_labels(
     slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = "data/split.csv"
 ) -> np.ndarray:
-    """Split label per slice_id ("modality/image_id/plane/idx") from a modality,image_id,split table."""
+    """Split label per slice_id ("modality/image_id/plane/idx") from a modality,image_id,split
+    table."""
     for col in ("modality", "image_id", "split"):
         if col not in split_df.columns:
             raise SailError(f"{source}: missing column '{col}'")
@@ -60,7 +65,8 @@ def split_labels(
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise SailError(
-            f"{source}: line {row + 2}: split {split_df['split'].iloc[row]!r} is not train, valid or test"
+            f"{source}: line {row + 2}: split {split_df['split'].iloc[row]!r} is not train, valid "
+            "or test"
         )
     parts = pd.Series(slice_ids, dtype=object).str.split("/", n=2, expand=True)
     if parts.shape[1] < 3 or parts.isna().any().any():
@@ -175,7 +181,8 @@ def load_data(
             if group_by is not None:
                 if group_by not in schema.names:
                     raise SailError(
-                        f"{path}: --group-by column '{group_by}' not found (columns: {schema.names})"
+                        f"{path}: --group-by column '{group_by}' not found (columns: "
+                        f"{schema.names})"
                     )
                 groups = np.asarray(
                     pq.read_table(path, columns=[group_by]).column(group_by).to_pylist(),
@@ -219,8 +226,8 @@ def check_trainable(path: Path, slice_ids: np.ndarray, x_ND: np.ndarray) -> None
         dup = str(uniq[counts > 1][0])
         rows = np.flatnonzero(slice_ids.astype(str) == dup)[:2].tolist()
         raise SailError(
-            f"{path}: column 'slice_id' has duplicates, e.g. {dup!r} at rows {rows}; each slice must "
-            "appear once"
+            f"{path}: column 'slice_id' has duplicates, e.g. {dup!r} at rows {rows}; each slice "
+            "must appear once"
         )
     if len(x_ND) == 0:
         raise SailError(f"{path}: the table has no rows")
@@ -228,14 +235,15 @@ def check_trainable(path: Path, slice_ids: np.ndarray, x_ND: np.ndarray) -> None
     if zero.any():
         row = int(np.flatnonzero(zero)[0])
         raise SailError(
-            f"{path}: row {row} ({slice_ids[row]}) is an all-zero embedding ({int(zero.sum())} such rows)"
+            f"{path}: row {row} ({slice_ids[row]}) is an all-zero embedding ({int(zero.sum())} "
+            "such rows)"
         )
     norms_N = np.sqrt(np.einsum("nd,nd->n", x_ND, x_ND, dtype=np.float64))
-    cos_N = (x_ND @ (x_ND[0] / norms_N[0]).astype(x_ND.dtype)) / norms_N  # no (N, d) temporary
+    cos_N = (x_ND @ (x_ND[0] / norms_N[0]).astype(x_ND.dtype)) / norms_N  # no (N, D) temporary
     if len(x_ND) > 1 and cos_N.min() > 1 - 1e-6:
         raise SailError(
-            f"{path}: every row holds the same direction (the SAE sees L2-normalised rows): it would "
-            "reconstruct them perfectly and learn nothing"
+            f"{path}: every row holds the same direction (the SAE sees L2-normalised rows): it "
+            "would reconstruct them perfectly and learn nothing"
         )
 
 
@@ -268,17 +276,17 @@ def clip_per_model(
 class Meter:
     """Device-side sums for per-dimension FVU (float64), published R², L0 and AuxK."""
 
-    def __init__(self, n_levels: int, n_models: int, d: int, device: torch.device):
+    def __init__(self, n_levels: int, n_models: int, d_in: int, device: torch.device):
         self.shape = (n_levels, n_models)
-        self.d = d
+        self.d_in = d_in
         self.device = device
         self.reset()
 
     def reset(self) -> None:
         self.sse = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         self.l0 = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
-        self.sum_x = torch.zeros(self.d, dtype=torch.float64, device=self.device)
-        self.sumsq_x = torch.zeros(self.d, dtype=torch.float64, device=self.device)
+        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
+        self.sumsq_x = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
         self.auxk = torch.zeros(self.shape[1], dtype=torch.float64, device=self.device)
         self.n = 0
         self.steps = 0
@@ -311,7 +319,7 @@ class Meter:
         """(L, M) arrays of fvu, r2_published, l0 and (M,) auxk since the last reset."""
         n = max(self.n, 1)
         var_per_dim = (self.sumsq_x - self.sum_x.pow(2) / n).sum()
-        var_scalar = self.sumsq_x.sum() - self.sum_x.sum().pow(2) / (n * self.d)
+        var_scalar = self.sumsq_x.sum() - self.sum_x.sum().pow(2) / (n * self.d_in)
         return {
             "fvu": (self.sse / var_per_dim.clamp_min(1e-30)).cpu().numpy(),
             "r2_published": (1 - self.sse / var_scalar.clamp_min(1e-30)).cpu().numpy(),
@@ -463,7 +471,8 @@ def _restore(
 
 @torch.no_grad()
 def all_reduce_grads(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
-    """Sum the ranks' gradients in one flat buffer (each rank's loss is its share of the global mean)."""
+    """Sum the ranks' gradients in one flat buffer (each rank's loss is its share of the global
+    mean)."""
     flat = torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
     )
@@ -485,7 +494,7 @@ def _rows(
 ) -> dict[str, np.ndarray]:
     s = meter.summary()
     dead = dead_MF.float()
-    dead_frac = np.stack([dead[:, :Dl].mean(1).cpu().numpy() for Dl in model.dict_sizes])  # (L, M)
+    dead_frac = np.stack([dead[:, :Fl].mean(1).cpu().numpy() for Fl in model.dict_sizes])  # (L, M)
     for m in range(model.n_models):
         for li in range(model.n_levels):
             out[m].append(
@@ -510,7 +519,8 @@ def _rows(
 def _evaluate(
     model: StackedSAE, x_ND: torch.Tensor, batch_size: int, mode: str, meter: Meter
 ) -> torch.Tensor:
-    """Metric sums of ``mode``'s codes on x into ``meter``; returns the latents that never fired (M, F)."""
+    """Metric sums of ``mode``'s codes on x into ``meter``; returns the latents that never fired
+    (M, F)."""
     meter.reset()
     fired_MF = torch.zeros(model.n_models, model.n_latents, dtype=torch.bool, device=x_ND.device)
     for start in range(0, x_ND.shape[0], batch_size):
@@ -822,14 +832,15 @@ def _calibrate(
     held_out = x_calib is not None and x_calib.shape[0] > 0
     if not held_out:
         log.warning(
-            "no held-out calibration rows: calibrating thresholds on the rows the SAE was trained on"
+            "no held-out calibration rows: calibrating thresholds on the rows the SAE was trained "
+            "on"
         )
     found = model.calibrate(x_calib if held_out else x_train, batch_size)
     for name, cal in zip(names, found, strict=False):
         for lo, hi in cal.dead_ranges:
             log.warning(
-                "%s: latents [%d, %d) were never selected at the last level on the calibration rows; "
-                "threshold inf, counted dead",
+                "%s: latents [%d, %d) were never selected at the last level on the calibration "
+                "rows; threshold inf, counted dead",
                 name,
                 lo,
                 hi,
@@ -857,7 +868,8 @@ def _encoders(cfg: SailConfig, ws: Workspace) -> list[str]:
     found = sorted(p.stem for p in (ws.root / "embeddings").glob("*.parquet"))
     if not found:
         raise SailError(
-            f"no embeddings tables in {ws.root / 'embeddings'}; run `sail encode` or pass --embeddings"
+            f"no embeddings tables in {ws.root / 'embeddings'}; run `sail encode` or pass "
+            "--embeddings"
         )
     return found
 
@@ -903,7 +915,8 @@ def train_encoder(
             sae_dir / WEIGHTS, records[e.name + e.spec.variant], ignore_semantics=True
         ):
             log.warning(
-                "%s was written by an older SAIL whose thresholds/metrics meant something else; retraining "
+                "%s was written by an older SAIL whose thresholds/metrics meant something else; "
+                "retraining "
                 "it. `sail train --recalibrate` keeps the trained weights and only recomputes them",
                 sae_dir,
             )
