@@ -3,6 +3,7 @@ the SAELens / Hugging Face export, cfg.json's schema policy and the trainer's na
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -124,6 +125,7 @@ def test_a_new_variant_trains_saves_loads_encodes_and_exports(tmp_path):
     xn = torch.nn.functional.normalize(torch.from_numpy(raw), dim=1)
     result = train_family([entry], xn[:500], xn[500:], [tmp_path / "run"], CPU)
     assert isinstance(result.model, ToyReluSAE) and result.calibration is None
+    assert isinstance(copy.deepcopy(result.model), ToyReluSAE)
     assert result.metrics[0]["fvu"].iloc[-1] < 1
     sae_dir = save_sae(tmp_path / "toy", result.model, 0, entry.name, {}, result.metrics[0])
     sae = sail.load_sae(sae_dir)
@@ -243,7 +245,15 @@ def test_hf_export_is_an_upload_ready_folder_with_a_model_card(trained, tmp_path
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "sail" and "sparse-autoencoder" in front["tags"]
     assert front["training_data"]["encoder"] == "toy"
-    assert front["metrics"]["fvu"] == read_cfg(sae_dir)["final_metrics"]["fvu"]
+    final = read_cfg(sae_dir)["final_metrics"]
+    assert front["sail"]["final_metrics"]["fvu"] == final["fvu"]
+    results = front["model-index"][0]["results"][0]
+    fvu = next(m for m in results["metrics"] if m["type"] == "fvu")
+    assert fvu["value"] == pytest.approx(final["fvu"][-1]) and results["task"]["type"]
+    from huggingface_hub import ModelCard  # the Hub's own parser of the front matter
+
+    hub = ModelCard.load(out / "README.md").data
+    assert hub.library_name == "sail" and hub.eval_results[0].metric_type == "fvu"
     assert sail.load_sae(out).encode(valid_rows(trained, sae_dir)[0]).shape[1] == 32
     bad = CliRunner().invoke(
         app, ["export-sae", str(sae_dir), str(tmp_path / "x"), "--format", "onnx"]

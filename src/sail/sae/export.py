@@ -98,6 +98,30 @@ def _card_metrics(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: final[k] for k in keep if k in final}
 
 
+def _model_index(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Hugging Face's ``model-index``: the last level's held-out metrics of the stored codes."""
+    final = _card_metrics(cfg)
+    names = {"fvu": "FVU", "r2_published": "R2 (published)", "l0": "L0", "dead_frac": "dead"}
+    metrics = [
+        {"type": key, "value": float(final[key][-1]), "name": f"{label} (last level)"}
+        for key, label in names.items()
+        if final.get(key)
+    ]
+    if not metrics:
+        return []
+    dataset = {
+        "name": f"{cfg.get('encoder')} embeddings ({final.get('split')} split)",
+        "type": "embeddings",
+    }
+    task = {"type": "feature-extraction", "name": "sparse dictionary learning"}
+    return [
+        {
+            "name": cfg.get("name"),
+            "results": [{"task": task, "dataset": dataset, "metrics": metrics}],
+        }
+    ]
+
+
 def model_card(sae: SAE) -> str:
     """README.md for the Hugging Face folder: YAML front matter, then what the SAE is and how to
     load it with SAIL or SAELens."""
@@ -105,6 +129,7 @@ def model_card(sae: SAE) -> str:
     split = cfg.get("split") or {}
     front = {
         "library_name": "sail",
+        "pipeline_tag": "feature-extraction",
         "tags": [
             "sparse-autoencoder",
             "sae",
@@ -113,13 +138,14 @@ def model_card(sae: SAE) -> str:
             "medical-imaging",
             f"sail-{cfg.get('variant')}",
         ],
-        "training_data": {
+        "training_data": {  # not `datasets`: that key names Hub dataset ids
             "encoder": cfg.get("encoder"),
             "embeddings_fingerprint": cfg.get("embeddings_fingerprint"),
             "split_source": split.get("source"),
             "split_counts": split.get("counts"),
         },
-        "metrics": _card_metrics(cfg),
+        "metrics": ["fvu", "r2_published", "l0", "dead_frac"],
+        "model-index": _model_index(cfg),
         "sail": {
             "variant": cfg.get("variant"),
             "name": cfg.get("name"),
@@ -130,6 +156,7 @@ def model_card(sae: SAE) -> str:
             "input_normalization": sae.input_normalization,
             "sail_version": cfg.get("sail_version"),
             "weights_sha256": cfg.get("weights_sha256"),
+            "final_metrics": _card_metrics(cfg),
         },
     }
     body = f"""
@@ -149,8 +176,9 @@ codes = sae.encode(embeddings)      # (N, {cfg.get("d_in")}) raw -> (N, {sae.d_s
 
 With SAELens: `SAE.load_from_disk("{HF_SAELENS_DIR}")` (the same encode on raw embeddings).
 
-Held-out metrics of the stored codes are in the front matter (`metrics`); `metrics.csv` has the
-training curve and `cfg.json` every setting.
+Held-out metrics of the stored codes are in the front matter (`model-index`: the last level;
+`sail.final_metrics`: every level); `metrics.csv` has the training curve and `cfg.json` every
+setting.
 """
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body
 

@@ -228,8 +228,9 @@ class StackedSAE(nn.Module):
     validation_mode: ClassVar[str] = "train"  # eval_levels mode of the per-epoch validation rows
     validation_label: ClassVar[str] = "batchtopk"  # metrics.csv ``mode`` of those rows
 
-    def __new__(cls, specs: list[SAESpec], d_in: int):
-        if cls is StackedSAE:
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if cls is StackedSAE:  # dispatch on the specs' variant
+            specs = args[0] if args else kwargs.get("specs")
             if not specs:
                 raise SailError("StackedSAE needs at least one SAE config")
             cls = variant_class(specs[0].variant)
