@@ -723,9 +723,15 @@ def checkpoint_step(run: FamilyRun, plan: FamilyPlan, dirs: list[Path], rt: Runt
 
 
 def run_epoch(
-    run: FamilyRun, plan: FamilyPlan, x_train: torch.Tensor, rt: Runtime, meter: Meter, tick
+    run: FamilyRun,
+    plan: FamilyPlan,
+    x_train: torch.Tensor,
+    rt: Runtime,
+    meter: Meter,
+    tick: Callable[[int], None],
 ) -> None:
-    """The training steps of one epoch, logging every ``rt.log_every`` steps and at its end."""
+    """The training steps of one epoch, logging every ``rt.log_every`` steps and at its end
+    (``tick(step)`` after each log, e.g. to move a progress bar)."""
     settings = plan.settings
     B = plan.batch_size
     perm = epoch_permutation(
