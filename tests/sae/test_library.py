@@ -36,6 +36,7 @@ from sail.sae.model import SaeLensWeights, SAESpec, StackedSAE, register_variant
 from sail.sae.train import (
     Meter,
     Runtime,
+    calibrate_step,
     checkpoint_step,
     plan_family,
     resume_step,
@@ -358,3 +359,22 @@ def test_checkpoint_and_resume_steps_restore_the_run(tmp_path):
     )
     run.epoch = 2  # the last epoch writes no state (the checkpoint folder gets the final model)
     assert not checkpoint_step(run, plan, dirs, CPU)
+
+
+def test_calibrate_step_sets_thresholds_only_for_variants_that_calibrate(caplog):
+    x, _ = planted(256, 16, 24, 3, seed=4)
+    for variant, calibrates in (("matryoshka", True), ("sail", False)):
+        entries = [GridEntry(SAESpec(variant, (8, 32), (2, 4)), TrainingSettings(**TRAINING))]
+        plan = plan_family(entries, x)
+        run = start_run(plan, x)
+        found = calibrate_step(run.model, plan.names, x[:64], x, plan.batch_size)
+        assert (found is not None) == calibrates
+        if calibrates:
+            assert found[0]["held_out"] and found[0]["rows"] == 64
+            assert bool(run.model.calibrated.all())
+    caplog.set_level("WARNING")
+    found = calibrate_step(run.model, plan.names, None, x, plan.batch_size)
+    assert found is None  # sail: nothing to calibrate, no warning
+    model = start_run(plan_family(family(), x), x).model
+    assert not calibrate_step(model, ["a", "b"], None, x, 64)[0]["held_out"]
+    assert "calibrating thresholds on the rows the SAE was trained on" in caplog.text

@@ -23,11 +23,11 @@ from sail.sae.train import (
     EmbeddingData,
     Meter,
     Runtime,
-    _calibrate,
     _calibration_rows,
     _evaluate,
     _held_out,
     _rows,
+    calibrate_step,
     to_device_normalized,
 )
 from sail.workspace import StageRecord, Workspace, hash_config, mark_done
@@ -61,7 +61,7 @@ def recalibrate_encoder(
                 sae_dir,
             )
         ran = _settings_that_ran(old_cfg, e)
-        calibration = _calibrate(model, [e.name], x_calib, x_train, ran.batch_size)
+        calibration = calibrate_step(model, [e.name], x_calib, x_train, ran.batch_size)
         held_split, x_held = _held_out(x_valid, x_calib, x_train)
         meter = Meter(model.n_levels, 1, model.d_in, rt.device)
         dead_MF = _evaluate(model, x_held, min(ran.batch_size, x_held.shape[0]), "inference", meter)

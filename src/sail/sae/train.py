@@ -6,7 +6,7 @@ Metrics are summed on the device and read back every ``log_every`` steps; the tr
 give. A family resumes from its members' ``train_state.pt`` with identical final weights.
 ``train_family`` is a short loop over named steps (``plan_family``, ``start_run``,
 ``resume_step``, ``train_step``, ``log_step``, ``validate_step``, ``checkpoint_step``,
-``final_step``).
+``calibrate_step``, ``final_step``).
 """
 
 from __future__ import annotations
@@ -755,10 +755,10 @@ def final_step(
     x_valid: torch.Tensor,
     x_calib: torch.Tensor | None,
     x_train: torch.Tensor,
+    calibration: list[dict[str, Any]] | None,
 ) -> FamilyResult:
-    """Calibrate (variants that do), then metrics of the stored codes on held-out rows."""
+    """Metrics of the stored codes on held-out rows, and the family's result."""
     model = run.model
-    calibration = _calibrate(model, plan.names, x_calib, x_train, plan.batch_size)
     held_split, x_held = _held_out(x_valid, x_calib, x_train)
     meter = Meter(model.n_levels, plan.n_models, plan.d_in, x_train.device)
     dead_MF = _evaluate(model, x_held, plan.batch_size, "inference", meter)
@@ -821,10 +821,11 @@ def train_family(
             checkpoint_step(run, plan, dirs, rt)
             if on_epoch_end is not None:
                 on_epoch_end(run.epoch - 1)
-    return final_step(run, plan, x_valid, x_calib, x_train)
+    calibration = calibrate_step(run.model, plan.names, x_calib, x_train, plan.batch_size)
+    return final_step(run, plan, x_valid, x_calib, x_train, calibration)
 
 
-def _calibrate(
+def calibrate_step(
     model: StackedSAE,
     names: list[str],
     x_calib: torch.Tensor | None,
