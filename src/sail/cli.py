@@ -486,6 +486,35 @@ def import_sae(
     console.print(f"imported to {out}")
 
 
+@app.command("export-sae")
+def export_sae(
+    sae_dir: Annotated[
+        Path, typer.Argument(help="A trained SAE folder (model.safetensors + cfg.json).")
+    ],
+    out: Annotated[Path, typer.Argument(help="Folder to write the export to.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="saelens: SAELens' on-disk format (cfg.json + sae_weights.safetensors; loads "
+            "with sae_lens.SAE.load_from_disk and encodes raw embeddings). hf: a folder for "
+            "huggingface_hub.upload_folder (SAIL files, a saelens/ copy, README.md model card).",
+        ),
+    ] = "saelens",
+    verify: Annotated[
+        bool, typer.Option(help="Check the weights against the sha256 in cfg.json.")
+    ] = True,
+) -> None:
+    """Export a trained SAE for SAELens or the Hugging Face Hub."""
+    from sail.sae.export import export_sae_folder
+
+    try:
+        written = export_sae_folder(sae_dir, out, format, verify)
+    except SailError as exc:
+        _fail(exc)
+    console.print(f"exported {sae_dir} as {format} to {written}")
+
+
 @app.command()
 def report(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False

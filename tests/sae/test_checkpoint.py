@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from sail.errors import SailError
-from sail.sae.checkpoint import import_published, load_sae, save_sae
+from sail.sae.checkpoint import import_published, load_stack, save_sae
 from sail.sae.model import SAESpec, StackedSAE
 
 
@@ -36,7 +36,7 @@ def test_save_load_is_bit_exact(tmp_path, spec):
     else:
         model.calibrate(x)
     save_sae(tmp_path / "sae", model, 1, "name", {"encoder": "toy"})
-    loaded, cfg = load_sae(tmp_path / "sae")
+    loaded, cfg = load_stack(tmp_path / "sae")
     for key, value in model.model_state(1).items():
         assert torch.equal(loaded.model_state(0)[key], value), key
     assert torch.equal(loaded.inference_codes(x)[0], model.inference_codes(x)[1])
@@ -100,7 +100,7 @@ def test_import_published_checkpoint_reproduces_its_inference(tmp_path):
         "theta_sum",
         "theta_count",
     }
-    model, cfg = load_sae(out)
+    model, cfg = load_stack(out)
     assert cfg["inference"]["theta"] == pytest.approx(0.25)
     x = torch.randn(9, 6, generator=torch.Generator().manual_seed(1)) * 3
     xn = x / x.norm(dim=1, keepdim=True)

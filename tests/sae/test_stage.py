@@ -12,11 +12,10 @@ from typer.testing import CliRunner
 
 from sail.cli import app
 from sail.config import load_config
-from sail.sae.activations import encode_csr
+from sail.sae.activations import encode_csr, run_activations
 from sail.sae.activations_io import read_activations
-from sail.sae.checkpoint import load_sae
+from sail.sae.checkpoint import load_stack
 from sail.sae.train import run_train
-from sail.sae.activations import run_activations
 from sail.workspace import Workspace
 
 GRID = [{"dict_sizes": [8, 32], "k_values": [2, 4]}, {"dict_sizes": [8, 32], "k_values": [3, 6]}]
@@ -56,7 +55,7 @@ def test_train_and_activations_stages(workspace, caplog):
 
     run_activations(cfg, workspace)
     for sae_dir in dirs:
-        model, sae_cfg = load_sae(sae_dir)
+        model, sae_cfg = load_stack(sae_dir)
         assert sae_cfg["split"]["source"] == "split.csv" and sae_cfg["final_metrics"]["steps"] > 0
         total = 0
         for split in ("train", "valid", "test"):
@@ -112,7 +111,7 @@ def test_per_level_codes_use_every_range_on_held_out_rows(tmp_path, ks):
     run_train(cfg, ws)
     run_activations(cfg, ws)
     sae_dir = next((ws.root / "sae" / "toy" / "matryoshka").iterdir())
-    _, sae_cfg = load_sae(sae_dir)
+    _, sae_cfg = load_stack(sae_dir)
 
     train_ids = np.sort(ids)[
         np.isin(
@@ -127,7 +126,7 @@ def test_per_level_codes_use_every_range_on_held_out_rows(tmp_path, ks):
         cal["slice_ids_sha256"] == calibration_record(train_ids[held], 0.1, 42)["slice_ids_sha256"]
     )
     _, codes, _ = read_activations(ws.activations("toy", "matryoshka", sae_dir.name, "valid"))
-    fired_ranges = [r for r, n in zip(cal["ranges"], cal["selected"]) if n > 0]
+    fired_ranges = [r for r, n in zip(cal["ranges"], cal["selected"], strict=False) if n > 0]
     assert len(fired_ranges) == 3
     for lo, hi in fired_ranges:
         assert codes[:, lo:hi].nnz > 0, (lo, hi)
@@ -161,7 +160,8 @@ def test_csr_export_equals_dense_codes_and_round_trips(tmp_path, tiny_table):
 def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
     grid = tmp_path / "grid.yaml"
     grid.write_text(
-        "training: {epochs: 1, batch_size: 64}\nconfigs:\n  - {dict_sizes: [8, 32], k_values: [2, 4]}\n"
+        "training: {epochs: 1, batch_size: 64}\nconfigs:\n  - "
+        "{dict_sizes: [8, 32], k_values: [2, 4]}\n"
     )
     runner = CliRunner()
     ws = tmp_path / "ws"
@@ -181,7 +181,7 @@ def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
     )
     assert res.exit_code == 0, res.output
     sae = next((ws / "sae" / "tiny" / "sail").iterdir())
-    _, cfg = load_sae(sae)
+    _, cfg = load_stack(sae)
     assert cfg["split"]["source"] == "seeded" and cfg["split"]["counts"] == {
         "train": 320,
         "valid": 40,
@@ -199,7 +199,8 @@ def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
 
 
 def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, caplog):
-    """Artifact semantics: an old checkpoint is refused or retrained; --recalibrate keeps its weights."""
+    """Artifact semantics: an old checkpoint is refused or retrained; --recalibrate keeps its
+    weights."""
     import json
     import logging
 
@@ -229,7 +230,7 @@ def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, ca
     manifest_path(weights).write_text(json.dumps(manifest))
 
     with pytest.raises(Exception, match="--recalibrate"):
-        load_sae(sae_dir)
+        load_stack(sae_dir)
     res = CliRunner().invoke(
         app,
         [
@@ -246,7 +247,7 @@ def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, ca
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert torch.equal(after[name], state[name]), name
     assert bool(torch.isfinite(after["thresholds"]).all())
-    model, new_cfg = load_sae(sae_dir)
+    model, new_cfg = load_stack(sae_dir)
     assert new_cfg["artifact_semantics"] == 2 and new_cfg["calibration"]["recalibrated"]
     assert new_cfg["final_metrics"]["dead_frac_source"] == "stored codes"
     logging.getLogger().addHandler(

@@ -231,12 +231,12 @@ def _descriptions(ws: Workspace, unit: ConfigUnit) -> dict[int, dict]:
 def _decoder_neighbours(
     ws: Workspace, unit: ConfigUnit, features: np.ndarray, k: int = 5
 ) -> dict[int, list[tuple[int, float]]]:
-    from sail.sae.checkpoint import load_sae
+    from sail.sae.checkpoint import load_stack
 
     sae_dir = ws.sae_dir(unit.encoder, unit.variant, unit.config)
     if not (sae_dir / "model.safetensors").is_file():
         return {}
-    model, _ = load_sae(sae_dir)
+    model, _ = load_stack(sae_dir)
     W = model.W_decoder[0].detach().float().numpy()
     W = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
     sims = W[features] @ W.T
@@ -561,9 +561,9 @@ def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
 
 def _check_inputs(ws: Workspace) -> None:
     """Every checkpoint and activations table the site reads is intact before a page is rewritten."""
-    from sail.sae.checkpoint import load_sae
+    from sail.sae.checkpoint import load_stack
 
     for table in sorted((ws.root / "activations").rglob("*.parquet")):
         check_table(table, "activations table")
     for weights in sorted((ws.root / "sae").glob("*/*/*/model.safetensors")):
-        load_sae(weights.parent)
+        load_stack(weights.parent)

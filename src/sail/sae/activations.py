@@ -14,11 +14,12 @@ import scipy.sparse as sp
 import torch
 
 from sail.config import SailConfig
+from sail.device import resolve_device
 from sail.errors import SailError
 from sail.sae.activations_io import write_activations
-from sail.sae.checkpoint import CFG, WEIGHTS, load_sae, read_cfg
+from sail.sae.api import SAE, load_sae
+from sail.sae.checkpoint import CFG, WEIGHTS, read_cfg
 from sail.sae.model import StackedSAE
-from sail.device import resolve_device
 from sail.sae.train import EmbeddingData, load_data
 from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done
 
@@ -27,17 +28,23 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def encode_csr(
-    model: StackedSAE, x_ND: np.ndarray, batch_size: int = 8192, device: torch.device | None = None
+    sae: SAE | StackedSAE,
+    x_ND: np.ndarray,
+    batch_size: int = 8192,
+    device: torch.device | None = None,
 ) -> sp.csr_matrix:
-    """Stored codes of a single SAE (M = 1) for raw embeddings ``x_ND`` as float32 CSR (N, D)."""
-    device = device or model.b_dec.device
-    n, D = x_ND.shape[0], model.n_latents
+    """Stored codes (``SAE.encode``) of raw embeddings ``x_ND`` as float32 CSR (N, F); a
+    one-model stack is taken as trained (L2-normalised input)."""
+    if isinstance(sae, StackedSAE):
+        sae = SAE.from_stack(sae)
+    device = device or sae.device
+    n, F = x_ND.shape[0], sae.d_sae
     counts, cols, vals = [], [], []
     for start in range(0, n, batch_size):
         xb = torch.from_numpy(
             np.require(x_ND[start : start + batch_size], np.float32, ["C", "W"])
         ).to(device)
-        codes = model.inference_codes(torch.nn.functional.normalize(xb, dim=1))[0]
+        codes = sae.encode(xb)
         nz = codes.nonzero()
         counts.append(torch.bincount(nz[:, 0], minlength=xb.shape[0]).cpu())
         cols.append(nz[:, 1].to(torch.int32).cpu())
@@ -47,7 +54,7 @@ def encode_csr(
         np.cumsum(torch.cat(counts).numpy(), out=indptr[1:])
     indices = torch.cat(cols).numpy() if cols else np.zeros(0, np.int32)
     data = torch.cat(vals).numpy() if vals else np.zeros(0, np.float32)
-    return sp.csr_matrix((data, indices, indptr), shape=(n, D))
+    return sp.csr_matrix((data, indices, indptr), shape=(n, F))
 
 
 def _sae_dirs(ws: Workspace, encoder: str, variants: list[str], sae_config: str) -> list[Path]:
@@ -81,14 +88,16 @@ def export_sae(
     if not force and all(is_done(o, record) for o in outs):
         log.info("activations %s/%s/%s: up to date", data.encoder, variant, name)
         return outs
-    model, cfg = load_sae(sae_dir, device, verify=verify)
-    if model.d_in != data.x_ND.shape[1]:
+    sae = load_sae(sae_dir, device, verify=verify)
+    cfg = sae.cfg
+    if sae.d_in != data.x_ND.shape[1]:
         raise SailError(
-            f"{sae_dir / CFG}: d_in {model.d_in} does not match {data.encoder} embeddings of width {data.x_ND.shape[1]}"
+            f"{sae_dir / CFG}: d_in {sae.d_in} does not match {data.encoder} embeddings of width "
+            f"{data.x_ND.shape[1]}"
         )
-    for split, out in zip(splits, outs):
+    for split, out in zip(splits, outs, strict=False):
         rows = data.rows(split)
-        codes = encode_csr(model, data.x_ND[rows], batch_size, device)
+        codes = encode_csr(sae, data.x_ND[rows], batch_size, device)
         meta = {
             "encoder": data.encoder,
             "variant": variant,
@@ -128,7 +137,8 @@ def run_activations(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
         dirs = _sae_dirs(ws, encoder, list(ac.variants), ac.sae_config)
         if not dirs:
             raise SailError(
-                f"no trained SAE matches encoder {encoder!r}, variants {list(ac.variants) or 'all'}, config {ac.sae_config!r}"
+                f"no trained SAE matches encoder {encoder!r}, variants "
+                f"{list(ac.variants) or 'all'}, config {ac.sae_config!r}"
             )
         split_info = read_cfg(dirs[0]).get("split") or {}
         data = load_data(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from sail import __version__
 from sail.errors import SailError
-from sail.sae.model import SAESpec, StackedSAE
+from sail.sae.model import SAESpec, StackedSAE, variant_class
 from sail.workspace import SEMANTICS, atomic_path, write_csv_atomic, write_json_atomic
 
 SCHEMA_VERSION = 1
@@ -54,27 +53,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _finite_or_none(values: list[float]) -> list[float | None]:
-    return [v if math.isfinite(v) else None for v in values]
-
-
-def inference_summary(model: StackedSAE, m: int = 0) -> dict[str, Any]:
-    if model.variant == "sail":
-        return {
-            "kind": "soft_threshold",
-            "theta": float(model.theta_M()[m]),
-            "theta_sum": float(model.theta_sum[m]),
-            "theta_count": int(model.theta_count[m]),
-        }
-    return {
-        "kind": "jumprelu",
-        "per": "range" if model.topk_mode == "per_level" else "dictionary",
-        "ranges": [list(r) for r in model.threshold_ranges()],
-        # null: the range never fired on the calibration rows (threshold inf, its latents are dead)
-        "thresholds": _finite_or_none([float(t) for t in model.thresholds[m].tolist()]),
-    }
-
-
 def save_sae(
     out_dir: str | Path,
     model: StackedSAE,
@@ -105,7 +83,7 @@ def save_sae(
         **spec.to_json(),
         "d_in": model.d_in,
         "input_normalization": "l2",
-        "inference": inference_summary(model, m),
+        "inference": model.inference_summary(m),
         "artifact_semantics": SEMANTICS["train"],
         **extra,
     }
@@ -125,14 +103,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _read_weights(weights: Path, cfg: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
-    """The tensors of ``weights``, after checking they are what save_sae wrote (unless not ``verify``)."""
+def _read_weights(
+    weights: Path, cfg: dict[str, Any], verify: bool, nonfinite_ok: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights``, after checking they are what save_sae wrote (unless not
+    ``verify``)."""
     redo = "retrain it (`sail train --force`) or restore the file"
     expected = cfg.get("weights_sha256")
     if verify and expected is not None and sha256_file(weights) != expected:
         raise SailError(
-            f"{weights}: content does not match the sha256 recorded in {CFG} when it was written (the "
-            f"file is damaged or was replaced); {redo}, or pass --no-verify to load it anyway"
+            f"{weights}: content does not match the sha256 recorded in {CFG} when it was written "
+            f"(the file is damaged or was replaced); {redo}, or pass --no-verify to load it anyway"
         )
     try:
         state = load_file(str(weights))
@@ -142,9 +123,9 @@ def _read_weights(weights: Path, cfg: dict[str, Any], verify: bool) -> dict[str,
             f"{str(exc).splitlines()[0] if str(exc) else 'empty'}); {redo}"
         ) from None
     for name, tensor in state.items():
-        # thresholds are NaN before calibration and +inf for a range that never fired; weights must be finite
+        # weights must be finite; a variant names the tensors that may not be (its thresholds)
         if (
-            name != "thresholds"
+            name not in nonfinite_ok
             and tensor.is_floating_point()
             and not bool(torch.isfinite(tensor).all())
         ):
@@ -152,7 +133,29 @@ def _read_weights(weights: Path, cfg: dict[str, Any], verify: bool) -> dict[str,
     return state
 
 
+def check_schema(cfg: dict[str, Any], where: str | Path) -> None:
+    """cfg.json's compatibility rule: readers ignore keys they do not know (other versions add
+    keys), so only a newer MAJOR schema version, one that changes the meaning of existing keys,
+    is refused. ``schema_version`` is an int (the major) or a "MAJOR.MINOR" string."""
+    raw = cfg.get("schema_version")
+    try:
+        major = int(str(raw).split(".")[0])
+    except ValueError:
+        raise SailError(
+            f"{where}: schema_version {raw!r} is not a version number (expected e.g. "
+            f"{SCHEMA_VERSION})"
+        ) from None
+    if major > SCHEMA_VERSION:
+        raise SailError(
+            f"{where}: written with cfg.json schema {raw}, newer than the {SCHEMA_VERSION}.x this "
+            f"SAIL {__version__} reads; upgrade SAIL to load it"
+        )
+    if major < 1:
+        raise SailError(f"{where}: schema_version {raw!r} is not a SAIL cfg.json schema")
+
+
 def read_cfg(sae_dir: str | Path) -> dict[str, Any]:
+    """cfg.json of an SAE folder, checked against the schema policy (``check_schema``)."""
     path = Path(sae_dir) / CFG
     if not path.is_file():
         raise SailError(f"SAE checkpoint config not found: {path}")
@@ -160,51 +163,52 @@ def read_cfg(sae_dir: str | Path) -> dict[str, Any]:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SailError(f"{path}: not valid JSON: {exc}") from exc
-    if cfg.get("schema_version") != SCHEMA_VERSION:
-        raise SailError(
-            f"{path}: schema_version {cfg.get('schema_version')!r} is not {SCHEMA_VERSION}"
-        )
+    if not isinstance(cfg, dict):
+        raise SailError(f"{path}: not a JSON object")
+    check_schema(cfg, path)
     return cfg
 
 
-def spec_from_cfg(cfg: dict[str, Any]) -> SAESpec:
-    return SAESpec(
-        cfg["variant"],
-        tuple(cfg["dict_sizes"]),
-        tuple(cfg["k_values"]),
-        cfg.get("topk_mode", "per_level"),
-    )
+def spec_from_cfg(cfg: dict[str, Any], where: str | Path = CFG) -> SAESpec:
+    """The SAESpec cfg.json describes (a SailError naming the file and key when one is missing)."""
+    for key in ("variant", "dict_sizes", "k_values", "d_in"):
+        if key not in cfg:
+            raise SailError(f"{where}: missing key '{key}'")
+    try:
+        return SAESpec(
+            cfg["variant"],
+            tuple(cfg["dict_sizes"]),
+            tuple(cfg["k_values"]),
+            cfg.get("topk_mode", "per_level"),
+        )
+    except SailError as exc:
+        raise SailError(f"{where}: {exc}") from None
 
 
-def load_sae(
+def load_stack(
     sae_dir: str | Path,
     device: str | torch.device = "cpu",
     allow_stale: bool = False,
     verify: bool = True,
 ) -> tuple[StackedSAE, dict[str, Any]]:
-    """Load a checkpoint folder as a single-SAE :class:`StackedSAE` (M = 1) and its cfg.json.
+    """Load a checkpoint folder as a one-model :class:`StackedSAE` (M = 1) and its cfg.json.
 
-    A matryoshka checkpoint calibrated by an older SAIL (artifact semantics 1: per-prefix
-    thresholds that collapse flat-K schedules) is refused unless ``allow_stale``. The weights must
-    match the sha256 in cfg.json (unless not ``verify``), hold every tensor and be finite.
+    The internal form the stages use (``sail.load_sae`` wraps it as a :class:`sail.SAE`). The
+    variant's class may refuse a checkpoint whose fields mean something else now (unless
+    ``allow_stale``). The weights must match the sha256 in cfg.json (unless not ``verify``), hold
+    every tensor and be finite.
     """
     sae_dir = Path(sae_dir)
     cfg = read_cfg(sae_dir)
     weights = sae_dir / WEIGHTS
     if not weights.is_file():
         raise SailError(f"SAE weights not found: {weights}")
-    if (
-        not allow_stale
-        and cfg["variant"] == "matryoshka"
-        and cfg.get("artifact_semantics", 1) < SEMANTICS["train"]
-    ):
-        raise SailError(
-            f"{sae_dir / CFG}: its thresholds were calibrated by an older SAIL whose rule is wrong for "
-            "flat-K schedules; run `sail train --recalibrate` (keeps the weights) or retrain"
-        )
-    model = StackedSAE([spec_from_cfg(cfg)], int(cfg["d_in"]))
-    state = _read_weights(weights, cfg, verify)
-    missing = sorted(set(model.model_state(0)) - set(state))
+    spec = spec_from_cfg(cfg, sae_dir / CFG)
+    cls = variant_class(spec.variant)
+    cls.check_loadable(cfg, str(sae_dir / CFG), allow_stale)
+    model = cls([spec], int(cfg["d_in"]))
+    state = _read_weights(weights, cfg, verify, cls.nonfinite_state)
+    missing = sorted(set(model.state_names) - set(state))
     if missing:
         raise SailError(
             f"{weights}: tensor(s) {missing} missing; retrain it (`sail train --force`)"
@@ -222,7 +226,8 @@ def _load_lightning_ckpt(path: Path, trust_pickle: bool) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal ends up here
         if not trust_pickle:
             raise SailError(
-                f"{path}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}); "
+                f"{path}: cannot be read with torch.load(weights_only=True) "
+                f"({type(exc).__name__}); "
                 "pass --trust-checkpoint to unpickle it fully, only if you trust its source"
             ) from None
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -235,7 +240,8 @@ def import_published(
     encoder: str,
     trust_pickle: bool = False,
 ) -> Path:
-    """Convert a published ``last.ckpt`` + ``hparams.yaml`` into ``<out_root>/<encoder>/sail/<name>/``."""
+    """Convert a published ``last.ckpt`` + ``hparams.yaml`` into
+    ``<out_root>/<encoder>/sail/<name>/``."""
     ckpt, hparams = Path(ckpt), Path(hparams)
     for p in (ckpt, hparams):
         if not p.is_file():
@@ -279,7 +285,8 @@ def import_published(
     if len(tensors) != len(keys):
         bad = [theirs for ours, theirs in keys.items() if ours not in tensors]
         raise SailError(
-            f"{ckpt}: tensor(s) {bad} do not match input_dim {d_in} and dictionary {spec.dict_sizes}"
+            f"{ckpt}: tensor(s) {bad} do not match input_dim {d_in} and dictionary "
+            f"{spec.dict_sizes}"
         )
     model.load_model_state(0, tensors)
     saved_theta = state.get("model.inference_threshold")

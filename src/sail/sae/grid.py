@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from sail.config import TrainingSettings, read_yaml
 from sail.errors import SailError
-from sail.sae.model import SAESpec
+from sail.sae.model import SAESpec, variant_class
 from sail.sae.recipe import effective_recipe
 from sail.workspace import hash_config
 
@@ -50,21 +50,6 @@ DEMO_GRID: dict[str, Any] = {
 }
 
 ENTRY_KEYS = {"variant", "dict_sizes", "k_values", "topk_mode"}
-# Settings that change a trained model; each variant ignores the others when naming folders.
-_RESULT_SETTINGS = {
-    "sail": [
-        "epochs",
-        "batch_size",
-        "lr",
-        "lr_min",
-        "warmup_steps",
-        "clip_norm",
-        "seed",
-        "permutation",
-        "schedule",
-    ],
-    "matryoshka": [k for k in TrainingSettings.model_fields if k != "recipe"],
-}
 
 
 def paper_grid() -> dict[str, Any]:
@@ -107,7 +92,10 @@ def non_default_settings(settings: TrainingSettings, variant: str) -> dict[str, 
     plus every explicitly given value, since the recipe fills in the rest.
     """
     default = TrainingSettings()
-    keys = _RESULT_SETTINGS[variant]
+    # settings that change a trained model; a variant may ignore some when naming folders
+    keys = variant_class(variant).result_settings or [
+        k for k in TrainingSettings.model_fields if k != "recipe"
+    ]
     if effective_recipe(settings, variant) == "published":
         return {
             key: getattr(settings, key)
@@ -174,34 +162,13 @@ def load_grid(
     dropped: list[str] = []
     for i, item in enumerate(raw["configs"]):
         where = f"{origin}: configs[{i}]"
-        if not isinstance(item, dict):
-            raise SailError(f"{where}: expected a mapping with dict_sizes and k_values")
-        unknown = set(item) - ENTRY_KEYS
-        if unknown:
-            raise SailError(
-                f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(ENTRY_KEYS)}"
-            )
-        for key in ("dict_sizes", "k_values"):
-            _check_positive_ints(item.get(key), f"{where}.{key}")
-        mode = item.get("topk_mode", "per_level")
-        if "variant" in item:
-            if variants_explicit and item["variant"] not in variants:
-                raise SailError(
-                    f"{where}: variant {item['variant']!r} conflicts with --variant {','.join(variants)}"
-                )
-            names = [item["variant"]]
-        else:
-            names = [v for v in variants if not (v == "sail" and mode == "global")]
-        for variant in names:
-            try:
-                spec = SAESpec(variant, tuple(item["dict_sizes"]), tuple(item["k_values"]), mode)
-            except SailError as exc:
-                raise SailError(f"{where}: {exc}") from None
+        for spec in _item_specs(item, where, variants, variants_explicit):
             if spec.valid:
                 entries.append(GridEntry(spec, settings))
             else:
                 dropped.append(
-                    f"configs[{i}] {variant} {spec.published_name} (a K exceeds its level's size)"
+                    f"configs[{i}] {spec.variant} {spec.published_name} "
+                    "(a K exceeds its level's size)"
                 )
     if dropped:
         log.info(
@@ -221,6 +188,34 @@ def load_grid(
             seen.add((e.spec.variant, e.name))
             unique.append(e)
     return unique
+
+
+def _item_specs(
+    item: Any, where: str, variants: list[str], variants_explicit: bool
+) -> list[SAESpec]:
+    """The specs of one grid entry: its own variant, else each of ``variants`` that has its
+    top-k mode."""
+    if not isinstance(item, dict):
+        raise SailError(f"{where}: expected a mapping with dict_sizes and k_values")
+    unknown = set(item) - ENTRY_KEYS
+    if unknown:
+        raise SailError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(ENTRY_KEYS)}")
+    for key in ("dict_sizes", "k_values"):
+        _check_positive_ints(item.get(key), f"{where}.{key}")
+    mode = item.get("topk_mode", "per_level")
+    if "variant" in item:
+        if variants_explicit and item["variant"] not in variants:
+            raise SailError(
+                f"{where}: variant {item['variant']!r} conflicts with --variant "
+                f"{','.join(variants)}"
+            )
+        names = [item["variant"]]
+    else:
+        names = [v for v in variants if mode in variant_class(v).topk_modes]
+    try:
+        return [SAESpec(v, tuple(item["dict_sizes"]), tuple(item["k_values"]), mode) for v in names]
+    except SailError as exc:
+        raise SailError(f"{where}: {exc}") from None
 
 
 def _check_positive_ints(values: Any, where: str) -> None:

@@ -10,7 +10,7 @@ import torch
 from sail.errors import SailError
 
 # float32 parameters, their gradients and Adam's two moments: 16 bytes per parameter; a batch holds
-# a few (B, D) float32 tensors (pre-activations, codes, gradients).
+# a few (B, F) float32 tensors (pre-activations, codes, gradients).
 _BYTES_PER_PARAM = 16
 _BATCH_TENSORS = 6
 
@@ -33,12 +33,13 @@ def available_bytes(device: torch.device) -> int:
 def check_fits(
     names: list[str], dict_size: int, d_in: int, batch_size: int, device: torch.device
 ) -> None:
-    """Refuse a family that cannot fit in the device's memory, naming its configs and the estimate."""
+    """Refuse a family that cannot fit in the device's memory, naming its configs and the
+    estimate."""
     need = family_bytes(dict_size, d_in, len(names), batch_size)
     have = available_bytes(device)
     if need > have:
         raise SailError(
-            f"SAE config(s) {', '.join(names)}: dictionary size {dict_size} x d_in {d_in} needs about "
-            f"{need / 2**30:,.1f} GiB but {device} has {have / 2**30:,.1f} GiB; use smaller dict_sizes "
-            "or a smaller batch_size"
+            f"SAE config(s) {', '.join(names)}: dictionary size {dict_size} x d_in {d_in} needs "
+            f"about {need / 2**30:,.1f} GiB but {device} has {have / 2**30:,.1f} GiB; use smaller "
+            "dict_sizes or a smaller batch_size"
         )

@@ -16,17 +16,18 @@ import torch
 
 from sail.config import SailConfig, TrainingSettings
 from sail.console import track
-from sail.sae.checkpoint import METRIC_COLUMNS, METRICS, WEIGHTS, load_sae, save_sae
+from sail.sae.checkpoint import METRIC_COLUMNS, METRICS, WEIGHTS, load_stack, save_sae
 from sail.sae.grid import GridEntry
+from sail.sae.model import variant_class
 from sail.sae.train import (
     EmbeddingData,
     Meter,
     Runtime,
-    _calibrate,
     _calibration_rows,
     _evaluate,
     _held_out,
     _rows,
+    calibrate_step,
     to_device_normalized,
 )
 from sail.workspace import StageRecord, Workspace, hash_config, mark_done
@@ -48,7 +49,7 @@ def recalibrate_encoder(
         if not (sae_dir / WEIGHTS).is_file():
             log.warning("%s: no checkpoint to recalibrate; train it without --recalibrate", sae_dir)
             continue
-        model, old_cfg = load_sae(sae_dir, rt.device, allow_stale=True)
+        model, old_cfg = load_stack(sae_dir, rt.device, allow_stale=True)
         held, calib_info = _calibration_rows(
             e, data.slice_ids[train_rows]
         )  # no copy of the rows trained on
@@ -60,7 +61,7 @@ def recalibrate_encoder(
                 sae_dir,
             )
         ran = _settings_that_ran(old_cfg, e)
-        calibration = _calibrate(model, [e.name], x_calib, x_train, ran.batch_size)
+        calibration = calibrate_step(model, [e.name], x_calib, x_train, ran.batch_size)
         held_split, x_held = _held_out(x_valid, x_calib, x_train)
         meter = Meter(model.n_levels, 1, model.d_in, rt.device)
         dead_MF = _evaluate(model, x_held, min(ran.batch_size, x_held.shape[0]), "inference", meter)
@@ -141,10 +142,11 @@ def _settings_that_ran(old_cfg: dict[str, Any], entry: GridEntry) -> TrainingSet
 
 
 def _training_rows(path: Path, entry: GridEntry, epochs: int) -> pd.DataFrame:
-    """metrics.csv without its old final rows (epoch == epochs), with the ``mode`` column filled in."""
+    """metrics.csv without its old final rows (epoch == epochs), with the ``mode`` column filled
+    in."""
     df = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=METRIC_COLUMNS)
     if "mode" not in df.columns:
-        published = entry.spec.variant == "sail"
+        published = variant_class(entry.spec.variant).validation_mode == "published"
         df["mode"] = [
             "published" if s != "train" and published else "batchtopk" for s in df["split"]
         ]

@@ -47,17 +47,21 @@ MAX_EPOCHS = 100
 WARMUP_FRACTION = 0.05
 MAX_WARMUP = 1000
 DECAY_FRACTION = 0.2  # the ``constant`` schedule's linear tail
-# Convergence check: at most this share of the run's FVU decrease may happen between 60% and 80% of its steps.
+# Convergence check: at most this share of the run's FVU decrease may happen between 60% and
+# 80% of its steps.
 LATE_WINDOW = (0.6, 0.8)
 MAX_LATE_DROP = 0.1
 RECIPE_KEYS = ("epochs", "lr", "lr_min", "warmup_steps", "clip_norm", "schedule")
 
 
 def effective_recipe(settings: TrainingSettings, variant: str) -> str:
-    """The named recipe, else ``published`` for ``sail`` (paper parity) and ``auto`` otherwise."""
+    """The named recipe, else the variant's default (``published`` for ``sail``, for paper
+    parity; ``auto`` otherwise)."""
     if settings.recipe is not None:
         return settings.recipe
-    return "published" if variant == "sail" else "auto"
+    from sail.sae.model import variant_class
+
+    return variant_class(variant).default_recipe
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -151,7 +155,7 @@ def warn_if_unconverged(names: list[str], metrics: list[Any]) -> list[str]:
     ``metrics`` are the members' metrics tables (metrics.csv columns). Returns the names warned.
     """
     warned = []
-    for name, table in zip(names, metrics):
+    for name, table in zip(names, metrics, strict=False):
         train = table[table["split"] == "train"]
         if train.empty:
             continue
@@ -159,8 +163,10 @@ def warn_if_unconverged(names: list[str], metrics: list[Any]) -> list[str]:
         drop = late_fvu_drop(last["step"].tolist(), last["fvu"].tolist())
         if drop is not None and drop > MAX_LATE_DROP:
             log.warning(
-                "%s: %.0f%% of the training FVU decrease came between 60%% and 80%% of the steps; the run is probably "
-                "too short to converge: give more epochs (training.epochs) or use training.recipe: auto",
+                "%s: %.0f%% of the training FVU decrease came between 60%% and 80%% of the steps; "
+                "the run is probably "
+                "too short to converge: give more epochs (training.epochs) or use "
+                "training.recipe: auto",
                 name,
                 100 * drop,
             )

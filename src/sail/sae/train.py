@@ -2,7 +2,11 @@
 batches are gathers through a device permutation, and a whole dictionary family trains per step.
 
 Metrics are summed on the device and read back every ``log_every`` steps; the training recipe
-(``auto`` or ``published``, see ``sail.sae.recipe``) fills in the settings the user did not give. A family resumes from its members' ``train_state.pt`` with identical final weights.
+(``auto`` or ``published``, see ``sail.sae.recipe``) fills in the settings the user did not
+give. A family resumes from its members' ``train_state.pt`` with identical final weights.
+``train_family`` is a short loop over named steps (``plan_family``, ``start_run``,
+``resume_step``, ``train_step``, ``log_step``, ``validate_step``, ``checkpoint_step``,
+``calibrate_step``, ``final_step``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from sail.sae.checkpoint import METRIC_COLUMNS, WEIGHTS, save_sae
 from sail.sae.distributed import DistContext, from_env, local_device
 from sail.sae.grid import GridEntry, families, load_grid, shard_entries
 from sail.sae.memory import check_fits
-from sail.sae.model import StackedSAE
+from sail.sae.model import ForwardOut, StackedSAE, variant_class
 from sail.sae.recipe import lr_at, resolve, warn_if_unconverged
 from sail.slice_ids import volume_ids
 from sail.workspace import (
@@ -52,7 +56,8 @@ STATE_FILE = "train_state.pt"
 def split_labels(
     slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = "data/split.csv"
 ) -> np.ndarray:
-    """Split label per slice_id ("modality/image_id/plane/idx") from a modality,image_id,split table."""
+    """Split label per slice_id ("modality/image_id/plane/idx") from a modality,image_id,split
+    table."""
     for col in ("modality", "image_id", "split"):
         if col not in split_df.columns:
             raise SailError(f"{source}: missing column '{col}'")
@@ -60,7 +65,8 @@ def split_labels(
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise SailError(
-            f"{source}: line {row + 2}: split {split_df['split'].iloc[row]!r} is not train, valid or test"
+            f"{source}: line {row + 2}: split {split_df['split'].iloc[row]!r} is not train, valid "
+            "or test"
         )
     parts = pd.Series(slice_ids, dtype=object).str.split("/", n=2, expand=True)
     if parts.shape[1] < 3 or parts.isna().any().any():
@@ -175,7 +181,8 @@ def load_data(
             if group_by is not None:
                 if group_by not in schema.names:
                     raise SailError(
-                        f"{path}: --group-by column '{group_by}' not found (columns: {schema.names})"
+                        f"{path}: --group-by column '{group_by}' not found (columns: "
+                        f"{schema.names})"
                     )
                 groups = np.asarray(
                     pq.read_table(path, columns=[group_by]).column(group_by).to_pylist(),
@@ -219,8 +226,8 @@ def check_trainable(path: Path, slice_ids: np.ndarray, x_ND: np.ndarray) -> None
         dup = str(uniq[counts > 1][0])
         rows = np.flatnonzero(slice_ids.astype(str) == dup)[:2].tolist()
         raise SailError(
-            f"{path}: column 'slice_id' has duplicates, e.g. {dup!r} at rows {rows}; each slice must "
-            "appear once"
+            f"{path}: column 'slice_id' has duplicates, e.g. {dup!r} at rows {rows}; each slice "
+            "must appear once"
         )
     if len(x_ND) == 0:
         raise SailError(f"{path}: the table has no rows")
@@ -228,14 +235,15 @@ def check_trainable(path: Path, slice_ids: np.ndarray, x_ND: np.ndarray) -> None
     if zero.any():
         row = int(np.flatnonzero(zero)[0])
         raise SailError(
-            f"{path}: row {row} ({slice_ids[row]}) is an all-zero embedding ({int(zero.sum())} such rows)"
+            f"{path}: row {row} ({slice_ids[row]}) is an all-zero embedding ({int(zero.sum())} "
+            "such rows)"
         )
     norms_N = np.sqrt(np.einsum("nd,nd->n", x_ND, x_ND, dtype=np.float64))
-    cos_N = (x_ND @ (x_ND[0] / norms_N[0]).astype(x_ND.dtype)) / norms_N  # no (N, d) temporary
+    cos_N = (x_ND @ (x_ND[0] / norms_N[0]).astype(x_ND.dtype)) / norms_N  # no (N, D) temporary
     if len(x_ND) > 1 and cos_N.min() > 1 - 1e-6:
         raise SailError(
-            f"{path}: every row holds the same direction (the SAE sees L2-normalised rows): it would "
-            "reconstruct them perfectly and learn nothing"
+            f"{path}: every row holds the same direction (the SAE sees L2-normalised rows): it "
+            "would reconstruct them perfectly and learn nothing"
         )
 
 
@@ -268,17 +276,17 @@ def clip_per_model(
 class Meter:
     """Device-side sums for per-dimension FVU (float64), published R², L0 and AuxK."""
 
-    def __init__(self, n_levels: int, n_models: int, d: int, device: torch.device):
+    def __init__(self, n_levels: int, n_models: int, d_in: int, device: torch.device):
         self.shape = (n_levels, n_models)
-        self.d = d
+        self.d_in = d_in
         self.device = device
         self.reset()
 
     def reset(self) -> None:
         self.sse = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         self.l0 = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
-        self.sum_x = torch.zeros(self.d, dtype=torch.float64, device=self.device)
-        self.sumsq_x = torch.zeros(self.d, dtype=torch.float64, device=self.device)
+        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
+        self.sumsq_x = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
         self.auxk = torch.zeros(self.shape[1], dtype=torch.float64, device=self.device)
         self.n = 0
         self.steps = 0
@@ -311,7 +319,7 @@ class Meter:
         """(L, M) arrays of fvu, r2_published, l0 and (M,) auxk since the last reset."""
         n = max(self.n, 1)
         var_per_dim = (self.sumsq_x - self.sum_x.pow(2) / n).sum()
-        var_scalar = self.sumsq_x.sum() - self.sum_x.sum().pow(2) / (n * self.d)
+        var_scalar = self.sumsq_x.sum() - self.sum_x.sum().pow(2) / (n * self.d_in)
         return {
             "fvu": (self.sse / var_per_dim.clamp_min(1e-30)).cpu().numpy(),
             "r2_published": (1 - self.sse / var_scalar.clamp_min(1e-30)).cpu().numpy(),
@@ -463,12 +471,13 @@ def _restore(
 
 @torch.no_grad()
 def all_reduce_grads(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
-    """Sum the ranks' gradients in one flat buffer (each rank's loss is its share of the global mean)."""
+    """Sum the ranks' gradients in one flat buffer (each rank's loss is its share of the global
+    mean)."""
     flat = torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
     )
     ctx.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=False):
         p.grad = g.view_as(p)
 
 
@@ -485,7 +494,7 @@ def _rows(
 ) -> dict[str, np.ndarray]:
     s = meter.summary()
     dead = dead_MF.float()
-    dead_frac = np.stack([dead[:, :Dl].mean(1).cpu().numpy() for Dl in model.dict_sizes])  # (L, M)
+    dead_frac = np.stack([dead[:, :Fl].mean(1).cpu().numpy() for Fl in model.dict_sizes])  # (L, M)
     for m in range(model.n_models):
         for li in range(model.n_levels):
             out[m].append(
@@ -510,7 +519,8 @@ def _rows(
 def _evaluate(
     model: StackedSAE, x_ND: torch.Tensor, batch_size: int, mode: str, meter: Meter
 ) -> torch.Tensor:
-    """Metric sums of ``mode``'s codes on x into ``meter``; returns the latents that never fired (M, F)."""
+    """Metric sums of ``mode``'s codes on x into ``meter``; returns the latents that never fired
+    (M, F)."""
     meter.reset()
     fired_MF = torch.zeros(model.n_models, model.n_latents, dtype=torch.bool, device=x_ND.device)
     for start in range(0, x_ND.shape[0], batch_size):
@@ -519,6 +529,260 @@ def _evaluate(
         meter.add(xb, sse, l0)
         fired_MF |= fired
     return ~fired_MF
+
+
+@dataclass
+class FamilyPlan:
+    """What stays fixed while one family trains: its members, resolved settings and schedule."""
+
+    entries: list[GridEntry]
+    settings: TrainingSettings
+    n_train: int
+    d_in: int
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    dead_window: int  # rows a latent may go unselected before it counts as dead
+    auxk_k: int
+    auxk_alpha: float  # 0: no AuxK (the variant has none)
+    key: str  # identifies the family and settings in train_state.pt
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    @property
+    def n_models(self) -> int:
+        return len(self.entries)
+
+
+@dataclass
+class FamilyRun:
+    """What changes while one family trains (what train_state.pt saves and a resume restores)."""
+
+    model: StackedSAE
+    opt: torch.optim.Optimizer
+    fused: bool
+    since_fired: torch.Tensor  # (M, F) rows since each latent was last selected
+    rows: list[list[dict]]  # metrics.csv rows per model
+    step: int = 0
+    epoch: int = 0  # the next epoch to run
+    lr: float = 0.0
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.params = list(self.model.parameters())
+
+
+def plan_family(entries: list[GridEntry], x_train: torch.Tensor) -> FamilyPlan:
+    """Resolve the recipe for this data size and derive the batch, schedule and AuxK settings."""
+    N, D = x_train.shape
+    if N == 0:
+        raise SailError("the training split is empty")
+    spec = entries[0].spec
+    settings = resolve(entries[0].settings, spec.variant, N, spec.dict_sizes[-1])
+    B = min(settings.batch_size, N)
+    steps_per_epoch = math.ceil(N / B)
+    return FamilyPlan(
+        entries=entries,
+        settings=settings,
+        n_train=N,
+        d_in=D,
+        batch_size=B,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=settings.epochs * steps_per_epoch,
+        dead_window=min(settings.dead_window, N),
+        auxk_k=settings.auxk_k or max(1, D // 2),
+        auxk_alpha=settings.auxk_alpha if variant_class(spec.variant).uses_auxk else 0.0,
+        key=_state_key(entries, N, D),
+    )
+
+
+def start_run(plan: FamilyPlan, x_train: torch.Tensor) -> FamilyRun:
+    """The initialised stack (one seed per member) and its Adam optimiser."""
+    device = x_train.device
+    settings = plan.settings
+    model = StackedSAE([e.spec for e in plan.entries], plan.d_in).to(device)
+    sample_idx = torch.randperm(
+        plan.n_train, generator=torch.Generator().manual_seed(settings.seed)
+    )[:8192].to(device)
+    seeds = [
+        int(hash_config([settings.seed, e.spec.to_json()]), 16) % (2**62) for e in plan.entries
+    ]
+    model.initialize(seeds, x_train[sample_idx], settings.b_dec_init)
+    fused = device.type in ("cuda", "cpu")  # one kernel per parameter instead of ~10 passes over it
+    opt = torch.optim.Adam(
+        model.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None
+    )
+    since_fired = torch.zeros(plan.n_models, model.n_latents, dtype=torch.int64, device=device)
+    rows: list[list[dict]] = [[] for _ in range(plan.n_models)]
+    return FamilyRun(model, opt, fused, since_fired, rows)
+
+
+def resume_step(run: FamilyRun, plan: FamilyPlan, dirs: list[Path]) -> bool:
+    """Continue from the members' train_state.pt when they match this family; True if resumed."""
+    states = _load_states(dirs, plan.key)
+    if states is not None:
+        run.since_fired = _restore(states, run.model, run.opt, run.fused)
+        run.step, run.epoch = states[0]["step"], states[0]["epoch"]
+        run.rows = [list(s["rows"]) for s in states]
+        log.info("resuming %s at epoch %d (step %d)", ", ".join(plan.names), run.epoch, run.step)
+    run.lr = lr_at(run.step, plan.total_steps, plan.settings)
+    return states is not None
+
+
+def batch_rows(x_train: torch.Tensor, idx: torch.Tensor, ctx: DistContext | None) -> torch.Tensor:
+    """This process's rows of a global batch (its contiguous slice under data parallelism)."""
+    if ctx is None:
+        return x_train[idx]
+    lo, hi = ctx.batch_bounds(idx.numel())
+    return x_train[idx[lo:hi]]
+
+
+def train_step(
+    run: FamilyRun, plan: FamilyPlan, x: torch.Tensor, batch_global: int, rt: Runtime
+) -> ForwardOut:
+    """One optimiser step of every member on the batch ``x`` (``batch_global`` rows over all
+    ranks): learning-rate schedule, loss (with AuxK once latents are dead), gradients, per-model
+    clipping, Adam and the variant's decoder constraint; updates the dead-latent counters."""
+    model, ctx, device = run.model, rt.dist, x.device
+    run.lr = lr_at(run.step, plan.total_steps, plan.settings)
+    for group in run.opt.param_groups:
+        group["lr"] = run.lr
+    dead = run.since_fired >= plan.dead_window
+    alpha = plan.auxk_alpha
+    use_aux = alpha > 0 and (device.type != "cpu" or bool(dead.any()))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=rt.precision == "bf16"):
+        out = model.forward_train(
+            x,
+            rt.decode,
+            dead if use_aux else None,
+            plan.auxk_k,
+            alpha if use_aux else 0.0,
+            ctx,
+            batch_global,
+        )
+    run.opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    params = run.params
+    fired_MF = out.fired_MF
+    if ctx is not None:
+        all_reduce_grads(params, ctx)
+        fired_MF = ctx.all_reduce(fired_MF.to(torch.int32), "max").bool()
+    model.project_decoder_grad()
+    if plan.settings.clip_norm is not None:
+        clip_per_model(params, plan.n_models, plan.settings.clip_norm)
+    run.opt.step()
+    model.normalize_decoder()
+    run.since_fired = torch.where(
+        fired_MF, torch.zeros_like(run.since_fired), run.since_fired + batch_global
+    )
+    run.step += 1
+    return out
+
+
+def log_step(run: FamilyRun, plan: FamilyPlan, meter: Meter, ctx: DistContext | None) -> None:
+    """Turn the training sums since the last log into metrics rows and reset them."""
+    if ctx is not None:
+        meter.all_reduce(ctx)
+    dead = run.since_fired >= plan.dead_window
+    _rows(meter, run.model, run.step, run.epoch, "train", dead, run.lr, run.rows, "batchtopk")
+    meter.reset()
+
+
+def validate_step(run: FamilyRun, plan: FamilyPlan, x_valid: torch.Tensor, meter: Meter) -> None:
+    """Metrics rows of the validation split in the variant's validation mode (end of an epoch)."""
+    if not x_valid.shape[0]:
+        return
+    model = run.model
+    _evaluate(model, x_valid, plan.batch_size, model.validation_mode, meter)
+    dead = run.since_fired >= plan.dead_window
+    _rows(
+        meter, model, run.step, run.epoch, "valid", dead, run.lr, run.rows, model.validation_label
+    )
+
+
+def checkpoint_step(run: FamilyRun, plan: FamilyPlan, dirs: list[Path], rt: Runtime) -> bool:
+    """Write every member's train_state.pt when an epoch that is not the last completes on
+    a checkpoint boundary (rank 0 only); True if written. ``run.epoch`` is the next epoch."""
+    last = run.epoch == plan.settings.epochs
+    if last or run.epoch % rt.checkpoint_every != 0 or not rt.is_main:
+        return False
+    _save_states(
+        dirs,
+        run.model,
+        run.opt,
+        plan.names,
+        run.since_fired,
+        run.rows,
+        run.step,
+        run.epoch,
+        plan.key,
+    )
+    return True
+
+
+def run_epoch(
+    run: FamilyRun,
+    plan: FamilyPlan,
+    x_train: torch.Tensor,
+    rt: Runtime,
+    meter: Meter,
+    tick: Callable[[int], None],
+) -> None:
+    """The training steps of one epoch, logging every ``rt.log_every`` steps and at its end
+    (``tick(step)`` after each log, e.g. to move a progress bar)."""
+    settings = plan.settings
+    B = plan.batch_size
+    perm = epoch_permutation(
+        plan.n_train, settings.seed, run.epoch, settings.permutation == "fixed"
+    ).to(x_train.device)
+    run.model.train()
+    for b in range(plan.steps_per_epoch):
+        idx = perm[b * B : (b + 1) * B]
+        x = batch_rows(x_train, idx, rt.dist)
+        out = train_step(run, plan, x, idx.numel(), rt)
+        meter.add(x, out.sse_LM, out.l0_LM, out.auxk_M)
+        if run.step % rt.log_every == 0 or b == plan.steps_per_epoch - 1:
+            log_step(run, plan, meter, rt.dist)
+            tick(run.step)
+    run.model.eval()
+
+
+def final_step(
+    run: FamilyRun,
+    plan: FamilyPlan,
+    x_valid: torch.Tensor,
+    x_calib: torch.Tensor | None,
+    x_train: torch.Tensor,
+    calibration: list[dict[str, Any]] | None,
+) -> FamilyResult:
+    """Metrics of the stored codes on held-out rows, and the family's result."""
+    model = run.model
+    held_split, x_held = _held_out(x_valid, x_calib, x_train)
+    meter = Meter(model.n_levels, plan.n_models, plan.d_in, x_train.device)
+    dead_MF = _evaluate(model, x_held, plan.batch_size, "inference", meter)
+    epochs = plan.settings.epochs
+    final = _rows(
+        meter, model, run.step, epochs, held_split, dead_MF, run.lr, run.rows, "inference"
+    )
+    finals = [
+        {
+            "split": held_split,
+            "rows": int(x_held.shape[0]),
+            "mode": "inference",
+            "fvu": final["fvu"][:, m].tolist(),
+            "r2_published": final["r2_published"][:, m].tolist(),
+            "l0": final["l0"][:, m].tolist(),
+            "dead_frac": final["dead_frac"][:, m].tolist(),
+            "dead_frac_source": "stored codes",
+            "steps": run.step,
+        }
+        for m in range(plan.n_models)
+    ]
+    metrics = [pd.DataFrame(r, columns=METRIC_COLUMNS) for r in run.rows]
+    warn_if_unconverged(plan.names, metrics)
+    return FamilyResult(model, metrics, finals, calibration, plan.settings)
 
 
 def train_family(
@@ -532,180 +796,58 @@ def train_family(
 ) -> FamilyResult:
     """Train every entry of one family together on the same batches; returns the trained stack.
 
-    ``x_train``/``x_valid``/``x_calib`` are L2-normalised (N, d) tensors on ``rt.device``;
-    ``x_calib`` holds training-split rows kept out of training to calibrate matryoshka
-    thresholds, so the validation split stays unseen by every choice. A ``train_state.pt``
-    is written to each member folder every ``rt.checkpoint_every`` epochs and resumed from. With
-    ``rt.dist`` every rank passes the same tensors, trains on its contiguous slice of each global
-    batch and ends with the same weights; only rank 0 writes train_state.pt.
+    ``x_train``/``x_valid``/``x_calib`` are L2-normalised (N, D) tensors on ``rt.device``;
+    ``x_calib`` holds training-split rows kept out of training to calibrate thresholds, so the
+    validation split stays unseen by every choice. A ``train_state.pt`` is written to each
+    member folder every ``rt.checkpoint_every`` epochs and resumed from. With ``rt.dist`` every
+    rank passes the same tensors, trains on its contiguous slice of each global batch and ends
+    with the same weights; only rank 0 writes train_state.pt.
     """
-    variant = entries[0].spec.variant
-    device = rt.device
-    N, d = x_train.shape
-    if N == 0:
-        raise SailError("the training split is empty")
-    settings = resolve(entries[0].settings, variant, N, entries[0].spec.dict_sizes[-1])
-    M = len(entries)
-    model = StackedSAE([e.spec for e in entries], d).to(device)
-    B = min(settings.batch_size, N)
-    steps_per_epoch = math.ceil(N / B)
-    total = settings.epochs * steps_per_epoch
-    window = min(settings.dead_window, N)
-    auxk_k = settings.auxk_k or max(1, d // 2)
-    alpha = settings.auxk_alpha if variant == "matryoshka" else 0.0
-    key = _state_key(entries, N, d)
-
-    sample_idx = torch.randperm(N, generator=torch.Generator().manual_seed(settings.seed))[
-        :8192
-    ].to(device)
-    seeds = [int(hash_config([settings.seed, e.spec.to_json()]), 16) % (2**62) for e in entries]
-    model.initialize(seeds, x_train[sample_idx], settings.b_dec_init)
-    fused = device.type in ("cuda", "cpu")  # one kernel per parameter instead of ~10 passes over it
-    opt = torch.optim.Adam(
-        model.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None
-    )
-    params = list(model.parameters())
-    since_fired = torch.zeros(M, model.n_latents, dtype=torch.int64, device=device)
-    rows: list[list[dict]] = [[] for _ in range(M)]
-    step, start_epoch = 0, 0
-    states = _load_states(dirs, key)
-    if states is not None:
-        since_fired = _restore(states, model, opt, fused)
-        step, start_epoch = states[0]["step"], states[0]["epoch"]
-        rows = [list(s["rows"]) for s in states]
-        log.info(
-            "resuming %s at epoch %d (step %d)",
-            ", ".join(e.name for e in entries),
-            start_epoch,
-            step,
-        )
-
-    autocast = rt.precision == "bf16"
-    meter = Meter(model.n_levels, M, d, device)
-    vmeter = Meter(model.n_levels, M, d, device)
-    val_mode = "published" if variant == "sail" else "train"
-    val_label = "published" if variant == "sail" else "batchtopk"
-    names = [e.name for e in entries]
-    label = f"{variant} {entries[0].spec.published_name.split('_K_')[0]} x{M}"
-    lr = lr_at(step, total, settings)
-    ctx = rt.dist
+    plan = plan_family(entries, x_train)
+    run = start_run(plan, x_train)
+    resume_step(run, plan, dirs)
+    meter = Meter(run.model.n_levels, plan.n_models, plan.d_in, x_train.device)
+    vmeter = Meter(run.model.n_levels, plan.n_models, plan.d_in, x_train.device)
+    spec = entries[0].spec
+    label = f"{spec.variant} {spec.published_name.split('_K_')[0]} x{plan.n_models}"
     with progress() as bar:
-        task = bar.add_task(label, total=total, completed=step, visible=rt.show_progress)
-        for epoch in range(start_epoch, settings.epochs):
-            perm = epoch_permutation(N, settings.seed, epoch, settings.permutation == "fixed").to(
-                device
-            )
-            model.train()
-            for b in range(steps_per_epoch):
-                idx = perm[b * B : (b + 1) * B]
-                if ctx is None:
-                    x = x_train[idx]
-                else:
-                    lo, hi = ctx.batch_bounds(idx.numel())
-                    x = x_train[idx[lo:hi]]
-                lr = lr_at(step, total, settings)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                dead = since_fired >= window
-                use_aux = alpha > 0 and (device.type != "cpu" or bool(dead.any()))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    out = model.forward_train(
-                        x,
-                        rt.decode,
-                        dead if use_aux else None,
-                        auxk_k,
-                        alpha if use_aux else 0.0,
-                        ctx,
-                        idx.numel(),
-                    )
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                fired_MF = out.fired_MF
-                if ctx is not None:
-                    all_reduce_grads(params, ctx)
-                    fired_MF = ctx.all_reduce(fired_MF.to(torch.int32), "max").bool()
-                model.project_decoder_grad()
-                if settings.clip_norm is not None:
-                    clip_per_model(params, M, settings.clip_norm)
-                opt.step()
-                model.normalize_decoder()
-                since_fired = torch.where(
-                    fired_MF, torch.zeros_like(since_fired), since_fired + idx.numel()
-                )
-                meter.add(x, out.sse_LM, out.l0_LM, out.auxk_M)
-                step += 1
-                if step % rt.log_every == 0 or b == steps_per_epoch - 1:
-                    if ctx is not None:
-                        meter.all_reduce(ctx)
-                    _rows(
-                        meter,
-                        model,
-                        step,
-                        epoch,
-                        "train",
-                        since_fired >= window,
-                        lr,
-                        rows,
-                        "batchtopk",
-                    )
-                    meter.reset()
-                    bar.update(task, completed=step)
-            model.eval()
-            if x_valid.shape[0]:
-                _evaluate(model, x_valid, B, val_mode, vmeter)
-                _rows(
-                    vmeter, model, step, epoch, "valid", since_fired >= window, lr, rows, val_label
-                )
-            done = epoch + 1 == settings.epochs
-            if not done and (epoch + 1) % rt.checkpoint_every == 0 and rt.is_main:
-                _save_states(dirs, model, opt, names, since_fired, rows, step, epoch + 1, key)
+        task = bar.add_task(
+            label, total=plan.total_steps, completed=run.step, visible=rt.show_progress
+        )
+        while run.epoch < plan.settings.epochs:
+            run_epoch(run, plan, x_train, rt, meter, lambda s: bar.update(task, completed=s))
+            validate_step(run, plan, x_valid, vmeter)
+            run.epoch += 1
+            checkpoint_step(run, plan, dirs, rt)
             if on_epoch_end is not None:
-                on_epoch_end(epoch)
-
-    calibration = _calibrate(model, names, x_calib, x_train, B)
-    held_split, x_held = _held_out(x_valid, x_calib, x_train)
-    dead_MF = _evaluate(model, x_held, B, "inference", vmeter)
-    final = _rows(vmeter, model, step, settings.epochs, held_split, dead_MF, lr, rows, "inference")
-    finals = [
-        {
-            "split": held_split,
-            "rows": int(x_held.shape[0]),
-            "mode": "inference",
-            "fvu": final["fvu"][:, m].tolist(),
-            "r2_published": final["r2_published"][:, m].tolist(),
-            "l0": final["l0"][:, m].tolist(),
-            "dead_frac": final["dead_frac"][:, m].tolist(),
-            "dead_frac_source": "stored codes",
-            "steps": step,
-        }
-        for m in range(M)
-    ]
-    metrics = [pd.DataFrame(r, columns=METRIC_COLUMNS) for r in rows]
-    warn_if_unconverged(names, metrics)
-    return FamilyResult(model, metrics, finals, calibration, settings)
+                on_epoch_end(run.epoch - 1)
+    calibration = calibrate_step(run.model, plan.names, x_calib, x_train, plan.batch_size)
+    return final_step(run, plan, x_valid, x_calib, x_train, calibration)
 
 
-def _calibrate(
+def calibrate_step(
     model: StackedSAE,
     names: list[str],
     x_calib: torch.Tensor | None,
     x_train: torch.Tensor,
     batch_size: int,
 ) -> list[dict[str, Any]] | None:
-    """Calibrate matryoshka thresholds on the held-out training rows (the training rows if none)."""
-    if model.variant == "sail":
+    """Calibrate the inference thresholds of variants that have them on the held-out training
+    rows (on the training rows, warned, if none are held out)."""
+    if not model.calibrates:
         return None
     held_out = x_calib is not None and x_calib.shape[0] > 0
     if not held_out:
         log.warning(
-            "no held-out calibration rows: calibrating thresholds on the rows the SAE was trained on"
+            "no held-out calibration rows: calibrating thresholds on the rows the SAE was trained "
+            "on"
         )
     found = model.calibrate(x_calib if held_out else x_train, batch_size)
-    for name, cal in zip(names, found):
+    for name, cal in zip(names, found, strict=False):
         for lo, hi in cal.dead_ranges:
             log.warning(
-                "%s: latents [%d, %d) were never selected at the last level on the calibration rows; "
-                "threshold inf, counted dead",
+                "%s: latents [%d, %d) were never selected at the last level on the calibration "
+                "rows; threshold inf, counted dead",
                 name,
                 lo,
                 hi,
@@ -733,7 +875,8 @@ def _encoders(cfg: SailConfig, ws: Workspace) -> list[str]:
     found = sorted(p.stem for p in (ws.root / "embeddings").glob("*.parquet"))
     if not found:
         raise SailError(
-            f"no embeddings tables in {ws.root / 'embeddings'}; run `sail encode` or pass --embeddings"
+            f"no embeddings tables in {ws.root / 'embeddings'}; run `sail encode` or pass "
+            "--embeddings"
         )
     return found
 
@@ -779,7 +922,8 @@ def train_encoder(
             sae_dir / WEIGHTS, records[e.name + e.spec.variant], ignore_semantics=True
         ):
             log.warning(
-                "%s was written by an older SAIL whose thresholds/metrics meant something else; retraining "
+                "%s was written by an older SAIL whose thresholds/metrics meant something else; "
+                "retraining "
                 "it. `sail train --recalibrate` keeps the trained weights and only recomputes them",
                 sae_dir,
             )
@@ -813,7 +957,7 @@ def train_encoder(
             ", ".join(e.name for e in fam),
         )
         result = train_family(fam, fit, x_valid, dirs, rt, on_epoch_end, x_calib=x_calib)
-        for m, (e, out) in enumerate(zip(fam, dirs) if rt.is_main else []):
+        for m, (e, out) in enumerate(zip(fam, dirs, strict=False) if rt.is_main else []):
             extra = {
                 "encoder": data.encoder,
                 "embeddings_fingerprint": data.inputs["embeddings"],
@@ -836,9 +980,9 @@ def _calibration_rows(
     entry: GridEntry, train_ids: np.ndarray
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Mask of the training rows held out to calibrate ``entry`` (None: train on them all) and
-    what cfg.json records about them. Only matryoshka calibrates; ``sail`` trains on the whole
-    training split, as published."""
-    if entry.spec.variant == "sail":
+    what cfg.json records about them. Only variants that calibrate hold rows out (``sail``
+    trains on the whole training split, as published)."""
+    if not variant_class(entry.spec.variant).calibrates:
         return None, {}
     fraction, seed = entry.settings.calibration_fraction, entry.settings.seed
     held = calibration_holdout(train_ids, fraction, seed)
