@@ -510,21 +510,29 @@ class StackedSAE(nn.Module):
         acts, sels, vals_all = select(x_BD, ctx, B_global)
         vals = list(torch.split(vals_all, [s.flat.numel() for s in sels]))
         R_LMBD = self.decode(sels, vals, B, impl)
-        sq = (R_LMBD.float() - x_BD.float()[None, None]).pow(2)
-        mse_LM = sq.mean(dim=(2, 3)) if ctx is None else sq.sum(dim=(2, 3)) / (B_global * self.d_in)
-        loss_M = mse_LM.mean(0)
+        loss = self._reconstruction_loss(R_LMBD, x_BD, B_global if ctx is not None else B)
         with torch.no_grad():
-            sse_LM = sq.detach().sum(dim=2).double().sum(-1)
+            sq = (R_LMBD.detach().float() - x_BD.float()[None, None]).pow_(2)
+            sse_LM = sq.sum(dim=2).double().sum(-1)
             l0_LM, fired_MF = self._selection_stats(sels, x_BD.device)
         batch = TrainBatch(
             x_BD, acts, sels, vals, R_LMBD, ctx, B_global, dead_MF, auxk_k, auxk_alpha
         )
         extra_M, auxk_M = self.after_selection(batch)
         if extra_M is not None:
-            loss_M = loss_M + extra_M
+            loss = loss + extra_M.sum()
         if auxk_M is None:
             auxk_M = torch.zeros(self.n_models, device=x_BD.device)
-        return ForwardOut(loss_M.sum(), sse_LM, l0_LM, auxk_M.detach(), fired_MF)
+        return ForwardOut(loss, sse_LM, l0_LM, auxk_M.detach(), fired_MF)
+
+    def _reconstruction_loss(self, R_LMBD: Tensor, x_BD: Tensor, B_global: int) -> Tensor:
+        """Sum over models of each model's mean over levels of its per-element MSE, as one fused
+        ``mse_loss`` (one kernel forward and one backward: at small shapes the elementwise passes
+        of an unfused loss cost more than the decode). Over ranks, each rank's share of the
+        global-batch loss."""
+        R = R_LMBD.float()
+        scale = 1.0 / (self.n_levels * B_global * self.d_in)
+        return tnf.mse_loss(R, x_BD.float()[None, None].expand_as(R), reduction="sum") * scale
 
     def auxk_loss(
         self,
