@@ -1,4 +1,5 @@
-"""Workspace layout, atomic writes and stage manifests (see docs/artifacts.md).
+"""Atomic writes and stage manifests (see docs/artifacts.md); artifact names and the workspace
+layout (:class:`Workspace`, re-exported here) live in :mod:`sail.artifacts`.
 
 Every artifact is written to a temp name in its own folder and renamed into place, so an
 interrupted run never leaves a half-written file that a later run would trust. A stage is
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sail import __version__
+from sail.artifacts import Workspace as Workspace
 from sail.errors import SailError
 
 log = logging.getLogger(__name__)
@@ -238,76 +240,6 @@ def check_table(path: str | os.PathLike, what: str = "table") -> int:
             f"bytes / {integrity.get('rows')} rows when it was written (damaged or replaced); {redo}"
         )
     return rows
-
-
-class Workspace:
-    """Paths of every artifact in one run folder (layout in docs/artifacts.md)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def __repr__(self) -> str:
-        return f"Workspace({str(self.root)!r})"
-
-    def ensure(self) -> Workspace:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return self
-
-    @property
-    def config_yaml(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def phantom_dir(self) -> Path:
-        return self.root / "phantom"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def slices_dir(self) -> Path:
-        return self.data_dir / "slices"
-
-    @property
-    def slices_table(self) -> Path:
-        return self.data_dir / "slices.parquet"
-
-    @property
-    def skipped_csv(self) -> Path:
-        return self.data_dir / "skipped.csv"
-
-    @property
-    def split_csv(self) -> Path:
-        return self.data_dir / "split.csv"
-
-    def embeddings(self, encoder: str) -> Path:
-        return self.root / "embeddings" / f"{encoder}.parquet"
-
-    def sae_dir(self, encoder: str, variant: str, config_name: str) -> Path:
-        return self.root / "sae" / encoder / variant / config_name
-
-    def activations(self, encoder: str, variant: str, config_name: str, split: str) -> Path:
-        return self.root / "activations" / encoder / variant / config_name / f"{split}.parquet"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def interpret_dir(self) -> Path:
-        return self.root / "interpret"
-
-    @property
-    def figures_dir(self) -> Path:
-        return self.root / "figures"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.root / "report"
-
-    def relative(self, path: str | os.PathLike) -> str:
-        return Path(path).relative_to(self.root).as_posix()
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from sail.artifacts import PHANTOM_TRUTH
 from sail.config import PhantomConfig
 from sail.console import track
 from sail.data.labels import VOCABULARY, age_group
@@ -625,7 +626,7 @@ def write_phantom_dataset(
             root / DATASET_FOLDERS[modality] / "meta.csv", "\ufeff" + "\n".join(lines) + "\n"
         )
     write_json_atomic(
-        root / "phantom_truth.json",
+        root / PHANTOM_TRUTH,
         {
             "generator": "sail.data.phantom",
             "seed": cfg.seed,

@@ -86,7 +86,7 @@ def run_phantom(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         log.info("phantom: skipped (prepare.source is %s)", cfg.prepare.source)
         return
     record = StageRecord("phantom", hash_config(cfg.phantom.model_dump(mode="json")), {})
-    truth = ws.phantom_dir / "phantom_truth.json"
+    truth = ws.phantom_truth
     if not force and is_done(truth, record):
         log.info("phantom: up to date")
         return
@@ -164,7 +164,7 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         ]
     if not scans:
         raise SailError(f"{source}: no scans found for modalities {', '.join(pc.modalities)}")
-    parts = ws.data_dir / ".parts" / config_hash
+    parts = ws.prepare_parts(config_hash)
     if force and parts.exists():
         shutil.rmtree(parts)
     if force and ws.slices_dir.exists():
@@ -202,7 +202,7 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     for k in sorted(results):
         skips.extend(results[k].skips)
     if not frames:  # a previous slices.parquet + skipped.csv pair stays as it was
-        failed = ws.data_dir / "skipped.failed.csv" if ws.slices_table.exists() else ws.skipped_csv
+        failed = ws.skipped_failed_csv if ws.slices_table.exists() else ws.skipped_csv
         write_csv_atomic(failed, pd.DataFrame(skips, columns=SKIP_COLUMNS))
         raise SailError(f"{source}: every scan was skipped; reasons in {failed}")
     table = _assemble(frames)

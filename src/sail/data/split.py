@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from sklearn.model_selection import StratifiedShuffleSplit
 
+from sail.artifacts import SPLITS
 from sail.config import SailConfig, SplitConfig
 from sail.errors import SailError
 from sail.workspace import (
@@ -31,8 +32,6 @@ from sail.workspace import (
 )
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "valid", "test")
 
 
 def _merge_singletons(strata: pd.Series) -> pd.Series:
@@ -201,15 +200,3 @@ def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             s,
             hint,
         )
-
-
-def read_split(ws: Workspace) -> pd.DataFrame:
-    if not ws.split_csv.exists():
-        raise SailError(f"{ws.split_csv} not found: run `sail split` first")
-    split = pd.read_csv(ws.split_csv, dtype=str)
-    bad = sorted(set(split["split"]) - set(SPLITS))
-    if bad:
-        raise SailError(
-            f"{ws.split_csv}: unknown split value(s) {bad}; expected {', '.join(SPLITS)}"
-        )
-    return split

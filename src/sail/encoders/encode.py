@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from sail import __version__
+from sail.artifacts import ENCODE_ENCODER, ENCODE_PLAN
 from sail.console import progress
 from sail.device import resolve_device
 from sail.encoders.base import EncoderSpec, Precision, Preprocess, get_spec, resolve_precision
@@ -45,9 +46,6 @@ if TYPE_CHECKING:
     from sail.config import EncodeConfig, SailConfig
 
 log = logging.getLogger(__name__)
-
-PLAN_FILE = "plan.json"
-ENCODER_FILE = "encoder.json"
 
 
 @dataclass(frozen=True)
@@ -220,7 +218,7 @@ class PartsDir:
     """``embeddings/<name>.parts/``: plan.json, encoder.json and one parquet per finished chunk."""
 
     def __init__(self, ws: Workspace, name: str):
-        self.dir = ws.embeddings(name).with_name(f"{name}.parts")
+        self.dir = ws.embedding_parts(name)
 
     def chunk(self, k: int) -> Path:
         return self.dir / f"chunk_{k:06d}.parquet"
@@ -252,13 +250,13 @@ class PartsDir:
 
     def plan(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.dir / PLAN_FILE).read_text())
+            return json.loads((self.dir / ENCODE_PLAN).read_text())
         except (OSError, json.JSONDecodeError):
             return None
 
     def encoder_metadata(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.dir / ENCODER_FILE).read_text())
+            return json.loads((self.dir / ENCODE_ENCODER).read_text())
         except (OSError, json.JSONDecodeError):
             return None
 
@@ -271,10 +269,10 @@ class PartsDir:
                 log.info("%s: discarding %d parts made with other settings", self.dir, len(stale))
             for path in stale:
                 path.unlink(missing_ok=True)
-            (self.dir / ENCODER_FILE).unlink(missing_ok=True)
+            (self.dir / ENCODE_ENCODER).unlink(missing_ok=True)
         for k in discard:
             self.chunk(k).unlink(missing_ok=True)
-        write_json_atomic(self.dir / PLAN_FILE, plan)
+        write_json_atomic(self.dir / ENCODE_PLAN, plan)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -308,7 +306,7 @@ def encode_chunks(
 ) -> int:
     """Encode ``chunks`` and write each as soon as it is complete. Returns the number of slices encoded."""
     encoder = job.build()
-    write_json_atomic(parts.dir / ENCODER_FILE, encoder.metadata())
+    write_json_atomic(parts.dir / ENCODE_ENCODER, encoder.metadata())
     batches = _chunk_batches(chunks, len(ids), job.chunk_size, job.batch_size)
     loader = torch.utils.data.DataLoader(
         _BatchDecoder(ws.root, pngs, batches, encoder.preprocess),
@@ -431,7 +429,7 @@ def merge_parts(ws: Workspace, name: str) -> Path:
         )
     meta = parts.encoder_metadata()
     if meta is None:
-        raise SailError(f"{parts.dir}: {ENCODER_FILE} is missing; encode again")
+        raise SailError(f"{parts.dir}: {ENCODE_ENCODER} is missing; encode again")
     tables = [read_embeddings(parts.chunk(k)) for k in range(plan["n_chunks"])]
     merged_ids = np.concatenate([t.slice_ids for t in tables]).astype(str)
     if not np.array_equal(merged_ids, ids):

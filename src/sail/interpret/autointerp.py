@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,10 +22,11 @@ import scipy.sparse as sp
 
 from sail.config import AutointerpSettings
 from sail.errors import SailError
+from sail.evaluate.top_slices import ranked_rows, top_per_volume
 from sail.interpret import prompts
 from sail.interpret.backends.base import CallBudget, CallCache, ChatRequest, call_validated
 from sail.interpret.data import SplitData, Target
-from sail.interpret.enrichment import Enrichment, EnrichmentTable
+from sail.interpret.enrichment import Enrichment, EnrichmentTable, top_slices_for_enrichment
 from sail.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def select_features(
     if mono_score is not None and len(mono_score):
         # tied scores share a rank (many features tie at M = 0): never won by the lower feature index
         ranks.append(mono_score.rank(ascending=False, method="min").rename("monosem_rank"))
-    coef_path = ws.eval_dir / "probe_coefficients.parquet"
+    coef_path = ws.eval.table("probe_coefficients")
     if coef_path.is_file():
         coef = pd.read_parquet(coef_path)
         coef = coef[
@@ -121,7 +121,7 @@ def _selection_monosemanticity(
     optimistically, so eval/'s table is used only when it was computed on another split; otherwise
     the score is computed here on the concept split (``data``), where the descriptions come from.
     """
-    mono_csv = ws.eval_dir / "monosemanticity_features.csv"
+    mono_csv = ws.eval.table("monosemanticity_features")
     if not mono_csv.is_file():
         return None, ""
     mono = pd.read_csv(mono_csv, dtype={"sae_config": str})
@@ -175,24 +175,6 @@ def _volumes_active(data: SplitData) -> np.ndarray:
     return out
 
 
-def top_rows(
-    data: SplitData, feature: int, n: int | None = None, per_volume: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Active rows of a feature by activation (desc, ties by row); optionally first per volume."""
-    csc = data.csc
-    lo, hi = csc.indptr[feature], csc.indptr[feature + 1]
-    rows, vals = csc.indices[lo:hi], csc.data[lo:hi]
-    keep = vals > 0
-    rows, vals = rows[keep], vals[keep]
-    order = np.lexsort((rows, -vals))
-    rows, vals = rows[order], vals[order]
-    if per_volume:
-        _, first = np.unique(data.volume[rows], return_index=True)
-        first = np.sort(first)
-        rows, vals = rows[first], vals[first]
-    return (rows[:n], vals[:n]) if n is not None else (rows, vals)
-
-
 def diverse_pick(codes: sp.csr_matrix, rows: np.ndarray, n: int) -> np.ndarray:
     """Greedy max-min cosine dissimilarity on full sparse codes, starting from the top activator."""
     if len(rows) <= n:
@@ -225,15 +207,15 @@ class Evidence:
 def gather(
     data: SplitData, table: EnrichmentTable, feature: int, cfg: AutointerpSettings
 ) -> Evidence:
-    rows_all, vals_all = top_rows(data, feature)
-    cand_rows, cand_vals = top_rows(data, feature, cfg.n_candidates, per_volume=True)
+    rows_all, _ = ranked_rows(data.csc, feature)  # n_active, n_volumes count every active slice
+    cand_rows, cand_vals = top_per_volume(data.csc, feature, data.volume, cfg.n_candidates)
     pick = diverse_pick(data.codes, cand_rows, cfg.n_images)
     n_vol = len(np.unique(data.volume[rows_all]))
     return Evidence(
         feature,
         cand_rows[pick],
         cand_vals[pick],
-        table.of(rows_all[: cfg.enrichment_top]),
+        table.of(top_slices_for_enrichment(data.csc, feature, cfg.enrichment_top)),
         len(rows_all),
         n_vol,
     )

@@ -90,14 +90,22 @@ def volume_ids(meta) -> np.ndarray:
 
 
 class EnrichmentTable:
-    """Base rates of one split, computed once; ``of(rows)`` scores one feature's top slices."""
+    """Base rates of one split, computed once; ``of(rows)`` scores one feature's top slices.
 
-    def __init__(self, meta, H_NS: np.ndarray, structures: list[str]):
+    The one enrichment implementation: autointerp's prompts and describer and the report's feature
+    pages (which add metadata columns such as institute through ``categorical``) use it on the same
+    split and the same top slices (:func:`top_slices_for_enrichment`), so a page's numbers are the
+    ones its description was built from.
+    """
+
+    def __init__(
+        self, meta, H_NS: np.ndarray, structures: list[str], categorical=CATEGORICAL
+    ) -> None:
         from sail.data.labels import STRUCTURE_REGION
 
         self.volume = volume_ids(meta)
         self.values: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for a in CATEGORICAL:
+        for a in categorical:
             col = meta[a].astype("string")
             known = col.notna().to_numpy()
             cats = sorted(col.dropna().unique())
@@ -158,3 +166,11 @@ class EnrichmentTable:
         )
         ev.regions = self._rows(self.regions, self.RG[rows], everywhere, inv, n_vol, self.r_base)
         return ev
+
+
+def top_slices_for_enrichment(csc, feature: int, n_top: int) -> np.ndarray:
+    """The slices a feature's enrichment describes: its ``n_top`` highest activations (slices, not
+    one per volume: the p-values count their volumes)."""
+    from sail.evaluate.top_slices import ranked_rows
+
+    return ranked_rows(csc, feature)[0][:n_top]

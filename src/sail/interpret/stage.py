@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pandas as pd
 
+from sail.artifacts import FINGERPRINT_TABLES, InterpretFolder
 from sail.config import SailConfig
 from sail.console import console
 from sail.errors import SailError
 from sail.interpret.data import (
-    SplitData,
     Target,
     dense_aligned,
     load_split,
@@ -35,8 +35,8 @@ from sail.workspace import (
 log = logging.getLogger(__name__)
 
 
-def _out_dir(ws: Workspace, verb: str, t: Target):
-    return ws.interpret_dir / verb / t.encoder / t.variant / t.sae_config
+def _out_dir(ws: Workspace, verb: str, t: Target) -> InterpretFolder:
+    return ws.interpret(verb, t.encoder, t.variant, t.sae_config)
 
 
 def _model_identity(cfg: SailConfig, role: str) -> dict:
@@ -93,7 +93,7 @@ def run_fingerprint(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
     slices = read_slices(ws)
     for t in select_targets(cfg, ws):
         out = _out_dir(ws, "fingerprint", t)
-        summary_csv = out / "summary.csv"
+        summary_csv = out.summary
         act = ws.activations(t.encoder, t.variant, t.sae_config, fc.split)
         record = StageRecord(
             "interpret.fingerprint",
@@ -116,11 +116,11 @@ def run_fingerprint(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
         data = load_split(ws, t, fc.split, slices)
         x = dense_aligned(ws, t.encoder, data.meta.slice_id.to_numpy())
         res = run_fingerprint_retrieval(data, x, fc)
-        for name in ("per_reference", "hits", "fingerprints", "always_on"):
-            write_csv_atomic(out / f"{name}.csv", res[name])
+        for name in FINGERPRINT_TABLES:
+            write_csv_atomic(out.csv(name), res[name])
         from sail.workspace import atomic_path
 
-        with atomic_path(out / "k_sweep.png") as tmp:
+        with atomic_path(out.k_sweep) as tmp:
             plot_k_sweep(
                 res["summary"],
                 tmp,
@@ -183,14 +183,14 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     budget = CallBudget(ic.max_calls)
     for t in select_targets(cfg, ws):
         out = _out_dir(ws, "autointerp", t)
-        desc_csv = out / "descriptions.csv"
+        desc_csv = out.descriptions
         inputs = {
             f"activations_{s}": fingerprint(ws.activations(t.encoder, t.variant, t.sae_config, s))
             for s in {ac.concept_split, ac.judge_split}
         }
         inputs |= {
-            n: fingerprint(ws.eval_dir / n)
-            for n in ("monosemanticity_features.csv", "probe_coefficients.parquet")
+            ws.eval.table(n).name: fingerprint(ws.eval.table(n))
+            for n in ("monosemanticity_features", "probe_coefficients")
         }
         inputs |= {"slices": fingerprint(ws.slices_table), "split": fingerprint(ws.split_csv)}
         record = StageRecord("interpret.autointerp", hash_config(roles_cfg), inputs)
@@ -214,7 +214,7 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         )
         needed = sorted(set(targets) | {int(d) for ds in distractors.values() for d in ds})
         evidence = {f: ai.gather(concept, table, f, ac) for f in needed}
-        cache = CallCache(None if ic.dry_run else out / "calls.jsonl")
+        cache = CallCache(None if ic.dry_run else out.calls)
         roles = ai.Roles(
             ic.describer,
             describer_model,
@@ -308,9 +308,9 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         desc = desc.sort_values(
             ["role", "selection_rank", "feature"], ascending=[False, True, True], kind="stable"
         )
-        write_csv_atomic(out / "selected_features.csv", selected)
+        write_csv_atomic(out.selected, selected)
         if len(judged):
-            write_csv_atomic(out / "judge.csv", judged)
+            write_csv_atomic(out.judge, judged)
         n_cand = 1 + ac.n_distractors
         metrics = {
             "encoder": t.encoder,
@@ -324,7 +324,7 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             "seed": ac.seed,
             **ai.judge_metrics(judged, n_cand, judge_name),
         }
-        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out.metrics_json, metrics)
         write_csv_atomic(desc_csv, desc)
         if metrics[
             "n_failed"
@@ -380,8 +380,8 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     budget = CallBudget(ic.max_calls)
     for t in select_targets(cfg, ws):
         out = _out_dir(ws, "language", t)
-        metrics_csv = out / "metrics.csv"
-        desc_csv = _out_dir(ws, "autointerp", t) / "descriptions.csv"
+        metrics_csv = out.metrics_csv
+        desc_csv = _out_dir(ws, "autointerp", t).descriptions
         if not desc_csv.is_file():
             raise SailError(f"{desc_csv} not found: run `sail interpret autointerp` first")
         record = StageRecord(
@@ -433,7 +433,7 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             )
             continue
         data = load_split(ws, t, lc.split, slices)
-        cache = CallCache(out / "calls.jsonl")
+        cache = CallCache(out.calls)
         match_rows, hit_rows, metric_rows = [], [], []
         n = min(lc.n_features, len(texts))
         if ic.matcher == "embedding":
@@ -541,10 +541,10 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                         "boundary_tie": boundary_tie,
                     }
                 )
-        write_csv_atomic(out / "queries.csv", pd.DataFrame([q.row() for q in queries]))
-        write_csv_atomic(out / "matches.csv", pd.DataFrame(match_rows))
+        write_csv_atomic(out.queries, pd.DataFrame([q.row() for q in queries]))
+        write_csv_atomic(out.matches, pd.DataFrame(match_rows))
         write_csv_atomic(
-            out / "hits.csv", pd.concat(hit_rows, ignore_index=True) if hit_rows else pd.DataFrame()
+            out.hits, pd.concat(hit_rows, ignore_index=True) if hit_rows else pd.DataFrame()
         )
         metrics = pd.DataFrame(metric_rows)
         write_csv_atomic(metrics_csv, metrics)

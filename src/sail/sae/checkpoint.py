@@ -17,14 +17,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from sail import __version__
+from sail.artifacts import CFG_SCHEMA_VERSION as SCHEMA_VERSION
+from sail.artifacts import SAE_CFG as CFG
+from sail.artifacts import SAE_METRICS as METRICS
+from sail.artifacts import SAE_WEIGHTS as WEIGHTS
+from sail.artifacts import read_cfg as read_cfg
 from sail.errors import SailError
 from sail.sae.model import SAESpec, StackedSAE
 from sail.workspace import SEMANTICS, atomic_path, write_csv_atomic, write_json_atomic
 
-SCHEMA_VERSION = 1
-WEIGHTS = "model.safetensors"
-CFG = "cfg.json"
-METRICS = "metrics.csv"
 METRIC_COLUMNS = [
     "step",
     "epoch",
@@ -150,21 +151,6 @@ def _read_weights(weights: Path, cfg: dict[str, Any], verify: bool) -> dict[str,
         ):
             raise SailError(f"{weights}: tensor '{name}' holds NaN or inf values; {redo}")
     return state
-
-
-def read_cfg(sae_dir: str | Path) -> dict[str, Any]:
-    path = Path(sae_dir) / CFG
-    if not path.is_file():
-        raise SailError(f"SAE checkpoint config not found: {path}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SailError(f"{path}: not valid JSON: {exc}") from exc
-    if cfg.get("schema_version") != SCHEMA_VERSION:
-        raise SailError(
-            f"{path}: schema_version {cfg.get('schema_version')!r} is not {SCHEMA_VERSION}"
-        )
-    return cfg
 
 
 def spec_from_cfg(cfg: dict[str, Any]) -> SAESpec:

@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
+from sail.artifacts import SPLIT_CSV, SPLITS, TRAIN_STATE, read_split
 from sail.config import SailConfig, TrainConfig, TrainingSettings
 from sail.console import progress
 from sail.device import resolve_device
@@ -44,13 +45,12 @@ from sail.workspace import (
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
-STATE_FILE = "train_state.pt"
+STATE_FILE = TRAIN_STATE
 
 
 # ----- data -----------------------------------------------------------------------------------
 def split_labels(
-    slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = "data/split.csv"
+    slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = f"data/{SPLIT_CSV}"
 ) -> np.ndarray:
     """Split label per slice_id ("modality/image_id/plane/idx") from a modality,image_id,split table."""
     for col in ("modality", "image_id", "split"):
@@ -198,10 +198,8 @@ def load_data(
             raise SailError(
                 f"{ws.split_csv} not found; run `sail split` first (or train with --embeddings)"
             )
-        split = split_labels(
-            table.slice_ids, pd.read_csv(ws.split_csv, dtype=str), str(ws.split_csv)
-        )
-        info = {"source": "split.csv", "fingerprint": fingerprint(ws.split_csv)}
+        split = split_labels(table.slice_ids, read_split(ws.split_csv), str(ws.split_csv))
+        info = {"source": ws.split_csv.name, "fingerprint": fingerprint(ws.split_csv)}
         inputs = {"embeddings": fingerprint(path), "split": fingerprint(ws.split_csv)}
     if not np.isfinite(table.x_ND).all():
         row = int(np.flatnonzero(~np.isfinite(table.x_ND).all(1))[0])
