@@ -142,13 +142,6 @@ class SaeFolder:
     def metrics(self) -> Path:
         return self.path / SAE_METRICS
 
-    @property
-    def train_state(self) -> Path:
-        return self.path / TRAIN_STATE
-
-    def is_complete(self) -> bool:
-        return self.cfg.is_file() and self.weights.is_file()
-
 
 @dataclass(frozen=True)
 class EvalFolder:
@@ -509,7 +502,7 @@ def read_final_metrics(path: str | os.PathLike) -> dict[str, float]:
     return {k: float(row[k]) for k in keys if k in row and row[k] == row[k]}
 
 
-RANKING_COLUMNS = ("encoder", "variant", "sae_config", "final_rank")
+RANKING_KEYS = ("encoder", "variant", "sae_config", "final_rank")  # what readers select on
 
 
 def read_ranking(path: str | os.PathLike) -> pd.DataFrame | None:
@@ -517,7 +510,7 @@ def read_ranking(path: str | os.PathLike) -> pd.DataFrame | None:
     ranking = read_table(path)
     if ranking is None:
         return None
-    missing = sorted(set(RANKING_COLUMNS) - set(ranking.columns))
+    missing = sorted(set(RANKING_KEYS) - set(ranking.columns))
     if missing:
         raise SailError(f"{path}: missing column(s) {missing}")
     return ranking

@@ -6,11 +6,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
-from rich.markup import escape
 
-from sail.cli_errors import SailGroup, one_line
+from sail.cli_errors import SailGroup
 from sail.config import load_config
 from sail.console import console, setup_logging
 from sail.errors import SailError
@@ -43,14 +41,13 @@ def _load(config: Path | None, workspace: Path | None, **sections: dict[str, Any
     return load_config(config, overrides)
 
 
-def _fail(exc: BaseException) -> None:
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.find_root().params.get("debug"):
-        raise exc
-    console.print(
-        f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True
-    )
-    raise typer.Exit(code=2)
+def _run_stage(
+    stage: str, force: bool, config: Path | None, workspace: Path | None, **sections: Any
+) -> None:
+    """One verb = one pipeline stage with its config section overridden by the verb's options."""
+    from sail.pipeline import run_pipeline
+
+    run_pipeline(_load(config, workspace, **sections), stage, stage, force)
 
 
 @app.callback()
@@ -77,13 +74,8 @@ def phantom(
     """Write a synthetic dataset in TotalSegmentator's exact on-disk layout (with phantom_truth.json)."""
     from sail.data.phantom import write_phantom_dataset
 
-    try:
-        cfg = _load(
-            config, None, phantom={"n_ct": n_ct, "n_mri": n_mri, "size": size, "seed": seed}
-        )
-        write_phantom_dataset(out_dir, cfg.phantom)
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config, None, phantom={"n_ct": n_ct, "n_mri": n_mri, "size": size, "seed": seed})
+    write_phantom_dataset(out_dir, cfg.phantom)
     console.print(f"phantom dataset written to {out_dir}")
 
 
@@ -113,8 +105,6 @@ def prepare(
     force: ForceOpt = False,
 ) -> None:
     """Slice volumes into PNGs and write data/slices.parquet (+ data/skipped.csv)."""
-    from sail.pipeline import run_pipeline
-
     section = {
         "source": source,
         "image_size": image_size,
@@ -122,11 +112,7 @@ def prepare(
         "slice_stride": slice_stride,
         "workers": workers,
     }
-    try:
-        cfg = _load(config, workspace, prepare=section)
-        run_pipeline(cfg, "prepare", "prepare", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("prepare", force, config, workspace, prepare=section)
 
 
 @app.command()
@@ -134,13 +120,7 @@ def split(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
 ) -> None:
     """Split scans into train/valid/test (institutes A, D, E -> test) -> data/split.csv."""
-    from sail.pipeline import run_pipeline
-
-    try:
-        cfg = _load(config, workspace)
-        run_pipeline(cfg, "split", "split", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("split", force, config, workspace)
 
 
 @app.command()
@@ -158,12 +138,9 @@ def run(
     from sail.pipeline import run_pipeline
 
     if config_file is not None and config is not None and config_file != config:
-        _fail(SailError("give the config either as an argument or with --config, not both"))
-    try:
-        cfg = _load(config_file or config, workspace)
-        run_pipeline(cfg, start, stop, force)
-    except SailError as exc:
-        _fail(exc)
+        raise SailError("give the config either as an argument or with --config, not both")
+    cfg = _load(config_file or config, workspace)
+    run_pipeline(cfg, start, stop, force)
 
 
 @app.command()
@@ -184,16 +161,10 @@ def evaluate(
     force: ForceOpt = False,
 ) -> None:
     """Probes, monosemanticity, performance recovery, config ranking and concepts -> eval/."""
-    from sail.pipeline import run_pipeline
-
     section: dict[str, Any] = {"encoders": encoder or None}
     if published_ranking is not None:
         section["ranking"] = {"published": published_ranking}
-    try:
-        cfg = _load(config, workspace, evaluate=section)
-        run_pipeline(cfg, "evaluate", "evaluate", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("evaluate", force, config, workspace, evaluate=section)
 
 
 @app.command()
@@ -201,13 +172,7 @@ def figures(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
 ) -> None:
     """SAE quality vs L0 and performance recovery figures (PNG + PDF) -> figures/."""
-    from sail.pipeline import run_pipeline
-
-    try:
-        cfg = _load(config, workspace)
-        run_pipeline(cfg, "figures", "figures", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("figures", force, config, workspace)
 
 
 @app.command()
@@ -289,25 +254,22 @@ def encode(
         "workers": workers,
         "shard": shard,
     }
-    try:
-        if encoder is not None:
-            section["encoders"] = [entry]
-        elif not merge and (name or weights or image_size or pooling):
-            raise SailError(
-                "--name/--weights/--image-size/--pooling describe one encoder: give --encoder too"
-            )
-        if merge and not (name or encoder):
-            raise SailError("--merge needs --name (or --encoder) of the table to join")
-        cfg = _load(config, workspace, encode=section)
-        if merge:
-            from sail.encoders.encode import merge_parts
-            from sail.workspace import Workspace
+    if encoder is not None:
+        section["encoders"] = [entry]
+    elif not merge and (name or weights or image_size or pooling):
+        raise SailError(
+            "--name/--weights/--image-size/--pooling describe one encoder: give --encoder too"
+        )
+    if merge and not (name or encoder):
+        raise SailError("--merge needs --name (or --encoder) of the table to join")
+    cfg = _load(config, workspace, encode=section)
+    if merge:
+        from sail.encoders.encode import merge_parts
+        from sail.workspace import Workspace
 
-            merge_parts(Workspace(cfg.workspace), name or encoder)
-        else:
-            run_pipeline(cfg, "encode", "encode", force)
-    except SailError as exc:
-        _fail(exc)
+        merge_parts(Workspace(cfg.workspace), name or encoder)
+    else:
+        run_pipeline(cfg, "encode", "encode", force)
 
 
 @app.command("import-embeddings")
@@ -330,11 +292,8 @@ def import_embeddings(
     from sail.encoders.imported import import_embeddings as run_import
     from sail.workspace import Workspace
 
-    try:
-        cfg = _load(config, workspace)
-        run_import(Workspace(cfg.workspace), table, name, force=force, allow_missing=allow_missing)
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config, workspace)
+    run_import(Workspace(cfg.workspace), table, name, force=force, allow_missing=allow_missing)
 
 
 @app.command()
@@ -383,8 +342,6 @@ def train(
     force: ForceOpt = False,
 ) -> None:
     """Train a grid of Matryoshka SAEs (families share batches) -> sae/<encoder>/<variant>/<config>/."""
-    from sail.pipeline import run_pipeline
-
     section: dict[str, Any] = {
         "encoders": encoder or None,
         "variants": variant or None,
@@ -397,11 +354,7 @@ def train(
         "training": {"epochs": epochs} if epochs else None,
         "recalibrate": recalibrate or None,
     }
-    try:
-        cfg = _load(config, workspace, train=section)
-        run_pipeline(cfg, "train", "train", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("train", force, config, workspace, train=section)
 
 
 @app.command()
@@ -439,8 +392,6 @@ def activations(
     force: ForceOpt = False,
 ) -> None:
     """Sparse codes of every split -> activations/<encoder>/<variant>/<config>/<split>.parquet."""
-    from sail.pipeline import run_pipeline
-
     section = {
         "encoders": encoder or None,
         "variants": variant or None,
@@ -450,11 +401,7 @@ def activations(
         "device": device,
         "verify_checkpoints": False if no_verify else None,
     }
-    try:
-        cfg = _load(config, workspace, activations=section)
-        run_pipeline(cfg, "activations", "activations", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("activations", force, config, workspace, activations=section)
 
 
 @app.command("import-sae")
@@ -476,13 +423,10 @@ def import_sae(
     from sail.sae.checkpoint import import_published
     from sail.workspace import Workspace
 
-    try:
-        cfg = _load(config, workspace)
-        out = import_published(
-            ckpt, hparams, Workspace(cfg.workspace).root / "sae", encoder, trust_checkpoint
-        )
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config, workspace)
+    out = import_published(
+        ckpt, hparams, Workspace(cfg.workspace).root / "sae", encoder, trust_checkpoint
+    )
     console.print(f"imported to {out}")
 
 
@@ -491,13 +435,7 @@ def report(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
 ) -> None:
     """Write the static HTML feature browser -> report/index.html (opens from file://, no network)."""
-    from sail.pipeline import run_pipeline
-
-    try:
-        cfg = _load(config, workspace)
-        run_pipeline(cfg, "report", "report", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("report", force, config, workspace)
 
 
 @app.command()
@@ -516,13 +454,10 @@ def demo(
         run_pipeline,
     )
 
-    try:
-        cfg = _load(config or demo_config_path(), workspace)
-        check_phantom_defines_metrics(cfg)
-        ws = run_pipeline(cfg, force=force)
-        print_summary(ws)
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config or demo_config_path(), workspace)
+    check_phantom_defines_metrics(cfg)
+    ws = run_pipeline(cfg, force=force)
+    print_summary(ws)
 
 
 interpret_app = typer.Typer(
@@ -555,16 +490,13 @@ def _interpret(
         "allow_remote": allow_remote or None,
         "dry_run": dry_run or None,
     }
-    try:
-        cfg = _load(config, workspace, interpret=section)
-        ws = Workspace(cfg.workspace).ensure()
-        if cfg.interpret.dry_run:  # writes nothing, so needs no lock
-            VERBS[verb](cfg, ws, force)
-            return
-        with stage_lock(ws.root, "interpret"):  # the lock `sail run` takes for the interpret stage
-            VERBS[verb](cfg, ws, force)
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config, workspace, interpret=section)
+    ws = Workspace(cfg.workspace).ensure()
+    if cfg.interpret.dry_run:  # writes nothing, so needs no lock
+        VERBS[verb](cfg, ws, force)
+        return
+    with stage_lock(ws.root, "interpret"):  # the lock `sail run` takes for the interpret stage
+        VERBS[verb](cfg, ws, force)
 
 
 SaeConfigOpt = Annotated[

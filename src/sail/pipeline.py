@@ -85,10 +85,6 @@ def _stages() -> list[Stage]:
     return STAGES
 
 
-def stage_names() -> list[str]:
-    return [s.name for s in _stages()]
-
-
 def run_pipeline(
     cfg: SailConfig,
     start: str | None = None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sail.errors import SailError
-from sail.sae.grid import families, load_grid, parse_shard, shard_entries
+from sail.sae.grid import families, load_grid, shard_entries
+from sail.shards import parse_shard
 from sail.workspace import hash_config
 
 
@@ -69,7 +70,7 @@ def test_shards_are_contiguous_and_cover_the_grid():
     parts = [shard_entries(entries, f"{i}/4") for i in range(4)]
     assert [e for p in parts for e in p] == entries
     assert [len(p) for p in parts] == [7, 7, 7, 7]
-    assert parse_shard(None) == (0, 1)
+    assert shard_entries(entries, None) == entries
     for bad in ("4/4", "1-2", "0/0"):
         with pytest.raises(SailError, match="shard"):
             parse_shard(bad)

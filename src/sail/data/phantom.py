@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -598,9 +597,7 @@ def _meta_row(plan: ScanPlan, truth: dict, rng: np.random.Generator) -> dict:
     return row
 
 
-def write_phantom_dataset(
-    out_dir: str | Path, cfg: PhantomConfig, workers: int = 1, map_fn: Callable | None = None
-) -> Path:
+def write_phantom_dataset(out_dir: str | Path, cfg: PhantomConfig, workers: int = 1) -> Path:
     """Write ``cfg.n_ct`` CT and ``cfg.n_mri`` MRI scans plus meta.csv files and phantom_truth.json."""
     root = Path(out_dir)
     plans = _plan_scans(cfg)

@@ -32,6 +32,7 @@ from sail.device import resolve_device
 from sail.encoders.base import EncoderSpec, Precision, Preprocess, get_spec, resolve_precision
 from sail.encoders.table import read_embeddings, write_embeddings
 from sail.errors import SailError
+from sail.shards import parse_shard
 from sail.workspace import (
     StageRecord,
     Workspace,
@@ -90,18 +91,15 @@ class EncodeJob:
         )
 
 
-def parse_shard(shard: str | None) -> tuple[int, int] | None:
-    """``"i/n"`` (0 <= i < n) -> (i, n); also picks up torchrun's RANK/WORLD_SIZE when no shard is given."""
+def encode_shard(shard: str | None) -> tuple[int, int] | None:
+    """This process's encode shard (i, n): it encodes chunks i, i+n, i+2n, ... (strided).
+
+    ``--shard i/n`` when given, else torchrun's RANK/WORLD_SIZE, else None (every chunk).
+    """
     if shard is None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
-    try:
-        i, n = (int(p) for p in shard.split("/"))
-    except ValueError:
-        raise SailError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise SailError(f"--shard {shard}: need 0 <= i < n (shards are numbered from 0)")
-    return i, n
+    return parse_shard(shard)
 
 
 def default_workers() -> int:
@@ -449,7 +447,7 @@ def merge_parts(ws: Workspace, name: str) -> Path:
 def run_encode(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     """Pipeline stage: one table per entry of ``encode.encoders``."""
     settings = cfg.encode
-    shard = parse_shard(settings.shard)
+    shard = encode_shard(settings.shard)
     names = [e.name or get_spec(e.encoder).table_name for e in settings.encoders]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

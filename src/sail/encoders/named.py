@@ -39,7 +39,6 @@ from sail.errors import SailError
 log = logging.getLogger(__name__)
 
 PREFIXES = ("timm:", "hf:")
-POOLINGS = ("auto", "mean", "cls", "gem")
 GEM_P = 3.0
 _FALLBACK_SIZE = 224
 _RESAMPLE = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}

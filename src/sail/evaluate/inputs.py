@@ -19,6 +19,7 @@ from sail.artifacts import SPLITS, read_final_metrics, read_sae_cfg, read_split
 from sail.encoders.table import read_embeddings
 from sail.errors import SailError
 from sail.sae.activations_io import read_activations
+from sail.slice_ids import volume_codes
 from sail.workspace import Workspace, check_table
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,7 @@ def load_eval_data(ws: Workspace) -> EvalData:
 def _make_eval_data(slices: pd.DataFrame) -> EvalData:
     slices = slices.sort_values("slice_id", kind="stable").reset_index(drop=True)
     # Volumes are keyed by (modality, image_id): CT and MRI reuse sNNNN ids.
-    volume = (
-        pd.MultiIndex.from_frame(slices[["modality", "image_id"]].astype(str))
-        .factorize()[0]
-        .astype(np.int64)
-    )
+    volume = volume_codes(slices)
     split_rows = {s: np.flatnonzero(slices["split"].to_numpy() == s) for s in SPLITS}
     return EvalData(slices=slices, volume=volume, split_rows=split_rows)
 

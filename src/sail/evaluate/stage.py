@@ -40,7 +40,7 @@ from sail.evaluate.probes import (
     coefficient_table,
     run_probes,
 )
-from sail.evaluate.ranking import rank_configs, table1_markdown
+from sail.evaluate.ranking import RANKING_COLUMNS, rank_configs, table1_markdown
 from sail.evaluate.recovery import run_recovery
 from sail.workspace import (
     StageRecord,
@@ -347,20 +347,7 @@ def assemble(cfg: SailConfig, ws: Workspace) -> None:
             mono_cfg, summary, ecfg.recovery.thresholds, max(ecfg.recovery.n_features), ecfg.ranking
         )
     else:
-        ranking = pd.DataFrame(
-            columns=[
-                "encoder",
-                "variant",
-                "sae_config",
-                "m_config",
-                "mean_n_features",
-                "n_targets",
-                "rank_mono",
-                "rank_perf",
-                "rank_combined",
-                "final_rank",
-            ]
-        )
+        ranking = pd.DataFrame(columns=RANKING_COLUMNS)
     metrics = {}
     for r in ranking.itertuples():
         metrics[(r.encoder, r.variant, r.sae_config)] = read_final_metrics(

@@ -19,6 +19,7 @@ from sail.artifacts import read_ranking, read_split
 from sail.config import SailConfig
 from sail.errors import SailError
 from sail.sae.activations_io import read_activations
+from sail.slice_ids import volume_codes
 from sail.workspace import Workspace, check_table
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,7 @@ class SplitData:
 
     @cached_property
     def volume(self) -> np.ndarray:
-        keys = self.meta["modality"].astype(str) + "/" + self.meta["image_id"].astype(str)
-        return pd.factorize(keys)[0]
+        return volume_codes(self.meta)
 
     @cached_property
     def vol_start(self) -> np.ndarray:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
+from sail.slice_ids import volume_codes
+
 CATEGORICAL = ("modality", "plane", "sex", "age_group")
 MIN_SHARE = 0.5
 MIN_LIFT = 1.2
@@ -82,13 +84,6 @@ class Enrichment:
         }
 
 
-def volume_ids(meta) -> np.ndarray:
-    """Integer volume id per row: slices of one (modality, image_id) share it."""
-    import pandas as pd
-
-    return pd.factorize(meta["modality"].astype(str) + "/" + meta["image_id"].astype(str))[0]
-
-
 class EnrichmentTable:
     """Base rates of one split, computed once; ``of(rows)`` scores one feature's top slices.
 
@@ -103,7 +98,7 @@ class EnrichmentTable:
     ) -> None:
         from sail.data.labels import STRUCTURE_REGION
 
-        self.volume = volume_ids(meta)
+        self.volume = volume_codes(meta)
         self.values: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for a in categorical:
             col = meta[a].astype("string")

@@ -26,7 +26,6 @@ from sail.slice_ids import volume_ids
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sparse", "dense_fp", "dense_full")
 CATEGORICAL = ("modality", "plane", "sex", "age_group")
 METRICS = ("quality", *(f"p_{a}" for a in CATEGORICAL), "jaccard_structures")
 

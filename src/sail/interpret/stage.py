@@ -39,14 +39,20 @@ def _out_dir(ws: Workspace, verb: str, t: Target) -> InterpretFolder:
     return ws.interpret(verb, t.encoder, t.variant, t.sae_config)
 
 
-def _model_identity(cfg: SailConfig, role: str) -> dict:
-    """What of a backend's settings decides its answers (never the API key: only its variable name)."""
+def _backend_kind(cfg: SailConfig, role: str) -> str:
+    """Which backend plays ``role`` (describer, judge or matcher)."""
     ic = cfg.interpret
-    kind = {
+    return {
         "describer": ic.describer,
         "judge": ic.judge,
         "matcher": ic.matcher_llm if ic.matcher == "llm" else ic.matcher,
     }[role]
+
+
+def _model_identity(cfg: SailConfig, role: str) -> dict:
+    """What of a backend's settings decides its answers (never the API key: only its variable name)."""
+    ic = cfg.interpret
+    kind = _backend_kind(cfg, role)
     if kind == "openai":
         s = ic.judge_openai if role == "judge" and ic.judge_openai else ic.openai
         ident = s.model_dump(
@@ -66,11 +72,7 @@ def _model_identity(cfg: SailConfig, role: str) -> dict:
 def make_model(cfg: SailConfig, role: str):
     """A chat model for the describer, judge or llm matcher (None for the offline ones)."""
     ic = cfg.interpret
-    kind = {
-        "describer": ic.describer,
-        "judge": ic.judge,
-        "matcher": ic.matcher_llm if ic.matcher == "llm" else ic.matcher,
-    }[role]
+    kind = _backend_kind(cfg, role)
     if kind == "openai":
         from sail.interpret.backends.openai_compat import OpenAIChat
 

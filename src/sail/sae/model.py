@@ -34,7 +34,6 @@ from sail.sae.distributed import DistContext, global_topk_flat
 
 VARIANTS = ("matryoshka", "sail")
 TOPK_MODES = ("per_level", "global")
-DECODE_IMPLS = ("dense", "sparse")
 # The published code switches validation to its threshold once this many steps contributed.
 SAIL_THRESHOLD_MIN_STEPS = 100
 
