@@ -36,9 +36,9 @@ def _literals(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             value = node.value.strip()
-            if value and not re.search(r"\s", value):
-                if value.replace("\\", "/").rsplit("/", 1)[-1] in REGISTERED:
-                    out.append((node.lineno, node.value))
+            tail = value.replace("\\", "/").rsplit("/", 1)[-1]
+            if value and not re.search(r"\s", value) and tail in REGISTERED:
+                out.append((node.lineno, node.value))
     return out
 
 

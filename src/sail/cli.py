@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -26,9 +26,9 @@ app = typer.Typer(
     rich_markup_mode=None,  # help texts say "[default: ...]" literally; markup would eat it
 )
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 WorkspaceOpt = Annotated[
-    Optional[Path], typer.Option("--workspace", "-w", help="Run folder [default: ./sail-work].")
+    Path | None, typer.Option("--workspace", "-w", help="Run folder [default: ./sail-work].")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if outputs are up to date.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
@@ -65,13 +65,14 @@ def phantom(
     out_dir: Annotated[
         Path, typer.Argument(help="Where to write CT_Dataset_v201/ and MRI_Dataset_v200/.")
     ],
-    n_ct: Annotated[Optional[int], typer.Option(help="CT scans [default: 24].")] = None,
-    n_mri: Annotated[Optional[int], typer.Option(help="MRI scans [default: 12].")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Voxels per side [default: 64].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [default: 0].")] = None,
+    n_ct: Annotated[int | None, typer.Option(help="CT scans [default: 24].")] = None,
+    n_mri: Annotated[int | None, typer.Option(help="MRI scans [default: 12].")] = None,
+    size: Annotated[int | None, typer.Option(help="Voxels per side [default: 64].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Write a synthetic dataset in TotalSegmentator's exact on-disk layout (with phantom_truth.json)."""
+    """Write a synthetic dataset in TotalSegmentator's exact on-disk layout (with
+    phantom_truth.json)."""
     from sail.data.phantom import write_phantom_dataset
 
     cfg = _load(config, None, phantom={"n_ct": n_ct, "n_mri": n_mri, "size": size, "seed": seed})
@@ -82,23 +83,27 @@ def phantom(
 @app.command()
 def prepare(
     source: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
-            help="TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/), or a manifest .csv/.parquet: one row per volume (image = NIfTI file or DICOM series folder; see docs/your-own-data.md)."
+            help=(
+                "TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/), or a "
+                "manifest .csv/.parquet: one row per volume (image = NIfTI file or DICOM series "
+                "folder; see docs/your-own-data.md)."
+            )
         ),
     ] = None,
     image_size: Annotated[
-        Optional[int], typer.Option(help="PNG side in pixels [default: 224; paper: 1024].")
+        int | None, typer.Option(help="PNG side in pixels [default: 224; paper: 1024].")
     ] = None,
     style: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="canonical (RAS, anatomical planes) or published (paper geometry)."),
     ] = None,
     slice_stride: Annotated[
-        Optional[int], typer.Option(help="Keep every n-th slice [default: 1].")
+        int | None, typer.Option(help="Keep every n-th slice [default: 1].")
     ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(help="Worker processes [default: CPU count].")
+        int | None, typer.Option(help="Worker processes [default: CPU count].")
     ] = None,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
@@ -126,10 +131,10 @@ def split(
 @app.command()
 def run(
     config_file: Annotated[
-        Optional[Path], typer.Argument(help="YAML config (same as --config).")
+        Path | None, typer.Argument(help="YAML config (same as --config).")
     ] = None,
-    start: Annotated[Optional[str], typer.Option("--from", help="First stage to run.")] = None,
-    stop: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
+    start: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
+    stop: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -146,11 +151,11 @@ def run(
 @app.command()
 def evaluate(
     encoder: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--encoder", help="Encoder(s) to evaluate [default: every embeddings table]."),
     ] = None,
     published_ranking: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--published-ranking/--no-published-ranking",
             help="Rank configs with the published choices (Table 1).",
@@ -178,49 +183,55 @@ def figures(
 @app.command()
 def encode(
     encoder: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
-            help="dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, timm:MODEL_NAME or hf:MODEL_ID_OR_DIR [default: the config's encode.encoders]."
+            help=(
+                "dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, "
+                "timm:MODEL_NAME or hf:MODEL_ID_OR_DIR [default: the config's encode.encoders]."
+            )
         ),
     ] = None,
     name: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Table name: embeddings/NAME.parquet [default: the encoder's name]."),
     ] = None,
     weights: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Local file/folder or Hugging Face hub id [default: the published weights]."
         ),
     ] = None,
     image_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             help="Model input side in pixels [default: the published size, or the model's config]."
         ),
     ] = None,
     pooling: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
-            help="timm:/hf: encoders: auto, cls, mean or gem [default: auto = cls if the model has a class token, else mean]."
+            help=(
+                "timm:/hf: encoders: auto, cls, mean or gem "
+                "[default: auto = cls if the model has a class token, else mean]."
+            )
         ),
     ] = None,
     device: Annotated[
-        Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")
     ] = None,
     precision: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="auto, fp32 or bf16 [default: auto = bf16 on GPU where published]."),
     ] = None,
     batch_size: Annotated[
-        Optional[int], typer.Option(help="Images per forward pass [default: per encoder].")
+        int | None, typer.Option(help="Images per forward pass [default: per encoder].")
     ] = None,
     workers: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(help="PNG-decoding worker processes [default: CPUs - 1, max 8]."),
     ] = None,
     shard: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="i/n (0-based): encode only this shard's chunks; then --merge."),
     ] = None,
     merge: Annotated[
@@ -233,7 +244,8 @@ def encode(
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Encode every slice -> embeddings/NAME.parquet (resumable; shard with --shard i/n, join with --merge)."""
+    """Encode every slice -> embeddings/NAME.parquet (resumable; shard with --shard i/n, join
+    with --merge)."""
     from sail.pipeline import run_pipeline
 
     entry = {
@@ -277,7 +289,10 @@ def import_embeddings(
     table: Annotated[
         Path,
         typer.Argument(
-            help="Parquet with slice_id + a vector (fixed-size list, list, or one column per dimension)."
+            help=(
+                "Parquet with slice_id + a vector (fixed-size list, list, or one column per "
+                "dimension)."
+            )
         ),
     ],
     name: Annotated[str, typer.Option(help="Table name: embeddings/NAME.parquet.")],
@@ -288,7 +303,8 @@ def import_embeddings(
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Bring your own embeddings: validate them against data/slices.parquet -> embeddings/NAME.parquet."""
+    """Bring your own embeddings: validate them against data/slices.parquet ->
+    embeddings/NAME.parquet."""
     from sail.encoders.imported import import_embeddings as run_import
     from sail.workspace import Workspace
 
@@ -299,35 +315,35 @@ def import_embeddings(
 @app.command()
 def train(
     encoder: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--encoder", help="Encoder(s) to train on [default: every embeddings table]."),
     ] = None,
     variant: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--variant", help="matryoshka (default) and/or sail, for grid entries naming none."
         ),
     ] = None,
     grid: Annotated[
-        Optional[str], typer.Option(help="demo, paper or a grid YAML file [default: paper].")
+        str | None, typer.Option(help="demo, paper or a grid YAML file [default: paper].")
     ] = None,
     shard: Annotated[
-        Optional[str], typer.Option(help="i/n: train only part i (0-based) of n of the grid.")
+        str | None, typer.Option(help="i/n: train only part i (0-based) of n of the grid.")
     ] = None,
     embeddings: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Train on any table (slice_id + embedding), no prepared data needed."),
     ] = None,
     name: Annotated[
-        Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")
+        str | None, typer.Option(help="Encoder name for --embeddings [default: file stem].")
     ] = None,
     group_by: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Column of --embeddings grouping rows for the seeded 80/10/10 split."),
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Override the grid's epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the grid's epochs.")] = None,
     device: Annotated[
-        Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")
     ] = None,
     recalibrate: Annotated[
         bool,
@@ -341,7 +357,8 @@ def train(
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Train a grid of Matryoshka SAEs (families share batches) -> sae/<encoder>/<variant>/<config>/."""
+    """Train a grid of Matryoshka SAEs (families share batches) ->
+    sae/<encoder>/<variant>/<config>/."""
     section: dict[str, Any] = {
         "encoders": encoder or None,
         "variants": variant or None,
@@ -360,25 +377,23 @@ def train(
 @app.command()
 def activations(
     encoder: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--encoder", help="Encoder(s) [default: every encoder with SAEs]."),
     ] = None,
     variant: Annotated[
-        Optional[list[str]], typer.Option("--variant", help="Only these variants [default: all].")
+        list[str] | None, typer.Option("--variant", help="Only these variants [default: all].")
     ] = None,
     sae_config: Annotated[
-        Optional[str], typer.Option(help="Config folder (D_.._K_..) or all [default: all].")
+        str | None, typer.Option(help="Config folder (D_.._K_..) or all [default: all].")
     ] = None,
     embeddings: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="The table SAEs were trained on with `sail train --embeddings`."),
     ] = None,
     name: Annotated[
-        Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")
+        str | None, typer.Option(help="Encoder name for --embeddings [default: file stem].")
     ] = None,
-    device: Annotated[
-        Optional[str], typer.Option(help="auto, cpu, cuda ... [default: auto].")
-    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda ... [default: auto].")] = None,
     no_verify: Annotated[
         bool,
         typer.Option(
@@ -419,7 +434,8 @@ def import_sae(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
-    """Convert a published SAIL checkpoint into sae/<encoder>/sail/<config>/ (safetensors + cfg.json)."""
+    """Convert a published SAIL checkpoint into sae/<encoder>/sail/<config>/ (safetensors +
+    cfg.json)."""
     from sail.sae.checkpoint import import_published
     from sail.workspace import Workspace
 
@@ -434,7 +450,8 @@ def import_sae(
 def report(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
 ) -> None:
-    """Write the static HTML feature browser -> report/index.html (opens from file://, no network)."""
+    """Write the static HTML feature browser -> report/index.html (opens from file://, no
+    network)."""
     _run_stage("report", force, config, workspace)
 
 
@@ -442,11 +459,12 @@ def report(
 def demo(
     workspace: WorkspaceOpt = None,
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="Override the packaged demo config.")
+        Path | None, typer.Option("--config", "-c", help="Override the packaged demo config.")
     ] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Phantom dataset + the whole pipeline on the demo config: offline, about 5 minutes on 2 CPU cores."""
+    """Phantom dataset + the whole pipeline on the demo config: offline, about 5 minutes on 2 CPU
+    cores."""
     from sail.pipeline import (
         check_phantom_defines_metrics,
         demo_config_path,
@@ -500,21 +518,24 @@ def _interpret(
 
 
 SaeConfigOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--sae-config",
-        help="Also interpret this config (D_.._K_..) or all [default: final_rank 1 per encoder+variant].",
+        help=(
+            "Also interpret this config (D_.._K_..) or all "
+            "[default: final_rank 1 per encoder+variant]."
+        ),
     ),
 ]
 DescriberOpt = Annotated[
-    Optional[str], typer.Option("--describer", help="metadata (offline), openai or transformers.")
+    str | None, typer.Option("--describer", help="metadata (offline), openai or transformers.")
 ]
 JudgeOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--judge", help="embedding (offline MiniLM), openai, transformers or none."),
 ]
 MatcherOpt = Annotated[
-    Optional[str], typer.Option("--matcher", help="embedding (offline MiniLM), lexical or llm.")
+    str | None, typer.Option("--matcher", help="embedding (offline MiniLM), lexical or llm.")
 ]
 AllowRemoteOpt = Annotated[
     bool,
@@ -577,7 +598,8 @@ def interpret_language(
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Text queries -> matched features -> ranked slices, with precision@k against parsed constraints."""
+    """Text queries -> matched features -> ranked slices, with precision@k against parsed
+    constraints."""
     _interpret(
         "language", config, workspace, force, sae_config, None, None, matcher, allow_remote, dry_run
     )

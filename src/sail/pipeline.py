@@ -111,7 +111,8 @@ def run_pipeline(
 
 
 def _lock_name(stage: str, cfg: SailConfig) -> str:
-    """One lock per stage, per shard (``--shard i/n``) and per torchrun rank: those never collide."""
+    """One lock per stage, per shard (``--shard i/n``) and per torchrun rank: those never
+    collide."""
     shard = {"encode": cfg.encode.shard, "train": cfg.train.shard}.get(stage)
     name = stage + ("-shard" + re.sub(r"\D+", "of", shard.strip()) if shard else "")
     rank = os.environ.get("RANK")
@@ -137,8 +138,9 @@ def check_phantom_defines_metrics(cfg: SailConfig) -> None:
     needed = min(cfg.evaluate.monosemanticity.top_n) + 2
     if expected < needed:
         raise ConfigError(
-            f"phantom: {scans} scans give about {expected:.0f} validation volumes, but monosemanticity needs "
-            f"at least {needed} (top_n {min(cfg.evaluate.monosemanticity.top_n)} plus margin); raise "
+            f"phantom: {scans} scans give about {expected:.0f} validation volumes, but "
+            f"monosemanticity needs at least {needed} (top_n "
+            f"{min(cfg.evaluate.monosemanticity.top_n)} plus margin); raise "
             "phantom.n_ct/n_mri or lower split.train_fraction"
         )
 

@@ -13,7 +13,8 @@ VOLUME_ID = r"^([^/]+/[^/]+)/[^/]+/[^/]+$"  # modality/image_id of modality/imag
 
 
 def volume_ids(slice_ids) -> np.ndarray:
-    """The volume (``modality/image_id``) of each slice_id; an id of another shape is its own volume."""
+    """The volume (``modality/image_id``) of each slice_id; an id of another shape is its own
+    volume."""
     ids = pd.Series(np.asarray(slice_ids, dtype=object), dtype=object).astype(str)
     return ids.str.extract(VOLUME_ID, expand=False).fillna(ids).to_numpy(dtype=object)
 

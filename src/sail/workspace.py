@@ -148,7 +148,8 @@ class StageRecord:
 
     @property
     def semantics(self) -> int:
-        """The stage family's entry in SEMANTICS ("evaluate/sae" and "interpret.language" share theirs)."""
+        """The stage family's entry in SEMANTICS ("evaluate/sae" and "interpret.language" share
+        theirs)."""
         return SEMANTICS.get(re.split(r"[./]", self.stage)[0], 1)
 
     def to_json(self) -> dict[str, Any]:
@@ -236,8 +237,9 @@ def check_table(path: str | os.PathLike, what: str = "table") -> int:
     size = path.stat().st_size
     if integrity.get("bytes") not in (None, size) or integrity.get("rows") not in (None, rows):
         raise SailError(
-            f"{path}: {size} bytes / {rows} rows, but its manifest recorded {integrity.get('bytes')} "
-            f"bytes / {integrity.get('rows')} rows when it was written (damaged or replaced); {redo}"
+            f"{path}: {size} bytes / {rows} rows, but its manifest recorded "
+            f"{integrity.get('bytes')} bytes / {integrity.get('rows')} rows when it was written "
+            f"(damaged or replaced); {redo}"
         )
     return rows
 
@@ -263,13 +265,14 @@ def stage_lock(root: str | os.PathLike, name: str) -> Iterator[Path]:
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise SailError(
-                f"{path}: stage {name} is being written by another sail run ({holder}); wait for it to "
-                "finish (the lock ends with that process, even if it is killed)"
+                f"{path}: stage {name} is being written by another sail run ({holder}); wait for "
+                "it to finish (the lock ends with that process, even if it is killed)"
             ) from None
         f.seek(0)
         f.truncate()
         f.write(
-            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            f"pid {os.getpid()} on {socket.gethostname()} "
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         )
         f.flush()
         try:

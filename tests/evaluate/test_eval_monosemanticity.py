@@ -54,8 +54,8 @@ def test_null_baseline_hand_cases():
 
 
 def test_null_draws_one_slice_per_volume_like_the_top_n():
-    """Review of issue 12: the feature's top-N holds one slice per volume, so the null must too; with
-    random slices, two slices of one volume (identical structures here) raised the null."""
+    """Review of issue 12: the feature's top-N holds one slice per volume, so the null must too;
+    with random slices, two slices of one volume (identical structures here) raised the null."""
     volume = np.repeat(np.arange(12), 50)
     structures = np.eye(12, dtype=bool)[
         volume
@@ -172,5 +172,5 @@ def test_one_feature_top_slices_are_the_batched_rule_on_one_column():
         assert sorted(all_rows) == sorted(np.flatnonzero(dense[:, f] > 0))
         assert all(
             (a > b) or (a == b and r < s)
-            for a, b, r, s in zip(all_vals, all_vals[1:], all_rows, all_rows[1:])
+            for a, b, r, s in zip(all_vals, all_vals[1:], all_rows, all_rows[1:], strict=False)
         )

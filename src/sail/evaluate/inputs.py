@@ -1,4 +1,5 @@
-"""Evaluation inputs: the slice table joined with the split, dense and sparse matrices aligned to it.
+"""Evaluation inputs: the slice table joined with the split, dense and sparse matrices aligned
+to it.
 
 Every matrix is row-aligned to :class:`EvalData.slices` (sorted by slice_id), so a row index means
 the same slice in every table and dense and sparse probes draw identical subsamples.
@@ -30,7 +31,8 @@ _CONFIG_RE = re.compile(r"^D_(?P<d>\d+(?:_\d+)*)_K_(?P<k>\d+(?:_\d+)*)(?:-.*)?$"
 
 @dataclass
 class EvalData:
-    """Slices with a split, in slice_id order; ``volume`` is an integer code of (modality, image_id)."""
+    """Slices with a split, in slice_id order; ``volume`` is an integer code of (modality,
+    image_id)."""
 
     slices: pd.DataFrame
     volume: np.ndarray
@@ -56,9 +58,10 @@ def load_eval_data(ws: Workspace) -> EvalData:
     for col in ("slice_id", "modality", "image_id"):
         if col not in slices.columns:
             raise SailError(f"{ws.slices_table}: missing column '{col}'")
-    if slices["slice_id"].duplicated().any():
+    twice = slices["slice_id"].duplicated()
+    if twice.any():
         raise SailError(
-            f"{ws.slices_table}: duplicate slice_id {slices['slice_id'][slices['slice_id'].duplicated()].iloc[0]!r}"
+            f"{ws.slices_table}: duplicate slice_id {slices['slice_id'][twice].iloc[0]!r}"
         )
     slices = slices.drop(columns=["split"], errors="ignore").merge(
         split[["modality", "image_id", "split"]].astype({"modality": str, "image_id": str}),
@@ -165,8 +168,9 @@ def load_sparse(
         if (pos < 0).any():
             example = data.slices["slice_id"].iloc[rows[np.flatnonzero(pos < 0)[0]]]
             raise SailError(
-                f"{path}: lacks {int((pos < 0).sum())} {split} slices of the split (e.g. {example!r}); "
-                "rerun `sail activations` after changing the split or embeddings"
+                f"{path}: lacks {int((pos < 0).sum())} {split} slices of the split "
+                f"(e.g. {example!r}); rerun `sail activations` after changing the split or "
+                "embeddings"
             )
         parts_idx.append(rows)
         parts_csr.append(csr[pos])
@@ -175,7 +179,8 @@ def load_sparse(
     out = stacked[order]
     if out.shape[0] != len(data.slices):
         raise SailError(
-            f"activations of {encoder}/{variant}/{config} cover {out.shape[0]} of {len(data.slices)} slices"
+            f"activations of {encoder}/{variant}/{config} cover {out.shape[0]} "
+            f"of {len(data.slices)} slices"
         )
     out = sp.csr_matrix(out, dtype=np.float32)
     out.sort_indices()

@@ -9,7 +9,8 @@ structure frequency distribution over the N slices and V the vocabulary size of 
 present, and M = max(0, C - null) * S.
 
 Everything is vectorised: one segmented sort of the nonzeros finds all features' top volumes at
-once (:func:`sail.evaluate.top_slices.top_volumes`, the rule autointerp and the report share), and the Jaccard/entropy steps run as batched matrix products over feature chunks.
+once (:func:`sail.evaluate.top_slices.top_volumes`, the rule autointerp and the report share),
+and the Jaccard/entropy steps run as batched matrix products over feature chunks.
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ def specificity(sets_BNS: np.ndarray, vocabulary_size: int) -> np.ndarray:
 def null_coherence(
     structures: np.ndarray, n: int, draws: int, seed: int, volume: np.ndarray
 ) -> tuple[float, float]:
-    """Mean and std of the coherence of ``draws`` random sets of ``n`` slices, one slice from each of
-    ``n`` distinct random volumes: drawn like a feature's top-N (one per volume), so two slices of one
-    volume, which share most structures, cannot inflate the null."""
+    """Mean and std of the coherence of ``draws`` random sets of ``n`` slices, one slice from each
+    of ``n`` distinct random volumes: drawn like a feature's top-N (one per volume), so two slices
+    of one volume, which share most structures, cannot inflate the null."""
     rng = np.random.default_rng(seed)
     order = np.argsort(volume, kind="stable")
     vols, start, count = np.unique(volume[order], return_index=True, return_counts=True)

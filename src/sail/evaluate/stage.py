@@ -167,7 +167,8 @@ def run_sparse_unit(
         codes, data.slices, data.split_rows, ids, cc.confound_labels, cc.confound_min_auc
     )
     log.info(
-        "%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; vocabulary %d structures",
+        "%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; "
+        "vocabulary %d structures",
         encoder,
         variant,
         config,
@@ -206,7 +207,8 @@ def _select_encoders(ws: Workspace, ecfg: EvaluateConfig) -> list[str]:
     for enc in ecfg.encoders:
         if not ws.embeddings(enc).is_file():
             raise SailError(
-                f"evaluate.encoders: {ws.embeddings(enc)} not found (have: {', '.join(available) or 'none'})"
+                f"evaluate.encoders: {ws.embeddings(enc)} not found "
+                f"(have: {', '.join(available) or 'none'})"
             )
     return list(ecfg.encoders)
 

@@ -17,7 +17,8 @@ import scipy.sparse as sp
 
 
 def ranked_rows(csc: sp.csc_matrix, feature: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and values of every positive activation of ``feature``, highest first (ties: lower row)."""
+    """Rows and values of every positive activation of ``feature``, highest first (ties: the
+    lower row)."""
     lo, hi = csc.indptr[feature], csc.indptr[feature + 1]
     rows, vals = csc.indices[lo:hi], csc.data[lo:hi]
     keep = vals > 0

@@ -1,4 +1,5 @@
-"""Enrichment of a feature's top-activating slices against the split's base rate, tested over volumes.
+"""Enrichment of a feature's top-activating slices against the split's base rate, tested over
+volumes.
 
 For every attribute value (modality, plane, sex, age group) and every structure and body region:
 the share among the top slices, the base rate over the split, their ratio (lift) and a one-sided
@@ -45,7 +46,7 @@ class Enrichment:
 
     def enriched_value(self, attr: str) -> str | None:
         """A demographic value only when it dominates and is enriched against the base rate."""
-        for value, share, base, lift, p in self.categorical.get(attr, []):
+        for value, share, _base, lift, p in self.categorical.get(attr, []):
             if share >= DEMOGRAPHIC_SHARE and lift >= MIN_LIFT and p < MAX_P:
                 return value
         return None
@@ -125,7 +126,8 @@ class EnrichmentTable:
 
     @staticmethod
     def _rows(names, x_RL: np.ndarray, known_R: np.ndarray, inv_R: np.ndarray, n_vol: int, base):
-        """(value, share, base, lift, p) per label: share over the known top slices, p over their volumes."""
+        """(value, share, base, lift, p) per label: share over the known top slices, p over their
+        volumes."""
         x = x_RL[known_R].astype(np.float64)
         if len(x) == 0:
             return []
@@ -148,7 +150,8 @@ class EnrichmentTable:
         ]
 
     def of(self, rows: np.ndarray) -> Enrichment:
-        """Enrichment of a feature's top slices ``rows``; p-values count the volumes they come from."""
+        """Enrichment of a feature's top slices ``rows``; p-values count the volumes they come
+        from."""
         rows = np.asarray(rows)
         _, inv = np.unique(self.volume[rows], return_inverse=True)
         n_vol = int(inv.max()) + 1 if len(rows) else 0
