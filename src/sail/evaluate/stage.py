@@ -193,7 +193,7 @@ def run_sparse_unit(
 
 
 def _read_parts(folder: Path) -> dict[str, pd.DataFrame]:
-    return {p.name[: -len(".parquet")]: pd.read_parquet(p) for p in folder.glob("*.parquet")}
+    return {p.stem: pd.read_parquet(p) for p in folder.glob("*.parquet")}
 
 
 def _select_encoders(ws: Workspace, ecfg: EvaluateConfig) -> list[str]:
