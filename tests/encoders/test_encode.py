@@ -156,7 +156,10 @@ def test_non_finite_outputs_name_the_slices(tmp_path, monkeypatch):
     monkeypatch.setattr(EfficientNetLite0Encoder, "forward", forward)
     with pytest.raises(
         SailError,
-        match="non-finite \\(NaN/inf\\) embeddings for 2 slices: ct/s0000/axial/0000, ct/s0001/axial/0000",
+        match=(
+            "non-finite \\(NaN/inf\\) embeddings for 2 slices: "
+            "ct/s0000/axial/0000, ct/s0001/axial/0000"
+        ),
     ):
         run_encode(cfg_for(ws), ws)
 

@@ -1,4 +1,5 @@
-"""The ``phantom`` and ``prepare`` stages: dataset folder -> PNG slices, slices.parquet, skipped.csv.
+"""The ``phantom`` and ``prepare`` stages: dataset folder -> PNG slices, slices.parquet,
+skipped.csv.
 
 Scans are sliced in parallel worker processes (one volume in memory per worker). Each finished
 scan leaves a part file keyed by the config hash, so an interrupted run resumes where it stopped
@@ -136,6 +137,40 @@ def _read_part(path: Path) -> ScanResult:
     return ScanResult(rows, skips.to_dict("records") if len(skips) else [])
 
 
+def _slice_scans(
+    scans: list, parts: Path, opts: SliceOptions, ws: Workspace, workers: int | None
+) -> dict[tuple[str, str], ScanResult]:
+    """Every scan's rows and skips: read from its part file when an earlier run finished it, else
+    sliced now (in worker processes) and stored as a part, so an interrupted run resumes."""
+    results: dict[tuple[str, str], ScanResult] = {}
+    todo = []
+    for ref in scans:
+        part = _part_path(parts, ref)
+        if part.exists():
+            results[(ref.modality, ref.image_id)] = _read_part(part)
+        else:
+            todo.append(ref)
+    if results:
+        log.info("prepare: resuming, %d of %d scans already sliced", len(results), len(scans))
+    n_workers = _workers(workers, len(todo))
+    with progress() as bar:
+        task = bar.add_task("slicing scans", total=len(scans), completed=len(results))
+        if n_workers == 1:
+            for ref in todo:
+                results[(ref.modality, ref.image_id)] = _slice_and_store(ref, opts, ws.root, parts)
+                bar.advance(task)
+            return results
+        with ProcessPoolExecutor(max_workers=n_workers) as pool:
+            futures = {
+                pool.submit(_slice_and_store, ref, opts, ws.root, parts): ref for ref in todo
+            }
+            for future in as_completed(futures):
+                ref = futures[future]
+                results[(ref.modality, ref.image_id)] = future.result()
+                bar.advance(task)
+    return results
+
+
 def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     pc = cfg.prepare
     source = dataset_source(cfg, ws)
@@ -171,33 +206,7 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         shutil.rmtree(ws.slices_dir)
     parts.mkdir(parents=True, exist_ok=True)
 
-    results: dict[tuple[str, str], ScanResult] = {}
-    todo = []
-    for ref in scans:
-        part = _part_path(parts, ref)
-        if part.exists():
-            results[(ref.modality, ref.image_id)] = _read_part(part)
-        else:
-            todo.append(ref)
-    if results:
-        log.info("prepare: resuming, %d of %d scans already sliced", len(results), len(scans))
-    workers = _workers(pc.workers, len(todo))
-    with progress() as bar:
-        task = bar.add_task("slicing scans", total=len(scans), completed=len(results))
-        if workers == 1:
-            for ref in todo:
-                results[(ref.modality, ref.image_id)] = _slice_and_store(ref, opts, ws.root, parts)
-                bar.advance(task)
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {
-                    pool.submit(_slice_and_store, ref, opts, ws.root, parts): ref for ref in todo
-                }
-                for future in as_completed(futures):
-                    ref = futures[future]
-                    results[(ref.modality, ref.image_id)] = future.result()
-                    bar.advance(task)
-
+    results = _slice_scans(scans, parts, opts, ws, pc.workers)
     frames = [results[k].rows for k in sorted(results) if results[k].rows is not None]
     for k in sorted(results):
         skips.extend(results[k].skips)

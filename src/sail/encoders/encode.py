@@ -66,7 +66,8 @@ class EncodeJob:
     pooling: str = "auto"
 
     def identity(self) -> dict[str, Any]:
-        """What the numbers depend on (the manifest's config hash). Device and batch size are not in it."""
+        """What the numbers depend on (the manifest's config hash). Device and batch size are not
+        in it."""
         pooling = (
             {"pooling": self.pooling} if self.pooling != "auto" else {}
         )  # keeps older manifests valid
@@ -114,11 +115,13 @@ def make_job(
     image_size: int | None = None,
     pooling: str = "auto",
 ) -> EncodeJob:
-    """Resolve one table's settings (``settings`` needs device, precision, batch_size, workers, chunk_size)."""
+    """Resolve one table's settings (``settings`` needs device, precision, batch_size, workers,
+    chunk_size)."""
     spec = get_spec(encoder)
     if pooling != "auto" and not spec.extra.get("named"):
         raise SailError(
-            f"encoder {spec.name} has its published pooling; --pooling applies to timm:/hf: encoders"
+            f"encoder {spec.name} has its published pooling; "
+            "--pooling applies to timm:/hf: encoders"
         )
     device = resolve_device(settings.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -144,7 +147,8 @@ def read_slice_index(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     path = ws.slices_table
     if not path.is_file():
         raise SailError(
-            f"{path} not found: run `sail prepare` first (or `sail import-embeddings` for your own vectors)"
+            f"{path} not found: run `sail prepare` first "
+            "(or `sail import-embeddings` for your own vectors)"
         )
     schema = pq.read_schema(path)
     for col in ("slice_id", "png_path"):
@@ -259,7 +263,8 @@ class PartsDir:
             return None
 
     def start(self, plan: dict[str, Any], discard: list[int]) -> None:
-        """Keep matching finished chunks; drop stale ones (another plan) and the ``discard`` list."""
+        """Keep matching finished chunks; drop stale ones (another plan) and the ``discard``
+        list."""
         old = self.plan()
         if old is not None and old.get("key") != plan["key"]:
             stale = sorted(self.dir.glob("chunk_*.parquet"))
@@ -302,7 +307,8 @@ def encode_chunks(
     chunks: list[int],
     parts: PartsDir,
 ) -> int:
-    """Encode ``chunks`` and write each as soon as it is complete. Returns the number of slices encoded."""
+    """Encode ``chunks`` and write each as soon as it is complete. Returns the number of slices
+    encoded."""
     encoder = job.build()
     write_json_atomic(parts.dir / ENCODE_ENCODER, encoder.metadata())
     batches = _chunk_batches(chunks, len(ids), job.chunk_size, job.batch_size)
@@ -324,7 +330,8 @@ def encode_chunks(
             if item["bad"]:
                 row, msg = item["bad"][0]
                 raise SailError(
-                    f"cannot read {len(item['bad'])} PNG(s) for encoding, e.g. {ws.root / pngs[row]} "
+                    f"cannot read {len(item['bad'])} PNG(s) for encoding, "
+                    f"e.g. {ws.root / pngs[row]} "
                     f"(slice {ids[row]}): {msg}"
                 )
             pending.append(encoder.encode(item["images"]))  # stays on the device: no sync per batch
@@ -351,7 +358,8 @@ def encode_chunks(
 def encode_job(
     ws: Workspace, job: EncodeJob, force: bool = False, shard: tuple[int, int] | None = None
 ) -> Path | None:
-    """Produce embeddings/<job.name>.parquet (or this shard's parts). Returns the table once it exists."""
+    """Produce embeddings/<job.name>.parquet (or this shard's parts). Returns the table once it
+    exists."""
     final = ws.embeddings(job.name)
     record = StageRecord(
         "encode", hash_config(job.identity()), {"slices": fingerprint(ws.slices_table)}
@@ -385,7 +393,8 @@ def encode_job(
         encode_chunks(ws, job, ids, pngs, todo, parts)
     if shard is not None:
         log.info(
-            "encode %s: shard %d/%d finished (%d chunks); once every shard is done run `sail encode --merge --name %s`",
+            "encode %s: shard %d/%d finished (%d chunks); once every shard is done run "
+            "`sail encode --merge --name %s`",
             job.name,
             shard[0],
             shard[1],
@@ -397,7 +406,8 @@ def encode_job(
 
 
 def merge_parts(ws: Workspace, name: str) -> Path:
-    """Join finished chunks into embeddings/<name>.parquet (identical to an unsharded run), then drop them."""
+    """Join finished chunks into embeddings/<name>.parquet (identical to an unsharded run), then
+    drop them."""
     parts = PartsDir(ws, name)
     plan = parts.plan()
     if plan is None:
@@ -408,7 +418,8 @@ def merge_parts(ws: Workspace, name: str) -> Path:
         if canonical != name:
             return merge_parts(ws, canonical)
         raise SailError(
-            f"{parts.dir}: no encoding parts to merge; run `sail encode --encoder ... --name {name} --shard i/n` first"
+            f"{parts.dir}: no encoding parts to merge; run "
+            f"`sail encode --encoder ... --name {name} --shard i/n` first"
         )
     ids, _ = read_slice_index(ws)
     record = StageRecord(
@@ -422,7 +433,8 @@ def merge_parts(ws: Workspace, name: str) -> Path:
     if missing:
         shown = ", ".join(str(k) for k in missing[:10])
         raise SailError(
-            f"{parts.dir}: {len(missing)} of {plan['n_chunks']} chunks are not finished yet (chunks {shown}"
+            f"{parts.dir}: {len(missing)} of {plan['n_chunks']} chunks are not finished yet "
+            f"(chunks {shown}"
             f"{' ...' if len(missing) > 10 else ''}); run the remaining shards, then merge"
         )
     meta = parts.encoder_metadata()
@@ -432,7 +444,8 @@ def merge_parts(ws: Workspace, name: str) -> Path:
     merged_ids = np.concatenate([t.slice_ids for t in tables]).astype(str)
     if not np.array_equal(merged_ids, ids):
         raise SailError(
-            f"{parts.dir}: the parts do not cover the slices of {ws.slices_table} in order; encode again"
+            f"{parts.dir}: the parts do not cover the slices of {ws.slices_table} in order; "
+            "encode again"
         )
     x_ND = np.concatenate([t.x_ND for t in tables])
     final = ws.embeddings(name)
@@ -452,9 +465,10 @@ def run_encode(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise SailError(
-            f"config encode.encoders: output name {sorted(dup)[0]!r} is used twice; give each a distinct 'name'"
+            f"config encode.encoders: output name {sorted(dup)[0]!r} is used twice; "
+            "give each a distinct 'name'"
         )
-    for entry, name in zip(settings.encoders, names):
+    for entry, name in zip(settings.encoders, names, strict=True):
         job = make_job(
             entry.encoder,
             settings,

@@ -39,7 +39,8 @@ def draw_references(n: int, cfg: FingerprintSettings) -> np.ndarray:
 def sparse_fingerprints(
     codes: sp.csr_matrix, rows: np.ndarray, k: int, exclude: np.ndarray
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(feature ids, values) of the top-k active, non-excluded features of each row (desc, ties by id)."""
+    """(feature ids, values) of the top-k active, non-excluded features of each row (desc, ties by
+    id)."""
     out = []
     for r in rows:
         lo, hi = codes.indptr[r], codes.indptr[r + 1]
@@ -52,7 +53,8 @@ def sparse_fingerprints(
 
 
 def dense_fingerprints(x_BD: np.ndarray, k: int) -> np.ndarray:
-    """(B, D) matrix holding each row's k largest-|value| dimensions (signs kept), zeros elsewhere."""
+    """(B, D) matrix holding each row's k largest-|value| dimensions (signs kept), zeros
+    elsewhere."""
     k = min(k, x_BD.shape[1])
     top = np.argsort(-np.abs(x_BD), axis=1, kind="stable")[:, :k]
     q = np.zeros_like(x_BD)
@@ -92,7 +94,8 @@ def similarity_rule(method: str, fp_size_B: np.ndarray) -> np.ndarray:
 def best_per_volume(
     S_NB: np.ndarray, data: SplitData, own_vol_B: np.ndarray, top: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``top`` other volumes per column by their best slice: (rows (B, top), scores), -1 padded."""
+    """Top ``top`` other volumes per column by their best slice: (rows (B, top), scores), -1
+    padded."""
     S = np.where(np.isnan(S_NB), -np.inf, S_NB)
     vmax_VB = np.maximum.reduceat(S, data.vol_start, axis=0)
     vmax_VB[own_vol_B, np.arange(S.shape[1])] = -np.inf
@@ -140,7 +143,8 @@ def _jaccard(H: np.ndarray, h_count: np.ndarray, a: np.ndarray, b: np.ndarray) -
 
 
 def _agreement(meta: _Meta, ref_B: np.ndarray, hits_BT: np.ndarray) -> dict[str, np.ndarray]:
-    """Per reference: share of hits agreeing on each attribute (NaN where unknown) + mean Jaccard."""
+    """Per reference: share of hits agreeing on each attribute (NaN where unknown) + mean
+    Jaccard."""
     valid = hits_BT >= 0
     safe = np.where(valid, hits_BT, 0)
     out = {}
@@ -162,7 +166,8 @@ def _agreement(meta: _Meta, ref_B: np.ndarray, hits_BT: np.ndarray) -> dict[str,
 
 
 def _chance(meta: _Meta, data: SplitData, ref_B: np.ndarray) -> dict[str, np.ndarray]:
-    """Expected agreement of one random slice from a random other volume (the one-hit-per-volume draw)."""
+    """Expected agreement of one random slice from a random other volume (the one-hit-per-volume
+    draw)."""
     own = data.volume[ref_B]
     out = {}
     for a in CATEGORICAL:
@@ -329,7 +334,8 @@ def run_fingerprint_retrieval(
 
 
 def _add_relative(per_ref: pd.DataFrame) -> pd.DataFrame:
-    """Per-reference ratios to the dense baselines (matched on the slice_id, not a collapsed key)."""
+    """Per-reference ratios to the dense baselines (matched on the slice_id, not a collapsed
+    key)."""
     full = per_ref[per_ref.method == "dense_full"].set_index("reference")["quality_mean"]
     dfp = per_ref[per_ref.method == "dense_fp"].set_index(["k", "reference"])["quality_mean"]
     per_ref["relative_to_dense_full"] = (
@@ -402,7 +408,8 @@ def summarise(per_ref: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_k_sweep(summary: pd.DataFrame, path, title: str) -> None:
-    """Quality and metadata agreement against K, sparse vs dense fingerprint, dense full as a line."""
+    """Quality and metadata agreement against K, sparse vs dense fingerprint, dense full as a
+    line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,7 +417,7 @@ def plot_k_sweep(summary: pd.DataFrame, path, title: str) -> None:
 
     panels = ["quality", "p_modality", "p_plane", "jaccard_structures"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, metric in zip(axes, panels):
+    for ax, metric in zip(axes, panels, strict=False):
         s = summary[summary.metric == metric]
         for method, color in (("sparse", "darkorange"), ("dense_fp", "steelblue")):
             d = s[s.method == method].sort_values("k")

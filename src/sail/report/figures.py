@@ -107,7 +107,7 @@ def config_table(ws: Workspace) -> pd.DataFrame:
 
 
 def _styles(table: pd.DataFrame) -> tuple[dict, dict, dict]:
-    models = sorted({f"{e}/{v}" for e, v in zip(table["encoder"], table["variant"])})
+    models = sorted({f"{e}/{v}" for e, v in zip(table["encoder"], table["variant"], strict=True)})
     families = sorted(
         set(table["family"]), key=lambda f: [int(x) if x.isdigit() else 0 for x in f.split("_")]
     )
@@ -122,7 +122,8 @@ def _styles(table: pd.DataFrame) -> tuple[dict, dict, dict]:
 
 
 def sae_quality_figure(table: pd.DataFrame):
-    """2 x 4 panels: R², mean sparse AUC, alive fraction, M (top-50); recovery at N = 1, 3, 10, 50."""
+    """2 x 4 panels: R², mean sparse AUC, alive fraction, M (top-50); recovery at N = 1, 3, 10,
+    50."""
     colour, line, marker = _styles(table)
     panels = [
         ("r2", "Reconstruction (R², published)"),
@@ -135,7 +136,7 @@ def sae_quality_figure(table: pd.DataFrame):
         for n in RECOVERY_PANELS
     ]
     fig, axes = plt.subplots(2, 4, figsize=(20, 9.5), constrained_layout=True)
-    for ax, (col, title) in zip(axes.flat, panels):
+    for ax, (col, title) in zip(axes.flat, panels, strict=False):
         ax.set_title(title, fontsize=12)
         ax.set_xscale("log")
         ax.set_xlabel("L0 (active features per slice)")
@@ -201,11 +202,11 @@ def recovery_figure(curves: pd.DataFrame, ranking: pd.DataFrame):
         best = {
             tuple(r) for r in ranking.loc[ranking["final_rank"] == 1, KEYS].itertuples(index=False)
         }
-    for ax, (enc, var) in zip(axes.flat, groups):
+    for ax, (enc, var) in zip(axes.flat, groups, strict=False):
         sub = curves[(curves["encoder"] == enc) & (curves["variant"] == var)]
         for cfg, g in sub.groupby("sae_config"):
-            # a target with fewer ranked features than N keeps its all-features AUC beyond that point,
-            # so every point averages the same targets
+            # a target with fewer ranked features than N keeps its all-features AUC beyond that
+            # point, so every point averages the same targets
             per_target = g.pivot_table(
                 index="n_features", columns=["task", "target"], values="valid_roc_auc"
             )
