@@ -525,12 +525,11 @@ class Description:
     status: str
     fields: dict[str, Any]
     enrichment: dict[str, Any] | None
-    split: str | None
 
 
 def read_descriptions(path: str | os.PathLike) -> dict[int, Description]:
     """``descriptions.csv`` by feature (empty when missing): description, judge columns, and the
-    stored enrichment (``enrichment`` JSON) of the slices of ``concept_split`` it was built from."""
+    stored enrichment (``enrichment`` JSON) of the concept-split slices it was built from."""
     table = read_table(path)
     if table is None or "feature" not in table.columns:
         return {}
@@ -538,14 +537,12 @@ def read_descriptions(path: str | os.PathLike) -> dict[int, Description]:
     for rec in table.to_dict("records"):
         raw = rec.get("enrichment")
         enrichment = json.loads(raw) if isinstance(raw, str) and raw else None
-        split = rec.get("concept_split")
         out[int(rec["feature"])] = Description(
             feature=int(rec["feature"]),
             description="" if _missing(rec.get("description")) else str(rec["description"]),
             status=str(rec.get("status", "")),
             fields=rec,
             enrichment=enrichment,
-            split=split if isinstance(split, str) else None,
         )
     return out
 
