@@ -255,8 +255,12 @@ class ReportFolder:
     def config_page(self, key: str) -> Path:
         return self.path / "configs" / f"{key}.html"
 
-    def feature_dir(self, key: str) -> Path:
-        return self.path / "features" / key
+    def feature_page(self, key: str, feature: int) -> Path:
+        return self.path / "features" / key / f"f{feature:05d}.html"
+
+    def href(self, page: Path, start: Path | None = None) -> str:
+        """``page`` as a link from the folder ``start`` (the report root by default)."""
+        return Path(os.path.relpath(page, start or self.path)).as_posix()
 
 
 class Workspace:
@@ -296,6 +300,16 @@ class Workspace:
     def slices_table(self) -> Path:
         return self.data_dir / SLICES_TABLE
 
+    @staticmethod
+    def volume_slices(modality: str, image_id: str) -> str:
+        """One volume's PNG folder, relative to the workspace root."""
+        return f"data/slices/{modality}/{image_id}"
+
+    @staticmethod
+    def slice_png(modality: str, image_id: str, plane: str, idx: int) -> str:
+        """One slice's PNG, relative to the workspace root (the ``png_path`` column)."""
+        return f"{Workspace.volume_slices(modality, image_id)}/{plane}_{idx:04d}.png"
+
     @property
     def skipped_csv(self) -> Path:
         return self.data_dir / SKIPPED_CSV
@@ -307,6 +321,12 @@ class Workspace:
 
     def prepare_parts(self, config_hash: str) -> Path:
         return self.data_dir / ".parts" / config_hash
+
+    @staticmethod
+    def prepare_part(parts: Path, modality: str, image_id: str) -> Path:
+        """One sliced scan's rows in ``parts`` (:meth:`prepare_parts`), kept until the table is
+        assembled, so an interrupted run resumes."""
+        return parts / f"{modality}_{image_id}{PARQUET}"
 
     @property
     def split_csv(self) -> Path:
@@ -321,6 +341,10 @@ class Workspace:
 
     def embedding_parts(self, encoder: str) -> Path:
         return self.embeddings_dir / f"{encoder}.parts"
+
+    def embedding_chunk(self, encoder: str, k: int) -> Path:
+        """One finished chunk of a resumable or sharded encoding."""
+        return self.embedding_parts(encoder) / f"chunk_{k:06d}{PARQUET}"
 
     def encoders_with_embeddings(self) -> list[str]:
         root = self.embeddings_dir

@@ -118,7 +118,7 @@ def _meta_fingerprint(source: Path, modalities: list[str]) -> dict[str, str]:
 
 
 def _part_path(parts: Path, ref: ScanRef) -> Path:
-    return parts / f"{ref.modality}_{ref.image_id}.parquet"
+    return Workspace.prepare_part(parts, ref.modality, ref.image_id)
 
 
 def _slice_and_store(ref: ScanRef, opts: SliceOptions, root: Path, parts: Path) -> ScanResult:

@@ -220,10 +220,11 @@ class PartsDir:
     """``embeddings/<name>.parts/``: plan.json, encoder.json and one parquet per finished chunk."""
 
     def __init__(self, ws: Workspace, name: str):
+        self.ws, self.name = ws, name
         self.dir = ws.embedding_parts(name)
 
     def chunk(self, k: int) -> Path:
-        return self.dir / f"chunk_{k:06d}.parquet"
+        return self.ws.embedding_chunk(self.name, k)
 
     def has(self, k: int) -> bool:
         """A finished chunk: its Parquet footer reads and holds the planned row count. A damaged

@@ -251,8 +251,7 @@ def _unit_pages(
     flag_cols = [c for c in slices.columns if c.startswith("has_")]
     flags = slices[flag_cols].fillna(False).to_numpy(bool)
     paged = {int(f) for f in chosen}
-    feature_dir = ReportFolder(out).feature_dir(unit.key)
-    feature_dir.mkdir(parents=True, exist_ok=True)
+    report = ReportFolder(out)
     cards = []
     for f in track(chosen, f"report pages {unit.key}"):
         f = int(f)
@@ -290,11 +289,13 @@ def _unit_pages(
             ),
             neighbours=[(j, sim, j in paged) for j, sim in neighbours.get(f, [])],
         )
-        write_text_atomic(feature_dir / f"f{f:05d}.html", page)
+        write_text_atomic(report.feature_page(unit.key, f), page)
         cards.append(
             info
             | {
-                "href": f"../features/{unit.key}/f{f:05d}.html",
+                "href": report.href(
+                    report.feature_page(unit.key, f), report.config_page(unit.key).parent
+                ),
                 "thumb": tiles[0]["thumb"] if tiles else "",
                 "top_label": (enrich[f]["rows"] or [{}])[0].get("label", ""),
             }
@@ -321,10 +322,10 @@ def _unit_pages(
         dead=int((active == 0).sum()),
         l0=float(np.diff(codes[rows].tocsr().indptr).mean()) if len(rows) else 0.0,
     )
-    write_text_atomic(ReportFolder(out).config_page(unit.key), page)
+    write_text_atomic(report.config_page(unit.key), page)
     return {
         "unit": unit,
-        "href": f"configs/{unit.key}.html",
+        "href": report.href(report.config_page(unit.key)),
         "n_pages": len(cards),
         "dead": int((active == 0).sum()),
         "n_features": n_features,

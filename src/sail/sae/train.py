@@ -728,7 +728,7 @@ def _held_out(
 def _encoders(cfg: SailConfig, ws: Workspace) -> list[str]:
     if cfg.train.encoders:
         return list(cfg.train.encoders)
-    found = sorted(p.stem for p in (ws.root / "embeddings").glob("*.parquet"))
+    found = ws.encoders_with_embeddings()
     if not found:
         raise SailError(
             f"no embeddings tables in {ws.root / 'embeddings'}; run `sail encode` or pass --embeddings"
