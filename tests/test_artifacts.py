@@ -181,3 +181,17 @@ def test_descriptions_reader_returns_the_stored_enrichment(tmp_path):
     got = read_descriptions(path)
     assert got[4].description == "liver" and got[4].enrichment == enrichment
     assert got[7].description == "" and got[7].enrichment is None and got[7].status == "failed"
+
+
+def test_the_cli_has_one_error_boundary():
+    """Issue 13: SailGroup (sail.cli_errors) turns errors into one line; no command catches
+    SailError itself."""
+    tree = ast.parse((SRC / "cli.py").read_text(encoding="utf-8"))
+    caught = [
+        handler.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Try)
+        for handler in node.handlers
+        if handler.type is not None and "SailError" in ast.unparse(handler.type)
+    ]
+    assert caught == []
