@@ -36,6 +36,8 @@ SLICES_TABLE = "slices.parquet"
 SKIPPED_CSV = "skipped.csv"
 SKIPPED_FAILED_CSV = "skipped.failed.csv"
 SPLIT_CSV = "split.csv"
+# slices.parquet: the identity columns every row starts with (metadata and geometry follow)
+SLICE_ID_COLUMNS = ("slice_id", "modality", "image_id", "plane", "slice_idx", "png_path")
 PARQUET = ".parquet"
 
 # ---- embeddings/<name>.parts/ (resumable encoding) ------------------------------------------

@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from sail.artifacts import SLICE_ID_COLUMNS
 from sail.config import SailConfig
 from sail.console import progress
 from sail.data.labels import HARMONISED
-from sail.data.manifest import ScanRef, discover_manifest, is_manifest
+from sail.data.manifest import KNOWN_METADATA, ScanRef, discover_manifest, is_manifest
 from sail.data.phantom import write_phantom_dataset
 from sail.data.slicing import ScanResult, SliceOptions, slice_scan
 from sail.data.totalseg import DATASET_FOLDERS, discover
@@ -42,29 +43,8 @@ log = logging.getLogger(__name__)
 
 SKIP_COLUMNS = ["modality", "image_id", "plane", "slice_from", "slice_to", "action", "reason"]
 META_ORDER = [
-    "slice_id",
-    "modality",
-    "image_id",
-    "plane",
-    "slice_idx",
-    "png_path",
-    "sex",
-    "age",
-    "age_group",
-    "institute",
-    "study_type",
-    "manufacturer",
-    "scanner_model",
-    "kvp",
-    "pathology",
-    "pathology_location",
-    "magnetic_field_strength",
-    "slice_thickness",
-    "repetition_time",
-    "echo_time",
-    "scanning_sequence",
-    "source",
-    "official_split",
+    *SLICE_ID_COLUMNS,
+    *KNOWN_METADATA,
     "pixel_spacing_mm",
     "slice_spacing_mm",
     "slice_position_mm",

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sail.artifacts import read_ranking, read_split
+from sail.artifacts import SLICE_ID_COLUMNS, read_ranking, read_split
 from sail.config import SailConfig
 from sail.errors import SailError
 from sail.sae.activations_io import read_activations
@@ -24,17 +24,7 @@ from sail.workspace import Workspace, check_table
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = [
-    "slice_id",
-    "modality",
-    "image_id",
-    "plane",
-    "slice_idx",
-    "png_path",
-    "sex",
-    "age",
-    "age_group",
-]
+META_COLUMNS = [*SLICE_ID_COLUMNS, "sex", "age", "age_group"]
 
 
 @dataclass(frozen=True, order=True)

@@ -190,6 +190,19 @@ def _chance(meta: _Meta, data: SplitData, ref_B: np.ndarray) -> dict[str, np.nda
     return out
 
 
+def _fingerprint_rows(method: str, reference: str, features, values) -> pd.DataFrame:
+    """One reference's fingerprint as rows: its features (or dimensions) in rank order."""
+    return pd.DataFrame(
+        {
+            "method": method,
+            "reference": reference,
+            "rank": np.arange(1, len(features) + 1),
+            "feature": features,
+            "value": values,
+        }
+    )
+
+
 def run_fingerprint_retrieval(
     data: SplitData, x_ND: np.ndarray, cfg: FingerprintSettings
 ) -> dict[str, pd.DataFrame]:
@@ -293,30 +306,10 @@ def run_fingerprint_retrieval(
             record("dense_fp", k, ref_B, hits, sims, fp_size_d, dense_cos_NB, chance)
             if k == cfg.k_main:
                 for b, (f, v) in enumerate(fps):
-                    fp_rows.append(
-                        pd.DataFrame(
-                            {
-                                "method": "sparse",
-                                "reference": ids[ref_B[b]],
-                                "rank": np.arange(1, len(f) + 1),
-                                "feature": f,
-                                "value": v,
-                            }
-                        )
-                    )
                     dims = np.flatnonzero(md[b])
                     dims = dims[np.argsort(-np.abs(qd[b, dims]), kind="stable")]
-                    fp_rows.append(
-                        pd.DataFrame(
-                            {
-                                "method": "dense_fp",
-                                "reference": ids[ref_B[b]],
-                                "rank": np.arange(1, len(dims) + 1),
-                                "feature": dims,
-                                "value": qd[b, dims],
-                            }
-                        )
-                    )
+                    fp_rows.append(_fingerprint_rows("sparse", ids[ref_B[b]], f, v))
+                    fp_rows.append(_fingerprint_rows("dense_fp", ids[ref_B[b]], dims, qd[b, dims]))
     per_ref = pd.concat(rows, ignore_index=True)
     per_ref["k"] = per_ref["k"].astype("Int64")
     per_ref = _add_relative(per_ref)
