@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
-import click
 import typer
-from rich.markup import escape
 
-from sail.cli_errors import SailGroup, one_line
+from sail.cli_errors import SailGroup
 from sail.config import load_config
 from sail.console import console, setup_logging
 from sail.errors import SailError
@@ -28,9 +26,9 @@ app = typer.Typer(
     rich_markup_mode=None,  # help texts say "[default: ...]" literally; markup would eat it
 )
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 WorkspaceOpt = Annotated[
-    Optional[Path], typer.Option("--workspace", "-w", help="Run folder [default: ./sail-work].")
+    Path | None, typer.Option("--workspace", "-w", help="Run folder [default: ./sail-work].")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if outputs are up to date.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
@@ -43,14 +41,13 @@ def _load(config: Path | None, workspace: Path | None, **sections: dict[str, Any
     return load_config(config, overrides)
 
 
-def _fail(exc: BaseException) -> None:
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.find_root().params.get("debug"):
-        raise exc
-    console.print(
-        f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True
-    )
-    raise typer.Exit(code=2)
+def _run_stage(
+    stage: str, force: bool, config: Path | None, workspace: Path | None, **sections: Any
+) -> None:
+    """One verb = one pipeline stage with its config section overridden by the verb's options."""
+    from sail.pipeline import run_pipeline
+
+    run_pipeline(_load(config, workspace, **sections), stage, stage, force)
 
 
 @app.callback()
@@ -68,53 +65,51 @@ def phantom(
     out_dir: Annotated[
         Path, typer.Argument(help="Where to write CT_Dataset_v201/ and MRI_Dataset_v200/.")
     ],
-    n_ct: Annotated[Optional[int], typer.Option(help="CT scans [default: 24].")] = None,
-    n_mri: Annotated[Optional[int], typer.Option(help="MRI scans [default: 12].")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Voxels per side [default: 64].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [default: 0].")] = None,
+    n_ct: Annotated[int | None, typer.Option(help="CT scans [default: 24].")] = None,
+    n_mri: Annotated[int | None, typer.Option(help="MRI scans [default: 12].")] = None,
+    size: Annotated[int | None, typer.Option(help="Voxels per side [default: 64].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Write a synthetic dataset in TotalSegmentator's exact on-disk layout (with phantom_truth.json)."""
+    """Write a synthetic dataset in TotalSegmentator's exact on-disk layout (with
+    phantom_truth.json)."""
     from sail.data.phantom import write_phantom_dataset
 
-    try:
-        cfg = _load(
-            config, None, phantom={"n_ct": n_ct, "n_mri": n_mri, "size": size, "seed": seed}
-        )
-        write_phantom_dataset(out_dir, cfg.phantom)
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config, None, phantom={"n_ct": n_ct, "n_mri": n_mri, "size": size, "seed": seed})
+    write_phantom_dataset(out_dir, cfg.phantom)
     console.print(f"phantom dataset written to {out_dir}")
 
 
 @app.command()
 def prepare(
     source: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
-            help="TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/), or a manifest .csv/.parquet: one row per volume (image = NIfTI file or DICOM series folder; see docs/your-own-data.md)."
+            help=(
+                "TotalSegmentator folder (holding CT_Dataset_v201/ and/or MRI_Dataset_v200/), or a "
+                "manifest .csv/.parquet: one row per volume (image = NIfTI file or DICOM series "
+                "folder; see docs/your-own-data.md)."
+            )
         ),
     ] = None,
     image_size: Annotated[
-        Optional[int], typer.Option(help="PNG side in pixels [default: 224; paper: 1024].")
+        int | None, typer.Option(help="PNG side in pixels [default: 224; paper: 1024].")
     ] = None,
     style: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="canonical (RAS, anatomical planes) or published (paper geometry)."),
     ] = None,
     slice_stride: Annotated[
-        Optional[int], typer.Option(help="Keep every n-th slice [default: 1].")
+        int | None, typer.Option(help="Keep every n-th slice [default: 1].")
     ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(help="Worker processes [default: CPU count].")
+        int | None, typer.Option(help="Worker processes [default: CPU count].")
     ] = None,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Slice volumes into PNGs and write data/slices.parquet (+ data/skipped.csv)."""
-    from sail.pipeline import run_pipeline
-
     section = {
         "source": source,
         "image_size": image_size,
@@ -122,11 +117,7 @@ def prepare(
         "slice_stride": slice_stride,
         "workers": workers,
     }
-    try:
-        cfg = _load(config, workspace, prepare=section)
-        run_pipeline(cfg, "prepare", "prepare", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("prepare", force, config, workspace, prepare=section)
 
 
 @app.command()
@@ -134,22 +125,16 @@ def split(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
 ) -> None:
     """Split scans into train/valid/test (institutes A, D, E -> test) -> data/split.csv."""
-    from sail.pipeline import run_pipeline
-
-    try:
-        cfg = _load(config, workspace)
-        run_pipeline(cfg, "split", "split", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("split", force, config, workspace)
 
 
 @app.command()
 def run(
     config_file: Annotated[
-        Optional[Path], typer.Argument(help="YAML config (same as --config).")
+        Path | None, typer.Argument(help="YAML config (same as --config).")
     ] = None,
-    start: Annotated[Optional[str], typer.Option("--from", help="First stage to run.")] = None,
-    stop: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
+    start: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
+    stop: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
@@ -158,22 +143,19 @@ def run(
     from sail.pipeline import run_pipeline
 
     if config_file is not None and config is not None and config_file != config:
-        _fail(SailError("give the config either as an argument or with --config, not both"))
-    try:
-        cfg = _load(config_file or config, workspace)
-        run_pipeline(cfg, start, stop, force)
-    except SailError as exc:
-        _fail(exc)
+        raise SailError("give the config either as an argument or with --config, not both")
+    cfg = _load(config_file or config, workspace)
+    run_pipeline(cfg, start, stop, force)
 
 
 @app.command()
 def evaluate(
     encoder: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--encoder", help="Encoder(s) to evaluate [default: every embeddings table]."),
     ] = None,
     published_ranking: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--published-ranking/--no-published-ranking",
             help="Rank configs with the published choices (Table 1).",
@@ -184,16 +166,10 @@ def evaluate(
     force: ForceOpt = False,
 ) -> None:
     """Probes, monosemanticity, performance recovery, config ranking and concepts -> eval/."""
-    from sail.pipeline import run_pipeline
-
     section: dict[str, Any] = {"encoders": encoder or None}
     if published_ranking is not None:
         section["ranking"] = {"published": published_ranking}
-    try:
-        cfg = _load(config, workspace, evaluate=section)
-        run_pipeline(cfg, "evaluate", "evaluate", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("evaluate", force, config, workspace, evaluate=section)
 
 
 @app.command()
@@ -201,61 +177,61 @@ def figures(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
 ) -> None:
     """SAE quality vs L0 and performance recovery figures (PNG + PDF) -> figures/."""
-    from sail.pipeline import run_pipeline
-
-    try:
-        cfg = _load(config, workspace)
-        run_pipeline(cfg, "figures", "figures", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("figures", force, config, workspace)
 
 
 @app.command()
 def encode(
     encoder: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
-            help="dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, timm:MODEL_NAME or hf:MODEL_ID_OR_DIR [default: the config's encode.encoders]."
+            help=(
+                "dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, "
+                "timm:MODEL_NAME or hf:MODEL_ID_OR_DIR [default: the config's encode.encoders]."
+            )
         ),
     ] = None,
     name: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Table name: embeddings/NAME.parquet [default: the encoder's name]."),
     ] = None,
     weights: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Local file/folder or Hugging Face hub id [default: the published weights]."
         ),
     ] = None,
     image_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             help="Model input side in pixels [default: the published size, or the model's config]."
         ),
     ] = None,
     pooling: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
-            help="timm:/hf: encoders: auto, cls, mean or gem [default: auto = cls if the model has a class token, else mean]."
+            help=(
+                "timm:/hf: encoders: auto, cls, mean or gem "
+                "[default: auto = cls if the model has a class token, else mean]."
+            )
         ),
     ] = None,
     device: Annotated[
-        Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")
     ] = None,
     precision: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="auto, fp32 or bf16 [default: auto = bf16 on GPU where published]."),
     ] = None,
     batch_size: Annotated[
-        Optional[int], typer.Option(help="Images per forward pass [default: per encoder].")
+        int | None, typer.Option(help="Images per forward pass [default: per encoder].")
     ] = None,
     workers: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(help="PNG-decoding worker processes [default: CPUs - 1, max 8]."),
     ] = None,
     shard: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="i/n (0-based): encode only this shard's chunks; then --merge."),
     ] = None,
     merge: Annotated[
@@ -268,7 +244,8 @@ def encode(
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Encode every slice -> embeddings/NAME.parquet (resumable; shard with --shard i/n, join with --merge)."""
+    """Encode every slice -> embeddings/NAME.parquet (resumable; shard with --shard i/n, join
+    with --merge)."""
     from sail.pipeline import run_pipeline
 
     entry = {
@@ -289,25 +266,22 @@ def encode(
         "workers": workers,
         "shard": shard,
     }
-    try:
-        if encoder is not None:
-            section["encoders"] = [entry]
-        elif not merge and (name or weights or image_size or pooling):
-            raise SailError(
-                "--name/--weights/--image-size/--pooling describe one encoder: give --encoder too"
-            )
-        if merge and not (name or encoder):
-            raise SailError("--merge needs --name (or --encoder) of the table to join")
-        cfg = _load(config, workspace, encode=section)
-        if merge:
-            from sail.encoders.encode import merge_parts
-            from sail.workspace import Workspace
+    if encoder is not None:
+        section["encoders"] = [entry]
+    elif not merge and (name or weights or image_size or pooling):
+        raise SailError(
+            "--name/--weights/--image-size/--pooling describe one encoder: give --encoder too"
+        )
+    if merge and not (name or encoder):
+        raise SailError("--merge needs --name (or --encoder) of the table to join")
+    cfg = _load(config, workspace, encode=section)
+    if merge:
+        from sail.encoders.encode import merge_parts
+        from sail.workspace import Workspace
 
-            merge_parts(Workspace(cfg.workspace), name or encoder)
-        else:
-            run_pipeline(cfg, "encode", "encode", force)
-    except SailError as exc:
-        _fail(exc)
+        merge_parts(Workspace(cfg.workspace), name or encoder)
+    else:
+        run_pipeline(cfg, "encode", "encode", force)
 
 
 @app.command("import-embeddings")
@@ -315,7 +289,10 @@ def import_embeddings(
     table: Annotated[
         Path,
         typer.Argument(
-            help="Parquet with slice_id + a vector (fixed-size list, list, or one column per dimension)."
+            help=(
+                "Parquet with slice_id + a vector (fixed-size list, list, or one column per "
+                "dimension)."
+            )
         ),
     ],
     name: Annotated[str, typer.Option(help="Table name: embeddings/NAME.parquet.")],
@@ -326,49 +303,47 @@ def import_embeddings(
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Bring your own embeddings: validate them against data/slices.parquet -> embeddings/NAME.parquet."""
+    """Bring your own embeddings: validate them against data/slices.parquet ->
+    embeddings/NAME.parquet."""
     from sail.encoders.imported import import_embeddings as run_import
     from sail.workspace import Workspace
 
-    try:
-        cfg = _load(config, workspace)
-        run_import(Workspace(cfg.workspace), table, name, force=force, allow_missing=allow_missing)
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config, workspace)
+    run_import(Workspace(cfg.workspace), table, name, force=force, allow_missing=allow_missing)
 
 
 @app.command()
 def train(
     encoder: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--encoder", help="Encoder(s) to train on [default: every embeddings table]."),
     ] = None,
     variant: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--variant", help="matryoshka (default) and/or sail, for grid entries naming none."
         ),
     ] = None,
     grid: Annotated[
-        Optional[str], typer.Option(help="demo, paper or a grid YAML file [default: paper].")
+        str | None, typer.Option(help="demo, paper or a grid YAML file [default: paper].")
     ] = None,
     shard: Annotated[
-        Optional[str], typer.Option(help="i/n: train only part i (0-based) of n of the grid.")
+        str | None, typer.Option(help="i/n: train only part i (0-based) of n of the grid.")
     ] = None,
     embeddings: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Train on any table (slice_id + embedding), no prepared data needed."),
     ] = None,
     name: Annotated[
-        Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")
+        str | None, typer.Option(help="Encoder name for --embeddings [default: file stem].")
     ] = None,
     group_by: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Column of --embeddings grouping rows for the seeded 80/10/10 split."),
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Override the grid's epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the grid's epochs.")] = None,
     device: Annotated[
-        Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")
     ] = None,
     recalibrate: Annotated[
         bool,
@@ -382,9 +357,8 @@ def train(
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Train a grid of Matryoshka SAEs (families share batches) -> sae/<encoder>/<variant>/<config>/."""
-    from sail.pipeline import run_pipeline
-
+    """Train a grid of Matryoshka SAEs (families share batches) ->
+    sae/<encoder>/<variant>/<config>/."""
     section: dict[str, Any] = {
         "encoders": encoder or None,
         "variants": variant or None,
@@ -397,35 +371,29 @@ def train(
         "training": {"epochs": epochs} if epochs else None,
         "recalibrate": recalibrate or None,
     }
-    try:
-        cfg = _load(config, workspace, train=section)
-        run_pipeline(cfg, "train", "train", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("train", force, config, workspace, train=section)
 
 
 @app.command()
 def activations(
     encoder: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--encoder", help="Encoder(s) [default: every encoder with SAEs]."),
     ] = None,
     variant: Annotated[
-        Optional[list[str]], typer.Option("--variant", help="Only these variants [default: all].")
+        list[str] | None, typer.Option("--variant", help="Only these variants [default: all].")
     ] = None,
     sae_config: Annotated[
-        Optional[str], typer.Option(help="Config folder (D_.._K_..) or all [default: all].")
+        str | None, typer.Option(help="Config folder (D_.._K_..) or all [default: all].")
     ] = None,
     embeddings: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="The table SAEs were trained on with `sail train --embeddings`."),
     ] = None,
     name: Annotated[
-        Optional[str], typer.Option(help="Encoder name for --embeddings [default: file stem].")
+        str | None, typer.Option(help="Encoder name for --embeddings [default: file stem].")
     ] = None,
-    device: Annotated[
-        Optional[str], typer.Option(help="auto, cpu, cuda ... [default: auto].")
-    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda ... [default: auto].")] = None,
     no_verify: Annotated[
         bool,
         typer.Option(
@@ -439,8 +407,6 @@ def activations(
     force: ForceOpt = False,
 ) -> None:
     """Sparse codes of every split -> activations/<encoder>/<variant>/<config>/<split>.parquet."""
-    from sail.pipeline import run_pipeline
-
     section = {
         "encoders": encoder or None,
         "variants": variant or None,
@@ -450,11 +416,7 @@ def activations(
         "device": device,
         "verify_checkpoints": False if no_verify else None,
     }
-    try:
-        cfg = _load(config, workspace, activations=section)
-        run_pipeline(cfg, "activations", "activations", force)
-    except SailError as exc:
-        _fail(exc)
+    _run_stage("activations", force, config, workspace, activations=section)
 
 
 @app.command("import-sae")
@@ -472,17 +434,15 @@ def import_sae(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
-    """Convert a published SAIL checkpoint into sae/<encoder>/sail/<config>/ (safetensors + cfg.json)."""
+    """Convert a published SAIL checkpoint into sae/<encoder>/sail/<config>/ (safetensors +
+    cfg.json)."""
     from sail.sae.checkpoint import import_published
     from sail.workspace import Workspace
 
-    try:
-        cfg = _load(config, workspace)
-        out = import_published(
-            ckpt, hparams, Workspace(cfg.workspace).root / "sae", encoder, trust_checkpoint
-        )
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config, workspace)
+    out = import_published(
+        ckpt, hparams, Workspace(cfg.workspace).root / "sae", encoder, trust_checkpoint
+    )
     console.print(f"imported to {out}")
 
 
@@ -508,10 +468,7 @@ def export_sae(
     """Export a trained SAE for SAELens or the Hugging Face Hub."""
     from sail.sae.export import export_sae_folder
 
-    try:
-        written = export_sae_folder(sae_dir, out, format, verify)
-    except SailError as exc:
-        _fail(exc)
+    written = export_sae_folder(sae_dir, out, format, verify)
     console.print(f"exported {sae_dir} as {format} to {written}")
 
 
@@ -519,25 +476,21 @@ def export_sae(
 def report(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
 ) -> None:
-    """Write the static HTML feature browser -> report/index.html (opens from file://, no network)."""
-    from sail.pipeline import run_pipeline
-
-    try:
-        cfg = _load(config, workspace)
-        run_pipeline(cfg, "report", "report", force)
-    except SailError as exc:
-        _fail(exc)
+    """Write the static HTML feature browser -> report/index.html (opens from file://, no
+    network)."""
+    _run_stage("report", force, config, workspace)
 
 
 @app.command()
 def demo(
     workspace: WorkspaceOpt = None,
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="Override the packaged demo config.")
+        Path | None, typer.Option("--config", "-c", help="Override the packaged demo config.")
     ] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Phantom dataset + the whole pipeline on the demo config: offline, about 5 minutes on 2 CPU cores."""
+    """Phantom dataset + the whole pipeline on the demo config: offline, about 5 minutes on 2 CPU
+    cores."""
     from sail.pipeline import (
         check_phantom_defines_metrics,
         demo_config_path,
@@ -545,13 +498,10 @@ def demo(
         run_pipeline,
     )
 
-    try:
-        cfg = _load(config or demo_config_path(), workspace)
-        check_phantom_defines_metrics(cfg)
-        ws = run_pipeline(cfg, force=force)
-        print_summary(ws)
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config or demo_config_path(), workspace)
+    check_phantom_defines_metrics(cfg)
+    ws = run_pipeline(cfg, force=force)
+    print_summary(ws)
 
 
 interpret_app = typer.Typer(
@@ -584,34 +534,34 @@ def _interpret(
         "allow_remote": allow_remote or None,
         "dry_run": dry_run or None,
     }
-    try:
-        cfg = _load(config, workspace, interpret=section)
-        ws = Workspace(cfg.workspace).ensure()
-        if cfg.interpret.dry_run:  # writes nothing, so needs no lock
-            VERBS[verb](cfg, ws, force)
-            return
-        with stage_lock(ws.root, "interpret"):  # the lock `sail run` takes for the interpret stage
-            VERBS[verb](cfg, ws, force)
-    except SailError as exc:
-        _fail(exc)
+    cfg = _load(config, workspace, interpret=section)
+    ws = Workspace(cfg.workspace).ensure()
+    if cfg.interpret.dry_run:  # writes nothing, so needs no lock
+        VERBS[verb](cfg, ws, force)
+        return
+    with stage_lock(ws.root, "interpret"):  # the lock `sail run` takes for the interpret stage
+        VERBS[verb](cfg, ws, force)
 
 
 SaeConfigOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--sae-config",
-        help="Also interpret this config (D_.._K_..) or all [default: final_rank 1 per encoder+variant].",
+        help=(
+            "Also interpret this config (D_.._K_..) or all "
+            "[default: final_rank 1 per encoder+variant]."
+        ),
     ),
 ]
 DescriberOpt = Annotated[
-    Optional[str], typer.Option("--describer", help="metadata (offline), openai or transformers.")
+    str | None, typer.Option("--describer", help="metadata (offline), openai or transformers.")
 ]
 JudgeOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--judge", help="embedding (offline MiniLM), openai, transformers or none."),
 ]
 MatcherOpt = Annotated[
-    Optional[str], typer.Option("--matcher", help="embedding (offline MiniLM), lexical or llm.")
+    str | None, typer.Option("--matcher", help="embedding (offline MiniLM), lexical or llm.")
 ]
 AllowRemoteOpt = Annotated[
     bool,
@@ -674,7 +624,8 @@ def interpret_language(
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Text queries -> matched features -> ranked slices, with precision@k against parsed constraints."""
+    """Text queries -> matched features -> ranked slices, with precision@k against parsed
+    constraints."""
     _interpret(
         "language", config, workspace, force, sae_config, None, None, matcher, allow_remote, dry_run
     )

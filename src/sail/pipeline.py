@@ -85,10 +85,6 @@ def _stages() -> list[Stage]:
     return STAGES
 
 
-def stage_names() -> list[str]:
-    return [s.name for s in _stages()]
-
-
 def run_pipeline(
     cfg: SailConfig,
     start: str | None = None,
@@ -115,7 +111,8 @@ def run_pipeline(
 
 
 def _lock_name(stage: str, cfg: SailConfig) -> str:
-    """One lock per stage, per shard (``--shard i/n``) and per torchrun rank: those never collide."""
+    """One lock per stage, per shard (``--shard i/n``) and per torchrun rank: those never
+    collide."""
     shard = {"encode": cfg.encode.shard, "train": cfg.train.shard}.get(stage)
     name = stage + ("-shard" + re.sub(r"\D+", "of", shard.strip()) if shard else "")
     rank = os.environ.get("RANK")
@@ -141,22 +138,23 @@ def check_phantom_defines_metrics(cfg: SailConfig) -> None:
     needed = min(cfg.evaluate.monosemanticity.top_n) + 2
     if expected < needed:
         raise ConfigError(
-            f"phantom: {scans} scans give about {expected:.0f} validation volumes, but monosemanticity needs "
-            f"at least {needed} (top_n {min(cfg.evaluate.monosemanticity.top_n)} plus margin); raise "
+            f"phantom: {scans} scans give about {expected:.0f} validation volumes, but "
+            f"monosemanticity needs at least {needed} (top_n "
+            f"{min(cfg.evaluate.monosemanticity.top_n)} plus margin); raise "
             "phantom.n_ct/n_mri or lower split.train_fraction"
         )
 
 
 def print_summary(ws: Workspace) -> None:
     """Ranking, dense-vs-sparse probe AUCs and where the report is, on the console."""
-    import pandas as pd
     from rich.table import Table
 
+    from sail.artifacts import read_ranking, read_table
     from sail.console import console
 
-    ranking_csv = ws.eval_dir / "ranking.csv"
-    if ranking_csv.is_file():
-        ranking = pd.read_csv(ranking_csv).sort_values(["encoder", "final_rank"])
+    ranking = read_ranking(ws.eval.ranking)
+    if ranking is not None:
+        ranking = ranking.sort_values(["encoder", "final_rank"])
         table = Table(title="SAE ranking (Table 1)")
         cols = ["encoder", "variant", "sae_config", "m_config", "mean_n_features", "final_rank"]
         for col in cols:
@@ -164,9 +162,8 @@ def print_summary(ws: Workspace) -> None:
         for row in ranking[cols].itertuples(index=False):
             table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
         console.print(table)
-    probes_csv = ws.eval_dir / "probes.csv"
-    if probes_csv.is_file():
-        probes = pd.read_csv(probes_csv)
+    probes = read_table(ws.eval.table("probes"))
+    if probes is not None:
         test = probes[probes.split == "test"].assign(
             kind=lambda d: d.sae_config.eq("dense").map({True: "dense", False: "sparse"})
         )
@@ -177,6 +174,6 @@ def print_summary(ws: Workspace) -> None:
         for (enc, task), row in summary.iterrows():
             table.add_row(enc, task, *[f"{v:.3f}" for v in row])
         console.print(table)
-    index = ws.report_dir / "index.html"
+    index = ws.report.index
     if index.is_file():
         console.print(f"report: {index.resolve()}")

@@ -1,4 +1,5 @@
-"""Workspace layout, atomic writes and stage manifests (see docs/artifacts.md).
+"""Atomic writes and stage manifests (see docs/artifacts.md); artifact names and the workspace
+layout (:class:`Workspace`, re-exported here) live in :mod:`sail.artifacts`.
 
 Every artifact is written to a temp name in its own folder and renamed into place, so an
 interrupted run never leaves a half-written file that a later run would trust. A stage is
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sail import __version__
+from sail.artifacts import Workspace as Workspace
 from sail.errors import SailError
 
 log = logging.getLogger(__name__)
@@ -146,7 +148,8 @@ class StageRecord:
 
     @property
     def semantics(self) -> int:
-        """The stage family's entry in SEMANTICS ("evaluate/sae" and "interpret.language" share theirs)."""
+        """The stage family's entry in SEMANTICS ("evaluate/sae" and "interpret.language" share
+        theirs)."""
         return SEMANTICS.get(re.split(r"[./]", self.stage)[0], 1)
 
     def to_json(self) -> dict[str, Any]:
@@ -234,80 +237,11 @@ def check_table(path: str | os.PathLike, what: str = "table") -> int:
     size = path.stat().st_size
     if integrity.get("bytes") not in (None, size) or integrity.get("rows") not in (None, rows):
         raise SailError(
-            f"{path}: {size} bytes / {rows} rows, but its manifest recorded {integrity.get('bytes')} "
-            f"bytes / {integrity.get('rows')} rows when it was written (damaged or replaced); {redo}"
+            f"{path}: {size} bytes / {rows} rows, but its manifest recorded "
+            f"{integrity.get('bytes')} bytes / {integrity.get('rows')} rows when it was written "
+            f"(damaged or replaced); {redo}"
         )
     return rows
-
-
-class Workspace:
-    """Paths of every artifact in one run folder (layout in docs/artifacts.md)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def __repr__(self) -> str:
-        return f"Workspace({str(self.root)!r})"
-
-    def ensure(self) -> Workspace:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return self
-
-    @property
-    def config_yaml(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def phantom_dir(self) -> Path:
-        return self.root / "phantom"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def slices_dir(self) -> Path:
-        return self.data_dir / "slices"
-
-    @property
-    def slices_table(self) -> Path:
-        return self.data_dir / "slices.parquet"
-
-    @property
-    def skipped_csv(self) -> Path:
-        return self.data_dir / "skipped.csv"
-
-    @property
-    def split_csv(self) -> Path:
-        return self.data_dir / "split.csv"
-
-    def embeddings(self, encoder: str) -> Path:
-        return self.root / "embeddings" / f"{encoder}.parquet"
-
-    def sae_dir(self, encoder: str, variant: str, config_name: str) -> Path:
-        return self.root / "sae" / encoder / variant / config_name
-
-    def activations(self, encoder: str, variant: str, config_name: str, split: str) -> Path:
-        return self.root / "activations" / encoder / variant / config_name / f"{split}.parquet"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def interpret_dir(self) -> Path:
-        return self.root / "interpret"
-
-    @property
-    def figures_dir(self) -> Path:
-        return self.root / "figures"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.root / "report"
-
-    def relative(self, path: str | os.PathLike) -> str:
-        return Path(path).relative_to(self.root).as_posix()
 
 
 @contextlib.contextmanager
@@ -331,13 +265,14 @@ def stage_lock(root: str | os.PathLike, name: str) -> Iterator[Path]:
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise SailError(
-                f"{path}: stage {name} is being written by another sail run ({holder}); wait for it to "
-                "finish (the lock ends with that process, even if it is killed)"
+                f"{path}: stage {name} is being written by another sail run ({holder}); wait for "
+                "it to finish (the lock ends with that process, even if it is killed)"
             ) from None
         f.seek(0)
         f.truncate()
         f.write(
-            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            f"pid {os.getpid()} on {socket.gethostname()} "
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         )
         f.flush()
         try:

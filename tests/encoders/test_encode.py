@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sail.cli import app
 from sail.config import load_config
 from sail.encoders.efficientnet_lite0 import EfficientNetLite0Encoder
-from sail.encoders.encode import PartsDir, merge_parts, parse_shard, run_encode
+from sail.encoders.encode import PartsDir, encode_shard, merge_parts, run_encode
 from sail.encoders.table import read_embeddings
 from sail.errors import SailError
 from sail.workspace import Workspace, manifest_path
@@ -156,7 +156,10 @@ def test_non_finite_outputs_name_the_slices(tmp_path, monkeypatch):
     monkeypatch.setattr(EfficientNetLite0Encoder, "forward", forward)
     with pytest.raises(
         SailError,
-        match="non-finite \\(NaN/inf\\) embeddings for 2 slices: ct/s0000/axial/0000, ct/s0001/axial/0000",
+        match=(
+            "non-finite \\(NaN/inf\\) embeddings for 2 slices: "
+            "ct/s0000/axial/0000, ct/s0001/axial/0000"
+        ),
     ):
         run_encode(cfg_for(ws), ws)
 
@@ -197,17 +200,17 @@ def test_bad_inputs_and_settings(tmp_path):
             ),
             ws,
         )
-    assert parse_shard("2/4") == (2, 4)
+    assert encode_shard("2/4") == (2, 4)
     with pytest.raises(SailError, match="need 0 <= i < n"):
-        parse_shard("4/4")
+        encode_shard("4/4")
 
 
 def test_torchrun_environment_selects_the_shard(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
-    assert parse_shard(None) == (3, 4)
+    assert encode_shard(None) == (3, 4)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert parse_shard(None) is None
+    assert encode_shard(None) is None
 
 
 def _cli(ws: Workspace, *args: str):

@@ -137,7 +137,15 @@ def write_sae(
     sae_dir.mkdir(parents=True, exist_ok=True)
     if write_cfg:
         (sae_dir / "cfg.json").write_text(
-            json.dumps({"variant": variant, "dict_sizes": dict_sizes, "k_values": k_values})
+            json.dumps(
+                {
+                    "schema_version": 1,
+                    "variant": variant,
+                    "dict_sizes": dict_sizes,
+                    "k_values": k_values,
+                    "d_in": 16,
+                }
+            )
         )
     levels = range(len(dict_sizes))
     metrics = pd.DataFrame(

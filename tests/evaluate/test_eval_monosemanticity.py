@@ -54,8 +54,8 @@ def test_null_baseline_hand_cases():
 
 
 def test_null_draws_one_slice_per_volume_like_the_top_n():
-    """Review of issue 12: the feature's top-N holds one slice per volume, so the null must too; with
-    random slices, two slices of one volume (identical structures here) raised the null."""
+    """Review of issue 12: the feature's top-N holds one slice per volume, so the null must too;
+    with random slices, two slices of one volume (identical structures here) raised the null."""
     volume = np.repeat(np.arange(12), 50)
     structures = np.eye(12, dtype=bool)[
         volume
@@ -153,3 +153,24 @@ def test_config_scores_top10_and_top50_means():
     assert out["m_config_top10"] == pytest.approx(m[:10].mean())
     assert out["m_config_top50"] == pytest.approx(m[:50].mean())
     assert out["n_scored_features"] == 100 and out["n_dead_features"] == 7
+
+
+def test_one_feature_top_slices_are_the_batched_rule_on_one_column():
+    """Issue 13: monosemanticity, autointerp and the report share one top-slices rule."""
+    from sail.evaluate.top_slices import ranked_rows, top_per_volume
+
+    rng = np.random.default_rng(1)
+    dense = (rng.random((200, 12)) < 0.3) * rng.integers(1, 4, size=(200, 12)).astype(float)
+    volume = rng.integers(0, 15, size=200)
+    csc = sp.csc_matrix(dense)
+    ref_top, _ = _naive_top_volumes(sp.csr_matrix(dense), volume, 5)
+    for f in range(12):
+        rows, vals = top_per_volume(csc, f, volume, 5)
+        np.testing.assert_array_equal(rows, ref_top[f][ref_top[f] >= 0])
+        np.testing.assert_array_equal(vals, dense[rows, f])
+        all_rows, all_vals = ranked_rows(csc, f)
+        assert sorted(all_rows) == sorted(np.flatnonzero(dense[:, f] > 0))
+        assert all(
+            (a > b) or (a == b and r < s)
+            for a, b, r, s in zip(all_vals, all_vals[1:], all_rows, all_rows[1:], strict=False)
+        )

@@ -146,3 +146,31 @@ def test_single_feature_scoring_and_volume_level_p_are_labelled(tmp_path):
     )
     assert page.count("1/(1+|a - a_ref|)") == 2  # the fingerprint example and the language query
     assert "over 4 reference volumes" in page
+
+
+def test_feature_page_enrichment_is_the_descriptions_own_split_and_slices(site):
+    """Issue 13: the page's enrichment is computed by autointerp's code on the slices the
+    description is built from (the concept split's top slices), with volume-level p-values."""
+    from sail.config import AutointerpSettings
+    from sail.interpret.autointerp import gather
+    from sail.interpret.data import Target, load_split, read_slices
+    from sail.interpret.enrichment import EnrichmentTable
+
+    cfg, ws, _ = site
+    split = cfg.interpret.autointerp.concept_split
+    data = load_split(ws, Target(ENCODER, VARIANT, CONFIG), split, read_slices(ws))
+    table = EnrichmentTable(data.meta, data.H_NS, data.structures)
+    ev = gather(data, table, 0, AutointerpSettings()).enrichment
+    page = (
+        ws.report_dir / "features" / f"{ENCODER}__{VARIANT}__{CONFIG}" / "f00000.html"
+    ).read_text()
+    assert f"base rate ({split} split)" in page
+    assert (
+        f"The {ev.n_top} top-activating slices of the {split} split, from {ev.n_volumes} volumes"
+        in page
+    )
+    liver = next(r for r in ev.structures if r[0] == "liver")
+    row = re.search(r"<td>structure=liver</td>.*?</tr>", page, re.S).group(0)
+    cells = re.findall(r'<td class="num">([^<]*)</td>', row)
+    assert cells[:2] == [f"{liver[1]:.2f}", f"{liver[2]:.2f}"]
+    assert cells[3] == f"{liver[4]:.2g}"

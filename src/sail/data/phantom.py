@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from sail.artifacts import PHANTOM_TRUTH
 from sail.config import PhantomConfig
 from sail.console import track
 from sail.data.labels import VOCABULARY, age_group
@@ -161,7 +161,7 @@ class Primitive:
                 )
                 inside = inside & (inner > 1.0)
         if self.z_range is not None:
-            inside = inside & (Z >= self.z_range[0]) & (Z <= self.z_range[1])
+            inside = inside & (self.z_range[0] <= Z) & (self.z_range[1] >= Z)
         return inside
 
 
@@ -348,7 +348,7 @@ def _tissue(name: str, bone_hu: float, marrow: float) -> tuple[float, float]:
     ):
         if name.startswith(key) or key in name:
             return _TISSUE[value]
-    return _TISSUE[name.split("_")[0]] if name.split("_")[0] in _TISSUE else (40, 300)
+    return _TISSUE.get(name.split("_")[0], (40, 300))
 
 
 def _body_mask(X, Y, Z, sex: str, age: float) -> tuple[np.ndarray, np.ndarray]:
@@ -373,7 +373,7 @@ def _body_mask(X, Y, Z, sex: str, age: float) -> tuple[np.ndarray, np.ndarray]:
         & (Z >= 820)
         & (Z <= 1420)
     )
-    inner |= (X**2 + Y**2 <= (60 - fat / 3) ** 2) & (Z > 1420) & (Z <= 1540)
+    inner |= ((60 - fat / 3) ** 2 >= X**2 + Y**2) & (Z > 1420) & (Z <= 1540)
     inner |= head | (
         legs
         & (
@@ -597,10 +597,9 @@ def _meta_row(plan: ScanPlan, truth: dict, rng: np.random.Generator) -> dict:
     return row
 
 
-def write_phantom_dataset(
-    out_dir: str | Path, cfg: PhantomConfig, workers: int = 1, map_fn: Callable | None = None
-) -> Path:
-    """Write ``cfg.n_ct`` CT and ``cfg.n_mri`` MRI scans plus meta.csv files and phantom_truth.json."""
+def write_phantom_dataset(out_dir: str | Path, cfg: PhantomConfig, workers: int = 1) -> Path:
+    """Write ``cfg.n_ct`` CT and ``cfg.n_mri`` MRI scans plus meta.csv files and
+    phantom_truth.json."""
     root = Path(out_dir)
     plans = _plan_scans(cfg)
     if workers > 1 and len(plans) > 1:
@@ -616,7 +615,11 @@ def write_phantom_dataset(
         truths = [write_scan(p, root) for p in track(plans, "phantom scans")]
     meta_rng = np.random.default_rng([cfg.seed, 3])
     for modality in ("ct", "mri"):
-        rows = [_meta_row(p, t, meta_rng) for p, t in zip(plans, truths) if p.modality == modality]
+        rows = [
+            _meta_row(p, t, meta_rng)
+            for p, t in zip(plans, truths, strict=True)
+            if p.modality == modality
+        ]
         if not rows:
             continue
         cols = META_COLUMNS[modality]
@@ -625,7 +628,7 @@ def write_phantom_dataset(
             root / DATASET_FOLDERS[modality] / "meta.csv", "\ufeff" + "\n".join(lines) + "\n"
         )
     write_json_atomic(
-        root / "phantom_truth.json",
+        root / PHANTOM_TRUTH,
         {
             "generator": "sail.data.phantom",
             "seed": cfg.seed,
@@ -633,10 +636,17 @@ def write_phantom_dataset(
             "n_ct": cfg.n_ct,
             "n_mri": cfg.n_mri,
             "concepts": {
-                "structures": "one labelled solid per TotalSegmentator structure, masks mutually exclusive",
+                "structures": (
+                    "one labelled solid per TotalSegmentator structure, masks mutually exclusive"
+                ),
                 "sex": "male: prostate, broader shoulders; female: breasts, wider pelvis",
-                "age": "bone density falls (CT HU), marrow brightens (MRI), brain shrinks, subcutaneous fat grows",
-                "institute": "noise, gain, field of view, scanner model and manufacturer per institute",
+                "age": (
+                    "bone density falls (CT HU), marrow brightens (MRI), brain shrinks, "
+                    "subcutaneous fat grows"
+                ),
+                "institute": (
+                    "noise, gain, field of view, scanner model and manufacturer per institute"
+                ),
                 "pathology": "a lesion sphere in the organ named by pathology_location (tumor)",
             },
             "institutes": {

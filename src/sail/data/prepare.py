@@ -1,4 +1,5 @@
-"""The ``phantom`` and ``prepare`` stages: dataset folder -> PNG slices, slices.parquet, skipped.csv.
+"""The ``phantom`` and ``prepare`` stages: dataset folder -> PNG slices, slices.parquet,
+skipped.csv.
 
 Scans are sliced in parallel worker processes (one volume in memory per worker). Each finished
 scan leaves a part file keyed by the config hash, so an interrupted run resumes where it stopped
@@ -18,10 +19,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from sail.artifacts import SLICE_ID_COLUMNS
 from sail.config import SailConfig
 from sail.console import progress
 from sail.data.labels import HARMONISED
-from sail.data.manifest import ScanRef, discover_manifest, is_manifest
+from sail.data.manifest import KNOWN_METADATA, ScanRef, discover_manifest, is_manifest
 from sail.data.phantom import write_phantom_dataset
 from sail.data.slicing import ScanResult, SliceOptions, slice_scan
 from sail.data.totalseg import DATASET_FOLDERS, discover
@@ -41,29 +43,8 @@ log = logging.getLogger(__name__)
 
 SKIP_COLUMNS = ["modality", "image_id", "plane", "slice_from", "slice_to", "action", "reason"]
 META_ORDER = [
-    "slice_id",
-    "modality",
-    "image_id",
-    "plane",
-    "slice_idx",
-    "png_path",
-    "sex",
-    "age",
-    "age_group",
-    "institute",
-    "study_type",
-    "manufacturer",
-    "scanner_model",
-    "kvp",
-    "pathology",
-    "pathology_location",
-    "magnetic_field_strength",
-    "slice_thickness",
-    "repetition_time",
-    "echo_time",
-    "scanning_sequence",
-    "source",
-    "official_split",
+    *SLICE_ID_COLUMNS,
+    *KNOWN_METADATA,
     "pixel_spacing_mm",
     "slice_spacing_mm",
     "slice_position_mm",
@@ -86,7 +67,7 @@ def run_phantom(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         log.info("phantom: skipped (prepare.source is %s)", cfg.prepare.source)
         return
     record = StageRecord("phantom", hash_config(cfg.phantom.model_dump(mode="json")), {})
-    truth = ws.phantom_dir / "phantom_truth.json"
+    truth = ws.phantom_truth
     if not force and is_done(truth, record):
         log.info("phantom: up to date")
         return
@@ -117,7 +98,7 @@ def _meta_fingerprint(source: Path, modalities: list[str]) -> dict[str, str]:
 
 
 def _part_path(parts: Path, ref: ScanRef) -> Path:
-    return parts / f"{ref.modality}_{ref.image_id}.parquet"
+    return Workspace.prepare_part(parts, ref.modality, ref.image_id)
 
 
 def _slice_and_store(ref: ScanRef, opts: SliceOptions, root: Path, parts: Path) -> ScanResult:
@@ -134,6 +115,40 @@ def _read_part(path: Path) -> ScanResult:
     skips = pd.read_json(io.StringIO(table.schema.metadata[b"skips"].decode()), orient="records")
     rows = table.to_pandas() if table.num_rows else None
     return ScanResult(rows, skips.to_dict("records") if len(skips) else [])
+
+
+def _slice_scans(
+    scans: list, parts: Path, opts: SliceOptions, ws: Workspace, workers: int | None
+) -> dict[tuple[str, str], ScanResult]:
+    """Every scan's rows and skips: read from its part file when an earlier run finished it, else
+    sliced now (in worker processes) and stored as a part, so an interrupted run resumes."""
+    results: dict[tuple[str, str], ScanResult] = {}
+    todo = []
+    for ref in scans:
+        part = _part_path(parts, ref)
+        if part.exists():
+            results[(ref.modality, ref.image_id)] = _read_part(part)
+        else:
+            todo.append(ref)
+    if results:
+        log.info("prepare: resuming, %d of %d scans already sliced", len(results), len(scans))
+    n_workers = _workers(workers, len(todo))
+    with progress() as bar:
+        task = bar.add_task("slicing scans", total=len(scans), completed=len(results))
+        if n_workers == 1:
+            for ref in todo:
+                results[(ref.modality, ref.image_id)] = _slice_and_store(ref, opts, ws.root, parts)
+                bar.advance(task)
+            return results
+        with ProcessPoolExecutor(max_workers=n_workers) as pool:
+            futures = {
+                pool.submit(_slice_and_store, ref, opts, ws.root, parts): ref for ref in todo
+            }
+            for future in as_completed(futures):
+                ref = futures[future]
+                results[(ref.modality, ref.image_id)] = future.result()
+                bar.advance(task)
+    return results
 
 
 def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
@@ -164,45 +179,19 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         ]
     if not scans:
         raise SailError(f"{source}: no scans found for modalities {', '.join(pc.modalities)}")
-    parts = ws.data_dir / ".parts" / config_hash
+    parts = ws.prepare_parts(config_hash)
     if force and parts.exists():
         shutil.rmtree(parts)
     if force and ws.slices_dir.exists():
         shutil.rmtree(ws.slices_dir)
     parts.mkdir(parents=True, exist_ok=True)
 
-    results: dict[tuple[str, str], ScanResult] = {}
-    todo = []
-    for ref in scans:
-        part = _part_path(parts, ref)
-        if part.exists():
-            results[(ref.modality, ref.image_id)] = _read_part(part)
-        else:
-            todo.append(ref)
-    if results:
-        log.info("prepare: resuming, %d of %d scans already sliced", len(results), len(scans))
-    workers = _workers(pc.workers, len(todo))
-    with progress() as bar:
-        task = bar.add_task("slicing scans", total=len(scans), completed=len(results))
-        if workers == 1:
-            for ref in todo:
-                results[(ref.modality, ref.image_id)] = _slice_and_store(ref, opts, ws.root, parts)
-                bar.advance(task)
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {
-                    pool.submit(_slice_and_store, ref, opts, ws.root, parts): ref for ref in todo
-                }
-                for future in as_completed(futures):
-                    ref = futures[future]
-                    results[(ref.modality, ref.image_id)] = future.result()
-                    bar.advance(task)
-
+    results = _slice_scans(scans, parts, opts, ws, pc.workers)
     frames = [results[k].rows for k in sorted(results) if results[k].rows is not None]
     for k in sorted(results):
         skips.extend(results[k].skips)
     if not frames:  # a previous slices.parquet + skipped.csv pair stays as it was
-        failed = ws.data_dir / "skipped.failed.csv" if ws.slices_table.exists() else ws.skipped_csv
+        failed = ws.skipped_failed_csv if ws.slices_table.exists() else ws.skipped_csv
         write_csv_atomic(failed, pd.DataFrame(skips, columns=SKIP_COLUMNS))
         raise SailError(f"{source}: every scan was skipped; reasons in {failed}")
     table = _assemble(frames)

@@ -28,6 +28,7 @@ import pandas as pd
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from PIL import Image
 
+from sail.artifacts import Workspace
 from sail.data.dicom import DicomDefect, read_dicom_series
 from sail.data.labels import age_group
 from sail.data.manifest import KNOWN_METADATA, ScanRef
@@ -200,7 +201,8 @@ def _mask_voxels(path: Path, what: str, shape: tuple[int, ...], affine: np.ndarr
 
 
 def _pack_label_map(ref: ScanRef, labels: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    """One multi-label volume -> structure bits, through a value -> bit lookup (no loop over structures)."""
+    """One multi-label volume -> structure bits, through a value -> bit lookup (no loop over
+    structures)."""
     values = np.unique(labels)
     unknown = sorted(set(values.tolist()) - {0} - set(ref.label_values))
     if unknown:
@@ -312,7 +314,8 @@ _SEX = {"f": "f", "m": "m", "female": "f", "male": "m"}
 
 
 def _meta_columns(ref: ScanRef, style: str) -> dict:
-    """slices.parquet's metadata columns from the scan's manifest row; free columns follow as given."""
+    """slices.parquet's metadata columns from the scan's manifest row; free columns follow as
+    given."""
     m = ref.meta
 
     def num(key: str) -> float | None:
@@ -341,7 +344,8 @@ def _meta_columns(ref: ScanRef, style: str) -> dict:
 
 
 def mri_slice_axis(shape: tuple[int, ...], spacing: np.ndarray, style: str) -> int:
-    """Acquisition axis: largest spacing (canonical) else fewest voxels; published: fewest voxels."""
+    """Acquisition axis: largest spacing (canonical) else fewest voxels; published: fewest
+    voxels."""
     if style == "canonical":
         order = np.argsort(spacing)[::-1]
         if spacing[order[0]] - spacing[order[1]] > 1e-3:
@@ -357,6 +361,57 @@ def slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanRe
         return ScanResult(None, [_skip(ref.modality, ref.image_id, str(exc))])
 
 
+def _prepare_ct(ref: ScanRef, opts: SliceOptions, data, packed, spacing, skips: list[dict]):
+    """CT: resampled to ``ct_spacing_mm`` (canonical) or checked isotropic (published), windowed
+    by study type (an unknown one gets the default window and a recorded skip row); all three
+    planes. Returns the data, masks, spacing, (lower, upper, centre, width) and the axes."""
+    if opts.style == "canonical":
+        for axis in range(3):
+            data = _resample_axis(data, axis, spacing[axis], opts.ct_spacing_mm, linear=True)
+            packed = _resample_axis(packed, axis, spacing[axis], opts.ct_spacing_mm, linear=False)
+        spacing = np.full(3, opts.ct_spacing_mm)
+    elif np.ptp(spacing) > 1e-6:
+        raise ScanDefect(
+            f"CT is not isotropic (spacing {np.round(spacing, 4).tolist()} mm); "
+            "the published style does not resample"
+        )
+    (centre, width), known = ct_window(ref.meta.get("study_type"))
+    if not known:
+        skips.append(
+            _skip(
+                ref.modality,
+                ref.image_id,
+                f"unknown study type {ref.meta.get('study_type')!r}: default window "
+                f"centre {centre:g} width {width:g}",
+                action="default_window",
+            )
+        )
+    window = (centre - width / 2, centre + width / 2, centre, width)
+    return data, packed, spacing, window, [0, 1, 2]
+
+
+def _prepare_mri(ref: ScanRef, opts: SliceOptions, data, packed, spacing):
+    """MRI: the acquisition plane only, resampled in-plane to square pixels, windowed between the
+    1st and 99th percentile of the foreground."""
+    axis = mri_slice_axis(data.shape, spacing, opts.style)
+    in_plane = [a for a in range(3) if a != axis]
+    target = float(min(spacing[in_plane]))
+    if abs(spacing[in_plane[0]] - spacing[in_plane[1]]) > 1e-3:
+        for a in in_plane:
+            data = _resample_axis(data, a, spacing[a], target, linear=True)
+            packed = _resample_axis(packed, a, spacing[a], target, linear=False)
+            spacing[a] = target
+    foreground = data[data > 0]
+    if foreground.size == 0:
+        raise ScanDefect(f"image {ref.image_path} has no voxel above 0")
+    lower, upper = (float(v) for v in np.percentile(foreground, [1, 99]))
+    if upper <= lower:
+        raise ScanDefect(
+            f"image {ref.image_path} has no intensity range between its 1st and 99th percentiles"
+        )
+    return data, packed, spacing, (lower, upper, (lower + upper) / 2, upper - lower), [axis]
+
+
 def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanResult:
     skips: list[dict] = []
     data, affine = _read_image(ref.image_path)
@@ -369,57 +424,17 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
 
     if ref.modality == "ct":
-        if opts.style == "canonical":
-            for axis in range(3):
-                data = _resample_axis(data, axis, spacing[axis], opts.ct_spacing_mm, linear=True)
-                packed = _resample_axis(
-                    packed, axis, spacing[axis], opts.ct_spacing_mm, linear=False
-                )
-            spacing = np.full(3, opts.ct_spacing_mm)
-        elif np.ptp(spacing) > 1e-6:
-            raise ScanDefect(
-                f"CT is not isotropic (spacing {np.round(spacing, 4).tolist()} mm); "
-                "the published style does not resample"
-            )
-        (centre, width), known = ct_window(ref.meta.get("study_type"))
-        if not known:
-            skips.append(
-                _skip(
-                    ref.modality,
-                    ref.image_id,
-                    f"unknown study type {ref.meta.get('study_type')!r}: default window "
-                    f"centre {centre:g} width {width:g}",
-                    action="default_window",
-                )
-            )
-        lower, upper = centre - width / 2, centre + width / 2
-        axes = [0, 1, 2]
+        data, packed, spacing, window, axes = _prepare_ct(ref, opts, data, packed, spacing, skips)
     else:
-        axis = mri_slice_axis(data.shape, spacing, opts.style)
-        in_plane = [a for a in range(3) if a != axis]
-        target = float(min(spacing[in_plane]))
-        if abs(spacing[in_plane[0]] - spacing[in_plane[1]]) > 1e-3:
-            for a in in_plane:
-                data = _resample_axis(data, a, spacing[a], target, linear=True)
-                packed = _resample_axis(packed, a, spacing[a], target, linear=False)
-                spacing[a] = target
-        foreground = data[data > 0]
-        if foreground.size == 0:
-            raise ScanDefect(f"image {ref.image_path} has no voxel above 0")
-        lower, upper = (float(v) for v in np.percentile(foreground, [1, 99]))
-        if upper <= lower:
-            raise ScanDefect(
-                f"image {ref.image_path} has no intensity range between its 1st and 99th percentiles"
-            )
-        centre, width = (lower + upper) / 2, upper - lower
-        axes = [axis]
+        data, packed, spacing, window, axes = _prepare_mri(ref, opts, data, packed, spacing)
+    lower, upper, centre, width = window
 
     pixels = (_to_uint8_fixed if opts.style == "canonical" else _to_uint8_published)(
         data, lower, upper
     )
     del data
     meta = _meta_columns(ref, opts.style)
-    out_dir = workspace_root / "data" / "slices" / ref.modality / ref.image_id
+    out_dir = workspace_root / Workspace.volume_slices(ref.modality, ref.image_id)
     frames = []
     for axis in axes:
         plane = PLANES[axis]
@@ -476,7 +491,7 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
             pil = Image.fromarray(np.ascontiguousarray(img), mode="L")
             if side != opts.image_size:
                 pil = pil.resize((opts.image_size, opts.image_size), Image.Resampling.LANCZOS)
-            rel = f"data/slices/{ref.modality}/{ref.image_id}/{plane}_{idx:04d}.png"
+            rel = Workspace.slice_png(ref.modality, ref.image_id, plane, idx)
             pil.save(workspace_root / rel, compress_level=3)
             paths.append(rel)
         centre_vox = (np.array(pixels.shape[:3]) - 1) / 2.0

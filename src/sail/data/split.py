@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from sklearn.model_selection import StratifiedShuffleSplit
 
+from sail.artifacts import SPLITS
 from sail.config import SailConfig, SplitConfig
 from sail.errors import SailError
 from sail.workspace import (
@@ -32,8 +33,6 @@ from sail.workspace import (
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
-
 
 def _merge_singletons(strata: pd.Series) -> pd.Series:
     """Relabel each single-scan stratum to its nearest stratum: same modality first, then the
@@ -45,15 +44,19 @@ def _merge_singletons(strata: pd.Series) -> pd.Series:
         if not singles or len(counts) < 2:
             return strata
         label = singles[0]
-        fields = label.split("|")
-
-        def nearness(other: str) -> tuple[int, int, int]:
-            o = other.split("|")
-            return (o[0] == fields[0], sum(a == b for a, b in zip(o, fields)), int(counts[other]))
-
-        best = max((o for o in counts.index if o != label), key=lambda o: (nearness(o), o))
+        best = max(
+            (o for o in counts.index if o != label),
+            key=lambda o: (_nearness(label, o, int(counts[o])), o),
+        )
         log.warning("split: stratum %s has a single scan; merged into %s", label, best)
         strata[strata == label] = best
+
+
+def _nearness(label: str, other: str, size: int) -> tuple[bool, int, int]:
+    """How close stratum ``other`` is to ``label`` (same modality first, then shared fields, then
+    the larger stratum)."""
+    fields, o = label.split("|"), other.split("|")
+    return o[0] == fields[0], sum(a == b for a, b in zip(o, fields, strict=False)), size
 
 
 def make_split(scans: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
@@ -93,8 +96,8 @@ def _split_units(units: pd.DataFrame, test: np.ndarray, cfg: SplitConfig) -> np.
         test = np.zeros(len(units), dtype=bool)
         test[np.random.default_rng([cfg.seed, 1]).permutation(len(units))[:n_test]] = True
         log.warning(
-            "split: no scan from the held-out institutes %s; a seeded %d of %d units (test_fraction %g) "
-            "form the test split",
+            "split: no scan from the held-out institutes %s; a seeded %d of %d units "
+            "(test_fraction %g) form the test split",
             ", ".join(cfg.test_institutes) or "(none)",
             n_test,
             len(units),
@@ -201,15 +204,3 @@ def run_split(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             s,
             hint,
         )
-
-
-def read_split(ws: Workspace) -> pd.DataFrame:
-    if not ws.split_csv.exists():
-        raise SailError(f"{ws.split_csv} not found: run `sail split` first")
-    split = pd.read_csv(ws.split_csv, dtype=str)
-    bad = sorted(set(split["split"]) - set(SPLITS))
-    if bad:
-        raise SailError(
-            f"{ws.split_csv}: unknown split value(s) {bad}; expected {', '.join(SPLITS)}"
-        )
-    return split

@@ -26,11 +26,13 @@ import torch
 from PIL import Image
 
 from sail import __version__
+from sail.artifacts import ENCODE_ENCODER, ENCODE_PLAN
 from sail.console import progress
 from sail.device import resolve_device
 from sail.encoders.base import EncoderSpec, Precision, Preprocess, get_spec, resolve_precision
 from sail.encoders.table import read_embeddings, write_embeddings
 from sail.errors import SailError
+from sail.shards import parse_shard
 from sail.workspace import (
     StageRecord,
     Workspace,
@@ -45,9 +47,6 @@ if TYPE_CHECKING:
     from sail.config import EncodeConfig, SailConfig
 
 log = logging.getLogger(__name__)
-
-PLAN_FILE = "plan.json"
-ENCODER_FILE = "encoder.json"
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,8 @@ class EncodeJob:
     pooling: str = "auto"
 
     def identity(self) -> dict[str, Any]:
-        """What the numbers depend on (the manifest's config hash). Device and batch size are not in it."""
+        """What the numbers depend on (the manifest's config hash). Device and batch size are not
+        in it."""
         pooling = (
             {"pooling": self.pooling} if self.pooling != "auto" else {}
         )  # keeps older manifests valid
@@ -92,18 +92,15 @@ class EncodeJob:
         )
 
 
-def parse_shard(shard: str | None) -> tuple[int, int] | None:
-    """``"i/n"`` (0 <= i < n) -> (i, n); also picks up torchrun's RANK/WORLD_SIZE when no shard is given."""
+def encode_shard(shard: str | None) -> tuple[int, int] | None:
+    """This process's encode shard (i, n): it encodes chunks i, i+n, i+2n, ... (strided).
+
+    ``--shard i/n`` when given, else torchrun's RANK/WORLD_SIZE, else None (every chunk).
+    """
     if shard is None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
-    try:
-        i, n = (int(p) for p in shard.split("/"))
-    except ValueError:
-        raise SailError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise SailError(f"--shard {shard}: need 0 <= i < n (shards are numbered from 0)")
-    return i, n
+    return parse_shard(shard)
 
 
 def default_workers() -> int:
@@ -118,11 +115,13 @@ def make_job(
     image_size: int | None = None,
     pooling: str = "auto",
 ) -> EncodeJob:
-    """Resolve one table's settings (``settings`` needs device, precision, batch_size, workers, chunk_size)."""
+    """Resolve one table's settings (``settings`` needs device, precision, batch_size, workers,
+    chunk_size)."""
     spec = get_spec(encoder)
     if pooling != "auto" and not spec.extra.get("named"):
         raise SailError(
-            f"encoder {spec.name} has its published pooling; --pooling applies to timm:/hf: encoders"
+            f"encoder {spec.name} has its published pooling; "
+            "--pooling applies to timm:/hf: encoders"
         )
     device = resolve_device(settings.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -148,7 +147,8 @@ def read_slice_index(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     path = ws.slices_table
     if not path.is_file():
         raise SailError(
-            f"{path} not found: run `sail prepare` first (or `sail import-embeddings` for your own vectors)"
+            f"{path} not found: run `sail prepare` first "
+            "(or `sail import-embeddings` for your own vectors)"
         )
     schema = pq.read_schema(path)
     for col in ("slice_id", "png_path"):
@@ -220,10 +220,11 @@ class PartsDir:
     """``embeddings/<name>.parts/``: plan.json, encoder.json and one parquet per finished chunk."""
 
     def __init__(self, ws: Workspace, name: str):
-        self.dir = ws.embeddings(name).with_name(f"{name}.parts")
+        self.ws, self.name = ws, name
+        self.dir = ws.embedding_parts(name)
 
     def chunk(self, k: int) -> Path:
-        return self.dir / f"chunk_{k:06d}.parquet"
+        return self.ws.embedding_chunk(self.name, k)
 
     def has(self, k: int) -> bool:
         """A finished chunk: its Parquet footer reads and holds the planned row count. A damaged
@@ -252,18 +253,19 @@ class PartsDir:
 
     def plan(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.dir / PLAN_FILE).read_text())
+            return json.loads((self.dir / ENCODE_PLAN).read_text())
         except (OSError, json.JSONDecodeError):
             return None
 
     def encoder_metadata(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.dir / ENCODER_FILE).read_text())
+            return json.loads((self.dir / ENCODE_ENCODER).read_text())
         except (OSError, json.JSONDecodeError):
             return None
 
     def start(self, plan: dict[str, Any], discard: list[int]) -> None:
-        """Keep matching finished chunks; drop stale ones (another plan) and the ``discard`` list."""
+        """Keep matching finished chunks; drop stale ones (another plan) and the ``discard``
+        list."""
         old = self.plan()
         if old is not None and old.get("key") != plan["key"]:
             stale = sorted(self.dir.glob("chunk_*.parquet"))
@@ -271,10 +273,10 @@ class PartsDir:
                 log.info("%s: discarding %d parts made with other settings", self.dir, len(stale))
             for path in stale:
                 path.unlink(missing_ok=True)
-            (self.dir / ENCODER_FILE).unlink(missing_ok=True)
+            (self.dir / ENCODE_ENCODER).unlink(missing_ok=True)
         for k in discard:
             self.chunk(k).unlink(missing_ok=True)
-        write_json_atomic(self.dir / PLAN_FILE, plan)
+        write_json_atomic(self.dir / ENCODE_PLAN, plan)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -306,9 +308,10 @@ def encode_chunks(
     chunks: list[int],
     parts: PartsDir,
 ) -> int:
-    """Encode ``chunks`` and write each as soon as it is complete. Returns the number of slices encoded."""
+    """Encode ``chunks`` and write each as soon as it is complete. Returns the number of slices
+    encoded."""
     encoder = job.build()
-    write_json_atomic(parts.dir / ENCODER_FILE, encoder.metadata())
+    write_json_atomic(parts.dir / ENCODE_ENCODER, encoder.metadata())
     batches = _chunk_batches(chunks, len(ids), job.chunk_size, job.batch_size)
     loader = torch.utils.data.DataLoader(
         _BatchDecoder(ws.root, pngs, batches, encoder.preprocess),
@@ -328,7 +331,8 @@ def encode_chunks(
             if item["bad"]:
                 row, msg = item["bad"][0]
                 raise SailError(
-                    f"cannot read {len(item['bad'])} PNG(s) for encoding, e.g. {ws.root / pngs[row]} "
+                    f"cannot read {len(item['bad'])} PNG(s) for encoding, "
+                    f"e.g. {ws.root / pngs[row]} "
                     f"(slice {ids[row]}): {msg}"
                 )
             pending.append(encoder.encode(item["images"]))  # stays on the device: no sync per batch
@@ -355,7 +359,8 @@ def encode_chunks(
 def encode_job(
     ws: Workspace, job: EncodeJob, force: bool = False, shard: tuple[int, int] | None = None
 ) -> Path | None:
-    """Produce embeddings/<job.name>.parquet (or this shard's parts). Returns the table once it exists."""
+    """Produce embeddings/<job.name>.parquet (or this shard's parts). Returns the table once it
+    exists."""
     final = ws.embeddings(job.name)
     record = StageRecord(
         "encode", hash_config(job.identity()), {"slices": fingerprint(ws.slices_table)}
@@ -389,7 +394,8 @@ def encode_job(
         encode_chunks(ws, job, ids, pngs, todo, parts)
     if shard is not None:
         log.info(
-            "encode %s: shard %d/%d finished (%d chunks); once every shard is done run `sail encode --merge --name %s`",
+            "encode %s: shard %d/%d finished (%d chunks); once every shard is done run "
+            "`sail encode --merge --name %s`",
             job.name,
             shard[0],
             shard[1],
@@ -401,7 +407,8 @@ def encode_job(
 
 
 def merge_parts(ws: Workspace, name: str) -> Path:
-    """Join finished chunks into embeddings/<name>.parquet (identical to an unsharded run), then drop them."""
+    """Join finished chunks into embeddings/<name>.parquet (identical to an unsharded run), then
+    drop them."""
     parts = PartsDir(ws, name)
     plan = parts.plan()
     if plan is None:
@@ -412,7 +419,8 @@ def merge_parts(ws: Workspace, name: str) -> Path:
         if canonical != name:
             return merge_parts(ws, canonical)
         raise SailError(
-            f"{parts.dir}: no encoding parts to merge; run `sail encode --encoder ... --name {name} --shard i/n` first"
+            f"{parts.dir}: no encoding parts to merge; run "
+            f"`sail encode --encoder ... --name {name} --shard i/n` first"
         )
     ids, _ = read_slice_index(ws)
     record = StageRecord(
@@ -426,17 +434,19 @@ def merge_parts(ws: Workspace, name: str) -> Path:
     if missing:
         shown = ", ".join(str(k) for k in missing[:10])
         raise SailError(
-            f"{parts.dir}: {len(missing)} of {plan['n_chunks']} chunks are not finished yet (chunks {shown}"
+            f"{parts.dir}: {len(missing)} of {plan['n_chunks']} chunks are not finished yet "
+            f"(chunks {shown}"
             f"{' ...' if len(missing) > 10 else ''}); run the remaining shards, then merge"
         )
     meta = parts.encoder_metadata()
     if meta is None:
-        raise SailError(f"{parts.dir}: {ENCODER_FILE} is missing; encode again")
+        raise SailError(f"{parts.dir}: {ENCODE_ENCODER} is missing; encode again")
     tables = [read_embeddings(parts.chunk(k)) for k in range(plan["n_chunks"])]
     merged_ids = np.concatenate([t.slice_ids for t in tables]).astype(str)
     if not np.array_equal(merged_ids, ids):
         raise SailError(
-            f"{parts.dir}: the parts do not cover the slices of {ws.slices_table} in order; encode again"
+            f"{parts.dir}: the parts do not cover the slices of {ws.slices_table} in order; "
+            "encode again"
         )
     x_ND = np.concatenate([t.x_ND for t in tables])
     final = ws.embeddings(name)
@@ -451,14 +461,15 @@ def merge_parts(ws: Workspace, name: str) -> Path:
 def run_encode(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     """Pipeline stage: one table per entry of ``encode.encoders``."""
     settings = cfg.encode
-    shard = parse_shard(settings.shard)
+    shard = encode_shard(settings.shard)
     names = [e.name or get_spec(e.encoder).table_name for e in settings.encoders]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise SailError(
-            f"config encode.encoders: output name {sorted(dup)[0]!r} is used twice; give each a distinct 'name'"
+            f"config encode.encoders: output name {sorted(dup)[0]!r} is used twice; "
+            "give each a distinct 'name'"
         )
-    for entry, name in zip(settings.encoders, names):
+    for entry, name in zip(settings.encoders, names, strict=True):
         job = make_job(
             entry.encoder,
             settings,

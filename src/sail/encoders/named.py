@@ -5,8 +5,8 @@
   is a folder written by ``timm.models.save_for_hf`` (config.json + model.safetensors; its
   architecture must be NAME) or a weights file (.safetensors/.pth/.bin) loaded into NAME.
 - ``hf:ID_OR_DIR``: a transformers vision backbone (``AutoModel``: ViT, DINOv2/v3, Swin, ConvNeXt,
-  ResNet, ...) from a local ``save_pretrained`` folder or a hub id; ``--weights DIR`` overrides where
-  it loads from.
+  ResNet, ...) from a local ``save_pretrained`` folder or a hub id; ``--weights DIR`` overrides
+  where it loads from.
 
 Offline by default: hub names resolve from the local Hugging Face cache only (set
 ``SAIL_ALLOW_DOWNLOADS=1`` to let timm/transformers download). The embedding dimension comes from
@@ -39,7 +39,6 @@ from sail.errors import SailError
 log = logging.getLogger(__name__)
 
 PREFIXES = ("timm:", "hf:")
-POOLINGS = ("auto", "mean", "cls", "gem")
 GEM_P = 3.0
 _FALLBACK_SIZE = 224
 _RESAMPLE = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}
@@ -61,7 +60,8 @@ def table_name(name: str) -> str:
 
 
 def named_spec(name: str) -> EncoderSpec:
-    """The registry entry of ``timm:NAME`` / ``hf:ID_OR_DIR``, made on demand (nothing is loaded)."""
+    """The registry entry of ``timm:NAME`` / ``hf:ID_OR_DIR``, made on demand (nothing is
+    loaded)."""
     prefix, _, ident = name.partition(":")
     if not ident:
         raise SailError(
@@ -164,7 +164,8 @@ class NamedEncoder(Encoder):
 
 
 def _timm_size(spec: EncoderSpec, weights: str | None) -> int:
-    """Input side from the weights folder's or the registry's pretrained_cfg, without building the model."""
+    """Input side from the weights folder's or the registry's pretrained_cfg, without building the
+    model."""
     ident = spec.extra["model"]
     folder = Path(weights).expanduser() if weights else None
     if ident.startswith("local-dir:"):
@@ -195,9 +196,10 @@ def _create_timm(ident: str, weights: str | None, name: str) -> nn.Module:
                 return timm.create_model(ident, pretrained=True)
             except Exception as exc:  # noqa: BLE001 - unknown name, offline, missing cache: one message
                 raise SailError(
-                    f"encoder {name}: cannot load pretrained timm weights for {ident!r} ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:200]}). Offline by default: pass --weights (a save_for_hf folder or "
-                    "a weights file), fetch them into the Hugging Face cache, or set SAIL_ALLOW_DOWNLOADS=1"
+                    f"encoder {name}: cannot load pretrained timm weights for {ident!r} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Offline by "
+                    "default: pass --weights (a save_for_hf folder or a weights file), fetch them "
+                    "into the Hugging Face cache, or set SAIL_ALLOW_DOWNLOADS=1"
                 ) from None
     path = Path(weights).expanduser()
     if not path.exists():
@@ -317,7 +319,10 @@ def build_hf(
 
     from sail.encoders.dinov3 import preprocess_from_processor
 
-    how = "Pass a folder written by save_pretrained (config.json + weights) or a hub id in the local cache."
+    how = (
+        "Pass a folder written by save_pretrained (config.json + weights) or a hub id in the "
+        "local cache."
+    )
     location, local = hub_or_local(weights or ident, f"encoder {name}", how)
     try:
         with hub_offline():
@@ -354,7 +359,8 @@ def build_hf(
     )
     if not isinstance(dim, int):
         raise SailError(
-            f"encoder {name}: cannot read the embedding size from {location} (no hidden_size/hidden_sizes)"
+            f"encoder {name}: cannot read the embedding size from {location} "
+            "(no hidden_size/hidden_sizes)"
         )
     embeddings = getattr(model, "embeddings", None)
     has_cls = getattr(embeddings, "cls_token", None) is not None

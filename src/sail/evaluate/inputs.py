@@ -1,4 +1,5 @@
-"""Evaluation inputs: the slice table joined with the split, dense and sparse matrices aligned to it.
+"""Evaluation inputs: the slice table joined with the split, dense and sparse matrices aligned
+to it.
 
 Every matrix is row-aligned to :class:`EvalData.slices` (sorted by slice_id), so a row index means
 the same slice in every table and dense and sparse probes draw identical subsamples.
@@ -6,32 +7,32 @@ the same slice in every table and dense and sparse probes draw identical subsamp
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from sail.artifacts import SPLITS, read_final_metrics, read_sae_cfg, read_split
 from sail.encoders.table import read_embeddings
 from sail.errors import SailError
 from sail.sae.activations_io import read_activations
+from sail.slice_ids import volume_codes
 from sail.workspace import Workspace, check_table
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 STRUCTURE_PREFIX = "has_"
 _CONFIG_RE = re.compile(r"^D_(?P<d>\d+(?:_\d+)*)_K_(?P<k>\d+(?:_\d+)*)(?:-.*)?$")
 
 
 @dataclass
 class EvalData:
-    """Slices with a split, in slice_id order; ``volume`` is an integer code of (modality, image_id)."""
+    """Slices with a split, in slice_id order; ``volume`` is an integer code of (modality,
+    image_id)."""
 
     slices: pd.DataFrame
     volume: np.ndarray
@@ -53,29 +54,19 @@ def load_eval_data(ws: Workspace) -> EvalData:
             raise SailError(f"{path} not found: run `sail prepare` and `sail split` first")
     check_table(ws.slices_table, "slices table")
     slices = pd.read_parquet(ws.slices_table)
-    split = pd.read_csv(ws.split_csv, dtype={"image_id": str, "modality": str, "split": str})
+    split = read_split(ws.split_csv)
     for col in ("slice_id", "modality", "image_id"):
         if col not in slices.columns:
             raise SailError(f"{ws.slices_table}: missing column '{col}'")
-    for col in ("modality", "image_id", "split"):
-        if col not in split.columns:
-            raise SailError(f"{ws.split_csv}: missing column '{col}'")
-    bad = sorted(set(split["split"]) - set(SPLITS))
-    if bad:
+    twice = slices["slice_id"].duplicated()
+    if twice.any():
         raise SailError(
-            f"{ws.split_csv}: column 'split' has values {bad}; expected train|valid|test"
-        )
-    if split.duplicated(["modality", "image_id"]).any():
-        row = split[split.duplicated(["modality", "image_id"])].iloc[0]
-        raise SailError(
-            f"{ws.split_csv}: volume ({row['modality']}, {row['image_id']}) listed twice"
-        )
-    if slices["slice_id"].duplicated().any():
-        raise SailError(
-            f"{ws.slices_table}: duplicate slice_id {slices['slice_id'][slices['slice_id'].duplicated()].iloc[0]!r}"
+            f"{ws.slices_table}: duplicate slice_id {slices['slice_id'][twice].iloc[0]!r}"
         )
     slices = slices.drop(columns=["split"], errors="ignore").merge(
-        split[["modality", "image_id", "split"]], on=["modality", "image_id"], how="left"
+        split[["modality", "image_id", "split"]].astype({"modality": str, "image_id": str}),
+        on=["modality", "image_id"],
+        how="left",
     )
     unsplit = int(slices["split"].isna().sum())
     if unsplit:
@@ -91,11 +82,7 @@ def load_eval_data(ws: Workspace) -> EvalData:
 def _make_eval_data(slices: pd.DataFrame) -> EvalData:
     slices = slices.sort_values("slice_id", kind="stable").reset_index(drop=True)
     # Volumes are keyed by (modality, image_id): CT and MRI reuse sNNNN ids.
-    volume = (
-        pd.MultiIndex.from_frame(slices[["modality", "image_id"]].astype(str))
-        .factorize()[0]
-        .astype(np.int64)
-    )
+    volume = volume_codes(slices)
     split_rows = {s: np.flatnonzero(slices["split"].to_numpy() == s) for s in SPLITS}
     return EvalData(slices=slices, volume=volume, split_rows=split_rows)
 
@@ -140,13 +127,17 @@ def load_dense(
 
 def discover_configs(ws: Workspace, encoder: str) -> list[tuple[str, str]]:
     """(variant, config) pairs that have train, valid and test activations."""
-    root = ws.root / "activations" / encoder
+    root = ws.activations_root / encoder
     found = []
     if not root.is_dir():
         return found
     for variant_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for cfg_dir in sorted(p for p in variant_dir.iterdir() if p.is_dir()):
-            missing = [s for s in SPLITS if not (cfg_dir / f"{s}.parquet").is_file()]
+            missing = [
+                s
+                for s in SPLITS
+                if not ws.activations(encoder, variant_dir.name, cfg_dir.name, s).is_file()
+            ]
             if missing:
                 log.warning(
                     "%s: no %s activations; config not evaluated", cfg_dir, "/".join(missing)
@@ -157,10 +148,7 @@ def discover_configs(ws: Workspace, encoder: str) -> list[tuple[str, str]]:
 
 
 def discover_encoders(ws: Workspace) -> list[str]:
-    root = ws.root / "embeddings"
-    return (
-        sorted(p.name[: -len(".parquet")] for p in root.glob("*.parquet")) if root.is_dir() else []
-    )
+    return ws.encoders_with_embeddings()
 
 
 def load_sparse(
@@ -180,8 +168,9 @@ def load_sparse(
         if (pos < 0).any():
             example = data.slices["slice_id"].iloc[rows[np.flatnonzero(pos < 0)[0]]]
             raise SailError(
-                f"{path}: lacks {int((pos < 0).sum())} {split} slices of the split (e.g. {example!r}); "
-                "rerun `sail activations` after changing the split or embeddings"
+                f"{path}: lacks {int((pos < 0).sum())} {split} slices of the split "
+                f"(e.g. {example!r}); rerun `sail activations` after changing the split or "
+                "embeddings"
             )
         parts_idx.append(rows)
         parts_csr.append(csr[pos])
@@ -190,7 +179,8 @@ def load_sparse(
     out = stacked[order]
     if out.shape[0] != len(data.slices):
         raise SailError(
-            f"activations of {encoder}/{variant}/{config} cover {out.shape[0]} of {len(data.slices)} slices"
+            f"activations of {encoder}/{variant}/{config} cover {out.shape[0]} "
+            f"of {len(data.slices)} slices"
         )
     out = sp.csr_matrix(out, dtype=np.float32)
     out.sort_indices()
@@ -205,25 +195,23 @@ def parse_config_name(name: str) -> tuple[list[int], list[int]] | None:
     return [int(v) for v in m["d"].split("_")], [int(v) for v in m["k"].split("_")]
 
 
+def sae_levels(
+    ws: Workspace, encoder: str, variant: str, config: str
+) -> tuple[list[int], list[int]] | None:
+    """(dict_sizes, k_values) from the SAE's cfg.json; from the grid's folder name only when the
+    SAE folder is gone (activations kept), else None."""
+    sae = ws.sae(encoder, variant, config)
+    if sae.cfg.is_file():
+        cfg = read_sae_cfg(sae.path)
+        return cfg.dict_sizes, cfg.k_values
+    return parse_config_name(config)
+
+
 def load_sae_info(
     ws: Workspace, encoder: str, variant: str, config: str, n_features: int
 ) -> SaeInfo:
     """Level boundaries from cfg.json (else the folder name) and last validation metrics."""
-    sae_dir = ws.sae_dir(encoder, variant, config)
-    dict_sizes: list[int] | None = None
-    k_values: list[int] = []
-    cfg_path = sae_dir / "cfg.json"
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SailError(f"{cfg_path}: not valid JSON: {exc}") from exc
-        dict_sizes = [int(v) for v in cfg.get("dict_sizes") or []] or None
-        k_values = [int(v) for v in cfg.get("k_values") or []]
-    if dict_sizes is None:
-        parsed = parse_config_name(config)
-        if parsed is not None:
-            dict_sizes, k_values = parsed
+    dict_sizes, k_values = sae_levels(ws, encoder, variant, config) or (None, [])
     if not dict_sizes or dict_sizes[-1] != n_features:
         if dict_sizes:
             log.warning(
@@ -236,34 +224,5 @@ def load_sae_info(
     return SaeInfo(
         dict_sizes=dict_sizes,
         k_values=k_values,
-        metrics=read_final_metrics(sae_dir / "metrics.csv"),
+        metrics=read_final_metrics(ws.sae(encoder, variant, config).metrics),
     )
-
-
-def read_final_metrics(path: Path) -> dict[str, float]:
-    """The stored codes' metrics at the largest level: l0, fvu, r2_published, dead_frac.
-
-    These are the ``mode == inference`` rows training writes last (held-out rows, dead fraction
-    from the codes); files from before that column fall back to the last validation row.
-    """
-    if not path.is_file():
-        return {}
-    df = pd.read_csv(path)
-    if df.empty or "split" not in df.columns:
-        return {}
-    if "mode" in df.columns and (df["mode"] == "inference").any():
-        df = df[df["mode"] == "inference"]
-    else:
-        df = df[df["split"].astype(str).isin(["valid", "val"])]
-    if df.empty:
-        return {}
-    if "level" in df.columns:
-        df = df[df["level"] == df["level"].max()]
-    if "step" in df.columns:
-        df = df[df["step"] == df["step"].max()]
-    row = df.iloc[-1]
-    return {
-        k: float(row[k])
-        for k in ("l0", "fvu", "r2_published", "dead_frac")
-        if k in row and pd.notna(row[k])
-    }

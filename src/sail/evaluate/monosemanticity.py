@@ -9,7 +9,8 @@ structure frequency distribution over the N slices and V the vocabulary size of 
 present, and M = max(0, C - null) * S.
 
 Everything is vectorised: one segmented sort of the nonzeros finds all features' top volumes at
-once, and the Jaccard/entropy steps run as batched matrix products over feature chunks.
+once (:func:`sail.evaluate.top_slices.top_volumes`, the rule autointerp and the report share),
+and the Jaccard/entropy steps run as batched matrix products over feature chunks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from sail.evaluate.top_slices import top_volumes
 
 FEATURE_COLUMNS = [
     "encoder",
@@ -77,38 +80,6 @@ def structure_matrix(
     return o, cols, len(cols)
 
 
-def top_volumes(
-    codes: sp.csr_matrix, volume: np.ndarray, n_max: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per feature, the rows of its ``n_max`` highest positive activations with one row per volume.
-
-    Returns (top rows, F x n_max int64, -1 padded, in descending activation order) and the number of
-    distinct volumes each feature activates in. Ties in activation break by row index.
-    """
-    csc = sp.csc_matrix(codes)
-    n_features = csc.shape[1]
-    col = np.repeat(np.arange(n_features, dtype=np.int64), np.diff(csc.indptr))
-    row, val = csc.indices.astype(np.int64), csc.data
-    pos = val > 0
-    col, row, val = col[pos], row[pos], val[pos]
-    order = np.lexsort((row, -val, col))  # by feature, then activation descending
-    col, row = col[order], row[order]
-    key = col * (int(volume.max()) + 1 if len(volume) else 1) + volume[row]
-    # First occurrence of each (feature, volume) in activation order: stable sort by key.
-    by_key = np.argsort(key, kind="stable")
-    first = np.ones(len(key), dtype=bool)
-    first[1:] = key[by_key][1:] != key[by_key][:-1]
-    keep = np.sort(by_key[first])
-    col, row = col[keep], row[keep]
-    n_vol = np.bincount(col, minlength=n_features)
-    start = np.concatenate([[0], np.cumsum(n_vol)[:-1]])
-    rank = np.arange(len(col)) - start[col]
-    sel = rank < n_max
-    top = np.full((n_features, n_max), -1, dtype=np.int64)
-    top[col[sel], rank[sel]] = row[sel]
-    return top, n_vol
-
-
 def mean_pairwise_jaccard(sets_BNS: np.ndarray) -> np.ndarray:
     """Mean Jaccard index over the i<j pairs of each batch item's N sets (both empty -> 1)."""
     b, n, s = sets_BNS.shape
@@ -138,9 +109,9 @@ def specificity(sets_BNS: np.ndarray, vocabulary_size: int) -> np.ndarray:
 def null_coherence(
     structures: np.ndarray, n: int, draws: int, seed: int, volume: np.ndarray
 ) -> tuple[float, float]:
-    """Mean and std of the coherence of ``draws`` random sets of ``n`` slices, one slice from each of
-    ``n`` distinct random volumes: drawn like a feature's top-N (one per volume), so two slices of one
-    volume, which share most structures, cannot inflate the null."""
+    """Mean and std of the coherence of ``draws`` random sets of ``n`` slices, one slice from each
+    of ``n`` distinct random volumes: drawn like a feature's top-N (one per volume), so two slices
+    of one volume, which share most structures, cannot inflate the null."""
     rng = np.random.default_rng(seed)
     order = np.argsort(volume, kind="stable")
     vols, start, count = np.unique(volume[order], return_index=True, return_counts=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sail.artifacts import EVAL_TABLES, EVAL_UNIT_MAIN, SPLITS, EvalFolder
 from sail.config import EvaluateConfig, SailConfig
 from sail.data.labels import VOCABULARY
 from sail.errors import SailError
@@ -24,8 +25,8 @@ from sail.evaluate import monosemanticity as mono
 from sail.evaluate.inputs import (
     EvalData,
     discover_configs,
-    embedded,
     discover_encoders,
+    embedded,
     load_dense,
     load_eval_data,
     load_sae_info,
@@ -39,7 +40,7 @@ from sail.evaluate.probes import (
     coefficient_table,
     run_probes,
 )
-from sail.evaluate.ranking import rank_configs, table1_markdown
+from sail.evaluate.ranking import RANKING_COLUMNS, rank_configs, table1_markdown
 from sail.evaluate.recovery import run_recovery
 from sail.workspace import (
     StageRecord,
@@ -57,42 +58,22 @@ from sail.workspace import (
 log = logging.getLogger(__name__)
 
 DENSE = "dense"
-UNIT_MAIN = "probes.parquet"
-# part file -> (eval/ table it feeds, format)
-TABLES = {
-    "probes": ("probes.csv", "csv"),
-    "probe_coefficients": ("probe_coefficients.parquet", "parquet"),
-    "probes_breakdown": ("probes_breakdown.csv", "csv"),
-    "null_baselines": ("null_baselines.csv", "csv"),
-    "monosemanticity_features": ("monosemanticity_features.csv", "csv"),
-    "monosemanticity_configs": ("monosemanticity_configs.csv", "csv"),
-    "recovery_curves": ("recovery_curves.csv", "csv"),
-    "recovery_summary": ("recovery_summary.csv", "csv"),
-    "concepts": ("concepts.csv", "csv"),
-    "confounds": ("confounds.csv", "csv"),
-}
-
-
-def units_root(ws: Workspace) -> Path:
-    return ws.eval_dir / "units"
 
 
 def unit_dir(ws: Workspace, encoder: str, variant: str, config: str) -> Path:
-    if variant == DENSE:
-        return units_root(ws) / encoder / DENSE
-    return units_root(ws) / encoder / variant / config
+    return ws.eval.unit(encoder, variant, None if variant == DENSE else config)
 
 
 def _write_parts(folder: Path, parts: dict[str, pd.DataFrame]) -> None:
     for name, df in parts.items():
         if name == "probes":
             continue
-        write_parquet_atomic(folder / f"{name}.parquet", df.reset_index(drop=True))
-    write_parquet_atomic(folder / UNIT_MAIN, parts["probes"].reset_index(drop=True))
+        write_parquet_atomic(EvalFolder.part(folder, name), df.reset_index(drop=True))
+    write_parquet_atomic(EvalFolder.unit_main(folder), parts["probes"].reset_index(drop=True))
 
 
 def _unit_done(folder: Path, record: StageRecord) -> bool:
-    return is_done(folder / UNIT_MAIN, record)
+    return is_done(EvalFolder.unit_main(folder), record)
 
 
 def _probe_settings_hash(ecfg: EvaluateConfig) -> dict:
@@ -186,7 +167,8 @@ def run_sparse_unit(
         codes, data.slices, data.split_rows, ids, cc.confound_labels, cc.confound_min_auc
     )
     log.info(
-        "%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; vocabulary %d structures",
+        "%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; "
+        "vocabulary %d structures",
         encoder,
         variant,
         config,
@@ -211,7 +193,7 @@ def run_sparse_unit(
 
 
 def _read_parts(folder: Path) -> dict[str, pd.DataFrame]:
-    return {p.name[: -len(".parquet")]: pd.read_parquet(p) for p in folder.glob("*.parquet")}
+    return {p.stem: pd.read_parquet(p) for p in folder.glob("*.parquet")}
 
 
 def _select_encoders(ws: Workspace, ecfg: EvaluateConfig) -> list[str]:
@@ -225,7 +207,8 @@ def _select_encoders(ws: Workspace, ecfg: EvaluateConfig) -> list[str]:
     for enc in ecfg.encoders:
         if not ws.embeddings(enc).is_file():
             raise SailError(
-                f"evaluate.encoders: {ws.embeddings(enc)} not found (have: {', '.join(available) or 'none'})"
+                f"evaluate.encoders: {ws.embeddings(enc)} not found "
+                f"(have: {', '.join(available) or 'none'})"
             )
     return list(ecfg.encoders)
 
@@ -245,14 +228,13 @@ def _stage_inputs(
 
 def _sparse_inputs(ws: Workspace, enc: str, variant: str, cfg_name: str) -> dict[str, str]:
     out = {}
-    for split in ("train", "valid", "test"):
+    for split in SPLITS:
         out[f"activations/{enc}/{variant}/{cfg_name}/{split}"] = fingerprint(
             ws.activations(enc, variant, cfg_name, split)
         )
-    for name in ("cfg.json", "metrics.csv"):
-        out[f"sae/{enc}/{variant}/{cfg_name}/{name}"] = fingerprint(
-            ws.sae_dir(enc, variant, cfg_name) / name
-        )
+    sae = ws.sae(enc, variant, cfg_name)
+    for path in (sae.cfg, sae.metrics):
+        out[ws.relative(path)] = fingerprint(path)
     return out
 
 
@@ -260,14 +242,14 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     ecfg = cfg.evaluate
     encoders = _select_encoders(ws, ecfg)
     inputs, configs = _stage_inputs(ws, encoders)
-    main = ws.eval_dir / "ranking.csv"
+    main = ws.eval.ranking
     record = StageRecord("evaluate", hash_config(ecfg.model_dump(mode="json")), inputs)
     if not force and is_done(main, record):
         log.info("evaluate: up to date (%s)", ws.relative(main))
         return
     data_all = load_eval_data(ws)
     for enc in encoders:  # a damaged activations table fails before anything is written
-        for table in sorted((ws.root / "activations" / enc).rglob("*.parquet")):
+        for table in sorted((ws.activations_root / enc).rglob("*.parquet")):
             check_table(table, "activations table")
     probe_hash = hash_config(_probe_settings_hash(ecfg))
     unit_hash = hash_config(
@@ -290,7 +272,9 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             t0 = time.perf_counter()
             _write_parts(dense_dir, run_dense_unit(ecfg, enc, data, x_ND))
             mark_done(
-                dense_dir / UNIT_MAIN, dense_record, {"seconds": round(time.perf_counter() - t0, 2)}
+                EvalFolder.unit_main(dense_dir),
+                dense_record,
+                {"seconds": round(time.perf_counter() - t0, 2)},
             )
         dense_parts = _read_parts(dense_dir)
         keep = {dense_dir}
@@ -302,7 +286,7 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                 unit_hash,
                 {
                     **base,
-                    "dense_unit": fingerprint(dense_dir / UNIT_MAIN),
+                    "dense_unit": fingerprint(EvalFolder.unit_main(dense_dir)),
                     **_sparse_inputs(ws, enc, variant, cfg_name),
                 },
             )
@@ -314,11 +298,13 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             t0 = time.perf_counter()
             parts = run_sparse_unit(ws, ecfg, enc, variant, cfg_name, data, dense_parts)
             _write_parts(folder, parts)
-            mark_done(folder / UNIT_MAIN, rec, {"seconds": round(time.perf_counter() - t0, 2)})
+            mark_done(
+                EvalFolder.unit_main(folder), rec, {"seconds": round(time.perf_counter() - t0, 2)}
+            )
             log.info(
                 "%s/%s/%s: evaluated in %.1f s", enc, variant, cfg_name, time.perf_counter() - t0
             )
-        _prune(units_root(ws) / enc, keep)
+        _prune(ws.eval.units / enc, keep)
     assemble(cfg, ws)
     mark_done(main, record)
 
@@ -327,7 +313,7 @@ def _prune(enc_root: Path, keep: set[Path]) -> None:
     """Remove unit folders whose SAE config no longer exists, so their rows leave the tables."""
     if not enc_root.is_dir():
         return
-    for main in list(enc_root.rglob(UNIT_MAIN)):
+    for main in list(enc_root.rglob(EVAL_UNIT_MAIN)):
         if main.parent not in keep:
             log.info("dropping results of removed config %s", main.parent)
             shutil.rmtree(main.parent)
@@ -336,16 +322,16 @@ def _prune(enc_root: Path, keep: set[Path]) -> None:
 def assemble(cfg: SailConfig, ws: Workspace) -> None:
     """Rebuild every eval/ table from the unit parts, then the ranking and Table 1."""
     ecfg = cfg.evaluate
-    collected: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
+    collected: dict[str, list[pd.DataFrame]] = {name: [] for name in EVAL_TABLES}
     columns: dict[str, list[str]] = {}
-    for main in sorted(units_root(ws).rglob(UNIT_MAIN)):
+    for main in sorted(ws.eval.units.rglob(EVAL_UNIT_MAIN)):
         for name, df in _read_parts(main.parent).items():
             if name in collected:
                 columns.setdefault(name, list(df.columns))  # empty tables still get their header
                 if len(df):
                     collected[name].append(df)
     tables = {}
-    for name, (filename, fmt) in TABLES.items():
+    for name, (filename, fmt) in EVAL_TABLES.items():
         df = (
             pd.concat(collected[name], ignore_index=True)
             if collected[name]
@@ -363,27 +349,14 @@ def assemble(cfg: SailConfig, ws: Workspace) -> None:
             mono_cfg, summary, ecfg.recovery.thresholds, max(ecfg.recovery.n_features), ecfg.ranking
         )
     else:
-        ranking = pd.DataFrame(
-            columns=[
-                "encoder",
-                "variant",
-                "sae_config",
-                "m_config",
-                "mean_n_features",
-                "n_targets",
-                "rank_mono",
-                "rank_perf",
-                "rank_combined",
-                "final_rank",
-            ]
-        )
+        ranking = pd.DataFrame(columns=RANKING_COLUMNS)
     metrics = {}
     for r in ranking.itertuples():
         metrics[(r.encoder, r.variant, r.sae_config)] = read_final_metrics(
-            ws.sae_dir(r.encoder, r.variant, r.sae_config) / "metrics.csv"
+            ws.sae(r.encoder, r.variant, r.sae_config).metrics
         )
-    write_csv_atomic(ws.eval_dir / "ranking.csv", ranking)
+    write_csv_atomic(ws.eval.ranking, ranking)
     write_text_atomic(
-        ws.eval_dir / "table1.md",
+        ws.eval.table1,
         table1_markdown(ranking, metrics, ecfg.ranking, m_slices=min(ecfg.monosemanticity.top_n)),
     )

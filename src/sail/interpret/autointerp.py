@@ -15,18 +15,19 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sail.artifacts import read_table
 from sail.config import AutointerpSettings
 from sail.errors import SailError
+from sail.evaluate.top_slices import ranked_rows, top_per_volume
 from sail.interpret import prompts
 from sail.interpret.backends.base import CallBudget, CallCache, ChatRequest, call_validated
 from sail.interpret.data import SplitData, Target
-from sail.interpret.enrichment import Enrichment, EnrichmentTable
+from sail.interpret.enrichment import Enrichment, EnrichmentTable, top_slices_for_enrichment
 from sail.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def select_features(
         bad = feats[(feats < 0) | (feats >= data.codes.shape[1])]
         if len(bad):
             raise SailError(
-                f"interpret.autointerp.features: feature {int(bad[0])} outside 0..{data.codes.shape[1] - 1}"
+                f"interpret.autointerp.features: feature {int(bad[0])} "
+                f"outside 0..{data.codes.shape[1] - 1}"
             )
         return pd.DataFrame(
             {"feature": feats, "selection_rank": np.arange(1, len(feats) + 1), "source": "custom"}
@@ -57,9 +59,9 @@ def select_features(
     ranks = []
     mono_score, mono_split = _selection_monosemanticity(ws, target, data, cfg)
     if mono_score is not None and len(mono_score):
-        # tied scores share a rank (many features tie at M = 0): never won by the lower feature index
+        # tied scores share a rank (many features tie at M = 0): never won by the lower index
         ranks.append(mono_score.rank(ascending=False, method="min").rename("monosem_rank"))
-    coef_path = ws.eval_dir / "probe_coefficients.parquet"
+    coef_path = ws.eval.table("probe_coefficients")
     if coef_path.is_file():
         coef = pd.read_parquet(coef_path)
         coef = coef[
@@ -70,8 +72,8 @@ def select_features(
         coef = coef[~coef.task.isin(cfg.exclude_tasks) & (coef["rank"] <= cfg.coef_top)]
         if len(coef):
             lists = coef.groupby(["task", "target"]).ngroups
-            # a feature missing from a list counts as rank coef_top + 1 there, so a feature seen in one
-            # list at a good rank does not beat one that is important everywhere
+            # a feature missing from a list counts as rank coef_top + 1 there, so a feature seen
+            # in one list at a good rank does not beat one that is important everywhere
             total = coef.groupby("feature")["rank"].sum() + (
                 lists - coef.groupby("feature").size()
             ) * (cfg.coef_top + 1)
@@ -121,10 +123,9 @@ def _selection_monosemanticity(
     optimistically, so eval/'s table is used only when it was computed on another split; otherwise
     the score is computed here on the concept split (``data``), where the descriptions come from.
     """
-    mono_csv = ws.eval_dir / "monosemanticity_features.csv"
-    if not mono_csv.is_file():
+    mono = read_table(ws.eval.table("monosemanticity_features"))
+    if mono is None:
         return None, ""
-    mono = pd.read_csv(mono_csv, dtype={"sae_config": str})
     mono = mono[
         (mono.encoder == target.encoder)
         & (mono.variant == target.variant)
@@ -143,8 +144,8 @@ def _selection_monosemanticity(
         return _monosemanticity_on(data, cfg.monosemanticity_top_n, cfg.seed), data.name
     else:
         log.warning(
-            "autointerp %s: concept_split = judge_split = %s; features are selected and judged on one "
-            "split",
+            "autointerp %s: concept_split = judge_split = %s; features are selected and judged "
+            "on one split",
             target.key,
             data.name,
         )
@@ -154,7 +155,8 @@ def _selection_monosemanticity(
 
 
 def _monosemanticity_on(data: SplitData, top_n: int, seed: int) -> pd.Series:
-    """The evaluate stage's monosemanticity M of every feature on one split, at ``top_n`` volumes."""
+    """The evaluate stage's monosemanticity M of every feature on one split, at ``top_n``
+    volumes."""
     from sail.data.labels import VOCABULARY
     from sail.evaluate import monosemanticity as mono
 
@@ -173,24 +175,6 @@ def _volumes_active(data: SplitData) -> np.ndarray:
         rows = csc.indices[csc.indptr[f] : csc.indptr[f + 1]]
         out[f] = len(np.unique(data.volume[rows]))
     return out
-
-
-def top_rows(
-    data: SplitData, feature: int, n: int | None = None, per_volume: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Active rows of a feature by activation (desc, ties by row); optionally first per volume."""
-    csc = data.csc
-    lo, hi = csc.indptr[feature], csc.indptr[feature + 1]
-    rows, vals = csc.indices[lo:hi], csc.data[lo:hi]
-    keep = vals > 0
-    rows, vals = rows[keep], vals[keep]
-    order = np.lexsort((rows, -vals))
-    rows, vals = rows[order], vals[order]
-    if per_volume:
-        _, first = np.unique(data.volume[rows], return_index=True)
-        first = np.sort(first)
-        rows, vals = rows[first], vals[first]
-    return (rows[:n], vals[:n]) if n is not None else (rows, vals)
 
 
 def diverse_pick(codes: sp.csr_matrix, rows: np.ndarray, n: int) -> np.ndarray:
@@ -225,15 +209,15 @@ class Evidence:
 def gather(
     data: SplitData, table: EnrichmentTable, feature: int, cfg: AutointerpSettings
 ) -> Evidence:
-    rows_all, vals_all = top_rows(data, feature)
-    cand_rows, cand_vals = top_rows(data, feature, cfg.n_candidates, per_volume=True)
+    rows_all, _ = ranked_rows(data.csc, feature)  # n_active, n_volumes count every active slice
+    cand_rows, cand_vals = top_per_volume(data.csc, feature, data.volume, cfg.n_candidates)
     pick = diverse_pick(data.codes, cand_rows, cfg.n_images)
     n_vol = len(np.unique(data.volume[rows_all]))
     return Evidence(
         feature,
         cand_rows[pick],
         cand_vals[pick],
-        table.of(rows_all[: cfg.enrichment_top]),
+        table.of(top_slices_for_enrichment(data.csc, feature, cfg.enrichment_top)),
         len(rows_all),
         n_vol,
     )
@@ -327,7 +311,7 @@ def describe_all(
 
     workers = getattr(getattr(roles.describer_model, "settings", None), "concurrency", 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip(evidence, pool.map(one, list(evidence))))
+        return dict(zip(evidence, pool.map(one, list(evidence)), strict=True))
 
 
 def draw_distractors(feature: int, pool: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -338,7 +322,8 @@ def draw_distractors(feature: int, pool: np.ndarray, n: int, seed: int) -> np.nd
 
 
 def same_concept(a: str, b: str) -> bool:
-    """Two descriptions name the same concept when they are equal up to case, spacing and end punctuation."""
+    """Two descriptions name the same concept when they are equal up to case, spacing and end
+    punctuation."""
 
     def norm(t: str) -> str:
         return " ".join(str(t).casefold().split()).rstrip(".;:!")
@@ -349,7 +334,8 @@ def same_concept(a: str, b: str) -> bool:
 def judge_candidates(
     f: int, distractors: np.ndarray, concepts: dict[int, str]
 ) -> tuple[list[int], int]:
-    """The target and the distractors whose concept differs from the target's, and how many were dropped.
+    """The target and the distractors whose concept differs from the target's, and how many were
+    dropped.
 
     A distractor with the target's own description cannot be told apart from it by any judge; kept,
     it makes a tie that an order-based rank would break in the target's favour.
@@ -363,7 +349,8 @@ def judge_candidates(
 
 
 def tied_rank(scores: np.ndarray, index: int = 0) -> float:
-    """1-based rank of ``scores[index]`` by descending score; tied candidates share their mean rank."""
+    """1-based rank of ``scores[index]`` by descending score; tied candidates share their mean
+    rank."""
     s = np.asarray(scores, dtype=np.float64)
     return float(1 + (s > s[index]).sum() + ((s == s[index]).sum() - 1) / 2)
 
@@ -377,7 +364,8 @@ def judge_all(
     distractors: dict[int, np.ndarray],
     roles: Roles,
 ) -> pd.DataFrame:
-    """One row per (target, permutation): the true concept's rank among the candidates, or the failure.
+    """One row per (target, permutation): the true concept's rank among the candidates, or the
+    failure.
 
     Candidates are the target and its distractors minus those sharing the target's description
     (``n_candidates`` records how many remain); tied similarities share their mean rank.

@@ -15,24 +15,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sail.artifacts import SLICE_ID_COLUMNS, read_ranking, read_split
 from sail.config import SailConfig
 from sail.errors import SailError
 from sail.sae.activations_io import read_activations
-from sail.workspace import Workspace, check_table, fingerprint
+from sail.slice_ids import volume_codes
+from sail.workspace import Workspace, check_table
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = [
-    "slice_id",
-    "modality",
-    "image_id",
-    "plane",
-    "slice_idx",
-    "png_path",
-    "sex",
-    "age",
-    "age_group",
-]
+META_COLUMNS = [*SLICE_ID_COLUMNS, "sex", "age", "age_group"]
 
 
 @dataclass(frozen=True, order=True)
@@ -50,7 +42,7 @@ def select_targets(cfg: SailConfig, ws: Workspace) -> list[Target]:
     """The final_rank == 1 config per encoder and variant (plus ``interpret.sae_configs``), else
     every config with activations."""
     icfg = cfg.interpret
-    act_root = ws.root / "activations"
+    act_root = ws.activations_root
     found = (
         sorted(
             Target(p.parent.parent.name, p.parent.name, p.name)
@@ -66,14 +58,11 @@ def select_targets(cfg: SailConfig, ws: Workspace) -> list[Target]:
         raise SailError(f"no activations under {act_root}: run `sail activations` first")
     if "all" in icfg.sae_configs:
         return found
-    ranking_csv = ws.eval_dir / "ranking.csv"
-    if not ranking_csv.is_file():
+    ranking_csv = ws.eval.ranking
+    ranking = read_ranking(ranking_csv)
+    if ranking is None:
         log.info("interpret: %s not found; using every config with activations", ranking_csv)
         return found
-    ranking = pd.read_csv(ranking_csv, dtype={"sae_config": str})
-    missing = {"encoder", "variant", "sae_config", "final_rank"} - set(ranking.columns)
-    if missing:
-        raise SailError(f"{ranking_csv}: missing column(s) {sorted(missing)}")
     best = ranking[ranking.final_rank == 1]
     chosen = {Target(r.encoder, r.variant, r.sae_config) for r in best.itertuples(index=False)}
     chosen |= {t for t in found if t.sae_config in icfg.sae_configs}
@@ -91,8 +80,6 @@ def select_targets(cfg: SailConfig, ws: Workspace) -> list[Target]:
 
 def read_slices(ws: Workspace) -> pd.DataFrame:
     """slices.parquet (identity, demographics, has_* flags) joined with split.csv."""
-    from sail.data.split import read_split
-
     if not ws.slices_table.is_file():
         raise SailError(f"{ws.slices_table} not found: run `sail prepare` first")
     check_table(ws.slices_table, "slices table")
@@ -101,7 +88,7 @@ def read_slices(ws: Workspace) -> pd.DataFrame:
     if missing:
         raise SailError(f"{ws.slices_table}: missing column(s) {missing}")
     keep = META_COLUMNS + [c for c in slices.columns if c.startswith("has_")]
-    split = read_split(ws)
+    split = read_split(ws.split_csv)
     out = slices[keep].merge(split, on=["modality", "image_id"], how="left")
     return out.sort_values("slice_id", kind="stable").reset_index(drop=True)
 
@@ -132,8 +119,7 @@ class SplitData:
 
     @cached_property
     def volume(self) -> np.ndarray:
-        keys = self.meta["modality"].astype(str) + "/" + self.meta["image_id"].astype(str)
-        return pd.factorize(keys)[0]
+        return volume_codes(self.meta)
 
     @cached_property
     def vol_start(self) -> np.ndarray:
@@ -159,18 +145,16 @@ class SplitData:
         )
         return nonzero >= self.n
 
-    def fingerprint(self) -> str:
-        return fingerprint(self.path)
-
 
 def load_split(ws: Workspace, target: Target, split: str, slices: pd.DataFrame) -> SplitData:
     path = ws.activations(target.encoder, target.variant, target.sae_config, split)
     slice_ids, codes, _ = read_activations(path)
     if len(slice_ids) == 0:
         raise SailError(
-            f"{path}: the {split} split has no slices (data/split.csv assigns it no scan; with the "
-            "default split.test_institutes A, D, E a dataset lacking those institutes has no test scans); "
-            "set split.test_institutes to institutes in your data and rerun from `sail split`"
+            f"{path}: the {split} split has no slices ({ws.split_csv} assigns it no scan; with "
+            "the default split.test_institutes A, D, E a dataset lacking those institutes has no "
+            "test scans); set split.test_institutes to institutes in your data and rerun from "
+            "`sail split`"
         )
     order = np.argsort(slice_ids, kind="stable")
     slice_ids, codes = slice_ids[order], codes[order]
@@ -178,13 +162,13 @@ def load_split(ws: Workspace, target: Target, split: str, slices: pd.DataFrame) 
     rows = index.get_indexer(slice_ids)
     if (rows < 0).any():
         bad = slice_ids[rows < 0][0]
-        raise SailError(f"{path}: slice_id {bad!r} is not in data/slices.parquet")
+        raise SailError(f"{path}: slice_id {bad!r} is not in {ws.slices_table}")
     meta = slices.iloc[rows].reset_index(drop=True)
     wrong = meta["split"].astype(str) != split
     if wrong.any():
         raise SailError(
             f"{path}: slice {meta.slice_id[wrong].iloc[0]!r} belongs to split "
-            f"{meta.split[wrong].iloc[0]!r} in data/split.csv, not {split!r}"
+            f"{meta.split[wrong].iloc[0]!r} in {ws.split_csv}, not {split!r}"
         )
     structures = [c[4:] for c in meta.columns if c.startswith("has_")]
     codes = sp.csr_matrix(codes, dtype=np.float32)

@@ -1,4 +1,5 @@
-"""Enrichment of a feature's top-activating slices against the split's base rate, tested over volumes.
+"""Enrichment of a feature's top-activating slices against the split's base rate, tested over
+volumes.
 
 For every attribute value (modality, plane, sex, age group) and every structure and body region:
 the share among the top slices, the base rate over the split, their ratio (lift) and a one-sided
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
+
+from sail.slice_ids import volume_codes
 
 CATEGORICAL = ("modality", "plane", "sex", "age_group")
 MIN_SHARE = 0.5
@@ -43,7 +46,7 @@ class Enrichment:
 
     def enriched_value(self, attr: str) -> str | None:
         """A demographic value only when it dominates and is enriched against the base rate."""
-        for value, share, base, lift, p in self.categorical.get(attr, []):
+        for value, share, _base, lift, p in self.categorical.get(attr, []):
             if share >= DEMOGRAPHIC_SHARE and lift >= MIN_LIFT and p < MAX_P:
                 return value
         return None
@@ -82,22 +85,23 @@ class Enrichment:
         }
 
 
-def volume_ids(meta) -> np.ndarray:
-    """Integer volume id per row: slices of one (modality, image_id) share it."""
-    import pandas as pd
-
-    return pd.factorize(meta["modality"].astype(str) + "/" + meta["image_id"].astype(str))[0]
-
-
 class EnrichmentTable:
-    """Base rates of one split, computed once; ``of(rows)`` scores one feature's top slices."""
+    """Base rates of one split, computed once; ``of(rows)`` scores one feature's top slices.
 
-    def __init__(self, meta, H_NS: np.ndarray, structures: list[str]):
+    The one enrichment implementation: autointerp's prompts and describer and the report's feature
+    pages (which add metadata columns such as institute through ``categorical``) use it on the same
+    split and the same top slices (:func:`top_slices_for_enrichment`), so a page's numbers are the
+    ones its description was built from.
+    """
+
+    def __init__(
+        self, meta, H_NS: np.ndarray, structures: list[str], categorical=CATEGORICAL
+    ) -> None:
         from sail.data.labels import STRUCTURE_REGION
 
-        self.volume = volume_ids(meta)
+        self.volume = volume_codes(meta)
         self.values: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for a in CATEGORICAL:
+        for a in categorical:
             col = meta[a].astype("string")
             known = col.notna().to_numpy()
             cats = sorted(col.dropna().unique())
@@ -122,7 +126,8 @@ class EnrichmentTable:
 
     @staticmethod
     def _rows(names, x_RL: np.ndarray, known_R: np.ndarray, inv_R: np.ndarray, n_vol: int, base):
-        """(value, share, base, lift, p) per label: share over the known top slices, p over their volumes."""
+        """(value, share, base, lift, p) per label: share over the known top slices, p over their
+        volumes."""
         x = x_RL[known_R].astype(np.float64)
         if len(x) == 0:
             return []
@@ -145,7 +150,8 @@ class EnrichmentTable:
         ]
 
     def of(self, rows: np.ndarray) -> Enrichment:
-        """Enrichment of a feature's top slices ``rows``; p-values count the volumes they come from."""
+        """Enrichment of a feature's top slices ``rows``; p-values count the volumes they come
+        from."""
         rows = np.asarray(rows)
         _, inv = np.unique(self.volume[rows], return_inverse=True)
         n_vol = int(inv.max()) + 1 if len(rows) else 0
@@ -158,3 +164,11 @@ class EnrichmentTable:
         )
         ev.regions = self._rows(self.regions, self.RG[rows], everywhere, inv, n_vol, self.r_base)
         return ev
+
+
+def top_slices_for_enrichment(csc, feature: int, n_top: int) -> np.ndarray:
+    """The slices a feature's enrichment describes: its ``n_top`` highest activations (slices, not
+    one per volume: the p-values count their volumes)."""
+    from sail.evaluate.top_slices import ranked_rows
+
+    return ranked_rows(csc, feature)[0][:n_top]

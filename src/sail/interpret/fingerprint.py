@@ -26,7 +26,6 @@ from sail.slice_ids import volume_ids
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sparse", "dense_fp", "dense_full")
 CATEGORICAL = ("modality", "plane", "sex", "age_group")
 METRICS = ("quality", *(f"p_{a}" for a in CATEGORICAL), "jaccard_structures")
 
@@ -40,7 +39,8 @@ def draw_references(n: int, cfg: FingerprintSettings) -> np.ndarray:
 def sparse_fingerprints(
     codes: sp.csr_matrix, rows: np.ndarray, k: int, exclude: np.ndarray
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(feature ids, values) of the top-k active, non-excluded features of each row (desc, ties by id)."""
+    """(feature ids, values) of the top-k active, non-excluded features of each row (desc, ties by
+    id)."""
     out = []
     for r in rows:
         lo, hi = codes.indptr[r], codes.indptr[r + 1]
@@ -53,7 +53,8 @@ def sparse_fingerprints(
 
 
 def dense_fingerprints(x_BD: np.ndarray, k: int) -> np.ndarray:
-    """(B, D) matrix holding each row's k largest-|value| dimensions (signs kept), zeros elsewhere."""
+    """(B, D) matrix holding each row's k largest-|value| dimensions (signs kept), zeros
+    elsewhere."""
     k = min(k, x_BD.shape[1])
     top = np.argsort(-np.abs(x_BD), axis=1, kind="stable")[:, :k]
     q = np.zeros_like(x_BD)
@@ -93,7 +94,8 @@ def similarity_rule(method: str, fp_size_B: np.ndarray) -> np.ndarray:
 def best_per_volume(
     S_NB: np.ndarray, data: SplitData, own_vol_B: np.ndarray, top: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``top`` other volumes per column by their best slice: (rows (B, top), scores), -1 padded."""
+    """Top ``top`` other volumes per column by their best slice: (rows (B, top), scores), -1
+    padded."""
     S = np.where(np.isnan(S_NB), -np.inf, S_NB)
     vmax_VB = np.maximum.reduceat(S, data.vol_start, axis=0)
     vmax_VB[own_vol_B, np.arange(S.shape[1])] = -np.inf
@@ -141,7 +143,8 @@ def _jaccard(H: np.ndarray, h_count: np.ndarray, a: np.ndarray, b: np.ndarray) -
 
 
 def _agreement(meta: _Meta, ref_B: np.ndarray, hits_BT: np.ndarray) -> dict[str, np.ndarray]:
-    """Per reference: share of hits agreeing on each attribute (NaN where unknown) + mean Jaccard."""
+    """Per reference: share of hits agreeing on each attribute (NaN where unknown) + mean
+    Jaccard."""
     valid = hits_BT >= 0
     safe = np.where(valid, hits_BT, 0)
     out = {}
@@ -163,7 +166,8 @@ def _agreement(meta: _Meta, ref_B: np.ndarray, hits_BT: np.ndarray) -> dict[str,
 
 
 def _chance(meta: _Meta, data: SplitData, ref_B: np.ndarray) -> dict[str, np.ndarray]:
-    """Expected agreement of one random slice from a random other volume (the one-hit-per-volume draw)."""
+    """Expected agreement of one random slice from a random other volume (the one-hit-per-volume
+    draw)."""
     own = data.volume[ref_B]
     out = {}
     for a in CATEGORICAL:
@@ -184,6 +188,19 @@ def _chance(meta: _Meta, data: SplitData, ref_B: np.ndarray) -> dict[str, np.nda
     per_vol[own, np.arange(len(ref_B))] = np.nan
     out["jaccard_structures"] = np.nanmean(per_vol, axis=0)
     return out
+
+
+def _fingerprint_rows(method: str, reference: str, features, values) -> pd.DataFrame:
+    """One reference's fingerprint as rows: its features (or dimensions) in rank order."""
+    return pd.DataFrame(
+        {
+            "method": method,
+            "reference": reference,
+            "rank": np.arange(1, len(features) + 1),
+            "feature": features,
+            "value": values,
+        }
+    )
 
 
 def run_fingerprint_retrieval(
@@ -289,30 +306,10 @@ def run_fingerprint_retrieval(
             record("dense_fp", k, ref_B, hits, sims, fp_size_d, dense_cos_NB, chance)
             if k == cfg.k_main:
                 for b, (f, v) in enumerate(fps):
-                    fp_rows.append(
-                        pd.DataFrame(
-                            {
-                                "method": "sparse",
-                                "reference": ids[ref_B[b]],
-                                "rank": np.arange(1, len(f) + 1),
-                                "feature": f,
-                                "value": v,
-                            }
-                        )
-                    )
                     dims = np.flatnonzero(md[b])
                     dims = dims[np.argsort(-np.abs(qd[b, dims]), kind="stable")]
-                    fp_rows.append(
-                        pd.DataFrame(
-                            {
-                                "method": "dense_fp",
-                                "reference": ids[ref_B[b]],
-                                "rank": np.arange(1, len(dims) + 1),
-                                "feature": dims,
-                                "value": qd[b, dims],
-                            }
-                        )
-                    )
+                    fp_rows.append(_fingerprint_rows("sparse", ids[ref_B[b]], f, v))
+                    fp_rows.append(_fingerprint_rows("dense_fp", ids[ref_B[b]], dims, qd[b, dims]))
     per_ref = pd.concat(rows, ignore_index=True)
     per_ref["k"] = per_ref["k"].astype("Int64")
     per_ref = _add_relative(per_ref)
@@ -330,7 +327,8 @@ def run_fingerprint_retrieval(
 
 
 def _add_relative(per_ref: pd.DataFrame) -> pd.DataFrame:
-    """Per-reference ratios to the dense baselines (matched on the slice_id, not a collapsed key)."""
+    """Per-reference ratios to the dense baselines (matched on the slice_id, not a collapsed
+    key)."""
     full = per_ref[per_ref.method == "dense_full"].set_index("reference")["quality_mean"]
     dfp = per_ref[per_ref.method == "dense_fp"].set_index(["k", "reference"])["quality_mean"]
     per_ref["relative_to_dense_full"] = (
@@ -403,7 +401,8 @@ def summarise(per_ref: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_k_sweep(summary: pd.DataFrame, path, title: str) -> None:
-    """Quality and metadata agreement against K, sparse vs dense fingerprint, dense full as a line."""
+    """Quality and metadata agreement against K, sparse vs dense fingerprint, dense full as a
+    line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,7 +410,7 @@ def plot_k_sweep(summary: pd.DataFrame, path, title: str) -> None:
 
     panels = ["quality", "p_modality", "p_plane", "jaccard_structures"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, metric in zip(axes, panels):
+    for ax, metric in zip(axes, panels, strict=False):
         s = summary[summary.metric == metric]
         for method, color in (("sparse", "darkorange"), ("dense_fp", "steelblue")):
             d = s[s.method == method].sort_values("k")

@@ -1,4 +1,5 @@
-"""The ``interpret`` stage and its three verbs; each writes under interpret/<verb>/<enc>/<variant>/<cfg>/."""
+"""The ``interpret`` stage and its three verbs; each writes under
+interpret/<verb>/<enc>/<variant>/<cfg>/."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import os
 import numpy as np
 import pandas as pd
 
+from sail.artifacts import FINGERPRINT_TABLES, InterpretFolder, read_table
 from sail.config import SailConfig
 from sail.console import console
 from sail.errors import SailError
 from sail.interpret.data import (
-    SplitData,
     Target,
     dense_aligned,
     load_split,
@@ -35,18 +36,25 @@ from sail.workspace import (
 log = logging.getLogger(__name__)
 
 
-def _out_dir(ws: Workspace, verb: str, t: Target):
-    return ws.interpret_dir / verb / t.encoder / t.variant / t.sae_config
+def _out_dir(ws: Workspace, verb: str, t: Target) -> InterpretFolder:
+    return ws.interpret(verb, t.encoder, t.variant, t.sae_config)
 
 
-def _model_identity(cfg: SailConfig, role: str) -> dict:
-    """What of a backend's settings decides its answers (never the API key: only its variable name)."""
+def _backend_kind(cfg: SailConfig, role: str) -> str:
+    """Which backend plays ``role`` (describer, judge or matcher)."""
     ic = cfg.interpret
-    kind = {
+    return {
         "describer": ic.describer,
         "judge": ic.judge,
         "matcher": ic.matcher_llm if ic.matcher == "llm" else ic.matcher,
     }[role]
+
+
+def _model_identity(cfg: SailConfig, role: str) -> dict:
+    """What of a backend's settings decides its answers (never the API key: only its variable
+    name)."""
+    ic = cfg.interpret
+    kind = _backend_kind(cfg, role)
     if kind == "openai":
         s = ic.judge_openai if role == "judge" and ic.judge_openai else ic.openai
         ident = s.model_dump(
@@ -66,11 +74,7 @@ def _model_identity(cfg: SailConfig, role: str) -> dict:
 def make_model(cfg: SailConfig, role: str):
     """A chat model for the describer, judge or llm matcher (None for the offline ones)."""
     ic = cfg.interpret
-    kind = {
-        "describer": ic.describer,
-        "judge": ic.judge,
-        "matcher": ic.matcher_llm if ic.matcher == "llm" else ic.matcher,
-    }[role]
+    kind = _backend_kind(cfg, role)
     if kind == "openai":
         from sail.interpret.backends.openai_compat import OpenAIChat
 
@@ -93,7 +97,7 @@ def run_fingerprint(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
     slices = read_slices(ws)
     for t in select_targets(cfg, ws):
         out = _out_dir(ws, "fingerprint", t)
-        summary_csv = out / "summary.csv"
+        summary_csv = out.summary
         act = ws.activations(t.encoder, t.variant, t.sae_config, fc.split)
         record = StageRecord(
             "interpret.fingerprint",
@@ -110,17 +114,18 @@ def run_fingerprint(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
             continue
         if cfg.interpret.dry_run:
             console.print(
-                f"fingerprint {t.key}: {fc.n_references} references x K {fc.k_values} (no model calls)"
+                f"fingerprint {t.key}: {fc.n_references} references x K {fc.k_values} "
+                "(no model calls)"
             )
             continue
         data = load_split(ws, t, fc.split, slices)
         x = dense_aligned(ws, t.encoder, data.meta.slice_id.to_numpy())
         res = run_fingerprint_retrieval(data, x, fc)
-        for name in ("per_reference", "hits", "fingerprints", "always_on"):
-            write_csv_atomic(out / f"{name}.csv", res[name])
+        for name in FINGERPRINT_TABLES:
+            write_csv_atomic(out.csv(name), res[name])
         from sail.workspace import atomic_path
 
-        with atomic_path(out / "k_sweep.png") as tmp:
+        with atomic_path(out.k_sweep) as tmp:
             plot_k_sweep(
                 res["summary"],
                 tmp,
@@ -147,6 +152,21 @@ def run_fingerprint(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
         )
 
 
+def _check_endpoints(cfg: SailConfig) -> None:
+    """A dry run still applies the remote-endpoint guard to the describer and judge, without
+    calling them."""
+    from sail.interpret.backends.openai_compat import check_endpoint
+
+    ic = cfg.interpret
+    for role, kind in (("describer", ic.describer), ("judge", ic.judge)):
+        if kind != "openai":
+            continue
+        section = "judge_openai" if role == "judge" and ic.judge_openai else "openai"
+        url = getattr(ic, section).base_url or os.environ.get("SAIL_OPENAI_BASE_URL") or ""
+        if url:
+            check_endpoint(url, ic.allow_remote, f"interpret.{section}.base_url")
+
+
 def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     from sail.interpret import autointerp as ai
     from sail.interpret.backends.base import CallBudget, CallCache
@@ -165,32 +185,19 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     judge_model = (
         None if ic.judge in ("embedding", "none") or ic.dry_run else make_model(cfg, "judge")
     )
-    if ic.dry_run:  # still validate endpoints (remote guard) without calling them
-        for role, kind in (("describer", ic.describer), ("judge", ic.judge)):
-            if kind == "openai":
-                from sail.interpret.backends.openai_compat import check_endpoint
-
-                s = ic.judge_openai if role == "judge" and ic.judge_openai else ic.openai
-                import os
-
-                url = s.base_url or os.environ.get("SAIL_OPENAI_BASE_URL") or ""
-                if url:
-                    check_endpoint(
-                        url,
-                        ic.allow_remote,
-                        f"interpret.{'judge_openai' if role == 'judge' and ic.judge_openai else 'openai'}.base_url",
-                    )
+    if ic.dry_run:
+        _check_endpoints(cfg)
     budget = CallBudget(ic.max_calls)
     for t in select_targets(cfg, ws):
         out = _out_dir(ws, "autointerp", t)
-        desc_csv = out / "descriptions.csv"
+        desc_csv = out.descriptions
         inputs = {
             f"activations_{s}": fingerprint(ws.activations(t.encoder, t.variant, t.sae_config, s))
             for s in {ac.concept_split, ac.judge_split}
         }
         inputs |= {
-            n: fingerprint(ws.eval_dir / n)
-            for n in ("monosemanticity_features.csv", "probe_coefficients.parquet")
+            ws.eval.table(n).name: fingerprint(ws.eval.table(n))
+            for n in ("monosemanticity_features", "probe_coefficients")
         }
         inputs |= {"slices": fingerprint(ws.slices_table), "split": fingerprint(ws.split_csv)}
         record = StageRecord("interpret.autointerp", hash_config(roles_cfg), inputs)
@@ -214,7 +221,7 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         )
         needed = sorted(set(targets) | {int(d) for ds in distractors.values() for d in ds})
         evidence = {f: ai.gather(concept, table, f, ac) for f in needed}
-        cache = CallCache(None if ic.dry_run else out / "calls.jsonl")
+        cache = CallCache(None if ic.dry_run else out.calls)
         roles = ai.Roles(
             ic.describer,
             describer_model,
@@ -233,7 +240,9 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             if f in concepts and all(int(g) in concepts for g in distractors.get(f, []))
         ]
         judge_name = {
-            "embedding": "minilm-metadata (offline: MiniLM similarity to a held-out metadata description)",
+            "embedding": (
+                "minilm-metadata (offline: MiniLM similarity to a held-out metadata description)"
+            ),
             "none": "not judged",
         }.get(ic.judge, _model_identity(cfg, "judge").get("model") or ic.judge)
         judged = pd.DataFrame()
@@ -257,8 +266,9 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                 console.print(p, markup=False, highlight=False)
             calls = sum(1 for p in roles.dry_prompts)
             console.print(
-                f"autointerp {t.key}: dry run, {len(targets)} targets, {len(needed)} features to describe, "
-                f"{calls} model calls needed (before cache hits and parse retries); nothing written"
+                f"autointerp {t.key}: dry run, {len(targets)} targets, {len(needed)} features to "
+                f"describe, {calls} model calls needed (before cache hits and parse retries); "
+                "nothing written"
             )
             continue
         rows = []
@@ -308,9 +318,9 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         desc = desc.sort_values(
             ["role", "selection_rank", "feature"], ascending=[False, True, True], kind="stable"
         )
-        write_csv_atomic(out / "selected_features.csv", selected)
+        write_csv_atomic(out.selected, selected)
         if len(judged):
-            write_csv_atomic(out / "judge.csv", judged)
+            write_csv_atomic(out.judge, judged)
         n_cand = 1 + ac.n_distractors
         metrics = {
             "encoder": t.encoder,
@@ -324,14 +334,15 @@ def run_autointerp(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             "seed": ac.seed,
             **ai.judge_metrics(judged, n_cand, judge_name),
         }
-        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out.metrics_json, metrics)
         write_csv_atomic(desc_csv, desc)
         if metrics[
             "n_failed"
         ]:  # not done: the next run retries the failed calls (answers are cached)
             manifest_path(desc_csv).unlink(missing_ok=True)
             log.warning(
-                "autointerp %s: %d feature(s) failed (see the error column of %s); rerun to retry them",
+                "autointerp %s: %d feature(s) failed (see the error column of %s); "
+                "rerun to retry them",
                 t.key,
                 metrics["n_failed"],
                 desc_csv,
@@ -367,10 +378,71 @@ def _user_queries(cfg: SailConfig) -> list:
     return queries
 
 
-def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
+def _eligible_descriptions(desc_csv, eligible: str) -> pd.DataFrame:
+    """The described target features language queries may match (judged rank <= 2 when
+    ``eligible`` is ``judged`` and a judge ran), in selection order."""
+    desc = read_table(desc_csv)
+    if desc is None:
+        raise SailError(f"{desc_csv}: empty; rerun `sail interpret autointerp`")
+    desc = desc[(desc.role == "target") & (desc.status == "ok")]
+    judged = "judge_rank_mean" in desc and desc.judge_rank_mean.notna().any()
+    if eligible == "judged" and judged:
+        desc = desc[desc.judge_rank_mean <= 2]
+    desc = desc.sort_values(["selection_rank", "feature"], kind="stable").reset_index(drop=True)
+    if desc.empty:
+        raise SailError(
+            f"{desc_csv}: no described (and judged rank <= 2) target features to match queries "
+            "against"
+        )
+    return desc
+
+
+def _print_match_dry_run(cfg: SailConfig, t: Target, queries: list, texts: list[str]) -> None:
+    from sail.interpret import prompts
+
+    ic, lc = cfg.interpret, cfg.interpret.language
+    n_calls = len(queries) if ic.matcher == "llm" else 0
+    if ic.matcher == "llm":
+        for q in queries:
+            prompt = prompts.match_prompt(q.text, texts, lc.n_features)
+            console.print(prompt, markup=False, highlight=False)
+    console.print(
+        f"language {t.key}: dry run, {len(queries)} queries over {len(texts)} features, "
+        f"{n_calls} model calls; nothing written"
+    )
+
+
+def _match_query(cfg: SailConfig, text: str, texts: list[str], n: int, llm) -> tuple:
+    """(status, error, indices into ``texts``, scores) of the ``n`` descriptions matching ``text``;
+    ``llm`` is (model, cache, budget) for the llm matcher."""
     from sail.interpret import language as lang
     from sail.interpret import prompts
-    from sail.interpret.backends.base import CallBudget, CallCache, ChatRequest, call_validated
+    from sail.interpret.backends.base import ChatRequest, call_validated
+
+    ic = cfg.interpret
+    if ic.matcher == "embedding":
+        return ("ok", "", *lang.match_embedding(text, texts, n))
+    if ic.matcher == "lexical":
+        return ("ok", "", *lang.match_lexical(text, texts, n))
+    req = ChatRequest(
+        "You match search queries to feature descriptions. Answer with JSON only.",
+        prompts.match_prompt(text, texts, n),
+        [],
+        prompts.match_schema(n, len(texts)),
+        "match",
+    )
+    parse = prompts.make_parse_match(n, len(texts))
+    res = call_validated(
+        *llm, req, prompts.TEMPLATE_VERSION, "match", parse, ic.autointerp.parse_retries
+    )
+    if not res.ok:
+        return "failed", res.error, np.array([], int), np.array([])
+    return "ok", "", np.asarray(res.value) - 1, np.ones(n)
+
+
+def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
+    from sail.interpret import language as lang
+    from sail.interpret.backends.base import CallBudget, CallCache
 
     ic, lc = cfg.interpret, cfg.interpret.language
     slices = read_slices(ws)
@@ -380,8 +452,8 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     budget = CallBudget(ic.max_calls)
     for t in select_targets(cfg, ws):
         out = _out_dir(ws, "language", t)
-        metrics_csv = out / "metrics.csv"
-        desc_csv = _out_dir(ws, "autointerp", t) / "descriptions.csv"
+        metrics_csv = out.metrics_csv
+        desc_csv = _out_dir(ws, "autointerp", t).descriptions
         if not desc_csv.is_file():
             raise SailError(f"{desc_csv} not found: run `sail interpret autointerp` first")
         record = StageRecord(
@@ -405,35 +477,13 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         if not force and not ic.dry_run and is_done(metrics_csv, record):
             log.info("language %s: up to date", t.key)
             continue
-        desc = pd.read_csv(desc_csv)
-        desc = desc[(desc.role == "target") & (desc.status == "ok")]
-        if (
-            lc.eligible == "judged"
-            and "judge_rank_mean" in desc
-            and desc.judge_rank_mean.notna().any()
-        ):
-            desc = desc[desc.judge_rank_mean <= 2]
-        desc = desc.sort_values(["selection_rank", "feature"], kind="stable").reset_index(drop=True)
-        if desc.empty:
-            raise SailError(
-                f"{desc_csv}: no described (and judged rank <= 2) target features to match queries against"
-            )
+        desc = _eligible_descriptions(desc_csv, lc.eligible)
         texts = desc.description.astype(str).tolist()
         if ic.dry_run:
-            n_calls = len(queries) if ic.matcher == "llm" else 0
-            if ic.matcher == "llm":
-                for q in queries:
-                    console.print(
-                        prompts.match_prompt(q.text, texts, lc.n_features),
-                        markup=False,
-                        highlight=False,
-                    )
-            console.print(
-                f"language {t.key}: dry run, {len(queries)} queries over {len(texts)} features, {n_calls} model calls; nothing written"
-            )
+            _print_match_dry_run(cfg, t, queries, texts)
             continue
         data = load_split(ws, t, lc.split, slices)
-        cache = CallCache(out / "calls.jsonl")
+        cache = CallCache(out.calls)
         match_rows, hit_rows, metric_rows = [], [], []
         n = min(lc.n_features, len(texts))
         if ic.matcher == "embedding":
@@ -443,40 +493,9 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                 sorted(set(texts) | {q.text for q in queries})
             )  # one batched pass; matching reads the cache
         for q in queries:
-            status, error = "ok", ""
-            if ic.matcher == "embedding":
-                idx, scores = lang.match_embedding(q.text, texts, n)
-            elif ic.matcher == "lexical":
-                idx, scores = lang.match_lexical(q.text, texts, n)
-            else:
-                req = ChatRequest(
-                    "You match search queries to feature descriptions. Answer with JSON only.",
-                    prompts.match_prompt(q.text, texts, n),
-                    [],
-                    prompts.match_schema(n, len(texts)),
-                    "match",
-                )
-                res = call_validated(
-                    model,
-                    cache,
-                    budget,
-                    req,
-                    prompts.TEMPLATE_VERSION,
-                    "match",
-                    prompts.make_parse_match(n, len(texts)),
-                    ic.autointerp.parse_retries,
-                )
-                if not res.ok:
-                    status, error, idx, scores = (
-                        "failed",
-                        res.error,
-                        np.array([], int),
-                        np.array([]),
-                    )
-                else:
-                    idx, scores = np.asarray(res.value) - 1, np.ones(n)
+            status, error, idx, scores = _match_query(cfg, q.text, texts, n, (model, cache, budget))
             feats = desc.feature.to_numpy()[idx].astype(int)
-            for r, (i, s) in enumerate(zip(idx, scores), 1):
+            for r, (i, s) in enumerate(zip(idx, scores, strict=False), 1):
                 match_rows.append(
                     {
                         "query": q.name,
@@ -541,10 +560,10 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                         "boundary_tie": boundary_tie,
                     }
                 )
-        write_csv_atomic(out / "queries.csv", pd.DataFrame([q.row() for q in queries]))
-        write_csv_atomic(out / "matches.csv", pd.DataFrame(match_rows))
+        write_csv_atomic(out.queries, pd.DataFrame([q.row() for q in queries]))
+        write_csv_atomic(out.matches, pd.DataFrame(match_rows))
         write_csv_atomic(
-            out / "hits.csv", pd.concat(hit_rows, ignore_index=True) if hit_rows else pd.DataFrame()
+            out.hits, pd.concat(hit_rows, ignore_index=True) if hit_rows else pd.DataFrame()
         )
         metrics = pd.DataFrame(metric_rows)
         write_csv_atomic(metrics_csv, metrics)

@@ -17,9 +17,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from sail.artifacts import (  # noqa: E402
+    FIGURE_RECOVERY,
+    FIGURE_SAE_QUALITY,
+    read_final_metrics,
+    read_table,
+)
 from sail.config import SailConfig  # noqa: E402
 from sail.errors import SailError  # noqa: E402
-from sail.evaluate.inputs import parse_config_name, read_final_metrics  # noqa: E402
+from sail.evaluate.inputs import sae_levels  # noqa: E402
 from sail.sae.activations_io import read_activations  # noqa: E402
 from sail.workspace import (
     StageRecord,
@@ -38,34 +44,22 @@ RECOVERY_PANELS = (1, 3, 10, 50)
 _COLOURS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
 _LINES = ["-", "--", ":", "-."]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">"]
-INPUT_TABLES = [
-    "probes.csv",
-    "monosemanticity_configs.csv",
-    "recovery_curves.csv",
-    "recovery_summary.csv",
-    "ranking.csv",
-]
+INPUT_TABLES = ["probes", "monosemanticity_configs", "recovery_curves", "recovery_summary"]
 
 
 def _read(path: Path) -> pd.DataFrame:
-    if not path.is_file() or path.stat().st_size == 0:
-        return pd.DataFrame()
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
+    table = read_table(path)
+    return pd.DataFrame() if table is None else table
 
 
 def config_table(ws: Workspace) -> pd.DataFrame:
     """One row per evaluated SAE config with L0, R², alive fraction, M and mean AUCs."""
-    e = ws.eval_dir
+    e = ws.eval
     probes, mono, curves = (
-        _read(e / "probes.csv"),
-        _read(e / "monosemanticity_configs.csv"),
-        _read(e / "recovery_curves.csv"),
+        _read(e.table(name)) for name in ("probes", "monosemanticity_configs", "recovery_curves")
     )
     if probes.empty:
-        raise SailError(f"{e / 'probes.csv'} is missing or empty: run `sail evaluate` first")
+        raise SailError(f"{e.table('probes')} is missing or empty: run `sail evaluate` first")
     valid = probes[probes["split"] == "valid"]
     dense = valid[valid["sae_config"] == "dense"][["encoder", "task", "target", "roc_auc"]].rename(
         columns={"roc_auc": "dense_auc"}
@@ -90,13 +84,13 @@ def config_table(ws: Workspace) -> pd.DataFrame:
         return table
     rows = []
     for r in table.itertuples():
-        met = read_final_metrics(ws.sae_dir(r.encoder, r.variant, r.sae_config) / "metrics.csv")
+        met = read_final_metrics(ws.sae(r.encoder, r.variant, r.sae_config).metrics)
         if "l0" not in met:
             path = ws.activations(r.encoder, r.variant, r.sae_config, "valid")
             if path.is_file():
                 _, codes, _ = read_activations(path)
                 met["l0"] = float(codes.nnz / max(1, codes.shape[0]))
-        parsed = parse_config_name(r.sae_config)
+        parsed = sae_levels(ws, r.encoder, r.variant, r.sae_config)
         rows.append(
             {
                 "l0": met.get("l0", np.nan),
@@ -113,7 +107,7 @@ def config_table(ws: Workspace) -> pd.DataFrame:
 
 
 def _styles(table: pd.DataFrame) -> tuple[dict, dict, dict]:
-    models = sorted({f"{e}/{v}" for e, v in zip(table["encoder"], table["variant"])})
+    models = sorted({f"{e}/{v}" for e, v in zip(table["encoder"], table["variant"], strict=True)})
     families = sorted(
         set(table["family"]), key=lambda f: [int(x) if x.isdigit() else 0 for x in f.split("_")]
     )
@@ -128,7 +122,8 @@ def _styles(table: pd.DataFrame) -> tuple[dict, dict, dict]:
 
 
 def sae_quality_figure(table: pd.DataFrame):
-    """2 x 4 panels: R², mean sparse AUC, alive fraction, M (top-50); recovery at N = 1, 3, 10, 50."""
+    """2 x 4 panels: R², mean sparse AUC, alive fraction, M (top-50); recovery at N = 1, 3, 10,
+    50."""
     colour, line, marker = _styles(table)
     panels = [
         ("r2", "Reconstruction (R², published)"),
@@ -141,7 +136,7 @@ def sae_quality_figure(table: pd.DataFrame):
         for n in RECOVERY_PANELS
     ]
     fig, axes = plt.subplots(2, 4, figsize=(20, 9.5), constrained_layout=True)
-    for ax, (col, title) in zip(axes.flat, panels):
+    for ax, (col, title) in zip(axes.flat, panels, strict=False):
         ax.set_title(title, fontsize=12)
         ax.set_xscale("log")
         ax.set_xlabel("L0 (active features per slice)")
@@ -207,11 +202,11 @@ def recovery_figure(curves: pd.DataFrame, ranking: pd.DataFrame):
         best = {
             tuple(r) for r in ranking.loc[ranking["final_rank"] == 1, KEYS].itertuples(index=False)
         }
-    for ax, (enc, var) in zip(axes.flat, groups):
+    for ax, (enc, var) in zip(axes.flat, groups, strict=False):
         sub = curves[(curves["encoder"] == enc) & (curves["variant"] == var)]
         for cfg, g in sub.groupby("sae_config"):
-            # a target with fewer ranked features than N keeps its all-features AUC beyond that point,
-            # so every point averages the same targets
+            # a target with fewer ranked features than N keeps its all-features AUC beyond that
+            # point, so every point averages the same targets
             per_target = g.pivot_table(
                 index="n_features", columns=["task", "target"], values="valid_roc_auc"
             )
@@ -254,8 +249,9 @@ def save_figure(fig, path_stem: Path, formats: list[str], dpi: int) -> list[Path
 
 def run_figures(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     fc = cfg.figures
-    inputs = {name: fingerprint(ws.eval_dir / name) for name in INPUT_TABLES}
-    main = ws.figures_dir / f"sae_quality.{fc.formats[0]}"
+    tables = [ws.eval.table(name) for name in INPUT_TABLES] + [ws.eval.ranking]
+    inputs = {path.name: fingerprint(path) for path in tables}
+    main = ws.figure(FIGURE_SAE_QUALITY).with_suffix(f".{fc.formats[0]}")
     record = StageRecord("figures", hash_config(fc.model_dump(mode="json")), inputs)
     if not force and is_done(main, record):
         log.info("figures: up to date (%s)", ws.relative(main))
@@ -267,12 +263,12 @@ def run_figures(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         )
         return
     written = save_figure(
-        sae_quality_figure(table), ws.figures_dir / "sae_quality", fc.formats, fc.dpi
+        sae_quality_figure(table), ws.figure(FIGURE_SAE_QUALITY), fc.formats, fc.dpi
     )
-    curves, ranking = _read(ws.eval_dir / "recovery_curves.csv"), _read(ws.eval_dir / "ranking.csv")
+    curves, ranking = _read(ws.eval.table("recovery_curves")), _read(ws.eval.ranking)
     if not curves.empty:
         written += save_figure(
-            recovery_figure(curves, ranking), ws.figures_dir / "recovery_curves", fc.formats, fc.dpi
+            recovery_figure(curves, ranking), ws.figure(FIGURE_RECOVERY), fc.formats, fc.dpi
         )
     log.info("figures: wrote %s", ", ".join(ws.relative(p) for p in written))
     mark_done(main, record)

@@ -8,10 +8,9 @@ any point of a run.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,18 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import escape
 from PIL import Image
 
+from sail.artifacts import (
+    SAE_WEIGHTS,
+    ReportFolder,
+    read_descriptions,
+    read_ranking,
+    read_sae_cfg,
+    read_table,
+)
 from sail.config import SailConfig
 from sail.console import track
-from sail.data.labels import STRUCTURE_REGION
 from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
+from sail.evaluate.top_slices import top_per_volume
 from sail.interpret.data import select_targets
 from sail.workspace import (
     StageRecord,
@@ -49,7 +56,6 @@ class ConfigUnit:
     variant: str
     config: str
     rank: int | None = None
-    quality: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -57,7 +63,7 @@ class ConfigUnit:
 
 
 def _ranks(ws: Workspace) -> dict[tuple[str, str, str], int]:
-    ranking = _read_csv(ws.eval_dir / "ranking.csv")
+    ranking = read_ranking(ws.eval.ranking)
     if ranking is None:
         return {}
     return {
@@ -80,10 +86,6 @@ def _env() -> Environment:
     return env
 
 
-def _read_csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.is_file() and path.stat().st_size > 0 else None
-
-
 def _svg_bars(
     values: list[float], labels: list[str] | None = None, width: int = 320, height: int = 80
 ) -> str:
@@ -98,14 +100,18 @@ def _svg_bars(
         h = 0 if not np.isfinite(v) else (height - 12) * v / top
         title = f"<title>{escape(labels[i]) if labels else i}: {v:.3g}</title>"
         bars.append(
-            f'<rect x="{i * bw:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" height="{h:.1f}" fill="#3b6ea8">{title}</rect>'
+            f'<rect x="{i * bw:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" '
+            f'height="{h:.1f}" fill="#3b6ea8">{title}</rect>'
         )
-    return f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">{"".join(bars)}</svg>'
+    return (
+        f'<svg class="chart" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img">{"".join(bars)}</svg>'
+    )
 
 
 def _thumb(ws: Workspace, out: Path, slice_id: str, png_path: str, size: int) -> str:
     name = slice_id.replace("/", "_") + ".png"
-    dst = out / "thumbs" / name
+    dst = ReportFolder(out).thumbs / name
     if not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -119,78 +125,56 @@ def _thumb(ws: Workspace, out: Path, slice_id: str, png_path: str, size: int) ->
     return f"thumbs/{name}"
 
 
-def _enrichment(
-    data: EvalData,
-    rows: np.ndarray,
-    codes: sp.csc_matrix,
-    features: np.ndarray,
-    top_n: int,
-    volumes: np.ndarray,
-    label_columns: list[str],
-) -> dict[int, list[dict]]:
-    """Per feature: label frequencies among its top-``top_n`` slices (one per volume) vs base rate."""
-    slices = data.slices.iloc[rows].reset_index(drop=True)
-    onehots, names = [], []
-    for col in label_columns:
-        dummies = pd.get_dummies(
-            slices[col].astype("string"), prefix=col, prefix_sep="=", dtype=np.float32
-        )
-        onehots.append(dummies.to_numpy())
-        names += list(dummies.columns)
-    flags = [c for c in slices.columns if c.startswith("has_")]
-    present = slices[flags].fillna(False).to_numpy(np.float32)
-    region_of = pd.Series([STRUCTURE_REGION.get(c[4:], "other") for c in flags])
-    regions = sorted(set(region_of))
-    # a slice is in a region when any of the region's structures is present (none: a cohort without masks)
-    if regions:
-        onehots.append(
-            np.stack([present[:, (region_of == r).to_numpy()].max(axis=1) for r in regions], axis=1)
-        )
-    names += [f"region={r}" for r in regions]
-    onehots.append(present)
-    names += [f"structure={c[4:]}" for c in flags]
-    L = np.hstack(onehots)
-    base = L.mean(axis=0)
-    out = {}
-    for f in features:
-        top, _ = top_slices(codes, int(f), volumes, top_n)
-        if top.size == 0:
-            continue
-        freq = L[top].mean(axis=0)
-        lift = (freq + 1e-3) / (base + 1e-3)
-        order = np.argsort(-(freq - base), kind="stable")[:8]
-        out[int(f)] = [
-            {
-                "label": names[j],
-                "freq": float(freq[j]),
-                "base": float(base[j]),
-                "lift": float(lift[j]),
-            }
-            for j in order
-            if freq[j] > base[j]
-        ]
-    return out
+def _enrichment_rows(ev, limit: int = 8) -> list[dict]:
+    """The page's table: labels over-represented among the top slices, largest excess first."""
+    labelled = [
+        (f"{attr}={v}", s, b, li, p)
+        for attr, rows in ev.categorical.items()
+        for v, s, b, li, p in rows
+    ]
+    labelled += [(f"region={v}", *rest) for v, *rest in ev.regions]
+    labelled += [(f"structure={v}", *rest) for v, *rest in ev.structures]
+    over = sorted((r for r in labelled if r[1] > r[2]), key=lambda r: (r[2] - r[1], r[0]))
+    keys = ("label", "freq", "base", "lift", "p")
+    return [dict(zip(keys, r, strict=True)) for r in over[:limit]]
 
 
-def top_slices(
-    codes: sp.csc_matrix, feature: int, volumes: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and values of the ``k`` highest activations of ``feature``, at most one per volume."""
-    lo, hi = codes.indptr[feature], codes.indptr[feature + 1]
-    rows, vals = codes.indices[lo:hi], codes.data[lo:hi]
-    order = np.argsort(-vals, kind="stable")
-    rows, vals = rows[order], vals[order]
-    _, first = np.unique(volumes[rows], return_index=True)
-    keep = np.sort(first)[:k]
-    return rows[keep], vals[keep]
+class _ConceptSplit:
+    """The split autointerp describes features on, with its enrichment base rates: the feature
+    pages score the same top slices of the same split as the descriptions they show."""
+
+    def __init__(self, cfg: SailConfig, data: EvalData, codes: sp.csr_matrix, label_columns):
+        from sail.interpret.enrichment import EnrichmentTable
+
+        self.name = cfg.interpret.autointerp.concept_split
+        self.n_top = cfg.interpret.autointerp.enrichment_top
+        rows = data.split_rows[self.name]
+        meta = data.slices.iloc[rows].reset_index(drop=True)
+        structures = [c[4:] for c in meta.columns if c.startswith("has_")]
+        H_NS = meta[[f"has_{s}" for s in structures]].fillna(False).to_numpy(dtype=bool)
+        self.csc = codes[rows].tocsc()
+        self.csc.sort_indices()
+        self.table = EnrichmentTable(meta, H_NS, structures, categorical=label_columns)
+
+    def of(self, feature: int) -> dict:
+        from sail.interpret.enrichment import top_slices_for_enrichment
+
+        ev = self.table.of(top_slices_for_enrichment(self.csc, feature, self.n_top))
+        return {
+            "rows": _enrichment_rows(ev),
+            "split": self.name,
+            "n_top": ev.n_top,
+            "n_volumes": ev.n_volumes,
+        }
 
 
 def _feature_scores(
     ws: Workspace, unit: ConfigUnit, n_features: int, active_counts: np.ndarray
 ) -> tuple[np.ndarray, dict]:
-    """Selection score per feature: monosemanticity (top-10) where evaluated, else activation rate."""
+    """Selection score per feature: monosemanticity (top-10) where evaluated, else activation
+    rate."""
     score = active_counts.astype(float) / max(active_counts.max(), 1) * 1e-3
-    mono = _read_csv(ws.eval_dir / "monosemanticity_features.csv")
+    mono = read_table(ws.eval.table("monosemanticity_features"))
     extra: dict[int, dict] = {}
     if mono is not None:
         m = mono[
@@ -209,23 +193,12 @@ def _feature_scores(
 
 
 def _descriptions(ws: Workspace, unit: ConfigUnit) -> dict[int, dict]:
-    path = (
-        ws.interpret_dir
-        / "autointerp"
-        / unit.encoder
-        / unit.variant
-        / unit.config
-        / "descriptions.csv"
-    )
-    table = _read_csv(path)
-    if table is None or "feature" not in table.columns:
-        return {}
-    keep = [
-        c
-        for c in ("description", "status", "describer", "judge", "judge_success", "judge_rank_mean")
-        if c in table.columns
-    ]
-    return {int(r["feature"]): {k: r[k] for k in keep} for r in table.to_dict("records")}
+    folder = ws.interpret("autointerp", unit.encoder, unit.variant, unit.config)
+    keep = ("description", "status", "describer", "judge", "judge_success", "judge_rank_mean")
+    return {
+        f: {k: d.fields[k] for k in keep if k in d.fields}
+        for f, d in read_descriptions(folder.descriptions).items()
+    }
 
 
 def _decoder_neighbours(
@@ -233,10 +206,10 @@ def _decoder_neighbours(
 ) -> dict[int, list[tuple[int, float]]]:
     from sail.sae.checkpoint import load_stack
 
-    sae_dir = ws.sae_dir(unit.encoder, unit.variant, unit.config)
-    if not (sae_dir / "model.safetensors").is_file():
+    sae = ws.sae(unit.encoder, unit.variant, unit.config)
+    if not sae.weights.is_file():
         return {}
-    model, _ = load_stack(sae_dir)
+    model, _ = load_stack(sae.path)
     W = model.W_decoder[0].detach().float().numpy()
     W = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
     sims = W[features] @ W.T
@@ -253,10 +226,12 @@ def _unit_pages(
     out: Path,
     unit: ConfigUnit,
     data: EvalData,
-    rcfg,
+    cfg: SailConfig,
     label_columns: list[str],
 ) -> dict:
+    rcfg = cfg.report
     codes = load_sparse(ws, unit.encoder, unit.variant, unit.config, data)
+    concept = _ConceptSplit(cfg, data, codes, label_columns)
     rows = (
         data.split_rows["valid"] if len(data.split_rows["valid"]) else np.arange(len(data.slices))
     )
@@ -269,23 +244,22 @@ def _unit_pages(
     score[active == 0] = -np.inf
     chosen = np.argsort(-score, kind="stable")[: rcfg.max_features]
     chosen = chosen[np.isfinite(score[chosen])]
-    enrich = _enrichment(data, rows, sub, chosen, rcfg.top_slices, volumes, label_columns)
+    enrich = {int(f): concept.of(int(f)) for f in chosen}
     descriptions = _descriptions(ws, unit)
     neighbours = _decoder_neighbours(ws, unit, chosen) if len(chosen) else {}
     slices = data.slices.iloc[rows].reset_index(drop=True)
     flag_cols = [c for c in slices.columns if c.startswith("has_")]
     flags = slices[flag_cols].fillna(False).to_numpy(bool)
     paged = {int(f) for f in chosen}
-    feature_dir = out / "features" / unit.key
-    feature_dir.mkdir(parents=True, exist_ok=True)
+    report = ReportFolder(out)
     cards = []
     for f in track(chosen, f"report pages {unit.key}"):
         f = int(f)
-        top, top_vals = top_slices(sub, f, volumes, rcfg.top_slices)
+        top, top_vals = top_per_volume(sub, f, volumes, rcfg.top_slices)
         lo, hi = sub.indptr[f], sub.indptr[f + 1]
         hist, edges = np.histogram(sub.data[lo:hi], bins=20)
         tiles = []
-        for r, value in zip(top, top_vals):
+        for r, value in zip(top, top_vals, strict=True):
             row = slices.iloc[r]
             present = [flag_cols[j][4:] for j in np.flatnonzero(flags[r])]
             tiles.append(
@@ -293,7 +267,8 @@ def _unit_pages(
                     "thumb": _thumb(ws, out, row.slice_id, row.png_path, rcfg.thumb_size),
                     "slice_id": row.slice_id,
                     "value": float(value),
-                    "meta": f"{row.modality} {row.plane} {row.sex or '?'} {row.age_group or '?'} inst {row.institute}",
+                    "meta": f"{row.modality} {row.plane} {row.sex or '?'} "
+                    f"{row.age_group or '?'} inst {row.institute}",
                     "structures": ", ".join(present[:8]) + (" …" if len(present) > 8 else ""),
                 }
             )
@@ -308,22 +283,24 @@ def _unit_pages(
             unit=unit,
             info=info,
             tiles=tiles,
-            enrichment=enrich.get(f, []),
+            enrichment=enrich[f],
             histogram=_svg_bars(
                 hist.tolist(), [f"{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(hist))]
             ),
             neighbours=[(j, sim, j in paged) for j, sim in neighbours.get(f, [])],
         )
-        write_text_atomic(feature_dir / f"f{f:05d}.html", page)
+        write_text_atomic(report.feature_page(unit.key, f), page)
         cards.append(
             info
             | {
-                "href": f"../features/{unit.key}/f{f:05d}.html",
+                "href": report.href(
+                    report.feature_page(unit.key, f), report.config_page(unit.key).parent
+                ),
                 "thumb": tiles[0]["thumb"] if tiles else "",
-                "top_label": (enrich.get(f) or [{}])[0].get("label", ""),
+                "top_label": (enrich[f]["rows"] or [{}])[0].get("label", ""),
             }
         )
-    recovery = _read_csv(ws.eval_dir / "recovery_summary.csv")
+    recovery = read_table(ws.eval.table("recovery_summary"))
     rec_rows = []
     if recovery is not None:
         rec = recovery[
@@ -332,9 +309,8 @@ def _unit_pages(
             & (recovery.sae_config == unit.config)
         ]
         rec_rows = rec.drop(columns=["encoder", "variant", "sae_config"]).to_dict("records")
-    cfg_json = ws.sae_dir(unit.encoder, unit.variant, unit.config) / "cfg.json"
-    quality = json.loads(cfg_json.read_text()) if cfg_json.is_file() else {}
-    metrics = quality.get("final_metrics") or quality.get("metrics") or {}
+    sae = ws.sae(unit.encoder, unit.variant, unit.config)
+    metrics = read_sae_cfg(sae.path).final_metrics if sae.cfg.is_file() else {}
     page = env.get_template("config.html.j2").render(
         unit=unit,
         cards=cards,
@@ -346,10 +322,10 @@ def _unit_pages(
         dead=int((active == 0).sum()),
         l0=float(np.diff(codes[rows].tocsr().indptr).mean()) if len(rows) else 0.0,
     )
-    write_text_atomic(out / "configs" / f"{unit.key}.html", page)
+    write_text_atomic(report.config_page(unit.key), page)
     return {
         "unit": unit,
-        "href": f"configs/{unit.key}.html",
+        "href": report.href(report.config_page(unit.key)),
         "n_pages": len(cards),
         "dead": int((active == 0).sum()),
         "n_features": n_features,
@@ -366,14 +342,15 @@ def _fingerprint_section(
     ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg, n_examples: int = 4
 ) -> dict:
     """Retrieval examples (reference + its sparse-fingerprint hits) and the metric summary."""
-    folder = ws.interpret_dir / "fingerprint" / unit.encoder / unit.variant / unit.config
-    hits, summary = _read_csv(folder / "hits.csv"), _read_csv(folder / "summary.csv")
+    folder = ws.interpret("fingerprint", unit.encoder, unit.variant, unit.config)
+    hits, summary = read_table(folder.csv("hits")), read_table(folder.summary)
     if hits is None:
         return {}
     paths = slices.set_index("slice_id").png_path
-    thumb = lambda sid: (
-        _thumb(ws, out, sid, paths[sid], rcfg.thumb_size) if sid in paths.index else ""
-    )  # noqa: E731
+
+    def thumb(sid: str) -> str:
+        return _thumb(ws, out, sid, paths[sid], rcfg.thumb_size) if sid in paths.index else ""
+
     sparse = hits[hits.method == "sparse"]
     examples = []
     for ref in sparse.reference.drop_duplicates().head(n_examples):
@@ -421,9 +398,9 @@ def _language_section(
     ws: Workspace, out: Path, unit: ConfigUnit, slices: pd.DataFrame, rcfg
 ) -> list[dict]:
     """Per query: its text, precision@k against its constraints vs chance, and the top hits."""
-    folder = ws.interpret_dir / "language" / unit.encoder / unit.variant / unit.config
+    folder = ws.interpret("language", unit.encoder, unit.variant, unit.config)
     hits, metrics, queries = (
-        _read_csv(folder / f) for f in ("hits.csv", "metrics.csv", "queries.csv")
+        read_table(path) for path in (folder.hits, folder.metrics_csv, folder.queries)
     )
     if hits is None or metrics is None or queries is None:
         return []
@@ -462,7 +439,6 @@ def _language_section(
 
 
 def build_site(cfg: SailConfig, ws: Workspace) -> Path:
-    rcfg = cfg.report
     out = ws.report_dir
     if out.exists():
         shutil.rmtree(out)
@@ -476,20 +452,20 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
         )
         for t in select_targets(cfg, ws)
     ]
-    # metadata columns named as probe targets (e.g. a manifest's diagnosis) are enriched too; other free
-    # columns (patient groups, ids) never reach the pages
+    # metadata columns named as probe targets (e.g. a manifest's diagnosis) are enriched too;
+    # other free columns (patient groups, ids) never reach the pages
     label_columns = LABEL_COLUMNS + [
         c for c in cfg.evaluate.extra_tasks if c in data.slices.columns and c not in LABEL_COLUMNS
     ]
-    unit_cards = [_unit_pages(ws, env, out, u, data, rcfg, label_columns) for u in units]
+    unit_cards = [_unit_pages(ws, env, out, u, data, cfg, label_columns) for u in units]
     figures = []
     if ws.figures_dir.is_dir():
-        (out / "figures").mkdir(exist_ok=True)
+        ws.report.figures.mkdir(exist_ok=True)
         for png in sorted(ws.figures_dir.glob("*.png")):
-            shutil.copy(png, out / "figures" / png.name)
+            shutil.copy(png, ws.report.figures / png.name)
             figures.append({"src": f"figures/{png.name}", "name": png.stem.replace("_", " ")})
     split_counts = data.slices.groupby(["split", "modality"]).size().unstack(fill_value=0)
-    probes = _read_csv(ws.eval_dir / "probes.csv")
+    probes = read_table(ws.eval.table("probes"))
     probe_rows = []
     if probes is not None:
         test = probes[probes.split == "test"]
@@ -511,7 +487,7 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
                     "config": f"{best.variant}/{best.sae_config}" if best is not None else "",
                 }
             )
-    ranking = _read_csv(ws.eval_dir / "ranking.csv")
+    ranking = read_ranking(ws.eval.ranking)
     page = env.get_template("index.html.j2").render(
         n_slices=len(data.slices),
         n_volumes=int(data.volume.max() + 1) if len(data.volume) else 0,
@@ -522,14 +498,14 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
         probes=probe_rows,
         ranking=ranking.to_dict("records") if ranking is not None else [],
     )
-    write_text_atomic(out / "index.html", page)
+    write_text_atomic(ws.report.index, page)
     log.info(
         "report: %s (%d configs, %d feature pages)",
-        out / "index.html",
+        ws.report.index,
         len(unit_cards),
         sum(u["n_pages"] for u in unit_cards),
     )
-    return out / "index.html"
+    return ws.report.index
 
 
 def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
@@ -538,8 +514,8 @@ def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         ws.eval_dir,
         ws.interpret_dir,
         ws.figures_dir,
-        ws.root / "activations",
-        ws.root / "sae",
+        ws.activations_root,
+        ws.sae_root,
     ):
         if folder.is_dir():
             inputs[folder.name] = hash_config(
@@ -550,7 +526,7 @@ def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                 )
             )
     record = StageRecord("report", hash_config(cfg.report.model_dump(mode="json")), inputs)
-    index = ws.report_dir / "index.html"
+    index = ws.report.index
     if not force and is_done(index, record):
         log.info("report: up to date (%s)", index)
         return
@@ -560,10 +536,11 @@ def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
 
 
 def _check_inputs(ws: Workspace) -> None:
-    """Every checkpoint and activations table the site reads is intact before a page is rewritten."""
+    """Every checkpoint and activations table the site reads is intact before a page is
+    rewritten."""
     from sail.sae.checkpoint import load_stack
 
-    for table in sorted((ws.root / "activations").rglob("*.parquet")):
+    for table in sorted(ws.activations_root.rglob("*.parquet")):
         check_table(table, "activations table")
-    for weights in sorted((ws.root / "sae").glob("*/*/*/model.safetensors")):
+    for weights in sorted(ws.sae_root.glob(f"*/*/*/{SAE_WEIGHTS}")):
         load_stack(weights.parent)

@@ -13,12 +13,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from sail.artifacts import SAE_CFG as CFG
+from sail.artifacts import SAE_WEIGHTS as WEIGHTS
+from sail.artifacts import read_cfg
 from sail.config import SailConfig
 from sail.device import resolve_device
 from sail.errors import SailError
 from sail.sae.activations_io import write_activations
 from sail.sae.api import SAE, load_sae
-from sail.sae.checkpoint import CFG, WEIGHTS, read_cfg
 from sail.sae.model import StackedSAE
 from sail.sae.train import EmbeddingData, load_data
 from sail.workspace import StageRecord, Workspace, fingerprint, hash_config, is_done, mark_done
@@ -58,7 +60,7 @@ def encode_csr(
 
 
 def _sae_dirs(ws: Workspace, encoder: str, variants: list[str], sae_config: str) -> list[Path]:
-    root = ws.root / "sae" / encoder
+    root = ws.sae_root / encoder
     dirs = sorted(p.parent for p in root.glob(f"*/*/{CFG}") if (p.parent / WEIGHTS).is_file())
     if variants:
         dirs = [d for d in dirs if d.parent.name in variants]
@@ -130,9 +132,9 @@ def run_activations(cfg: SailConfig, ws: Workspace, force: bool = False) -> None
     elif ac.encoders:
         targets = [(e, None) for e in ac.encoders]
     else:
-        targets = [(p.name, None) for p in sorted((ws.root / "sae").glob("*")) if p.is_dir()]
+        targets = [(p.name, None) for p in sorted(ws.sae_root.glob("*")) if p.is_dir()]
     if not targets:
-        raise SailError(f"no trained SAEs in {ws.root / 'sae'}; run `sail train` first")
+        raise SailError(f"no trained SAEs in {ws.sae_root}; run `sail train` first")
     for encoder, table in targets:
         dirs = _sae_dirs(ws, encoder, list(ac.variants), ac.sae_config)
         if not dirs:

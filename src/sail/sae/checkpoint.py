@@ -16,14 +16,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from sail import __version__
+from sail.artifacts import CFG_SCHEMA_VERSION as SCHEMA_VERSION
+from sail.artifacts import SAE_CFG as CFG
+from sail.artifacts import SAE_METRICS as METRICS
+from sail.artifacts import SAE_WEIGHTS as WEIGHTS
+from sail.artifacts import read_cfg as read_cfg
 from sail.errors import SailError
 from sail.sae.model import SAESpec, StackedSAE, variant_class
 from sail.workspace import SEMANTICS, atomic_path, write_csv_atomic, write_json_atomic
 
-SCHEMA_VERSION = 1
-WEIGHTS = "model.safetensors"
-CFG = "cfg.json"
-METRICS = "metrics.csv"
 METRIC_COLUMNS = [
     "step",
     "epoch",
@@ -131,42 +132,6 @@ def _read_weights(
         ):
             raise SailError(f"{weights}: tensor '{name}' holds NaN or inf values; {redo}")
     return state
-
-
-def check_schema(cfg: dict[str, Any], where: str | Path) -> None:
-    """cfg.json's compatibility rule: readers ignore keys they do not know (other versions add
-    keys), so only a newer MAJOR schema version, one that changes the meaning of existing keys,
-    is refused. ``schema_version`` is an int (the major) or a "MAJOR.MINOR" string."""
-    raw = cfg.get("schema_version")
-    try:
-        major = int(str(raw).split(".")[0])
-    except ValueError:
-        raise SailError(
-            f"{where}: schema_version {raw!r} is not a version number (expected e.g. "
-            f"{SCHEMA_VERSION})"
-        ) from None
-    if major > SCHEMA_VERSION:
-        raise SailError(
-            f"{where}: written with cfg.json schema {raw}, newer than the {SCHEMA_VERSION}.x this "
-            f"SAIL {__version__} reads; upgrade SAIL to load it"
-        )
-    if major < 1:
-        raise SailError(f"{where}: schema_version {raw!r} is not a SAIL cfg.json schema")
-
-
-def read_cfg(sae_dir: str | Path) -> dict[str, Any]:
-    """cfg.json of an SAE folder, checked against the schema policy (``check_schema``)."""
-    path = Path(sae_dir) / CFG
-    if not path.is_file():
-        raise SailError(f"SAE checkpoint config not found: {path}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SailError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise SailError(f"{path}: not a JSON object")
-    check_schema(cfg, path)
-    return cfg
 
 
 def spec_from_cfg(cfg: dict[str, Any], where: str | Path = CFG) -> SAESpec:

@@ -26,17 +26,17 @@ import yaml
 from safetensors.torch import save_file
 
 from sail import __version__
+from sail.artifacts import EXPORT_HF_SAELENS_DIR as HF_SAELENS_DIR
+from sail.artifacts import EXPORT_MODEL_CARD as MODEL_CARD
+from sail.artifacts import EXPORT_SAELENS_CFG as SAELENS_CFG
+from sail.artifacts import EXPORT_SAELENS_WEIGHTS as SAELENS_WEIGHTS
 from sail.errors import SailError
 from sail.sae.api import SAE, load_sae
 from sail.sae.checkpoint import CFG, METRICS, WEIGHTS
 from sail.workspace import atomic_path, write_json_atomic
 
 FORMATS = ("saelens", "hf")
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SAELENS_CFG = "cfg.json"
 SAELENS_FORMAT = "6.0.0"  # the on-disk format version these keys follow
-HF_SAELENS_DIR = "saelens"
-MODEL_CARD = "README.md"
 
 
 def saelens_state(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -7,7 +7,6 @@ dictionary sizes and top-k mode form a *family* that trains in one pass on the s
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -19,6 +18,7 @@ from sail.config import TrainingSettings, read_yaml
 from sail.errors import SailError
 from sail.sae.model import SAESpec, variant_class
 from sail.sae.recipe import effective_recipe
+from sail.shards import parse_shard
 from sail.workspace import hash_config
 
 log = logging.getLogger(__name__)
@@ -227,19 +227,10 @@ def _check_positive_ints(values: Any, where: str) -> None:
             raise SailError(f"{where}[{j}]: {v!r} is not a positive integer")
 
 
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """``"i/n"`` (0-based i) -> (i, n); None -> (0, 1)."""
-    if shard is None:
-        return 0, 1
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
-    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
-        raise SailError(f"--shard {shard!r}: expected i/n with 0 <= i < n")
-    return int(m.group(1)), int(m.group(2))
-
-
 def shard_entries(entries: list[GridEntry], shard: str | None) -> list[GridEntry]:
-    """Contiguous chunks of the grid, so each shard keeps whole families where it can."""
-    i, n = parse_shard(shard)
+    """Shard ``i/n`` takes the i-th contiguous block of the grid, so it keeps whole families where
+    it can (encode's shards are strided instead: see :mod:`sail.shards`)."""
+    i, n = parse_shard(shard) if shard is not None else (0, 1)
     lo = (len(entries) * i) // n
     hi = (len(entries) * (i + 1)) // n
     return entries[lo:hi]

@@ -40,7 +40,6 @@ from sail.config import TrainingSettings
 
 log = logging.getLogger(__name__)
 
-RECIPES = ("auto", "published")
 LR_SCALE = 0.032  # lr = LR_SCALE / sqrt(D)
 MIN_STEPS = 5000
 MAX_EPOCHS = 100
@@ -51,7 +50,6 @@ DECAY_FRACTION = 0.2  # the ``constant`` schedule's linear tail
 # 80% of its steps.
 LATE_WINDOW = (0.6, 0.8)
 MAX_LATE_DROP = 0.1
-RECIPE_KEYS = ("epochs", "lr", "lr_min", "warmup_steps", "clip_norm", "schedule")
 
 
 def effective_recipe(settings: TrainingSettings, variant: str) -> str:

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
+from sail.artifacts import SPLIT_CSV, SPLITS, TRAIN_STATE, read_split
 from sail.config import SailConfig, TrainConfig, TrainingSettings
 from sail.console import progress
 from sail.device import resolve_device
@@ -48,13 +49,12 @@ from sail.workspace import (
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
-STATE_FILE = "train_state.pt"
+STATE_FILE = TRAIN_STATE
 
 
 # ----- data -----------------------------------------------------------------------------------
 def split_labels(
-    slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = "data/split.csv"
+    slice_ids: np.ndarray, split_df: pd.DataFrame, source: str = f"data/{SPLIT_CSV}"
 ) -> np.ndarray:
     """Split label per slice_id ("modality/image_id/plane/idx") from a modality,image_id,split
     table."""
@@ -205,10 +205,8 @@ def load_data(
             raise SailError(
                 f"{ws.split_csv} not found; run `sail split` first (or train with --embeddings)"
             )
-        split = split_labels(
-            table.slice_ids, pd.read_csv(ws.split_csv, dtype=str), str(ws.split_csv)
-        )
-        info = {"source": "split.csv", "fingerprint": fingerprint(ws.split_csv)}
+        split = split_labels(table.slice_ids, read_split(ws.split_csv), str(ws.split_csv))
+        info = {"source": ws.split_csv.name, "fingerprint": fingerprint(ws.split_csv)}
         inputs = {"embeddings": fingerprint(path), "split": fingerprint(ws.split_csv)}
     if not np.isfinite(table.x_ND).all():
         row = int(np.flatnonzero(~np.isfinite(table.x_ND).all(1))[0])
@@ -872,7 +870,7 @@ def _held_out(
 def _encoders(cfg: SailConfig, ws: Workspace) -> list[str]:
     if cfg.train.encoders:
         return list(cfg.train.encoders)
-    found = sorted(p.stem for p in (ws.root / "embeddings").glob("*.parquet"))
+    found = ws.encoders_with_embeddings()
     if not found:
         raise SailError(
             f"no embeddings tables in {ws.root / 'embeddings'}; run `sail encode` or pass "

@@ -1,0 +1,603 @@
+"""Every file SAIL stores: its name, where it lies, and how it is read back (see docs/artifacts.md).
+
+This module is the one owner of artifact names. :class:`Workspace` names the folders of a run,
+:class:`SaeFolder`, :class:`EvalFolder`, :class:`InterpretFolder` and :class:`ReportFolder` the
+files inside them, and the ``read_*`` functions turn a stored table or JSON file into a typed
+object with one schema check each (``cfg.json``, ``split.csv``, ``ranking.csv``, interpret
+outputs). No other module spells a stored file's name: tests/test_artifacts.py scans ``src/`` for
+the basenames in :data:`REGISTERED` and fails on a literal outside this file.
+
+To add an artifact: one constant (or one entry of a folder's table map) here, a property on its
+folder class, and a reader when other stages read it back. Writes stay with the stage that makes
+the file (atomically, through :mod:`sail.workspace`).
+
+Import-light on purpose: pandas is imported by the readers, not at module import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sail.errors import SailError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SPLITS = ("train", "valid", "test")
+
+# ---- workspace level -------------------------------------------------------------------------
+CONFIG_YAML = "config.yaml"
+PHANTOM_TRUTH = "phantom_truth.json"
+SLICES_TABLE = "slices.parquet"
+SKIPPED_CSV = "skipped.csv"
+SKIPPED_FAILED_CSV = "skipped.failed.csv"
+SPLIT_CSV = "split.csv"
+# slices.parquet: the identity columns every row starts with (metadata and geometry follow)
+SLICE_ID_COLUMNS = ("slice_id", "modality", "image_id", "plane", "slice_idx", "png_path")
+PARQUET = ".parquet"
+
+# ---- embeddings/<name>.parts/ (resumable encoding) ------------------------------------------
+ENCODE_PLAN = "plan.json"
+ENCODE_ENCODER = "encoder.json"
+
+# ---- sae/<encoder>/<variant>/<config>/ -------------------------------------------------------
+SAE_WEIGHTS = "model.safetensors"
+SAE_CFG = "cfg.json"
+SAE_METRICS = "metrics.csv"
+TRAIN_STATE = "train_state.pt"
+# cfg.json schema: a reader refuses any other version (bump when a key changes meaning)
+CFG_SCHEMA_VERSION = 1
+
+# ---- eval/ -----------------------------------------------------------------------------------
+RANKING_CSV = "ranking.csv"
+TABLE1_MD = "table1.md"
+EVAL_UNIT_MAIN = "probes.parquet"  # a unit's main part (eval/units/...), its manifest marks it done
+# eval/ table name -> (file, format); each evaluation unit writes one <name>.parquet part per entry
+EVAL_TABLES: dict[str, tuple[str, str]] = {
+    "probes": ("probes.csv", "csv"),
+    "probe_coefficients": ("probe_coefficients.parquet", "parquet"),
+    "probes_breakdown": ("probes_breakdown.csv", "csv"),
+    "null_baselines": ("null_baselines.csv", "csv"),
+    "monosemanticity_features": ("monosemanticity_features.csv", "csv"),
+    "monosemanticity_configs": ("monosemanticity_configs.csv", "csv"),
+    "recovery_curves": ("recovery_curves.csv", "csv"),
+    "recovery_summary": ("recovery_summary.csv", "csv"),
+    "concepts": ("concepts.csv", "csv"),
+    "confounds": ("confounds.csv", "csv"),
+}
+
+# ---- interpret/<verb>/<encoder>/<variant>/<config>/ ------------------------------------------
+FINGERPRINT_TABLES = ("per_reference", "hits", "fingerprints", "always_on")  # <name>.csv each
+FINGERPRINT_SUMMARY = "summary.csv"
+FINGERPRINT_K_SWEEP = "k_sweep.png"
+AUTOINTERP_DESCRIPTIONS = "descriptions.csv"
+AUTOINTERP_SELECTED = "selected_features.csv"
+AUTOINTERP_JUDGE = "judge.csv"
+AUTOINTERP_METRICS = "metrics.json"
+MODEL_CALLS = "calls.jsonl"
+LANGUAGE_QUERIES = "queries.csv"
+LANGUAGE_MATCHES = "matches.csv"
+LANGUAGE_HITS = "hits.csv"
+LANGUAGE_METRICS = "metrics.csv"
+
+# ---- figures/ and report/ --------------------------------------------------------------------
+FIGURE_SAE_QUALITY = "sae_quality"  # + .<format>
+FIGURE_RECOVERY = "recovery_curves"
+REPORT_INDEX = "index.html"
+
+# Basenames no other module may spell (tests/test_artifacts.py).
+# ---- `sail export-sae` output folders ----------------------------------------------------------
+EXPORT_SAELENS_WEIGHTS = "sae_weights.safetensors"  # SAELens' own on-disk names
+EXPORT_SAELENS_CFG = "cfg.json"
+EXPORT_HF_SAELENS_DIR = "saelens"  # the SAELens copy inside a Hugging Face folder
+EXPORT_MODEL_CARD = "README.md"
+
+REGISTERED: frozenset[str] = frozenset(
+    {
+        EXPORT_SAELENS_WEIGHTS,
+        EXPORT_MODEL_CARD,
+        CONFIG_YAML,
+        PHANTOM_TRUTH,
+        SLICES_TABLE,
+        SKIPPED_CSV,
+        SKIPPED_FAILED_CSV,
+        SPLIT_CSV,
+        ENCODE_PLAN,
+        ENCODE_ENCODER,
+        SAE_WEIGHTS,
+        SAE_CFG,
+        SAE_METRICS,
+        TRAIN_STATE,
+        RANKING_CSV,
+        TABLE1_MD,
+        EVAL_UNIT_MAIN,
+        *(file for file, _ in EVAL_TABLES.values()),
+        *(f"{name}.csv" for name in FINGERPRINT_TABLES),
+        FINGERPRINT_SUMMARY,
+        FINGERPRINT_K_SWEEP,
+        AUTOINTERP_DESCRIPTIONS,
+        AUTOINTERP_SELECTED,
+        AUTOINTERP_JUDGE,
+        AUTOINTERP_METRICS,
+        MODEL_CALLS,
+        LANGUAGE_QUERIES,
+        LANGUAGE_MATCHES,
+        LANGUAGE_HITS,
+        LANGUAGE_METRICS,
+        REPORT_INDEX,
+    }
+)
+
+
+# ---- folders ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SaeFolder:
+    """One trained SAE: weights, cfg.json, metrics.csv (and the trainer's resume state)."""
+
+    path: Path
+
+    @property
+    def weights(self) -> Path:
+        return self.path / SAE_WEIGHTS
+
+    @property
+    def cfg(self) -> Path:
+        return self.path / SAE_CFG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / SAE_METRICS
+
+
+@dataclass(frozen=True)
+class EvalFolder:
+    """``eval/``: the assembled tables, the ranking and Table 1, and the per-unit parts."""
+
+    path: Path
+
+    def table(self, name: str) -> Path:
+        """An assembled table by its :data:`EVAL_TABLES` name (e.g. ``"probes"``)."""
+        return self.path / EVAL_TABLES[name][0]
+
+    @property
+    def ranking(self) -> Path:
+        return self.path / RANKING_CSV
+
+    @property
+    def table1(self) -> Path:
+        return self.path / TABLE1_MD
+
+    @property
+    def units(self) -> Path:
+        return self.path / "units"
+
+    def unit(self, encoder: str, variant: str, config: str | None) -> Path:
+        """One unit's part folder: ``units/<encoder>/dense`` for the dense probes (config None)."""
+        if config is None:
+            return self.units / encoder / variant
+        return self.units / encoder / variant / config
+
+    @staticmethod
+    def part(unit: Path, name: str) -> Path:
+        return unit / f"{name}{PARQUET}"
+
+    @staticmethod
+    def unit_main(unit: Path) -> Path:
+        return unit / EVAL_UNIT_MAIN
+
+
+@dataclass(frozen=True)
+class InterpretFolder:
+    """``interpret/<verb>/<encoder>/<variant>/<config>/``: one interpret verb's outputs."""
+
+    path: Path
+
+    def csv(self, name: str) -> Path:
+        return self.path / f"{name}.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / FINGERPRINT_SUMMARY
+
+    @property
+    def k_sweep(self) -> Path:
+        return self.path / FINGERPRINT_K_SWEEP
+
+    @property
+    def descriptions(self) -> Path:
+        return self.path / AUTOINTERP_DESCRIPTIONS
+
+    @property
+    def selected(self) -> Path:
+        return self.path / AUTOINTERP_SELECTED
+
+    @property
+    def judge(self) -> Path:
+        return self.path / AUTOINTERP_JUDGE
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.path / AUTOINTERP_METRICS
+
+    @property
+    def calls(self) -> Path:
+        return self.path / MODEL_CALLS
+
+    @property
+    def queries(self) -> Path:
+        return self.path / LANGUAGE_QUERIES
+
+    @property
+    def matches(self) -> Path:
+        return self.path / LANGUAGE_MATCHES
+
+    @property
+    def hits(self) -> Path:
+        return self.path / LANGUAGE_HITS
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / LANGUAGE_METRICS
+
+
+@dataclass(frozen=True)
+class ReportFolder:
+    """``report/``: index, one page per config, feature pages, thumbnails and figure copies."""
+
+    path: Path
+
+    @property
+    def index(self) -> Path:
+        return self.path / REPORT_INDEX
+
+    @property
+    def thumbs(self) -> Path:
+        return self.path / "thumbs"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    def config_page(self, key: str) -> Path:
+        return self.path / "configs" / f"{key}.html"
+
+    def feature_page(self, key: str, feature: int) -> Path:
+        return self.path / "features" / key / f"f{feature:05d}.html"
+
+    def href(self, page: Path, start: Path | None = None) -> str:
+        """``page`` as a link from the folder ``start`` (the report root by default)."""
+        return Path(os.path.relpath(page, start or self.path)).as_posix()
+
+
+class Workspace:
+    """Paths of every artifact in one run folder (layout in docs/artifacts.md)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+    def ensure(self) -> Workspace:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.root / CONFIG_YAML
+
+    @property
+    def phantom_dir(self) -> Path:
+        return self.root / "phantom"
+
+    @property
+    def phantom_truth(self) -> Path:
+        return self.phantom_dir / PHANTOM_TRUTH
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def slices_dir(self) -> Path:
+        return self.data_dir / "slices"
+
+    @property
+    def slices_table(self) -> Path:
+        return self.data_dir / SLICES_TABLE
+
+    @staticmethod
+    def volume_slices(modality: str, image_id: str) -> str:
+        """One volume's PNG folder, relative to the workspace root."""
+        return f"data/slices/{modality}/{image_id}"
+
+    @staticmethod
+    def slice_png(modality: str, image_id: str, plane: str, idx: int) -> str:
+        """One slice's PNG, relative to the workspace root (the ``png_path`` column)."""
+        return f"{Workspace.volume_slices(modality, image_id)}/{plane}_{idx:04d}.png"
+
+    @property
+    def skipped_csv(self) -> Path:
+        return self.data_dir / SKIPPED_CSV
+
+    @property
+    def skipped_failed_csv(self) -> Path:
+        """Where a failed re-prepare reports its skips without replacing the finished table's."""
+        return self.data_dir / SKIPPED_FAILED_CSV
+
+    def prepare_parts(self, config_hash: str) -> Path:
+        return self.data_dir / ".parts" / config_hash
+
+    @staticmethod
+    def prepare_part(parts: Path, modality: str, image_id: str) -> Path:
+        """One sliced scan's rows in ``parts`` (:meth:`prepare_parts`), kept until the table is
+        assembled, so an interrupted run resumes."""
+        return parts / f"{modality}_{image_id}{PARQUET}"
+
+    @property
+    def split_csv(self) -> Path:
+        return self.data_dir / SPLIT_CSV
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings"
+
+    def embeddings(self, encoder: str) -> Path:
+        return self.embeddings_dir / f"{encoder}{PARQUET}"
+
+    def embedding_parts(self, encoder: str) -> Path:
+        return self.embeddings_dir / f"{encoder}.parts"
+
+    def embedding_chunk(self, encoder: str, k: int) -> Path:
+        """One finished chunk of a resumable or sharded encoding."""
+        return self.embedding_parts(encoder) / f"chunk_{k:06d}{PARQUET}"
+
+    def encoders_with_embeddings(self) -> list[str]:
+        root = self.embeddings_dir
+        return sorted(p.name[: -len(PARQUET)] for p in root.glob(f"*{PARQUET}"))
+
+    @property
+    def sae_root(self) -> Path:
+        return self.root / "sae"
+
+    def sae_dir(self, encoder: str, variant: str, config_name: str) -> Path:
+        return self.sae_root / encoder / variant / config_name
+
+    def sae(self, encoder: str, variant: str, config_name: str) -> SaeFolder:
+        return SaeFolder(self.sae_dir(encoder, variant, config_name))
+
+    @property
+    def activations_root(self) -> Path:
+        return self.root / "activations"
+
+    def activations_dir(self, encoder: str, variant: str, config_name: str) -> Path:
+        return self.activations_root / encoder / variant / config_name
+
+    def activations(self, encoder: str, variant: str, config_name: str, split: str) -> Path:
+        return self.activations_dir(encoder, variant, config_name) / f"{split}{PARQUET}"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval(self) -> EvalFolder:
+        return EvalFolder(self.eval_dir)
+
+    @property
+    def interpret_dir(self) -> Path:
+        return self.root / "interpret"
+
+    def interpret(self, verb: str, encoder: str, variant: str, config_name: str) -> InterpretFolder:
+        """``verb`` is ``fingerprint``, ``autointerp`` or ``language``."""
+        return InterpretFolder(self.interpret_dir / verb / encoder / variant / config_name)
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / "figures"
+
+    def figure(self, stem: str) -> Path:
+        """A figure without its format suffix (``figure(FIGURE_SAE_QUALITY)``)."""
+        return self.figures_dir / stem
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report(self) -> ReportFolder:
+        return ReportFolder(self.report_dir)
+
+    def relative(self, path: str | os.PathLike) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+
+# ---- readers ---------------------------------------------------------------------------------
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise SailError(f"{what} not found: {path}")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SailError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise SailError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def check_schema(cfg: dict[str, Any], where: str | Path) -> None:
+    """cfg.json's compatibility rule: readers ignore keys they do not know (other versions add
+    keys), so only a newer MAJOR schema version, one that changes the meaning of existing keys,
+    is refused. ``schema_version`` is an int (the major) or a "MAJOR.MINOR" string."""
+    raw = cfg.get("schema_version")
+    try:
+        major = int(str(raw).split(".")[0])
+    except ValueError:
+        raise SailError(
+            f"{where}: schema_version {raw!r} is not a version number (expected e.g. "
+            f"{CFG_SCHEMA_VERSION})"
+        ) from None
+    if major > CFG_SCHEMA_VERSION:
+        raise SailError(
+            f"{where}: written with cfg.json schema {raw}, newer than the {CFG_SCHEMA_VERSION}.x this "
+            f"SAIL reads; upgrade SAIL to load it"
+        )
+    if major < 1:
+        raise SailError(f"{where}: schema_version {raw!r} is not a SAIL cfg.json schema")
+
+
+def read_cfg(sae_dir: str | os.PathLike) -> dict[str, Any]:
+    """An SAE folder's cfg.json, schema-checked: the one parser of that file.
+
+    Required keys are checked here (a missing one is an error naming it), so every reader can
+    index them; keys a newer SAIL adds are kept and ignored by older readers.
+    """
+    path = SaeFolder(Path(sae_dir)).cfg
+    cfg = _read_json(path, "SAE checkpoint config")
+    check_schema(cfg, path)
+    missing = [k for k in ("variant", "dict_sizes", "k_values", "d_in") if k not in cfg]
+    if missing:
+        raise SailError(f"{path}: missing key(s) {missing}; retrain it (`sail train --force`)")
+    return cfg
+
+
+@dataclass(frozen=True)
+class SaeCfg:
+    """The cfg.json fields other stages use, typed; ``raw`` keeps every stored key."""
+
+    path: Path
+    variant: str
+    dict_sizes: list[int]
+    k_values: list[int]
+    topk_mode: str
+    d_in: int
+    final_metrics: dict[str, float]
+    raw: dict[str, Any] = field(repr=False)
+
+
+def read_sae_cfg(sae_dir: str | os.PathLike) -> SaeCfg:
+    cfg = read_cfg(sae_dir)
+    return SaeCfg(
+        path=SaeFolder(Path(sae_dir)).cfg,
+        variant=str(cfg["variant"]),
+        dict_sizes=[int(v) for v in cfg["dict_sizes"]],
+        k_values=[int(v) for v in cfg["k_values"]],
+        topk_mode=str(cfg.get("topk_mode", "per_level")),
+        d_in=int(cfg["d_in"]),
+        final_metrics=dict(cfg.get("final_metrics") or {}),
+        raw=cfg,
+    )
+
+
+def read_split(path: str | os.PathLike) -> pd.DataFrame:
+    """``data/split.csv``: one row per volume (modality, image_id, split), checked: the columns are
+    there, every split value is one of :data:`SPLITS`, no volume is listed twice. Ids stay strings
+    (``s0001`` must not become 1)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise SailError(f"{path} not found: run `sail split` first")
+    split = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("modality", "image_id", "split") if c not in split.columns]
+    if missing:
+        raise SailError(f"{path}: missing column(s) {missing}")
+    bad = sorted(set(split["split"]) - set(SPLITS))
+    if bad:
+        raise SailError(f"{path}: column 'split' has values {bad}; expected {'|'.join(SPLITS)}")
+    twice = split.duplicated(["modality", "image_id"])
+    if twice.any():
+        row = split[twice].iloc[0]
+        raise SailError(f"{path}: volume ({row['modality']}, {row['image_id']}) listed twice")
+    return split
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame | None:
+    """A CSV artifact, or None when it is missing or empty (a stage that had nothing to write)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    try:
+        return pd.read_csv(path, dtype={"sae_config": str})
+    except pd.errors.EmptyDataError:  # written from an empty frame: no header either
+        return None
+
+
+def read_final_metrics(path: str | os.PathLike) -> dict[str, float]:
+    """An SAE's ``metrics.csv``: the stored codes' metrics at the largest level (l0, fvu,
+    r2_published, dead_frac); empty when the file is missing.
+
+    These are the ``mode == inference`` rows training writes last (held-out rows, dead fraction
+    from the codes); files from before that column fall back to the last validation row.
+    """
+    df = read_table(path)
+    if df is None or df.empty or "split" not in df.columns:
+        return {}
+    if "mode" in df.columns and (df["mode"] == "inference").any():
+        df = df[df["mode"] == "inference"]
+    else:
+        df = df[df["split"].astype(str) == "valid"]
+    if df.empty:
+        return {}
+    if "level" in df.columns:
+        df = df[df["level"] == df["level"].max()]
+    if "step" in df.columns:
+        df = df[df["step"] == df["step"].max()]
+    row = df.iloc[-1]
+    keys = ("l0", "fvu", "r2_published", "dead_frac")
+    return {k: float(row[k]) for k in keys if k in row and row[k] == row[k]}
+
+
+RANKING_KEYS = ("encoder", "variant", "sae_config", "final_rank")  # what readers select on
+
+
+def read_ranking(path: str | os.PathLike) -> pd.DataFrame | None:
+    """``eval/ranking.csv`` (None when missing), checked for the columns readers select on."""
+    ranking = read_table(path)
+    if ranking is None:
+        return None
+    missing = sorted(set(RANKING_KEYS) - set(ranking.columns))
+    if missing:
+        raise SailError(f"{path}: missing column(s) {missing}")
+    return ranking
+
+
+@dataclass(frozen=True)
+class Description:
+    """One feature's autointerp result, with the enrichment its description was built from."""
+
+    feature: int
+    description: str
+    status: str
+    fields: dict[str, Any]
+    enrichment: dict[str, Any] | None
+
+
+def read_descriptions(path: str | os.PathLike) -> dict[int, Description]:
+    """``descriptions.csv`` by feature (empty when missing): description, judge columns, and the
+    stored enrichment (``enrichment`` JSON) of the concept-split slices it was built from."""
+    table = read_table(path)
+    if table is None or "feature" not in table.columns:
+        return {}
+    out = {}
+    for rec in table.to_dict("records"):
+        raw = rec.get("enrichment")
+        enrichment = json.loads(raw) if isinstance(raw, str) and raw else None
+        out[int(rec["feature"])] = Description(
+            feature=int(rec["feature"]),
+            description="" if _missing(rec.get("description")) else str(rec["description"]),
+            status=str(rec.get("status", "")),
+            fields=rec,
+            enrichment=enrichment,
+        )
+    return out
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
