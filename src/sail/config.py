@@ -449,7 +449,8 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
     )
     decode: Literal["auto", "dense", "sparse"] = Field(
-        "auto", description="auto: dense on GPU, sparse on CPU"
+        "auto",
+        description="auto: dense on GPU; on CPU sparse from d_in x latents >= 32768, dense below",
     )
     log_every: int = Field(50, ge=1, description="steps between metrics.csv rows")
     checkpoint_every: int = Field(

@@ -328,7 +328,6 @@ def train_models(
     dirs = [Path(workdir) / f"{e.spec.variant}-{e.name}" for e in entries]
     rt = Runtime(
         device=x_train.device,
-        decode="sparse" if x_train.device.type == "cpu" else "dense",
         checkpoint_every=10**9,
         show_progress=False,
     )

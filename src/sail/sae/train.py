@@ -33,6 +33,7 @@ from sail.errors import SailError
 from sail.sae.checkpoint import METRIC_COLUMNS, WEIGHTS, save_sae
 from sail.sae.distributed import DistContext, from_env, local_device
 from sail.sae.grid import GridEntry, families, load_grid, shard_entries
+from sail.sae.kernels import decode_path
 from sail.sae.memory import check_fits
 from sail.sae.model import ForwardOut, StackedSAE, variant_class
 from sail.sae.recipe import lr_at, resolve, warn_if_unconverged
@@ -333,7 +334,7 @@ class Runtime:
 
     device: torch.device
     precision: str = "fp32"
-    decode: str = "dense"
+    decode: str = "auto"  # dense, sparse, or auto: kernels.decode_path per family
     log_every: int = 50
     checkpoint_every: int = 1
     show_progress: bool = True
@@ -351,14 +352,11 @@ class Runtime:
             if tc.precision != "auto"
             else ("bf16" if device.type == "cuda" else "fp32")
         )
-        decode = (
-            tc.decode if tc.decode != "auto" else ("dense" if device.type == "cuda" else "sparse")
-        )
         ctx = from_env(device)
         return cls(
             device,
             precision,
-            decode,
+            tc.decode,
             tc.log_every,
             tc.checkpoint_every,
             ctx is None or ctx.is_main,
@@ -544,6 +542,7 @@ class FamilyPlan:
     auxk_k: int
     auxk_alpha: float  # 0: no AuxK (the variant has none)
     key: str  # identifies the family and settings in train_state.pt
+    decode: str  # dense or sparse training path (kernels.decode_path)
 
     @property
     def names(self) -> list[str]:
@@ -572,8 +571,11 @@ class FamilyRun:
         self.params = list(self.model.parameters())
 
 
-def plan_family(entries: list[GridEntry], x_train: torch.Tensor) -> FamilyPlan:
-    """Resolve the recipe for this data size and derive the batch, schedule and AuxK settings."""
+def plan_family(
+    entries: list[GridEntry], x_train: torch.Tensor, decode: str = "auto"
+) -> FamilyPlan:
+    """Resolve the recipe for this data size and derive the batch, schedule, AuxK settings and
+    the training path (``decode``: dense, sparse, or auto for the static shape rule)."""
     N, D = x_train.shape
     if N == 0:
         raise SailError("the training split is empty")
@@ -593,6 +595,7 @@ def plan_family(entries: list[GridEntry], x_train: torch.Tensor) -> FamilyPlan:
         auxk_k=settings.auxk_k or max(1, D // 2),
         auxk_alpha=settings.auxk_alpha if variant_class(spec.variant).uses_auxk else 0.0,
         key=_state_key(entries, N, D),
+        decode=decode_path(decode, x_train.device, D, spec.dict_sizes[-1]),
     )
 
 
@@ -653,7 +656,7 @@ def train_step(
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=rt.precision == "bf16"):
         out = model.forward_train(
             x,
-            rt.decode,
+            plan.decode,
             dead if use_aux else None,
             plan.auxk_k,
             alpha if use_aux else 0.0,
@@ -801,7 +804,7 @@ def train_family(
     rank passes the same tensors, trains on its contiguous slice of each global batch and ends
     with the same weights; only rank 0 writes train_state.pt.
     """
-    plan = plan_family(entries, x_train)
+    plan = plan_family(entries, x_train, rt.decode)
     run = start_run(plan, x_train)
     resume_step(run, plan, dirs)
     meter = Meter(run.model.n_levels, plan.n_models, plan.d_in, x_train.device)
