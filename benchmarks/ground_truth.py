@@ -1,15 +1,19 @@
 """Ground-truth benchmark: do the SAEs find a known dictionary? One JSON line per (model, recipe).
 
-    python benchmarks/ground_truth.py                          # the pinned default setting, auto recipe
-    python benchmarks/ground_truth.py --setting flat --recipes auto,published --epochs 20 --batch-size 512
-    python benchmarks/ground_truth.py --lrs 1e-4,3e-4,3e-3,1e-2 --recipes auto,published --rows 10000 > s10k.jsonl
-    python benchmarks/ground_truth.py --sweep-from s10k.jsonl s100k.jsonl --out sweep.png   # lr-sweep figure
+    python benchmarks/ground_truth.py        # the pinned default setting, auto recipe
+    python benchmarks/ground_truth.py --setting flat --recipes auto,published \
+        --epochs 20 --batch-size 512
+    python benchmarks/ground_truth.py --lrs 1e-4,3e-4,3e-3,1e-2 --recipes auto,published \
+        --rows 10000 > s10k.jsonl
+    python benchmarks/ground_truth.py --sweep-from s10k.jsonl s100k.jsonl --out sweep.png
+    python benchmarks/ground_truth.py --init-from-truth --models matryoshka-global,batchtopk
 
 Embeddings come from ``sail.evaluate.ground_truth.generate`` (d 256, 512 true features, Zipf 1.0,
 64 parents with 2-4 children, 8 active per row, noise 0.05, offset norm 1, 100k rows by default);
-rows are split 80/10/10 (train / valid for threshold calibration / test for every metric). Four
-models of one total size are trained with the real trainer: ``sail`` (per_level), ``matryoshka``
-per_level and global, and a plain single-level BatchTopK (a matryoshka spec with one level).
+rows are split 80/10/10 (train / valid for threshold calibration / test for every metric). Models
+of one total size are trained with the real trainer: ``sail`` (per_level), ``matryoshka``
+per_level (K 2/4/8, and ``matryoshka-equal-k`` 8/8/8 on request) and global, and a plain
+single-level BatchTopK (a matryoshka spec with one level).
 Training settings are the defaults (``training.recipe``) unless given here. A figure (recovered
 share, MCC and absorption per model and recipe) is written to ``--out``.
 """
@@ -17,10 +21,12 @@ share, MCC and absorption per model and recipe) is written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +59,52 @@ SETTINGS: dict[str, tuple[GroundTruthSettings, tuple[int, ...], tuple[int, ...],
 
 
 def model_specs(setting: str = "default") -> dict[str, SAESpec]:
-    """The four models, all with the same total number of latents and the same average L0."""
+    """The models, all with the same total number of latents and the same average L0.
+
+    ``matryoshka-equal-k`` is per_level with the last level's K at every level (8/8/8): the
+    increasing schedule (2/4/8) leaves the first levels' latents only 2 and 4 slots per row, which
+    raises absorption (docs/ground_truth.md).
+    """
     _, sizes, k_levels, k = SETTINGS[setting]
     return {
         "sail": SAESpec("sail", sizes, k_levels),
         "matryoshka": SAESpec("matryoshka", sizes, k_levels),
         "matryoshka-global": SAESpec("matryoshka", sizes, (k,), "global"),
+        "matryoshka-equal-k": SAESpec("matryoshka", sizes, (k,) * len(sizes)),
         "batchtopk": SAESpec("matryoshka", sizes[-1:], (k,)),
     }
+
+
+DEFAULT_MODELS = ("sail", "matryoshka", "matryoshka-global", "batchtopk")
+
+
+@contextlib.contextmanager
+def init_from_truth(truth: Any) -> Iterator[None]:
+    """Diagnostic: start every matryoshka SAE at the true dictionary (encoder = decoder = truth).
+
+    True features take the first latents in order of decreasing frequency (a parent before its
+    children, so Matryoshka's prefixes hold them in a natural order); the other latents keep their
+    random init. What training does from there says whether the truth is a minimum the objective
+    keeps (the training is the problem) or one it leaves (the objective is).
+    """
+    from sail.sae.model import StackedSAE
+
+    original = StackedSAE.initialize
+    order = np.argsort(-truth.prob_F, kind="stable")
+    rows = torch.from_numpy(truth.dictionary_FD[order])
+
+    def initialize(self: Any, seeds: list[int], *args: Any, **kwargs: Any) -> None:
+        original(self, seeds, *args, **kwargs)
+        if self.variant != "sail":
+            with torch.no_grad():
+                self.W_dec[:, : rows.shape[0]] = rows
+                self.W_enc[:, : rows.shape[0]] = rows
+
+    StackedSAE.initialize = initialize
+    try:
+        yield
+    finally:
+        StackedSAE.initialize = original
 
 
 def split_rows(n: int) -> tuple[slice, slice, slice]:
@@ -90,7 +134,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             if lr is not None:
                 training["lr"] = lr
             start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
+            init = init_from_truth(truth) if args.init_from_truth else contextlib.nullcontext()
+            with tempfile.TemporaryDirectory() as tmp, init:
                 result = train_models([specs[name]], x[tr], x[va], training, tmp)
             seconds = time.perf_counter() - start
             metrics = score_sae(result.model, x[te], truth, np.arange(rows)[te])[0]
@@ -103,6 +148,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "model": name,
                 "recipe": recipe,
                 "lr_given": lr is not None,
+                "init": "truth" if args.init_from_truth else "random",
                 "rows": rows,
                 "train_rows": tr.stop,
                 "spec": specs[name].to_json(),
@@ -155,6 +201,7 @@ def figure(lines: list[dict[str, Any]], path: Path) -> None:
         axes,
         ("recovered", "mcc", "absorption"),
         ("recovered at |cos| >= 0.9", "MCC (Hungarian mean |cos|)", "absorption (lower is better)"),
+        strict=True,
     ):
         for j, label in enumerate(labels):
             vals = [
@@ -180,8 +227,8 @@ def figure(lines: list[dict[str, Any]], path: Path) -> None:
     axes[0].legend(fontsize=7)
     rows = lines[0]["rows"]
     fig.suptitle(
-        f"Ground truth: d {lines[0]['generator']['d']}, {lines[0]['generator']['n_features']} true features, "
-        f"{rows} rows",
+        f"Ground truth: d {lines[0]['generator']['d']}, "
+        f"{lines[0]['generator']['n_features']} true features, {rows} rows",
         fontsize=10,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,18 +245,26 @@ def sweep_figure(lines: list[dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     groups = sorted({(ln["model"], ln["rows"]) for ln in lines})
-    for (model, rows), color in zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    for (model, rows), color in zip(
+        groups, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False
+    ):
         mine = [ln for ln in lines if ln["model"] == model and ln["rows"] == rows]
-        for ax, metric in zip(axes, ("recovered", "fvu")):
+        for ax, metric in zip(axes, ("recovered", "fvu"), strict=True):
             pts = sorted(
                 (ln["settings"]["lr"], ln[metric]) for ln in mine if ln["recipe"] == "auto"
             )
-            ax.plot(*zip(*pts), "-", color=color, alpha=0.6, label=f"{model}, {rows // 1000}k rows")
+            ax.plot(
+                *zip(*pts, strict=True),
+                "-",
+                color=color,
+                alpha=0.6,
+                label=f"{model}, {rows // 1000}k rows",
+            )
             for ln in mine:
                 if not ln["lr_given"]:
                     marker = "*" if ln["recipe"] == "auto" else "x"
                     ax.plot(ln["settings"]["lr"], ln[metric], marker, color=color, markersize=12)
-    for ax, label in zip(axes, ("recovered at |cos| >= 0.9", "FVU")):
+    for ax, label in zip(axes, ("recovered at |cos| >= 0.9", "FVU"), strict=True):
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel(label)
@@ -220,7 +275,7 @@ def sweep_figure(lines: list[dict[str, Any]], path: Path) -> None:
 
 
 def _json_number(v: Any) -> Any:
-    """Rounded floats; NaN (no hierarchy, so no absorption pairs) as null, so lines stay strict JSON."""
+    """Rounded floats; NaN (no hierarchy: no absorption pairs) as null: lines stay strict JSON."""
     if isinstance(v, float):
         return None if np.isnan(v) else round(v, 4)
     return v
@@ -238,15 +293,15 @@ def main() -> None:
         "--setting",
         choices=sorted(SETTINGS),
         default="default",
-        help="default: the pinned issue-15 setting; flat: issue 14's (128-d, 96 features, 5 active)",
+        help="default: the pinned issue-15 setting; flat: issue 14's (128-d, 96 features, 5 on)",
     )
     p.add_argument(
         "--rows", type=int, default=None, help="rows generated (80%% train); default: the setting's"
     )
     p.add_argument(
         "--models",
-        default=",".join(model_specs()),
-        help="comma list of " + ", ".join(model_specs()),
+        default=",".join(DEFAULT_MODELS),
+        help="comma list of " + ", ".join(model_specs()) + " (default: all but matryoshka-equal-k)",
     )
     p.add_argument("--recipes", default="auto", help="comma list of auto, published")
     p.add_argument(
@@ -257,6 +312,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--data-seed", type=int, default=0, help="generator seed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--init-from-truth",
+        action="store_true",
+        help="diagnostic: start matryoshka SAEs at the true dictionary (is the truth a minimum?)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/ground_truth.png"))
     p.add_argument(
         "--sweep-from",
