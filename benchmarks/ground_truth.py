@@ -87,24 +87,24 @@ def init_from_truth(truth: Any) -> Iterator[None]:
     random init. What training does from there says whether the truth is a minimum the objective
     keeps (the training is the problem) or one it leaves (the objective is).
     """
-    from sail.sae.model import StackedSAE
+    from sail.sae.model import variant_class
 
-    original = StackedSAE.initialize
+    matryoshka = variant_class("matryoshka")
+    original = matryoshka.initialize
     order = np.argsort(-truth.prob_F, kind="stable")
     rows = torch.from_numpy(truth.dictionary_FD[order])
 
     def initialize(self: Any, seeds: list[int], *args: Any, **kwargs: Any) -> None:
         original(self, seeds, *args, **kwargs)
-        if self.variant != "sail":
-            with torch.no_grad():
-                self.W_dec[:, : rows.shape[0]] = rows
-                self.W_enc[:, : rows.shape[0]] = rows
+        with torch.no_grad():
+            self.W_dec[:, : rows.shape[0]] = rows
+            self.W_enc[:, : rows.shape[0]] = rows
 
-    StackedSAE.initialize = initialize
+    matryoshka.initialize = initialize
     try:
         yield
     finally:
-        StackedSAE.initialize = original
+        matryoshka.initialize = original
 
 
 def split_rows(n: int) -> tuple[slice, slice, slice]:

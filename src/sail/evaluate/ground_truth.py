@@ -300,8 +300,9 @@ def inference_codes(model: Any, x_ND: torch.Tensor, batch_size: int = 8192) -> l
 
 
 def decoder_rows(model: Any) -> torch.Tensor:
-    """(M, D, d) decoder rows: the tied W for ``sail``, W_dec for ``matryoshka``."""
-    return (model.W if model.variant == "sail" else model.W_dec).detach()
+    """(M, F, D) decoder rows (the variant's own: the tied W for ``sail``, W_dec for
+    ``matryoshka``)."""
+    return model.W_decoder.detach()
 
 
 def score_sae(
