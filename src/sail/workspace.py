@@ -30,6 +30,11 @@ from sail.errors import SailError
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".manifest.json"
+# A seed replicate of an SAE config lives in <config>/seed-<n>/ (train.seeds); the config folder
+# itself holds the first seed's model, the one ranked and interpreted.
+REPLICATE_PREFIX = "seed-"
+STABILITY_CSV = "stability.csv"
+HIERARCHY_CSV = "hierarchy.csv"
 # Inputs smaller than this are content-hashed; larger ones are fingerprinted by size and,
 # when they are workspace artifacts, by the hash of their own manifest.
 CONTENT_HASH_LIMIT = 64 * 1024 * 1024
@@ -129,6 +134,11 @@ def fingerprint(path: str | os.PathLike) -> str:
     if size <= CONTENT_HASH_LIMIT:
         return "sha256:" + hash_file(path)
     return f"size:{size}"
+
+
+def replicate_folder(seed: int) -> str:
+    """Folder name of the seed-``seed`` replicate inside its config's folder."""
+    return f"{REPLICATE_PREFIX}{seed}"
 
 
 def manifest_path(artifact: str | os.PathLike) -> Path:
@@ -287,12 +297,33 @@ class Workspace:
     def sae_dir(self, encoder: str, variant: str, config_name: str) -> Path:
         return self.root / "sae" / encoder / variant / config_name
 
+    def replicate_dir(self, encoder: str, variant: str, config_name: str, seed: int) -> Path:
+        return self.sae_dir(encoder, variant, config_name) / replicate_folder(seed)
+
+    def replicate_dirs(self, encoder: str, variant: str, config_name: str) -> dict[int, Path]:
+        """Seed -> folder of every trained replicate of a config (those holding a cfg.json)."""
+        root = self.sae_dir(encoder, variant, config_name)
+        found = {}
+        for folder in sorted(root.glob(f"{REPLICATE_PREFIX}*")) if root.is_dir() else []:
+            seed = folder.name[len(REPLICATE_PREFIX) :]
+            if re.fullmatch(r"-?\d+", seed) and (folder / "cfg.json").is_file():
+                found[int(seed)] = folder
+        return dict(sorted(found.items()))
+
     def activations(self, encoder: str, variant: str, config_name: str, split: str) -> Path:
         return self.root / "activations" / encoder / variant / config_name / f"{split}.parquet"
 
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def stability_csv(self) -> Path:
+        return self.eval_dir / STABILITY_CSV
+
+    @property
+    def hierarchy_csv(self) -> Path:
+        return self.eval_dir / HIERARCHY_CSV
 
     @property
     def interpret_dir(self) -> Path:

@@ -12,11 +12,10 @@ from typer.testing import CliRunner
 
 from sail.cli import app
 from sail.config import load_config
-from sail.sae.activations import encode_csr
+from sail.sae.activations import encode_csr, run_activations
 from sail.sae.activations_io import read_activations
 from sail.sae.checkpoint import load_sae
 from sail.sae.train import run_train
-from sail.sae.activations import run_activations
 from sail.workspace import Workspace
 
 GRID = [{"dict_sizes": [8, 32], "k_values": [2, 4]}, {"dict_sizes": [8, 32], "k_values": [3, 6]}]
@@ -127,7 +126,7 @@ def test_per_level_codes_use_every_range_on_held_out_rows(tmp_path, ks):
         cal["slice_ids_sha256"] == calibration_record(train_ids[held], 0.1, 42)["slice_ids_sha256"]
     )
     _, codes, _ = read_activations(ws.activations("toy", "matryoshka", sae_dir.name, "valid"))
-    fired_ranges = [r for r, n in zip(cal["ranges"], cal["selected"]) if n > 0]
+    fired_ranges = [r for r, n in zip(cal["ranges"], cal["selected"], strict=True) if n > 0]
     assert len(fired_ranges) == 3
     for lo, hi in fired_ranges:
         assert codes[:, lo:hi].nnz > 0, (lo, hi)
@@ -161,7 +160,8 @@ def test_csr_export_equals_dense_codes_and_round_trips(tmp_path, tiny_table):
 def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
     grid = tmp_path / "grid.yaml"
     grid.write_text(
-        "training: {epochs: 1, batch_size: 64}\nconfigs:\n  - {dict_sizes: [8, 32], k_values: [2, 4]}\n"
+        "training: {epochs: 1, batch_size: 64}\nconfigs:\n"
+        "  - {dict_sizes: [8, 32], k_values: [2, 4]}\n"
     )
     runner = CliRunner()
     ws = tmp_path / "ws"
@@ -199,7 +199,8 @@ def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
 
 
 def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, caplog):
-    """Artifact semantics: an old checkpoint is refused or retrained; --recalibrate keeps its weights."""
+    """Artifact semantics: an old checkpoint is refused or retrained; --recalibrate keeps its
+    weights."""
     import json
     import logging
 
@@ -268,3 +269,43 @@ def _grid_file(ws: Workspace, grid: list[dict]):
     path = ws.root / "grid.yaml"
     path.write_text(yaml.safe_dump({"training": TRAINING, "configs": grid}))
     return path
+
+
+def test_seed_replicates_live_under_their_config_and_are_not_activated(workspace, caplog):
+    """train.seeds: the config folder holds the first seed's model, replicates of the selected
+    config sit in <config>/seed-<n>/ with their own seed; downstream stages see only configs."""
+    cfg = load_config(
+        None,
+        {
+            "workspace": workspace.root,
+            "train": {
+                "grid": GRID,
+                "variants": ["matryoshka"],
+                "training": TRAINING,
+                "seeds": [42, 7],
+                "replicate_configs": ["matryoshka/D_8_32_K_2_4"],
+            },
+        },
+    )
+    run_train(cfg, workspace)
+    root = workspace.root / "sae" / "toy" / "matryoshka"
+    configs = sorted(p.parent.name for p in root.glob("*/cfg.json"))
+    assert len(configs) == 2
+    replicated = next(c for c in configs if c.startswith("D_8_32_K_2_4"))
+    assert workspace.replicate_dirs("toy", "matryoshka", replicated).keys() == {7}
+    for other in configs:
+        if other != replicated:
+            assert workspace.replicate_dirs("toy", "matryoshka", other) == {}
+    main, main_cfg = load_sae(root / replicated)
+    rep, rep_cfg = load_sae(workspace.replicate_dir("toy", "matryoshka", replicated, 7))
+    assert main_cfg["training"]["seed"] == 42 and rep_cfg["training"]["seed"] == 7
+    assert not torch.equal(main.W_decoder, rep.W_decoder)
+    caplog.set_level("INFO")
+    run_train(cfg, workspace)
+    assert caplog.text.count("up to date") == 3
+
+    run_activations(cfg, workspace)
+    activated = sorted(
+        p.parent.name for p in (workspace.root / "activations").rglob("valid.parquet")
+    )
+    assert activated == configs
