@@ -227,3 +227,20 @@ def test_encoder_without_sae_configs_gets_dense_probes_only(tmp_path):
     assert pd.read_csv(ws.eval_dir / "ranking.csv").empty
     run_figures(cfg, ws)  # nothing to plot: a warning, not a crash
     assert not (ws.figures_dir / "sae_quality.png").exists()
+
+
+def test_stability_and_hierarchy_tables_cover_every_config(evaluated):
+    """No checkpoint in this workspace: stability rows say so (0 seeds) and the hierarchy keeps
+    its co-activation parents, without decoder parents."""
+    stability = pd.read_csv(evaluated.stability_csv)
+    assert sorted(stability.sae_config) == sorted(c for _, c in CONFIGS)
+    assert (stability.n_seeds == 0).all() and stability.matched_share.isna().all()
+    hierarchy = pd.read_csv(evaluated.hierarchy_csv)
+    rows = hierarchy.groupby("sae_config").size().to_dict()
+    assert rows == {"D_16_64_K_4_8": 48, "D_8_32_128_K_2_4_8": 24 + 96}
+    deep = hierarchy[hierarchy.sae_config == "D_8_32_128_K_2_4_8"]
+    assert set(deep.level) == {2, 3}
+    assert (deep[deep.level == 2].parent_coact < 8).all()
+    assert (deep[deep.level == 3].parent_coact < 32).all()
+    assert (hierarchy.parent_decoder == -1).all()
+    assert "stable" in (evaluated.eval_dir / "table1.md").read_text()

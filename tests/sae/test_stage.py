@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from sail.cli import app
 from sail.config import load_config
+from sail.evaluate.stability import config_stability
 from sail.sae.activations import encode_csr, run_activations
 from sail.sae.activations_io import read_activations
 from sail.sae.checkpoint import load_sae
@@ -300,6 +301,10 @@ def test_seed_replicates_live_under_their_config_and_are_not_activated(workspace
     rep, rep_cfg = load_sae(workspace.replicate_dir("toy", "matryoshka", replicated, 7))
     assert main_cfg["training"]["seed"] == 42 and rep_cfg["training"]["seed"] == 7
     assert not torch.equal(main.W_decoder, rep.W_decoder)
+    row = config_stability(workspace, "toy", "matryoshka", replicated, [8, 32]).iloc[0]
+    assert row.n_seeds == 2 and row.seeds == "42;7" and row.n_latents == 32
+    assert 0 <= row.matched_share_all_seeds <= row.matched_share <= 1
+    assert 0 < row.mean_matched_cos <= 1 and len(row.matched_share_by_level.split(";")) == 2
     caplog.set_level("INFO")
     run_train(cfg, workspace)
     assert caplog.text.count("up to date") == 3

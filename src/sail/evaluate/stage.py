@@ -21,11 +21,12 @@ from sail.data.labels import VOCABULARY
 from sail.errors import SailError
 from sail.evaluate import concepts as concepts_mod
 from sail.evaluate import monosemanticity as mono
+from sail.evaluate.hierarchy import config_hierarchy
 from sail.evaluate.inputs import (
     EvalData,
     discover_configs,
-    embedded,
     discover_encoders,
+    embedded,
     load_dense,
     load_eval_data,
     load_sae_info,
@@ -41,7 +42,10 @@ from sail.evaluate.probes import (
 )
 from sail.evaluate.ranking import rank_configs, table1_markdown
 from sail.evaluate.recovery import run_recovery
+from sail.evaluate.stability import config_stability, load_decoder
 from sail.workspace import (
+    HIERARCHY_CSV,
+    STABILITY_CSV,
     StageRecord,
     Workspace,
     check_table,
@@ -70,7 +74,12 @@ TABLES = {
     "recovery_summary": ("recovery_summary.csv", "csv"),
     "concepts": ("concepts.csv", "csv"),
     "confounds": ("confounds.csv", "csv"),
+    "stability": (STABILITY_CSV, "csv"),
+    "hierarchy": (HIERARCHY_CSV, "csv"),
 }
+# parts every SAE unit writes since seed stability and the hierarchy were added: a unit finished
+# before lacks them and is recomputed
+SPARSE_ONLY_PARTS = ("stability", "hierarchy")
 
 
 def units_root(ws: Workspace) -> Path:
@@ -91,8 +100,10 @@ def _write_parts(folder: Path, parts: dict[str, pd.DataFrame]) -> None:
     write_parquet_atomic(folder / UNIT_MAIN, parts["probes"].reset_index(drop=True))
 
 
-def _unit_done(folder: Path, record: StageRecord) -> bool:
-    return is_done(folder / UNIT_MAIN, record)
+def _unit_done(folder: Path, record: StageRecord, parts: tuple[str, ...] = ()) -> bool:
+    return is_done(folder / UNIT_MAIN, record) and all(
+        (folder / f"{name}.parquet").is_file() for name in parts
+    )
 
 
 def _probe_settings_hash(ecfg: EvaluateConfig) -> dict:
@@ -185,8 +196,12 @@ def run_sparse_unit(
     concepts, confounds = concepts_mod.ground_concepts(
         codes, data.slices, data.split_rows, ids, cc.confound_labels, cc.confound_min_auc
     )
+    hierarchy = config_hierarchy(
+        ids, _decoder_or_none(ws, ids), codes[data.split_rows["valid"]], info.dict_sizes
+    )
     log.info(
-        "%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; vocabulary %d structures",
+        "%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; "
+        "vocabulary %d structures",
         encoder,
         variant,
         config,
@@ -207,7 +222,19 @@ def run_sparse_unit(
         "recovery_summary": summary,
         "concepts": concepts,
         "confounds": confounds,
+        "stability": config_stability(ws, encoder, variant, config, info.dict_sizes),
+        "hierarchy": hierarchy,
     }
+
+
+def _decoder_or_none(ws: Workspace, ids: dict[str, str]) -> np.ndarray | None:
+    """The config's decoder rows, or None (warned) when its checkpoint is missing or unreadable."""
+    sae_dir = ws.sae_dir(ids["encoder"], ids["variant"], ids["sae_config"])
+    try:
+        return load_decoder(sae_dir)[0]
+    except SailError as exc:
+        log.warning("%s: hierarchy without decoder parents (%s)", sae_dir, exc)
+        return None
 
 
 def _read_parts(folder: Path) -> dict[str, pd.DataFrame]:
@@ -225,7 +252,8 @@ def _select_encoders(ws: Workspace, ecfg: EvaluateConfig) -> list[str]:
     for enc in ecfg.encoders:
         if not ws.embeddings(enc).is_file():
             raise SailError(
-                f"evaluate.encoders: {ws.embeddings(enc)} not found (have: {', '.join(available) or 'none'})"
+                f"evaluate.encoders: {ws.embeddings(enc)} not found "
+                f"(have: {', '.join(available) or 'none'})"
             )
     return list(ecfg.encoders)
 
@@ -252,6 +280,10 @@ def _sparse_inputs(ws: Workspace, enc: str, variant: str, cfg_name: str) -> dict
     for name in ("cfg.json", "metrics.csv"):
         out[f"sae/{enc}/{variant}/{cfg_name}/{name}"] = fingerprint(
             ws.sae_dir(enc, variant, cfg_name) / name
+        )
+    for folder in ws.replicate_dirs(enc, variant, cfg_name).values():  # seed stability
+        out[f"sae/{enc}/{variant}/{cfg_name}/{folder.name}/cfg.json"] = fingerprint(
+            folder / "cfg.json"
         )
     return out
 
@@ -306,7 +338,7 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                     **_sparse_inputs(ws, enc, variant, cfg_name),
                 },
             )
-            if not force and _unit_done(folder, rec):
+            if not force and _unit_done(folder, rec, SPARSE_ONLY_PARTS):
                 log.info("%s/%s/%s: up to date", enc, variant, cfg_name)
                 continue
             if data is None:
@@ -385,5 +417,11 @@ def assemble(cfg: SailConfig, ws: Workspace) -> None:
     write_csv_atomic(ws.eval_dir / "ranking.csv", ranking)
     write_text_atomic(
         ws.eval_dir / "table1.md",
-        table1_markdown(ranking, metrics, ecfg.ranking, m_slices=min(ecfg.monosemanticity.top_n)),
+        table1_markdown(
+            ranking,
+            metrics,
+            ecfg.ranking,
+            m_slices=min(ecfg.monosemanticity.top_n),
+            stability=tables["stability"],
+        ),
     )
