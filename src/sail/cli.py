@@ -367,6 +367,21 @@ def train(
         typer.Option(help="Column of --embeddings grouping rows for the seeded 80/10/10 split."),
     ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override the grid's epochs.")] = None,
+    seed: Annotated[
+        Optional[list[int]],
+        typer.Option(
+            "--seed",
+            help="Repeat to train each config once per seed: the first is the config's own model, "
+            "the others replicates in <config>/seed-<n>/ for eval/stability.csv.",
+        ),
+    ] = None,
+    replicate_config: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--replicate-config",
+            help="Only these configs get seed replicates (variant/name or name) [default: all].",
+        ),
+    ] = None,
     device: Annotated[
         Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")
     ] = None,
@@ -396,6 +411,8 @@ def train(
         "device": device,
         "training": {"epochs": epochs} if epochs else None,
         "recalibrate": recalibrate or None,
+        "seeds": seed or None,
+        "replicate_configs": replicate_config or None,
     }
     try:
         cfg = _load(config, workspace, train=section)

@@ -199,6 +199,25 @@ def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
     assert res.exit_code == 2 and "embeddings table not found" in res.output
 
 
+def test_cli_seed_replicates_of_the_tied_sail_variant(tmp_path, tiny_table):
+    """`sail train --seed 42 --seed 3`: the sail variant's replicate, compared on its tied W."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("training: {epochs: 1, batch_size: 64}\nconfigs:\n")
+    grid.write_text(grid.read_text() + "  - {dict_sizes: [8, 32], k_values: [2, 4]}\n")
+    ws = tmp_path / "ws"
+    args = ["train", "--embeddings", str(tiny_table[0]), "--grid", str(grid)]
+    args += ["--variant", "sail", "--seed", "42", "--seed", "3", "--workspace", str(ws)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    config = next((ws / "sae" / "tiny" / "sail").iterdir()).name
+    workspace = Workspace(ws)
+    assert list(workspace.replicate_dirs("tiny", "sail", config)) == [3]
+    row = config_stability(workspace, "tiny", "sail", config, [8, 32]).iloc[0]
+    assert row.n_seeds == 2 and row.seeds == "42;3" and 0 < row.mean_matched_cos <= 1
+    res = CliRunner().invoke(app, [*args[:-2], "--seed", "3", "--workspace", str(ws)])
+    assert res.exit_code == 2 and "repeat a seed" in res.output
+
+
 def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, caplog):
     """Artifact semantics: an old checkpoint is refused or retrained; --recalibrate keeps its
     weights."""

@@ -309,8 +309,9 @@ def _tree(
     def node(f: int, left: int) -> dict:
         kids = by_parent.get(f)
         below = [] if kids is None or left == 0 else list(kids.index[:width])
+        lift = float(hier.loc[f, "coact_lift"]) if f in hier.index else np.nan
         return _link(f, paged, prefix) | {
-            "lift": float(hier.loc[f, "coact_lift"]) if f in hier.index else None,
+            "lift": lift if np.isfinite(lift) else None,
             "children": [node(int(k), left - 1) for k in below],
         }
 
