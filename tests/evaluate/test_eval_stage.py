@@ -3,7 +3,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from .eval_builders import build_workspace, fast_overrides, write_sae
 from typer.testing import CliRunner
 
 from sail.cli import app
@@ -11,6 +10,8 @@ from sail.config import load_config
 from sail.evaluate.stage import run_evaluate, unit_dir
 from sail.report.figures import run_figures
 from sail.workspace import manifest_path
+
+from .eval_builders import build_workspace, fast_overrides, write_sae
 
 DESIGN_COLUMNS = {
     "probes.csv": [
@@ -140,7 +141,8 @@ def test_dict_level_follows_any_number_of_levels_without_cfg_json(tmp_path):
 
 
 def test_reruns_replace_rows_and_resume_keeps_every_config(tmp_path):
-    """Published bugs #3 (appended duplicate rows) and #4 (resume truncated the recovery summary)."""
+    """Published bugs #3 (appended duplicate rows) and #4 (resume truncated the recovery
+    summary)."""
     ws = build_workspace(tmp_path / "ws", configs=CONFIGS[:1])
     cfg = _cfg(ws, tasks=["modality", "structures"])
     run_evaluate(cfg, ws)
@@ -244,3 +246,17 @@ def test_stability_and_hierarchy_tables_cover_every_config(evaluated):
     assert (deep[deep.level == 3].parent_coact < 32).all()
     assert (hierarchy.parent_decoder == -1).all()
     assert "stable" in (evaluated.eval_dir / "table1.md").read_text()
+
+
+def test_a_workspace_evaluated_before_the_new_tables_gets_them(tmp_path):
+    """A finished evaluate from before stability/hierarchy existed is not 'up to date': the units
+    lacking the new parts are recomputed and both tables written."""
+    ws = build_workspace(tmp_path / "ws", configs=CONFIGS[:1])
+    cfg = _cfg(ws, tasks=["modality"])
+    run_evaluate(cfg, ws)
+    ws.stability_csv.unlink()
+    ws.hierarchy_csv.unlink()
+    for part in ws.eval_dir.rglob("hierarchy.parquet"):
+        part.unlink()
+    run_evaluate(cfg, ws)
+    assert len(pd.read_csv(ws.hierarchy_csv)) == 48 and ws.stability_csv.is_file()

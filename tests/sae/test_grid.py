@@ -32,9 +32,11 @@ def test_demo_grid_expands_variants_and_global_is_matryoshka_only():
 def test_yaml_grid_file_and_errors(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(
-        "training: {recipe: published, epochs: 100, batch_size: 2048, lr: 1.0e-4, seed: 42}\nconfigs:\n"
+        "training: {recipe: published, epochs: 100, batch_size: 2048, lr: 1.0e-4, seed: 42}\n"
+        "configs:\n"
         "  - {variant: sail, dict_sizes: [128, 512, 2048, 8192], k_values: [20, 40, 80, 160]}\n"
-        "  - {variant: matryoshka, topk_mode: global, dict_sizes: [64, 256, 1024, 4096], k_values: [40]}\n"
+        "  - {variant: matryoshka, topk_mode: global, dict_sizes: [64, 256, 1024, 4096], "
+        "k_values: [40]}\n"
     )
     entries = load_grid(str(path), ["matryoshka"])
     assert [e.name for e in entries] == [
@@ -91,7 +93,8 @@ def test_recipe_naming_keeps_published_names_stable():
     assert load_grid(cfg, ["sail"], overrides={"recipe": "auto"})[0].name.startswith(
         "D_4_8_K_1_2-h"
     )
-    # configs/paper.yaml (recipe published, permutation fixed): the names from before recipes existed
+    # configs/paper.yaml (recipe published, permutation fixed): the names from before recipes
+    # existed
     paper = load_grid(
         "paper", ["sail", "matryoshka"], overrides={"recipe": "published", "permutation": "fixed"}
     )

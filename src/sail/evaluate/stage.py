@@ -294,7 +294,8 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     inputs, configs = _stage_inputs(ws, encoders)
     main = ws.eval_dir / "ranking.csv"
     record = StageRecord("evaluate", hash_config(ecfg.model_dump(mode="json")), inputs)
-    if not force and is_done(main, record):
+    tables_there = ws.stability_csv.is_file() and ws.hierarchy_csv.is_file()  # older runs lack them
+    if not force and is_done(main, record) and tables_there:
         log.info("evaluate: up to date (%s)", ws.relative(main))
         return
     data_all = load_eval_data(ws)

@@ -100,9 +100,13 @@ def _svg_bars(
         h = 0 if not np.isfinite(v) else (height - 12) * v / top
         title = f"<title>{escape(labels[i]) if labels else i}: {v:.3g}</title>"
         bars.append(
-            f'<rect x="{i * bw:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" height="{h:.1f}" fill="#3b6ea8">{title}</rect>'
+            f'<rect x="{i * bw:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" '
+            f'height="{h:.1f}" fill="#3b6ea8">{title}</rect>'
         )
-    return f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">{"".join(bars)}</svg>'
+    return (
+        f'<svg class="chart" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img">{"".join(bars)}</svg>'
+    )
 
 
 def _thumb(ws: Workspace, out: Path, slice_id: str, png_path: str, size: int) -> str:
@@ -130,7 +134,8 @@ def _enrichment(
     volumes: np.ndarray,
     label_columns: list[str],
 ) -> dict[int, list[dict]]:
-    """Per feature: label frequencies among its top-``top_n`` slices (one per volume) vs base rate."""
+    """Per feature: label frequencies among its top-``top_n`` slices (one per volume) vs base
+    rate."""
     slices = data.slices.iloc[rows].reset_index(drop=True)
     onehots, names = [], []
     for col in label_columns:
@@ -143,7 +148,8 @@ def _enrichment(
     present = slices[flags].fillna(False).to_numpy(np.float32)
     region_of = pd.Series([STRUCTURE_REGION.get(c[4:], "other") for c in flags])
     regions = sorted(set(region_of))
-    # a slice is in a region when any of the region's structures is present (none: a cohort without masks)
+    # a slice is in a region when any of the region's structures is present (none: a cohort
+    # without masks)
     if regions:
         onehots.append(
             np.stack([present[:, (region_of == r).to_numpy()].max(axis=1) for r in regions], axis=1)
@@ -190,7 +196,8 @@ def top_slices(
 def _feature_scores(
     ws: Workspace, unit: ConfigUnit, n_features: int, active_counts: np.ndarray
 ) -> tuple[np.ndarray, dict]:
-    """Selection score per feature: monosemanticity (top-10) where evaluated, else activation rate."""
+    """Selection score per feature: monosemanticity (top-10) where evaluated, else activation
+    rate."""
     score = active_counts.astype(float) / max(active_counts.max(), 1) * 1e-3
     mono = _read_csv(ws.eval_dir / "monosemanticity_features.csv")
     extra: dict[int, dict] = {}
@@ -365,7 +372,7 @@ def _unit_pages(
         lo, hi = sub.indptr[f], sub.indptr[f + 1]
         hist, edges = np.histogram(sub.data[lo:hi], bins=20)
         tiles = []
-        for r, value in zip(top, top_vals):
+        for r, value in zip(top, top_vals, strict=True):
             row = slices.iloc[r]
             present = [flag_cols[j][4:] for j in np.flatnonzero(flags[r])]
             tiles.append(
@@ -373,7 +380,8 @@ def _unit_pages(
                     "thumb": _thumb(ws, out, row.slice_id, row.png_path, rcfg.thumb_size),
                     "slice_id": row.slice_id,
                     "value": float(value),
-                    "meta": f"{row.modality} {row.plane} {row.sex or '?'} {row.age_group or '?'} inst {row.institute}",
+                    "meta": f"{row.modality} {row.plane} {row.sex or '?'} "
+                    f"{row.age_group or '?'} inst {row.institute}",
                     "structures": ", ".join(present[:8]) + (" …" if len(present) > 8 else ""),
                 }
             )
@@ -456,9 +464,10 @@ def _fingerprint_section(
     if hits is None:
         return {}
     paths = slices.set_index("slice_id").png_path
-    thumb = lambda sid: (
-        _thumb(ws, out, sid, paths[sid], rcfg.thumb_size) if sid in paths.index else ""
-    )  # noqa: E731
+
+    def thumb(sid: str) -> str:
+        return _thumb(ws, out, sid, paths[sid], rcfg.thumb_size) if sid in paths.index else ""
+
     sparse = hits[hits.method == "sparse"]
     examples = []
     for ref in sparse.reference.drop_duplicates().head(n_examples):
@@ -570,8 +579,8 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
         )
         for t in select_targets(cfg, ws)
     ]
-    # metadata columns named as probe targets (e.g. a manifest's diagnosis) are enriched too; other free
-    # columns (patient groups, ids) never reach the pages
+    # metadata columns named as probe targets (e.g. a manifest's diagnosis) are enriched too;
+    # other free columns (patient groups, ids) never reach the pages
     label_columns = LABEL_COLUMNS + [
         c for c in cfg.evaluate.extra_tasks if c in data.slices.columns and c not in LABEL_COLUMNS
     ]
@@ -654,7 +663,8 @@ def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
 
 
 def _check_inputs(ws: Workspace) -> None:
-    """Every checkpoint and activations table the site reads is intact before a page is rewritten."""
+    """Every checkpoint and activations table the site reads is intact before a page is
+    rewritten."""
     from sail.sae.checkpoint import load_sae
 
     for table in sorted((ws.root / "activations").rglob("*.parquet")):
