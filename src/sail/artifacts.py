@@ -49,6 +49,9 @@ SAE_WEIGHTS = "model.safetensors"
 SAE_CFG = "cfg.json"
 SAE_METRICS = "metrics.csv"
 TRAIN_STATE = "train_state.pt"
+# A seed replicate of an SAE config lives in <config>/seed-<n>/ (train.seeds); the config folder
+# itself holds the first seed's model, the one ranked and interpreted.
+REPLICATE_PREFIX = "seed-"
 # cfg.json schema: a reader refuses any other version (bump when a key changes meaning)
 CFG_SCHEMA_VERSION = 1
 
@@ -68,6 +71,8 @@ EVAL_TABLES: dict[str, tuple[str, str]] = {
     "recovery_summary": ("recovery_summary.csv", "csv"),
     "concepts": ("concepts.csv", "csv"),
     "confounds": ("confounds.csv", "csv"),
+    "stability": ("stability.csv", "csv"),
+    "hierarchy": ("hierarchy.csv", "csv"),
 }
 
 # ---- interpret/<verb>/<encoder>/<variant>/<config>/ ------------------------------------------
@@ -134,6 +139,11 @@ REGISTERED: frozenset[str] = frozenset(
 
 
 # ---- folders ---------------------------------------------------------------------------------
+def replicate_folder(seed: int) -> str:
+    """Folder name of the seed-``seed`` replicate inside its config's folder."""
+    return f"{REPLICATE_PREFIX}{seed}"
+
+
 @dataclass(frozen=True)
 class SaeFolder:
     """One trained SAE: weights, cfg.json, metrics.csv (and the trainer's resume state)."""
@@ -369,6 +379,19 @@ class Workspace:
 
     def sae(self, encoder: str, variant: str, config_name: str) -> SaeFolder:
         return SaeFolder(self.sae_dir(encoder, variant, config_name))
+
+    def replicate_dir(self, encoder: str, variant: str, config_name: str, seed: int) -> Path:
+        return self.sae_dir(encoder, variant, config_name) / replicate_folder(seed)
+
+    def replicate_dirs(self, encoder: str, variant: str, config_name: str) -> dict[int, Path]:
+        """Seed -> folder of every trained replicate of a config (those holding a cfg.json)."""
+        root = self.sae_dir(encoder, variant, config_name)
+        found = {}
+        for folder in sorted(root.glob(f"{REPLICATE_PREFIX}*")) if root.is_dir() else []:
+            seed = folder.name[len(REPLICATE_PREFIX) :]
+            if seed.lstrip("-").isdigit() and SaeFolder(folder).cfg.is_file():
+                found[int(seed)] = folder
+        return dict(sorted(found.items()))
 
     @property
     def activations_root(self) -> Path:

@@ -342,6 +342,21 @@ def train(
         typer.Option(help="Column of --embeddings grouping rows for the seeded 80/10/10 split."),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Override the grid's epochs.")] = None,
+    seed: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--seed",
+            help="Repeat to train each config once per seed: the first is the config's own model, "
+            "the others replicates in <config>/seed-<n>/ for eval/stability.csv.",
+        ),
+    ] = None,
+    replicate_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--replicate-config",
+            help="Only these configs get seed replicates (variant/name or name) [default: all].",
+        ),
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")
     ] = None,
@@ -370,6 +385,8 @@ def train(
         "device": device,
         "training": {"epochs": epochs} if epochs else None,
         "recalibrate": recalibrate or None,
+        "seeds": seed or None,
+        "replicate_configs": replicate_config or None,
     }
     _run_stage("train", force, config, workspace, train=section)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sail.errors import SailError
 
@@ -460,6 +460,18 @@ class TrainConfig(Section):
         False,
         description="recompute thresholds and final metrics of existing checkpoints; no training",
     )
+    seeds: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="train every config once per seed: the first is the config's own model (ranked "
+        "and interpreted), the others are replicates in <config>/seed-<n>/ that eval/stability.csv "
+        "compares with it; default: the training seed only",
+    )
+    replicate_configs: list[str] = Field(
+        default_factory=list,
+        description="only these configs get the seed replicates ('variant/name' or 'name', the -h "
+        "suffix optional, e.g. matryoshka/D_32_128_512_K_8_16_32); empty: every config",
+    )
 
     @field_validator("training")
     @classmethod
@@ -471,6 +483,23 @@ class TrainConfig(Section):
             )
         TrainingSettings.model_validate(value)
         return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"seeds {value} repeat a seed; each replicate needs its own")
+        return value
+
+    @model_validator(mode="after")
+    def _one_primary_seed(self) -> TrainConfig:
+        given = self.training.get("seed")
+        if self.seeds and given is not None and given != self.seeds[0]:
+            raise ValueError(
+                f"training.seed {given} and seeds[0] {self.seeds[0]} disagree; the first of "
+                "seeds is the seed of each config's own model"
+            )
+        return self
 
 
 class ActivationsConfig(Section):

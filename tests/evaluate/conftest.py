@@ -1,7 +1,8 @@
 import pytest
-from .eval_builders import build_workspace
 
 from sail.workspace import Workspace
+
+from .eval_builders import build_workspace
 
 
 @pytest.fixture

@@ -2,10 +2,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from .eval_builders import CT_FEATURE, INSTITUTE_B_FEATURE, PLANTED, make_slices, sparse_codes
 from sklearn.metrics import roc_auc_score
 
 from sail.evaluate.concepts import auc_matrix, breakdown, ground_concepts, weighted_auc
+
+from .eval_builders import CT_FEATURE, INSTITUTE_B_FEATURE, PLANTED, make_slices, sparse_codes
 
 
 def test_auc_matrix_matches_sklearn_with_ties_and_negative_codes():

@@ -1,9 +1,10 @@
 import pandas as pd
 import pytest
-from .eval_builders import build_workspace
 
 from sail.errors import SailError
 from sail.evaluate.inputs import load_eval_data, load_sparse, parse_config_name, read_final_metrics
+
+from .eval_builders import build_workspace
 
 
 def test_config_names_with_any_number_of_levels_and_suffixes():

@@ -4,6 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from sail.config import EvaluateConfig, ProbeSettings
 from sail.evaluate.inputs import _make_eval_data
@@ -18,8 +20,6 @@ from sail.evaluate.probes import (
     run_probes,
     stratified_subsample,
 )
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 P = ProbeSettings(max_iter=300, tol=1e-3)
 

@@ -3,7 +3,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from .eval_builders import build_workspace, fast_overrides, write_sae
 from typer.testing import CliRunner
 
 from sail.cli import app
@@ -11,6 +10,8 @@ from sail.config import load_config
 from sail.evaluate.stage import run_evaluate, unit_dir
 from sail.report.figures import run_figures
 from sail.workspace import manifest_path
+
+from .eval_builders import build_workspace, fast_overrides, write_sae
 
 DESIGN_COLUMNS = {
     "probes.csv": [
@@ -140,7 +141,8 @@ def test_dict_level_follows_any_number_of_levels_without_cfg_json(tmp_path):
 
 
 def test_reruns_replace_rows_and_resume_keeps_every_config(tmp_path):
-    """Published bugs #3 (appended duplicate rows) and #4 (resume truncated the recovery summary)."""
+    """Published bugs #3 (appended duplicate rows) and #4 (resume truncated the recovery
+    summary)."""
     ws = build_workspace(tmp_path / "ws", configs=CONFIGS[:1])
     cfg = _cfg(ws, tasks=["modality", "structures"])
     run_evaluate(cfg, ws)
@@ -227,3 +229,34 @@ def test_encoder_without_sae_configs_gets_dense_probes_only(tmp_path):
     assert pd.read_csv(ws.eval_dir / "ranking.csv").empty
     run_figures(cfg, ws)  # nothing to plot: a warning, not a crash
     assert not (ws.figures_dir / "sae_quality.png").exists()
+
+
+def test_stability_and_hierarchy_tables_cover_every_config(evaluated):
+    """No checkpoint in this workspace: stability rows say so (0 seeds) and the hierarchy keeps
+    its co-activation parents, without decoder parents."""
+    stability = pd.read_csv(evaluated.eval.table("stability"))
+    assert sorted(stability.sae_config) == sorted(c for _, c in CONFIGS)
+    assert (stability.n_seeds == 0).all() and stability.matched_share.isna().all()
+    hierarchy = pd.read_csv(evaluated.eval.table("hierarchy"))
+    rows = hierarchy.groupby("sae_config").size().to_dict()
+    assert rows == {"D_16_64_K_4_8": 48, "D_8_32_128_K_2_4_8": 24 + 96}
+    deep = hierarchy[hierarchy.sae_config == "D_8_32_128_K_2_4_8"]
+    assert set(deep.level) == {2, 3}
+    assert (deep[deep.level == 2].parent_coact < 8).all()
+    assert (deep[deep.level == 3].parent_coact < 32).all()
+    assert (hierarchy.parent_decoder == -1).all()
+    assert "stable" in (evaluated.eval_dir / "table1.md").read_text()
+
+
+def test_a_workspace_evaluated_before_the_new_tables_gets_them(tmp_path):
+    """A finished evaluate from before stability/hierarchy existed is not 'up to date': the units
+    lacking the new parts are recomputed and both tables written."""
+    ws = build_workspace(tmp_path / "ws", configs=CONFIGS[:1])
+    cfg = _cfg(ws, tasks=["modality"])
+    run_evaluate(cfg, ws)
+    ws.eval.table("stability").unlink()
+    ws.eval.table("hierarchy").unlink()
+    for part in ws.eval_dir.rglob("hierarchy.parquet"):
+        part.unlink()
+    run_evaluate(cfg, ws)
+    assert len(pd.read_csv(ws.eval.table("hierarchy"))) == 48 and ws.eval.table("stability").is_file()

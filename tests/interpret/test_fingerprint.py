@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sail.config import FingerprintSettings, SailConfig
+from sail.config import SailConfig
 from sail.interpret.data import load_split, read_slices, select_targets
 from sail.interpret.fingerprint import (
     best_per_volume,

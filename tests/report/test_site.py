@@ -174,3 +174,45 @@ def test_feature_page_enrichment_is_the_descriptions_own_split_and_slices(site):
     cells = re.findall(r'<td class="num">([^<]*)</td>', row)
     assert cells[:2] == [f"{liver[1]:.2f}", f"{liver[2]:.2f}"]
     assert cells[3] == f"{liver[4]:.2g}"
+
+
+def test_hierarchy_and_stability_reach_feature_and_config_pages(report_ws, tmp_path):
+    """eval/hierarchy.csv: a feature page names its parents and children, the config page draws
+    the tree of its top features; eval/stability.csv: the config page shows the matched share."""
+    import pandas as pd
+
+    cfg, ws = report_ws
+    ids = {"encoder": ENCODER, "variant": VARIANT, "sae_config": CONFIG}
+    hierarchy = pd.DataFrame(
+        [
+            {**ids, "feature": 9, "level": 2, "n_active": 40, "parent_coact": 0,
+             "coact_lift": 3.5, "p_parent_given_child": 0.95, "parent_rate": 0.2,
+             "parent_decoder": 1, "decoder_cos": 0.41, "parents_agree": False},
+            {**ids, "feature": 12, "level": 2, "n_active": 30, "parent_coact": 9,
+             "coact_lift": 2.0, "p_parent_given_child": 0.7, "parent_rate": 0.3,
+             "parent_decoder": 0, "decoder_cos": 0.2, "parents_agree": False},
+        ]
+    )  # fmt: skip
+    stability = pd.DataFrame(
+        [{**ids, "n_seeds": 3, "seeds": "42;1;2", "n_latents": 32, "matched_share": 0.75,
+          "matched_share_all_seeds": 0.6, "mean_matched_cos": 0.91,
+          "matched_share_by_level": "1.000;0.667"}]
+    )  # fmt: skip
+    ws.eval_dir.mkdir(parents=True, exist_ok=True)
+    hierarchy.to_csv(ws.eval.table("hierarchy"), index=False)
+    stability.to_csv(ws.eval.table("stability"), index=False)
+    try:
+        cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"max_features": 10})})
+        build_site(cfg, ws)
+        key = f"{ENCODER}__{VARIANT}__{CONFIG}"
+        liver = (ws.report_dir / "features" / key / "f00000.html").read_text()
+        children = liver.split("children by co-activation")[1].split("</tr>")[0]
+        assert "#9" in children and "lift 3.5" in children
+        config = (ws.report_dir / "configs" / f"{key}.html").read_text()
+        assert 'id="stability">0.750<' in config and "1.000;0.667" in config
+        tree = config.split('id="hierarchy-tree"')[1].split("</div>")[0]
+        assert re.search(r"#0</a>.*<ul>\s*<li>.*#9", tree, re.S)  # feature 0 with child 9
+        assert "#12" in tree  # and its grandchild
+    finally:
+        ws.eval.table("hierarchy").unlink()
+        ws.eval.table("stability").unlink()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sail.errors import SailError
-from sail.sae.grid import families, load_grid, shard_entries
+from sail.sae.grid import families, load_grid, shard_entries, with_seeds
 from sail.shards import parse_shard
 from sail.workspace import hash_config
 
@@ -101,3 +101,41 @@ def test_recipe_naming_keeps_published_names_stable():
     )
     suffix = "-h" + hash_config({"permutation": "fixed"})[:6]
     assert all(e.name == e.spec.published_name + suffix for e in paper)
+
+
+def test_seeds_add_replicates_after_the_configs_without_renaming_them():
+    entries = load_grid("demo", ["matryoshka", "sail"])
+    assert with_seeds(entries, None, []) == entries
+    assert with_seeds(entries, [42], []) == entries  # the grid's own seed: nothing changes
+    out = with_seeds(entries, [42, 1, 2], ["matryoshka/D_32_128_512_K_8_16_32"])
+    assert out[: len(entries)] == entries
+    replicates = out[len(entries) :]
+    base = next(
+        e.name
+        for e in entries
+        if e.spec.variant == "matryoshka" and e.name.startswith("D_32_128_512_K_8_16_32-h")
+    )
+    assert [(e.name, e.settings.seed) for e in replicates] == [
+        (f"{base}/seed-1", 1),
+        (f"{base}/seed-2", 2),
+    ]
+    assert replicates[0].record_config() != entries[2].record_config()
+    assert len(families(out)) == 5  # a replicate never shares batches with other seeds
+    every = with_seeds(entries, [0, 5], [])
+    assert len(every) == 2 * len(entries)
+    assert all(e.settings.seed == 0 for e in every[: len(entries)])
+    assert {e.name for e in every[: len(entries)]}.isdisjoint(e.name for e in entries)
+    with pytest.raises(SailError, match="replicate_configs.*'D_9_K_1'.*match no config"):
+        with_seeds(entries, [42, 1], ["D_9_K_1"])
+
+
+def test_seeds_config_errors():
+    from pydantic import ValidationError
+
+    from sail.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="repeat a seed"):
+        TrainConfig(seeds=[1, 1])
+    with pytest.raises(ValidationError, match="training.seed 3 and seeds"):
+        TrainConfig(seeds=[1, 2], training={"seed": 3})
+    assert TrainConfig(seeds=[3, 2], training={"seed": 3}).seeds == [3, 2]

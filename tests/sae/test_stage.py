@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from sail.cli import app
 from sail.config import load_config
+from sail.evaluate.stability import config_stability
 from sail.sae.activations import encode_csr, run_activations
 from sail.sae.activations_io import read_activations
 from sail.sae.checkpoint import load_stack
@@ -126,7 +127,7 @@ def test_per_level_codes_use_every_range_on_held_out_rows(tmp_path, ks):
         cal["slice_ids_sha256"] == calibration_record(train_ids[held], 0.1, 42)["slice_ids_sha256"]
     )
     _, codes, _ = read_activations(ws.activations("toy", "matryoshka", sae_dir.name, "valid"))
-    fired_ranges = [r for r, n in zip(cal["ranges"], cal["selected"], strict=False) if n > 0]
+    fired_ranges = [r for r, n in zip(cal["ranges"], cal["selected"], strict=True) if n > 0]
     assert len(fired_ranges) == 3
     for lo, hi in fired_ranges:
         assert codes[:, lo:hi].nnz > 0, (lo, hi)
@@ -196,6 +197,25 @@ def test_cli_train_on_any_table_and_import(tmp_path, tiny_table):
         app, ["train", "--encoder", "missing", "--grid", "demo", "--workspace", str(ws)]
     )
     assert res.exit_code == 2 and "embeddings table not found" in res.output
+
+
+def test_cli_seed_replicates_of_the_tied_sail_variant(tmp_path, tiny_table):
+    """`sail train --seed 42 --seed 3`: the sail variant's replicate, compared on its tied W."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("training: {epochs: 1, batch_size: 64}\nconfigs:\n")
+    grid.write_text(grid.read_text() + "  - {dict_sizes: [8, 32], k_values: [2, 4]}\n")
+    ws = tmp_path / "ws"
+    args = ["train", "--embeddings", str(tiny_table[0]), "--grid", str(grid)]
+    args += ["--variant", "sail", "--seed", "42", "--seed", "3", "--workspace", str(ws)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    config = next((ws / "sae" / "tiny" / "sail").iterdir()).name
+    workspace = Workspace(ws)
+    assert list(workspace.replicate_dirs("tiny", "sail", config)) == [3]
+    row = config_stability(workspace, "tiny", "sail", config, [8, 32]).iloc[0]
+    assert row.n_seeds == 2 and row.seeds == "42;3" and 0 < row.mean_matched_cos <= 1
+    res = CliRunner().invoke(app, [*args[:-2], "--seed", "3", "--workspace", str(ws)])
+    assert res.exit_code == 2 and "repeat a seed" in res.output
 
 
 def test_stale_checkpoints_rerun_or_recalibrate_without_retraining(workspace, caplog):
@@ -269,3 +289,47 @@ def _grid_file(ws: Workspace, grid: list[dict]):
     path = ws.root / "grid.yaml"
     path.write_text(yaml.safe_dump({"training": TRAINING, "configs": grid}))
     return path
+
+
+def test_seed_replicates_live_under_their_config_and_are_not_activated(workspace, caplog):
+    """train.seeds: the config folder holds the first seed's model, replicates of the selected
+    config sit in <config>/seed-<n>/ with their own seed; downstream stages see only configs."""
+    cfg = load_config(
+        None,
+        {
+            "workspace": workspace.root,
+            "train": {
+                "grid": GRID,
+                "variants": ["matryoshka"],
+                "training": TRAINING,
+                "seeds": [42, 7],
+                "replicate_configs": ["matryoshka/D_8_32_K_2_4"],
+            },
+        },
+    )
+    run_train(cfg, workspace)
+    root = workspace.root / "sae" / "toy" / "matryoshka"
+    configs = sorted(p.parent.name for p in root.glob("*/cfg.json"))
+    assert len(configs) == 2
+    replicated = next(c for c in configs if c.startswith("D_8_32_K_2_4"))
+    assert workspace.replicate_dirs("toy", "matryoshka", replicated).keys() == {7}
+    for other in configs:
+        if other != replicated:
+            assert workspace.replicate_dirs("toy", "matryoshka", other) == {}
+    main, main_cfg = load_stack(root / replicated)
+    rep, rep_cfg = load_stack(workspace.replicate_dir("toy", "matryoshka", replicated, 7))
+    assert main_cfg["training"]["seed"] == 42 and rep_cfg["training"]["seed"] == 7
+    assert not torch.equal(main.W_decoder, rep.W_decoder)
+    row = config_stability(workspace, "toy", "matryoshka", replicated, [8, 32]).iloc[0]
+    assert row.n_seeds == 2 and row.seeds == "42;7" and row.n_latents == 32
+    assert 0 <= row.matched_share_all_seeds <= row.matched_share <= 1
+    assert 0 < row.mean_matched_cos <= 1 and len(row.matched_share_by_level.split(";")) == 2
+    caplog.set_level("INFO")
+    run_train(cfg, workspace)
+    assert caplog.text.count("up to date") == 3
+
+    run_activations(cfg, workspace)
+    activated = sorted(
+        p.parent.name for p in (workspace.root / "activations").rglob("valid.parquet")
+    )
+    assert activated == configs

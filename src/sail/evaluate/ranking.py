@@ -75,7 +75,7 @@ def mean_features_to_threshold(
             vals = vals.apply(lambda c: c.fillna(c.max() + 1 if c.notna().any() else 100.0))
         rows.append(
             {
-                **dict(zip(keys, key)),
+                **dict(zip(keys, key, strict=True)),
                 "mean_n_features": float(np.nanmean(vals.to_numpy())),
                 "n_targets": len(g),
             }
@@ -137,29 +137,53 @@ def table1_markdown(
     settings: RankingSettings,
     top: int = 3,
     m_slices: int = 10,
+    stability: pd.DataFrame | None = None,
 ) -> str:
-    """Table 1 as Markdown: the best configs per encoder (and variant) with their SAE quality."""
+    """Table 1 as Markdown: the best configs per encoder (and variant) with their SAE quality
+    and, where seed replicates were trained, their seed stability (eval/stability.csv)."""
     s = effective(settings)
+    fill = (
+        "the grid maximum"
+        if s.fill_unreached == "grid_max"
+        else "the config column maximum + 1 (published)"
+    )
+    counted = "twice (published)" if s.count_both_binary_targets else "once"
     lines = [
         "# Table 1: SAE configuration ranking",
         "",
-        f"M_config = mean monosemanticity of the {s.m_config[3:]} best features (top {m_slices} slices each); "
-        f"mean_n_features = mean features needed to reach 50-100% of the dense ROC-AUC over targets with "
-        f"dense AUC > {s.min_dense_auc}; unreached thresholds filled with "
-        f"{'the grid maximum' if s.fill_unreached == 'grid_max' else 'the config column maximum + 1 (published)'}; "
-        f"two-class tasks counted {'twice (published)' if s.count_both_binary_targets else 'once'}. "
-        f"L0 and R² (published scalar) are the SAE's last validation values at the largest level.",
+        f"M_config = mean monosemanticity of the {s.m_config[3:]} best features "
+        f"(top {m_slices} slices each); mean_n_features = mean features needed to reach 50-100% "
+        f"of the dense ROC-AUC over targets with dense AUC > {s.min_dense_auc}; unreached "
+        f"thresholds filled with {fill}; two-class tasks counted {counted}. "
+        "L0 and R² (published scalar) are the SAE's last validation values at the largest level. "
+        "Stable = share of latents matched at decoder |cos| >= 0.9 in the seed replicates "
+        "(number of seeds in brackets; – : one seed).",
         "",
-        "| encoder | variant | final | config | rank mono / perf | M_config | mean_n_features | n_targets | L0 | R² |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| encoder | variant | final | config | rank mono / perf | M_config | mean_n_features "
+        "| n_targets | L0 | R² | stable |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    stable = stability_labels(stability)
     group = ["encoder"] if s.variants_together else ["encoder", "variant"]
     for _, g in ranking.groupby(group, sort=True):
         for r in g[g["final_rank"] <= top].itertuples():
             met = sae_metrics.get((r.encoder, r.variant, r.sae_config), {})
             lines.append(
-                f"| {r.encoder} | {r.variant} | {r.final_rank} | {r.sae_config} | {r.rank_mono} / {r.rank_perf} | "
+                f"| {r.encoder} | {r.variant} | {r.final_rank} | {r.sae_config} | "
+                f"{r.rank_mono} / {r.rank_perf} | "
                 f"{_fmt(r.m_config, '.4f')} | {_fmt(r.mean_n_features, '.2f')} | {r.n_targets} | "
-                f"{_fmt(met.get('l0'), '.1f')} | {_fmt(met.get('r2_published'), '.3f')} |"
+                f"{_fmt(met.get('l0'), '.1f')} | {_fmt(met.get('r2_published'), '.3f')} | "
+                f"{stable.get((r.encoder, r.variant, r.sae_config), '–')} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def stability_labels(stability: pd.DataFrame | None) -> dict[tuple[str, str, str], str]:
+    """(encoder, variant, config) -> "0.82 (3 seeds)" for configs with seed replicates."""
+    if stability is None or stability.empty:
+        return {}
+    return {
+        (r.encoder, r.variant, str(r.sae_config)): f"{r.matched_share:.2f} ({int(r.n_seeds)} seeds)"
+        for r in stability.itertuples()
+        if r.n_seeds > 1 and pd.notna(r.matched_share)
+    }

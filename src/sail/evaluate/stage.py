@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sail.artifacts import EVAL_TABLES, EVAL_UNIT_MAIN, SPLITS, EvalFolder
+from sail.artifacts import EVAL_TABLES, EVAL_UNIT_MAIN, SPLITS, EvalFolder, SaeFolder
 from sail.config import EvaluateConfig, SailConfig
 from sail.data.labels import VOCABULARY
 from sail.errors import SailError
 from sail.evaluate import concepts as concepts_mod
 from sail.evaluate import monosemanticity as mono
+from sail.evaluate.hierarchy import config_hierarchy
 from sail.evaluate.inputs import (
     EvalData,
     discover_configs,
@@ -42,6 +43,7 @@ from sail.evaluate.probes import (
 )
 from sail.evaluate.ranking import RANKING_COLUMNS, rank_configs, table1_markdown
 from sail.evaluate.recovery import run_recovery
+from sail.evaluate.stability import config_stability, load_decoder
 from sail.workspace import (
     StageRecord,
     Workspace,
@@ -58,6 +60,9 @@ from sail.workspace import (
 log = logging.getLogger(__name__)
 
 DENSE = "dense"
+# parts every SAE unit writes since seed stability and the hierarchy were added: a unit finished
+# before lacks them and is recomputed
+SPARSE_ONLY_PARTS = ("stability", "hierarchy")
 
 
 def unit_dir(ws: Workspace, encoder: str, variant: str, config: str) -> Path:
@@ -72,8 +77,10 @@ def _write_parts(folder: Path, parts: dict[str, pd.DataFrame]) -> None:
     write_parquet_atomic(EvalFolder.unit_main(folder), parts["probes"].reset_index(drop=True))
 
 
-def _unit_done(folder: Path, record: StageRecord) -> bool:
-    return is_done(EvalFolder.unit_main(folder), record)
+def _unit_done(folder: Path, record: StageRecord, parts: tuple[str, ...] = ()) -> bool:
+    return is_done(EvalFolder.unit_main(folder), record) and all(
+        EvalFolder.part(folder, name).is_file() for name in parts
+    )
 
 
 def _probe_settings_hash(ecfg: EvaluateConfig) -> dict:
@@ -166,6 +173,9 @@ def run_sparse_unit(
     concepts, confounds = concepts_mod.ground_concepts(
         codes, data.slices, data.split_rows, ids, cc.confound_labels, cc.confound_min_auc
     )
+    hierarchy = config_hierarchy(
+        ids, _decoder_or_none(ws, ids), codes[data.split_rows["valid"]], info.dict_sizes
+    )
     log.info(
         "%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; "
         "vocabulary %d structures",
@@ -189,7 +199,19 @@ def run_sparse_unit(
         "recovery_summary": summary,
         "concepts": concepts,
         "confounds": confounds,
+        "stability": config_stability(ws, encoder, variant, config, info.dict_sizes),
+        "hierarchy": hierarchy,
     }
+
+
+def _decoder_or_none(ws: Workspace, ids: dict[str, str]) -> np.ndarray | None:
+    """The config's decoder rows, or None (warned) when its checkpoint is missing or unreadable."""
+    sae_dir = ws.sae_dir(ids["encoder"], ids["variant"], ids["sae_config"])
+    try:
+        return load_decoder(sae_dir)[0]
+    except SailError as exc:
+        log.warning("%s: hierarchy without decoder parents (%s)", sae_dir, exc)
+        return None
 
 
 def _read_parts(folder: Path) -> dict[str, pd.DataFrame]:
@@ -235,6 +257,9 @@ def _sparse_inputs(ws: Workspace, enc: str, variant: str, cfg_name: str) -> dict
     sae = ws.sae(enc, variant, cfg_name)
     for path in (sae.cfg, sae.metrics):
         out[ws.relative(path)] = fingerprint(path)
+    for folder in ws.replicate_dirs(enc, variant, cfg_name).values():  # seed stability
+        replicate_cfg = SaeFolder(folder).cfg
+        out[ws.relative(replicate_cfg)] = fingerprint(replicate_cfg)
     return out
 
 
@@ -244,7 +269,9 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     inputs, configs = _stage_inputs(ws, encoders)
     main = ws.eval.ranking
     record = StageRecord("evaluate", hash_config(ecfg.model_dump(mode="json")), inputs)
-    if not force and is_done(main, record):
+    # workspaces evaluated before stability and hierarchy existed lack them
+    tables_there = all(ws.eval.table(name).is_file() for name in SPARSE_ONLY_PARTS)
+    if not force and is_done(main, record) and tables_there:
         log.info("evaluate: up to date (%s)", ws.relative(main))
         return
     data_all = load_eval_data(ws)
@@ -290,7 +317,7 @@ def run_evaluate(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
                     **_sparse_inputs(ws, enc, variant, cfg_name),
                 },
             )
-            if not force and _unit_done(folder, rec):
+            if not force and _unit_done(folder, rec, SPARSE_ONLY_PARTS):
                 log.info("%s/%s/%s: up to date", enc, variant, cfg_name)
                 continue
             if data is None:
@@ -358,5 +385,11 @@ def assemble(cfg: SailConfig, ws: Workspace) -> None:
     write_csv_atomic(ws.eval.ranking, ranking)
     write_text_atomic(
         ws.eval.table1,
-        table1_markdown(ranking, metrics, ecfg.ranking, m_slices=min(ecfg.monosemanticity.top_n)),
+        table1_markdown(
+            ranking,
+            metrics,
+            ecfg.ranking,
+            m_slices=min(ecfg.monosemanticity.top_n),
+            stability=tables["stability"],
+        ),
     )

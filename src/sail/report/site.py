@@ -31,6 +31,7 @@ from sail.artifacts import (
 from sail.config import SailConfig
 from sail.console import track
 from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
+from sail.evaluate.ranking import stability_labels
 from sail.evaluate.top_slices import top_per_volume
 from sail.interpret.data import select_targets
 from sail.workspace import (
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 LABEL_COLUMNS = ["modality", "plane", "sex", "age_group", "institute"]
+TREE_FEATURES = 10  # top features whose Matryoshka tree (eval/hierarchy.csv) a config page shows
 
 
 @dataclass
@@ -220,6 +222,82 @@ def _decoder_neighbours(
     }
 
 
+def _unit_table(path: Path, unit: ConfigUnit) -> pd.DataFrame | None:
+    """The rows of an eval/ table that belong to ``unit`` (None when the table is missing)."""
+    df = read_table(path)
+    if df is None:
+        return None
+    return df[
+        (df.encoder == unit.encoder)
+        & (df.variant == unit.variant)
+        & (df.sae_config.astype(str) == unit.config)
+    ]
+
+
+def _link(f: int, paged: set[int], prefix: str) -> dict:
+    return {"feature": f, "href": f"{prefix}f{f:05d}.html" if f in paged else ""}
+
+
+def _family(hier: pd.DataFrame | None, f: int, paged: set[int], width: int = 12) -> dict:
+    """A feature's parents (co-activation and decoder) and its co-activation children."""
+    if hier is None or hier.empty:
+        return {}
+    out: dict = {"children": []}
+    if f in hier.index:
+        row = hier.loc[f]
+        if row.parent_coact >= 0:
+            out["parent"] = _link(int(row.parent_coact), paged, "") | {
+                "lift": float(row.coact_lift),
+                "p": float(row.p_parent_given_child),
+            }
+        if row.parent_decoder >= 0:
+            out["decoder_parent"] = _link(int(row.parent_decoder), paged, "") | {
+                "cos": float(row.decoder_cos)
+            }
+    kids = hier[hier.parent_coact == f].sort_values("coact_lift", ascending=False).head(width)
+    out["children"] = [
+        _link(int(k), paged, "") | {"lift": float(r.coact_lift), "p": float(r.p_parent_given_child)}
+        for k, r in kids.iterrows()
+    ]
+    return out
+
+
+def _tree(
+    hier: pd.DataFrame | None,
+    roots: list[int],
+    paged: set[int],
+    prefix: str,
+    depth: int = 2,
+    width: int = 6,
+) -> list[dict]:
+    """Co-activation descendants of ``roots`` (``depth`` levels, ``width`` children a node);
+    ``prefix``: where the feature pages are, relative to the page that shows the tree."""
+    if hier is None or hier.empty:
+        return []
+    by_parent = {
+        int(p): g.sort_values("coact_lift", ascending=False)
+        for p, g in hier[hier.parent_coact >= 0].groupby("parent_coact")
+    }
+
+    def node(f: int, left: int) -> dict:
+        kids = by_parent.get(f)
+        below = [] if kids is None or left == 0 else list(kids.index[:width])
+        lift = float(hier.loc[f, "coact_lift"]) if f in hier.index else np.nan
+        return _link(f, paged, prefix) | {
+            "lift": lift if np.isfinite(lift) else None,
+            "children": [node(int(k), left - 1) for k in below],
+        }
+
+    return [node(int(f), depth) for f in roots]
+
+
+def _stability(ws: Workspace, unit: ConfigUnit) -> dict:
+    rows = _unit_table(ws.eval.table("stability"), unit)
+    if rows is None or rows.empty or rows.iloc[0].n_seeds < 2:
+        return {}
+    return rows.iloc[0].to_dict()
+
+
 def _unit_pages(
     ws: Workspace,
     env: Environment,
@@ -252,6 +330,8 @@ def _unit_pages(
     flags = slices[flag_cols].fillna(False).to_numpy(bool)
     paged = {int(f) for f in chosen}
     report = ReportFolder(out)
+    hier = _unit_table(ws.eval.table("hierarchy"), unit)
+    hier = hier.set_index("feature") if hier is not None else None
     cards = []
     for f in track(chosen, f"report pages {unit.key}"):
         f = int(f)
@@ -288,6 +368,7 @@ def _unit_pages(
                 hist.tolist(), [f"{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(hist))]
             ),
             neighbours=[(j, sim, j in paged) for j, sim in neighbours.get(f, [])],
+            family=_family(hier, f, paged),
         )
         write_text_atomic(report.feature_page(unit.key, f), page)
         cards.append(
@@ -321,6 +402,10 @@ def _unit_pages(
         language=_language_section(ws, out, unit, data.slices, rcfg),
         dead=int((active == 0).sum()),
         l0=float(np.diff(codes[rows].tocsr().indptr).mean()) if len(rows) else 0.0,
+        stability=_stability(ws, unit),
+        tree=_tree(
+            hier, [int(f) for f in chosen[:TREE_FEATURES]], paged, f"../features/{unit.key}/"
+        ),
     )
     write_text_atomic(report.config_page(unit.key), page)
     return {
@@ -438,6 +523,15 @@ def _language_section(
     return rows
 
 
+def _with_stability(ranking: pd.DataFrame | None, ws: Workspace) -> pd.DataFrame | None:
+    """The ranking with Table 1's stability column ("0.82 (3 seeds)"; empty: one seed)."""
+    if ranking is None:
+        return None
+    labels = stability_labels(read_table(ws.eval.table("stability")))
+    keys = zip(ranking.encoder, ranking.variant, ranking.sae_config.astype(str), strict=True)
+    return ranking.assign(stable=[labels.get(k, "") for k in keys])
+
+
 def build_site(cfg: SailConfig, ws: Workspace) -> Path:
     out = ws.report_dir
     if out.exists():
@@ -487,7 +581,7 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
                     "config": f"{best.variant}/{best.sae_config}" if best is not None else "",
                 }
             )
-    ranking = read_ranking(ws.eval.ranking)
+    ranking = _with_stability(read_ranking(ws.eval.ranking), ws)
     page = env.get_template("index.html.j2").render(
         n_slices=len(data.slices),
         n_volumes=int(data.volume.max() + 1) if len(data.volume) else 0,

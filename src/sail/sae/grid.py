@@ -7,6 +7,7 @@ dictionary sizes and top-k mode form a *family* that trains in one pass on the s
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sail.artifacts import replicate_folder
 from sail.config import TrainingSettings, read_yaml
 from sail.errors import SailError
 from sail.sae.model import SAESpec, variant_class
@@ -68,10 +70,14 @@ class GridEntry:
 
     spec: SAESpec
     settings: TrainingSettings
+    replicate_of: str | None = None  # a seed replicate: the name of the config it repeats
 
     @property
     def name(self) -> str:
-        """Published name, ``-global`` for global top-k, ``-h<6 hex>`` for non-default settings."""
+        """Published name, ``-global`` for global top-k, ``-h<6 hex>`` for non-default settings;
+        ``<config>/seed-<n>`` for a seed replicate (its folder sits inside the config's)."""
+        if self.replicate_of is not None:
+            return f"{self.replicate_of}/{replicate_folder(self.settings.seed)}"
         name = self.spec.published_name
         if self.spec.topk_mode == "global":
             name += "-global"
@@ -216,6 +222,53 @@ def _item_specs(
         return [SAESpec(v, tuple(item["dict_sizes"]), tuple(item["k_values"]), mode) for v in names]
     except SailError as exc:
         raise SailError(f"{where}: {exc}") from None
+
+
+def with_seeds(
+    entries: list[GridEntry], seeds: list[int] | None, replicate_configs: list[str]
+) -> list[GridEntry]:
+    """Every config trained with ``seeds[0]``, then a replicate per further seed of the configs
+    ``replicate_configs`` selects (all when empty).
+
+    Replicates come after all configs, so the models that are ranked and interpreted train first;
+    a replicate differs from its config only in the seed (initialisation, batch order and the
+    calibration volumes), so the folder name of the config it repeats stays its identity.
+    """
+    if not seeds:
+        return entries
+    primaries = [_with_seed(e, seeds[0]) for e in entries]
+    chosen = _select_configs(primaries, replicate_configs)
+    replicates = [
+        GridEntry(e.spec, _with_seed(e, seed).settings, replicate_of=e.name)
+        for e in chosen
+        for seed in seeds[1:]
+    ]
+    return primaries + replicates
+
+
+def _with_seed(entry: GridEntry, seed: int) -> GridEntry:
+    """``entry`` trained with ``seed``: as if the grid's training block had said so (same naming)."""
+    if entry.settings.seed == seed:
+        return entry
+    given = entry.settings.model_dump(exclude_unset=True)
+    return GridEntry(entry.spec, TrainingSettings.model_validate({**given, "seed": seed}))
+
+
+def config_selectors(entry: GridEntry) -> set[str]:
+    """The names ``train.replicate_configs`` may use for ``entry``: with or without the variant
+    and the ``-h<hex>`` settings suffix."""
+    names = {entry.name, re.sub(r"-h[0-9a-f]{6}$", "", entry.name)}
+    return names | {f"{entry.spec.variant}/{n}" for n in names}
+
+
+def _select_configs(entries: list[GridEntry], selectors: list[str]) -> list[GridEntry]:
+    if not selectors:
+        return entries
+    unknown = [s for s in selectors if not any(s in config_selectors(e) for e in entries)]
+    if unknown:
+        have = ", ".join(f"{e.spec.variant}/{e.name}" for e in entries)
+        raise SailError(f"train.replicate_configs: {unknown} match no config of the grid ({have})")
+    return [e for e in entries if config_selectors(e) & set(selectors)]
 
 
 def _check_positive_ints(values: Any, where: str) -> None:

@@ -32,7 +32,7 @@ from sail.encoders.table import read_embeddings
 from sail.errors import SailError
 from sail.sae.checkpoint import METRIC_COLUMNS, WEIGHTS, save_sae
 from sail.sae.distributed import DistContext, from_env, local_device
-from sail.sae.grid import GridEntry, families, load_grid, shard_entries
+from sail.sae.grid import GridEntry, families, load_grid, shard_entries, with_seeds
 from sail.sae.kernels import decode_path
 from sail.sae.memory import check_fits
 from sail.sae.model import ForwardOut, StackedSAE, variant_class
@@ -884,7 +884,7 @@ def _encoders(cfg: SailConfig, ws: Workspace) -> list[str]:
 
 def grid_entries(tc: TrainConfig) -> list[GridEntry]:
     entries = load_grid(tc.grid, list(tc.variants), "variants" in tc.model_fields_set, tc.training)
-    entries = shard_entries(entries, tc.shard)
+    entries = shard_entries(with_seeds(entries, tc.seeds, tc.replicate_configs), tc.shard)
     if not entries:
         log.warning(
             "shard %s of the grid is empty (the grid has fewer configs than shards)", tc.shard
