@@ -153,7 +153,7 @@ def main() -> None:
         aucs, bad = recovery_curve(x_tr, y[rec_rows], x_va, y[valid], ns, p, rec.max_iter)
         unconverged["sail"] += bad
         t_rec = time.perf_counter() - t0
-        sail_auc = dict(zip(ns, aucs))
+        sail_auc = dict(zip(ns, aucs, strict=True))
         emit(
             what="sail_probe_and_recovery",
             config=config,

@@ -379,7 +379,7 @@ def section_grid(emit: Emitter, args) -> None:
                 continue
             marks: list[float] = []
 
-            def on_epoch_end(epoch: int) -> None:
+            def on_epoch_end(epoch: int, marks: list[float] = marks) -> None:
                 sync(device)
                 marks.append(time.perf_counter())
 
@@ -697,7 +697,7 @@ def section_centring(emit: Emitter, args) -> None:
                     continue
                 autocast = precision == "bf16"
 
-                def run() -> torch.Tensor:
+                def run(autocast=autocast, fn=fn, x=x, b_dec=b_dec) -> torch.Tensor:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                         pre = fn(x, W, b_enc, b_dec)
                     pre.backward(torch.ones_like(pre))

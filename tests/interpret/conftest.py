@@ -7,7 +7,6 @@ the same signal with noise in another basis.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,6 @@ def build_workspace(root: Path, slices: pd.DataFrame, seed: int = 0, png: bool =
     ]
     vols.sort_values(["modality", "image_id"]).to_csv(ws.split_csv, index=False)
     if png:
-        buf = io.BytesIO()
         for k, p in enumerate(slices.png_path):
             path = ws.root / p
             path.parent.mkdir(parents=True, exist_ok=True)

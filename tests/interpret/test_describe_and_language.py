@@ -68,7 +68,6 @@ def test_language_embedding_matcher_precision_and_ties(toy_ws):
     out = toy_ws.interpret_dir / "language" / OUT
     metrics = pd.read_csv(out / "metrics.csv")
     hits = pd.read_csv(out / "hits.csv")
-    split = pd.read_csv(toy_ws.split_csv)
     for s in ("liver", "urinary_bladder", "brain"):
         m = metrics[(metrics["query"] == s) & (metrics.scoring == "published_cosine")].iloc[0]
         assert m.precision >= 0.8 and m.chance < 0.5, (s, m.precision)
@@ -188,7 +187,7 @@ def _volumes_split(n_vol: int = 40, per_volume: int = 40):
     i = np.tile(np.arange(per_volume), n_vol)
     meta = pd.DataFrame(
         {
-            "slice_id": [f"ct/s{a:03d}/axial/{b:04d}" for a, b in zip(v, i)],
+            "slice_id": [f"ct/s{a:03d}/axial/{b:04d}" for a, b in zip(v, i, strict=True)],
             "modality": "ct",
             "image_id": [f"s{a:03d}" for a in v],
             "plane": "axial",

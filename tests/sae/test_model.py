@@ -151,7 +151,7 @@ def test_global_mode_levels_are_prefixes_of_one_code():
     sels = model.train_selections(acts)
     full = sels[-1].flat
     assert full.numel() == 4 * 7
-    for s, size in zip(sels, (3, 6, 12)):
+    for s, size in zip(sels, (3, 6, 12), strict=True):
         assert torch.equal(s.flat, full[full % 12 < size])
     vals = [acts.reshape(-1)[s.flat] for s in sels]
     R = model.decode(sels, vals, 7)

@@ -148,7 +148,7 @@ def normalise_meta(meta: pd.DataFrame, path: Path, modality: str) -> list[dict]:
     issues = []
     for col, normalise in (("gender", normalise_sex), ("age", normalise_age)):
         values = []
-        for row, (image_id, raw) in enumerate(zip(meta["image_id"], meta[col])):
+        for row, (image_id, raw) in enumerate(zip(meta["image_id"], meta[col], strict=True)):
             value, ok = normalise(raw)
             values.append(None if value is None else str(value))
             if not ok:

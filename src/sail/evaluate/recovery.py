@@ -168,7 +168,7 @@ def run_recovery(
                 aucs, bad = recovery_curve(x_tr, y_tr, x_va, y_va, ns, p, r.max_iter)
                 unconverged += bad
                 done[target] = (ns, aucs, n_ranked)
-            for n, auc in zip(ns, aucs):
+            for n, auc in zip(ns, aucs, strict=True):
                 curves.append(
                     {
                         **ids,

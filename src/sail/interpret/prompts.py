@@ -41,7 +41,7 @@ def sample_blocks(
     from sail.data.labels import regions_of
 
     blocks = []
-    for i, (r, a) in enumerate(zip(rows, acts), 1):
+    for i, (r, a) in enumerate(zip(rows, acts, strict=True), 1):
         m = samples.iloc[r]
         present = [structures[j] for j in np.flatnonzero(H_NS[r])]
         lines = [
@@ -123,7 +123,7 @@ def judge_schema(labels: list[str]) -> dict:
 
 
 def judge_prompt(n: int, blocks: str, labels: list[str], concepts: list[str]) -> str:
-    cands = "\n".join(f"{lab}: {c}" for lab, c in zip(labels, concepts))
+    cands = "\n".join(f"{lab}: {c}" for lab, c in zip(labels, concepts, strict=True))
     return f"""A sparse-autoencoder feature fired strongly on the {n} samples shown, with this metadata:
 
 {blocks}

@@ -66,7 +66,7 @@ def embed(texts: list[str]) -> np.ndarray:
     """(n, 384) unit vectors; repeated texts are embedded once."""
     missing = sorted({t for t in texts} - set(_cached))
     if missing:
-        for t, e in zip(missing, _embed_batch(missing)):
+        for t, e in zip(missing, _embed_batch(missing), strict=True):
             _cached[t] = e
     return np.stack([_cached[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
