@@ -128,7 +128,8 @@ def main() -> None:
     }
     device = "cpu (2 shared cores)"
     csc = codes.tocsc()
-    # compile (or load from numba's cache) the SAGA kernel before timing: a one-time cost per install
+    # compile (or load from numba's cache) the SAGA kernel before timing: a one-time cost per
+    # install
     fit_quiet(make_classifier(p, max_iter=2), codes[:200].astype(np.float64), ys[:200, 0])
     totals = {"sail": 0.0, "published": 0.0}
     diffs, unconverged = [], {"sail": 0, "published": 0}

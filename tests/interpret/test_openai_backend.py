@@ -70,13 +70,11 @@ def good_answer(body: dict) -> str:
     name, schema = fmt.get("name"), fmt.get("schema", {})
     if name == "concept":
         text = body["messages"][1]["content"][-1]["text"]
-        # one description per prompt: the judge drops distractors that share the target's description
+        # one description per prompt: the judge drops distractors that share the target's
+        # description
         tag = hashlib.sha1(text.encode()).hexdigest()[:6]
-        return json.dumps(
-            {
-                "concept": f"{'Axial CT of the liver' if 'liver' in text else 'CT of the pelvis'} ({tag})"
-            }
-        )
+        concept = "Axial CT of the liver" if "liver" in text else "CT of the pelvis"
+        return json.dumps({"concept": f"{concept} ({tag})"})
     if name == "ranking":
         labels = schema["properties"]["ranking"]["items"]["enum"]
         return json.dumps({"ranking": labels})

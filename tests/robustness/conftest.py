@@ -43,7 +43,8 @@ TINY = {
         "concepts": {"bootstrap": 0},
     },
 }
-# Run bookkeeping, not artifacts: config.yaml records the last command's settings; locks their holder.
+# Run bookkeeping, not artifacts: config.yaml records the last command's settings; locks, their
+# holder.
 NOT_ARTIFACTS = ("config.yaml", ".locks")
 
 

@@ -1,4 +1,4 @@
-"""Trainer: splits, schedule, clipping, family training, determinism, resume, AuxK, atom recovery."""
+"""Trainer: splits, schedule, clipping, family training, determinism, resume, AuxK, recovery."""
 
 from __future__ import annotations
 

