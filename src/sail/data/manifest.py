@@ -124,7 +124,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
                 .where(table.notna(), None)
                 .map(lambda v: v if v is None else str(v))
             )
-    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many types for a bad file
+    except Exception as exc:  # pandas/pyarrow raise many types for a bad file
         raise SailError(f"{path}: cannot read manifest ({type(exc).__name__}: {exc})") from None
     table.columns = [str(c).strip() for c in table.columns]
     dup = sorted({c for c in table.columns if list(table.columns).count(c) > 1})
@@ -181,7 +181,7 @@ def read_label_table(path: Path) -> dict[str, int]:
         raise SailError(f"label table not found: {path}")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # pandas raises many types for a bad file
         raise SailError(f"{path}: cannot read label table ({exc})") from None
     table.columns = [c.strip() for c in table.columns]
     if not {"value", "name"} <= set(table.columns):

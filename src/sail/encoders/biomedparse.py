@@ -211,14 +211,14 @@ def _checkpoint_path(weights: str) -> Path:
 
     try:
         return Path(hf_hub_download(location, HUB_FILE))
-    except Exception as exc:  # noqa: BLE001 - offline, gated, missing: one actionable message
+    except Exception as exc:  # offline, gated, missing: one actionable message
         raise missing_hub_weights(location, "BiomedParse", f" {HUB_FILE}", exc) from None
 
 
 def load_checkpoint(path: Path) -> Mapping[str, object]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # torch.load fails in many ways on a bad file
         raise SailError(
             f"{path}: not a readable PyTorch checkpoint of tensors ({type(exc).__name__}: {exc})"
         ) from None
