@@ -56,7 +56,7 @@ def _nearness(label: str, other: str, size: int) -> tuple[bool, int, int]:
     """How close stratum ``other`` is to ``label`` (same modality first, then shared fields, then
     the larger stratum)."""
     fields, o = label.split("|"), other.split("|")
-    return o[0] == fields[0], sum(a == b for a, b in zip(o, fields, strict=True)), size
+    return o[0] == fields[0], sum(a == b for a, b in zip(o, fields, strict=False)), size
 
 
 def make_split(scans: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:

@@ -410,7 +410,7 @@ def plot_k_sweep(summary: pd.DataFrame, path, title: str) -> None:
 
     panels = ["quality", "p_modality", "p_plane", "jaccard_structures"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, metric in zip(axes, panels, strict=True):
+    for ax, metric in zip(axes, panels, strict=False):
         s = summary[summary.metric == metric]
         for method, color in (("sparse", "darkorange"), ("dense_fp", "steelblue")):
             d = s[s.method == method].sort_values("k")

@@ -495,7 +495,7 @@ def run_language(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         for q in queries:
             status, error, idx, scores = _match_query(cfg, q.text, texts, n, (model, cache, budget))
             feats = desc.feature.to_numpy()[idx].astype(int)
-            for r, (i, s) in enumerate(zip(idx, scores, strict=True), 1):
+            for r, (i, s) in enumerate(zip(idx, scores, strict=False), 1):
                 match_rows.append(
                     {
                         "query": q.name,

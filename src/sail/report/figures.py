@@ -138,7 +138,7 @@ def sae_quality_figure(table: pd.DataFrame):
         for n in RECOVERY_PANELS
     ]
     fig, axes = plt.subplots(2, 4, figsize=(20, 9.5), constrained_layout=True)
-    for ax, (col, title) in zip(axes.flat, panels, strict=True):
+    for ax, (col, title) in zip(axes.flat, panels, strict=False):
         ax.set_title(title, fontsize=12)
         ax.set_xscale("log")
         ax.set_xlabel("L0 (active features per slice)")
@@ -204,7 +204,7 @@ def recovery_figure(curves: pd.DataFrame, ranking: pd.DataFrame):
         best = {
             tuple(r) for r in ranking.loc[ranking["final_rank"] == 1, KEYS].itertuples(index=False)
         }
-    for ax, (enc, var) in zip(axes.flat, groups, strict=True):
+    for ax, (enc, var) in zip(axes.flat, groups, strict=False):
         sub = curves[(curves["encoder"] == enc) & (curves["variant"] == var)]
         for cfg, g in sub.groupby("sae_config"):
             # a target with fewer ranked features than N keeps its all-features AUC beyond that

@@ -97,7 +97,7 @@ def export_sae(
             f"{sae_dir / CFG}: d_in {sae.d_in} does not match {data.encoder} embeddings of width "
             f"{data.x_ND.shape[1]}"
         )
-    for split, out in zip(splits, outs, strict=True):
+    for split, out in zip(splits, outs, strict=False):
         rows = data.rows(split)
         codes = encode_csr(sae, data.x_ND[rows], batch_size, device)
         meta = {

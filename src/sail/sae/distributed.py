@@ -81,7 +81,7 @@ def global_topk_flat(flats: list[Tensor], ks: list[int], ctx: DistContext) -> li
     kmax = max(ks)
     dev = flats[0].device
     cand = torch.full((P, kmax), -torch.inf, device=dev, dtype=torch.float32)
-    for i, (f, k) in enumerate(zip(flats, ks, strict=True)):
+    for i, (f, k) in enumerate(zip(flats, ks, strict=False)):
         kk = min(k, f.numel())
         if kk:
             cand[i, :kk] = f.float().topk(kk, sorted=False).values

@@ -102,7 +102,7 @@ class SAESpec:
         if (
             not sizes
             or any(s <= 0 for s in sizes)
-            or any(b <= a for a, b in zip(sizes, sizes[1:], strict=True))
+            or any(b <= a for a, b in zip(sizes, sizes[1:], strict=False))
         ):
             raise SailError(
                 f"{where}: dict_sizes must be positive and strictly increasing, got {list(sizes)}"
@@ -124,7 +124,7 @@ class SAESpec:
     def valid(self) -> bool:
         """The published grid skips any config whose K exceeds its level's size."""
         sizes = self.dict_sizes if self.topk_mode == "per_level" else self.dict_sizes[-1:]
-        return all(k <= size for k, size in zip(self.k_values, sizes, strict=True))
+        return all(k <= size for k, size in zip(self.k_values, sizes, strict=False))
 
     @property
     def family(self) -> tuple:
@@ -205,7 +205,7 @@ class SaeLensWeights:
 
 def _prefix_pairs(spec_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     lo = (0,) + spec_sizes[:-1]
-    return list(zip(lo, spec_sizes, strict=True))
+    return list(zip(lo, spec_sizes, strict=False))
 
 
 class StackedSAE(nn.Module):
@@ -348,7 +348,7 @@ class StackedSAE(nn.Module):
         else:
             picks = [
                 topk_flat_sorted(f, min(int(k_host[m][li]) * B, f.numel()))
-                for (li, _, m), f in zip(pairs, flats, strict=True)
+                for (li, _, m), f in zip(pairs, flats, strict=False)
             ]
         # each pick f indexes a (B, Fl) prefix, row-major
         for (li, Fl, m), flat, f in zip(pairs, flats, picks, strict=True):
@@ -440,7 +440,7 @@ class StackedSAE(nn.Module):
                 R = DecoderGradTap.apply(R, W_flat, rows[order], key, v.detach()[order])
             return R.view(L, M, B, D) + b_dec[None, :, None, :]
         out = torch.empty(L, M, B, D, device=Wd.device, dtype=torch.float32)
-        for sel, v in zip(sels, vals, strict=True):
+        for sel, v in zip(sels, vals, strict=False):
             Fl = self.dict_sizes[sel.level]
             rows, latent = flat_row(sel.flat, B, F), flat_latent(sel.flat, F)
             codes = torch.zeros(B, Fl, device=v.device, dtype=v.dtype).index_put((rows, latent), v)
@@ -673,7 +673,7 @@ class StackedSAE(nn.Module):
                 selected=counts_MR[m].tolist(),
                 share=(counts_MR[m] / total_M[m]).tolist(),
                 dead_ranges=[
-                    list(r) for r, c in zip(ranges, counts_MR[m].tolist(), strict=True) if c == 0
+                    list(r) for r, c in zip(ranges, counts_MR[m].tolist(), strict=False) if c == 0
                 ],
             )
             for m in range(self.n_models)

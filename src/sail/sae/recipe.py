@@ -153,7 +153,7 @@ def warn_if_unconverged(names: list[str], metrics: list[Any]) -> list[str]:
     ``metrics`` are the members' metrics tables (metrics.csv columns). Returns the names warned.
     """
     warned = []
-    for name, table in zip(names, metrics, strict=True):
+    for name, table in zip(names, metrics, strict=False):
         train = table[table["split"] == "train"]
         if train.empty:
             continue

@@ -473,7 +473,7 @@ def all_reduce_grads(params: list[torch.nn.Parameter], ctx: DistContext) -> None
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
     )
     ctx.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=False):
         p.grad = g.view_as(p)
 
 
@@ -844,7 +844,7 @@ def calibrate_step(
             "on"
         )
     found = model.calibrate(x_calib if held_out else x_train, batch_size)
-    for name, cal in zip(names, found, strict=True):
+    for name, cal in zip(names, found, strict=False):
         for lo, hi in cal.dead_ranges:
             log.warning(
                 "%s: latents [%d, %d) were never selected at the last level on the calibration "
@@ -958,7 +958,7 @@ def train_encoder(
             ", ".join(e.name for e in fam),
         )
         result = train_family(fam, fit, x_valid, dirs, rt, on_epoch_end, x_calib=x_calib)
-        for m, (e, out) in enumerate(zip(fam, dirs, strict=True) if rt.is_main else []):
+        for m, (e, out) in enumerate(zip(fam, dirs, strict=False) if rt.is_main else []):
             extra = {
                 "encoder": data.encoder,
                 "embeddings_fingerprint": data.inputs["embeddings"],

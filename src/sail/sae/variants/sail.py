@@ -86,7 +86,7 @@ class SailSAE(StackedSAE):
         """
         last = self.n_levels - 1
         lows = {}
-        for s, v in zip(sels, vals, strict=True):
+        for s, v in zip(sels, vals, strict=False):
             if s.level != last:
                 continue
             pos = torch.where(
@@ -95,7 +95,7 @@ class SailSAE(StackedSAE):
             lows[s.model] = pos.min() if pos.numel() else torch.tensor(math.inf, device=v.device)
         if ctx is not None:
             reduced = ctx.all_reduce(torch.stack([lows[m] for m in sorted(lows)]), "min")
-            lows = dict(zip(sorted(lows), reduced, strict=True))
+            lows = dict(zip(sorted(lows), reduced, strict=False))
         for m, low in lows.items():
             has = torch.isfinite(low)
             self.theta_sum[m] += torch.where(has, low, torch.zeros_like(low))
