@@ -59,7 +59,8 @@ def emit(what: str, config: dict, device: torch.device, n: int, seconds: float, 
 
 
 def make_workspace(root: Path, n: int, size: int) -> Workspace:
-    """``n`` distinct 8-bit grayscale PNGs of ``size`` px with the slices.parquet columns encode reads."""
+    """``n`` distinct 8-bit grayscale PNGs of ``size`` px, with the slices.parquet columns that
+    encode reads."""
     ws = Workspace(root).ensure()
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size

@@ -128,7 +128,8 @@ def main() -> None:
     }
     device = "cpu (2 shared cores)"
     csc = codes.tocsc()
-    # compile (or load from numba's cache) the SAGA kernel before timing: a one-time cost per install
+    # compile (or load from numba's cache) the SAGA kernel before timing: a one-time cost per
+    # install
     fit_quiet(make_classifier(p, max_iter=2), codes[:200].astype(np.float64), ys[:200, 0])
     totals = {"sail": 0.0, "published": 0.0}
     diffs, unconverged = [], {"sail": 0, "published": 0}
@@ -153,7 +154,7 @@ def main() -> None:
         aucs, bad = recovery_curve(x_tr, y[rec_rows], x_va, y[valid], ns, p, rec.max_iter)
         unconverged["sail"] += bad
         t_rec = time.perf_counter() - t0
-        sail_auc = dict(zip(ns, aucs))
+        sail_auc = dict(zip(ns, aucs, strict=True))
         emit(
             what="sail_probe_and_recovery",
             config=config,

@@ -77,7 +77,9 @@ def main() -> None:
                             "phantom_size": args.size,
                             "workers": workers,
                         },
-                        "device": f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
+                        "device": (
+                            f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})"
+                        ),
                         "slices": n,
                         "seconds": round(seconds, 2),
                         "samples_per_s": round(n / seconds, 1),

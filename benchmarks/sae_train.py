@@ -5,7 +5,8 @@
     python benchmarks/sae_train.py --batch-sizes 2048 --family-sizes 1 --variants sail
 
 Training steps are the trainer's own step (forward_train, per-model clipping, Adam, decoder
-renorm) on random unit-norm data resident on the device; export is `encode_csr` plus the Arrow write.
+renorm) on random unit-norm data resident on the device; export is `encode_csr` plus the Arrow
+write.
 """
 
 from __future__ import annotations

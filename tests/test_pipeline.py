@@ -1,4 +1,4 @@
-"""Bad inputs across stages end in one clear error naming the culprit (no traceback, no silent loss)."""
+"""Bad inputs across stages end in one clear error naming the culprit (no traceback, no loss)."""
 
 from __future__ import annotations
 

@@ -466,7 +466,8 @@ def check_schema(cfg: dict[str, Any], where: str | Path) -> None:
         ) from None
     if major > CFG_SCHEMA_VERSION:
         raise SailError(
-            f"{where}: written with cfg.json schema {raw}, newer than the {CFG_SCHEMA_VERSION}.x this "
+            f"{where}: written with cfg.json schema {raw}, newer than the {CFG_SCHEMA_VERSION}.x "
+            "this "
             f"SAIL reads; upgrade SAIL to load it"
         )
     if major < 1:

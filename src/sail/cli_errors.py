@@ -38,7 +38,10 @@ def _os_message(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
         return f"{path}: no space left on the device; free some space or use another --workspace"
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
-        return f"{path}: a file is in the way where a folder is needed; move it or choose another --workspace"
+        return (
+            f"{path}: a file is in the way where a folder is needed; "
+            "move it or choose another --workspace"
+        )
     if isinstance(exc, IsADirectoryError):
         return f"{path}: is a folder where a file is expected"
     if isinstance(exc, FileNotFoundError):
@@ -68,7 +71,8 @@ def user_message(exc: BaseException) -> str | None:
         return _os_message(exc)
     if _is_allocation_failure(exc):
         return (
-            f"out of memory ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'allocation failed'}); "
+            f"out of memory ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else 'allocation failed'}); "
             "use smaller dictionary sizes, a smaller --batch-size, or a machine with more memory"
         )
     try:

@@ -39,8 +39,11 @@ class PrepareConfig(Section):
 
     source: Path | None = Field(
         None,
-        description="folder holding CT_Dataset_v201/ and/or MRI_Dataset_v200/, or a manifest (.csv/.parquet, "
-        "one row per volume: image, optional image_id, modality, segmentations, labels, group, metadata)",
+        description=(
+            "folder holding CT_Dataset_v201/ and/or MRI_Dataset_v200/, or a manifest "
+            "(.csv/.parquet, one row per volume: image, optional image_id, modality, "
+            "segmentations, labels, group, metadata)"
+        ),
     )
     modalities: list[Modality] = Field(default_factory=lambda: ["ct", "mri"])
     style: Literal["canonical", "published"] = "canonical"
@@ -81,7 +84,8 @@ class EncoderEntry(Section):
     encoder: str = Field(
         "efficientnet-lite0",
         description=(
-            "dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, timm:MODEL_NAME or hf:MODEL_ID_OR_DIR"
+            "dinov3, biomedparse, random-biomedparse, random-dinov3, efficientnet-lite0, "
+            "timm:MODEL_NAME or hf:MODEL_ID_OR_DIR"
         ),
     )
     name: str | None = Field(
@@ -97,8 +101,10 @@ class EncoderEntry(Section):
     )
     pooling: Literal["auto", "mean", "cls", "gem"] = Field(
         "auto",
-        description="timm:/hf: encoders: cls token, mean or GeM of the last tokens/feature map; auto = cls "
-        "when the model has a class token, else mean",
+        description=(
+            "timm:/hf: encoders: cls token, mean or GeM of the last tokens/feature map; "
+            "auto = cls when the model has a class token, else mean"
+        ),
     )
 
 
@@ -149,7 +155,10 @@ class ProbeSettings(Section):
     )
     solver: Literal["sail", "sklearn"] = Field(
         "sail",
-        description="SAGA for the same objective: sail's O(nnz) lazy-update kernel, or sklearn's saga (published)",
+        description=(
+            "SAGA for the same objective: sail's O(nnz) lazy-update kernel, "
+            "or sklearn's saga (published)"
+        ),
     )
     seed: int = 42
 
@@ -187,7 +196,8 @@ class RankingSettings(Section):
 
 
 class ConceptSettings(Section):
-    """Concept grounding: best feature per label selected on train, its ROC-AUC reported on valid and test."""
+    """Concept grounding: best feature per label selected on train, its ROC-AUC reported on valid
+    and test."""
 
     confound_labels: list[str] = Field(
         default_factory=lambda: ["institute", "scanner_model", "kvp"]
@@ -212,8 +222,10 @@ class EvaluateConfig(Section):
     extra_tasks: list[str] = Field(
         default_factory=list,
         description=(
-            "more probe targets: kvp, institute, manufacturer, scanner_model, pathology, or any metadata column of "
-            "slices.parquet (e.g. a manifest's diagnosis): one binary probe per value seen in training"
+            "more probe targets: kvp, institute, manufacturer, scanner_model, pathology, or any "
+            "metadata column of "
+            "slices.parquet (e.g. a manifest's diagnosis): one binary probe per value seen in "
+            "training"
         ),
     )
     probe_structures: list[str] = Field(default_factory=lambda: list(PUBLISHED_PROBE_STRUCTURES))
@@ -391,8 +403,10 @@ class TrainingSettings(Section):
     )
     schedule: Literal["cosine", "constant"] = Field(
         "cosine",
-        description="cosine (published): warmup, cosine to lr_min; constant (auto): warmup, constant, "
-        "linear decay to lr_min over the last 20% of steps",
+        description=(
+            "cosine (published): warmup, cosine to lr_min; constant (auto): warmup, constant, "
+            "linear decay to lr_min over the last 20% of steps"
+        ),
     )
     seed: int = 42
     permutation: Literal["per_epoch", "fixed"] = Field(
@@ -412,7 +426,10 @@ class TrainingSettings(Section):
         0.1,
         gt=0,
         lt=1,
-        description="share of the training rows (whole volumes) kept out of training to calibrate matryoshka thresholds",
+        description=(
+            "share of the training rows (whole volumes) kept out of training to calibrate "
+            "matryoshka thresholds"
+        ),
     )
 
 
@@ -479,7 +496,8 @@ class TrainConfig(Section):
         unknown = sorted(set(value) - set(TrainingSettings.model_fields))
         if unknown:
             raise ValueError(
-                f"unknown training setting(s) {unknown}; known: {sorted(TrainingSettings.model_fields)}"
+                f"unknown training setting(s) {unknown}; known: "
+                f"{sorted(TrainingSettings.model_fields)}"
             )
         TrainingSettings.model_validate(value)
         return value

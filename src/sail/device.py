@@ -8,7 +8,8 @@ from sail.errors import SailError
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU; CUDA asked for but absent is an error."""
+    """``auto`` -> the first CUDA device if there is one, else the CPU; CUDA asked for but absent
+    is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

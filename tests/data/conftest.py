@@ -45,7 +45,10 @@ def write_nifti(path: Path, data, affine, slope: float | None = None) -> None:
     nib.save(img, str(path))
 
 
-META_CT = "image_id;age;gender;institute;study_type;split;manufacturer;scanner_model;kvp;pathology;pathology_location"
+META_CT = (
+    "image_id;age;gender;institute;study_type;split;manufacturer;scanner_model;kvp;pathology;"
+    "pathology_location"
+)
 
 
 def write_ct_dataset(root: Path, scans: dict) -> Path:

@@ -1,4 +1,5 @@
-"""Manifest input: TotalSegmentator's layout through a manifest (byte-identical), user manifests with
+"""Manifest input: TotalSegmentator's layout through a manifest (byte-identical), user manifests
+with
 free metadata, multi-label masks with a label table, cohorts without masks, and bad manifests."""
 
 import hashlib

@@ -169,7 +169,8 @@ def _resave(src_root, dst_root, image_id, transform):
 
 
 def test_lps_permuted_and_scaled_storage_gives_identical_slices(phantom_root, tmp_path):
-    keep = lambda d, a, is_img: (d, a, None)  # noqa: E731
+    def keep(d, a, is_img):
+        return d, a, None
 
     def lps_permuted_scaled(d, a, is_img):
         flip = np.diag([-1.0, -1.0, 1.0, 1.0])

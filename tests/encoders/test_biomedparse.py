@@ -1,4 +1,5 @@
-"""BiomedParse backbone: checkpoint key mapping and the pooled output against an independent forward.
+"""BiomedParse backbone: checkpoint key mapping and the pooled output against an independent
+forward.
 
 The reference below is written from the published description of BiomedParse's FocalNet (tokens
 channels-last, Linear layers, LayerNorm after modulation and after the MLP, layer-scale gammas,
@@ -158,7 +159,10 @@ def test_every_backbone_key_is_needed(tmp_path):
     write_checkpoint(ckpt, dropped)
     with pytest.raises(
         SailError,
-        match="1 model tensors without a checkpoint key.*layers.2.blocks.1.modulation.focal_layers.2.0.weight",
+        match=(
+            "1 model tensors without a checkpoint key"
+            ".*layers.2.blocks.1.modulation.focal_layers.2.0.weight"
+        ),
     ):
         build_biomedparse(weights=str(ckpt), image_size=64, arch=ARCH)
 

@@ -1,4 +1,5 @@
-"""DINOv3 through the path users take: a folder from save_pretrained, loaded with AutoModel/AutoImageProcessor offline."""
+"""DINOv3 through the path users take: a folder from save_pretrained, loaded with
+AutoModel/AutoImageProcessor offline."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_tiny_folder_loads_and_pools_the_cls_token(tiny_dinov3_dir):
     x_11HW = torch.from_numpy(gray_HW)[None, None]
     got = enc.encode(x_11HW)
 
-    # The published call: processor on float HWC 0-255 RGB at the configured size, then pooler_output.
+    # The published call: processor on float HWC 0-255 RGB at the set size, then pooler_output.
     processor = AutoImageProcessor.from_pretrained(tiny_dinov3_dir)
     rgb_HW3 = torch.from_numpy(np.repeat(gray_HW[..., None], 3, axis=2)).float()
     pixels = processor(images=[rgb_HW3], size={"height": 64, "width": 64}, return_tensors="pt")[

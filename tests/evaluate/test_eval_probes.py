@@ -112,7 +112,7 @@ def test_binary_coefficients_change_sign_with_the_target():
 
 
 def test_stratified_subsample_never_fails_on_single_member_strata():
-    """Published bug #14: train_test_split(stratify=...) raised on a one-member label combination."""
+    """Published bug #14: train_test_split(stratify=...) raised on a one-member label combo."""
     strata = np.array([0] * 500 + [1] * 300 + [2] * 199 + [3])  # stratum 3 has one member
     rows = np.arange(len(strata))
     sub = stratified_subsample(strata, rows, 100, seed=42)
@@ -197,7 +197,8 @@ def test_sklearn_solver_fits_the_elastic_net_not_pure_l2():
 
 
 def test_fit_quiet_absorbs_only_convergence_warnings():
-    """Issue 12 item 10: fit_quiet swallowed every warning; it must re-emit all but ConvergenceWarning."""
+    """Issue 12 item 10: fit_quiet swallowed all warnings; it must re-emit all but
+    ConvergenceWarning."""
     import warnings
 
     from sklearn.exceptions import DataConversionWarning

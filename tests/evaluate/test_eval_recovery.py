@@ -37,7 +37,7 @@ def _problem(seed=0, n=800, f=120):
 
 
 def test_sliced_columns_fit_the_same_model_as_full_width_masking():
-    """A zeroed column keeps zero weight under the elastic net: slicing equals the published masking."""
+    """A zeroed column keeps zero weight under the elastic net: slicing equals published masking."""
     x, y = _problem()
     tr, va = slice(0, 500), slice(500, None)
     ranked = np.arange(30)

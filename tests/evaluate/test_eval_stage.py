@@ -259,4 +259,6 @@ def test_a_workspace_evaluated_before_the_new_tables_gets_them(tmp_path):
     for part in ws.eval_dir.rglob("hierarchy.parquet"):
         part.unlink()
     run_evaluate(cfg, ws)
-    assert len(pd.read_csv(ws.eval.table("hierarchy"))) == 48 and ws.eval.table("stability").is_file()
+    assert (
+        len(pd.read_csv(ws.eval.table("hierarchy"))) == 48 and ws.eval.table("stability").is_file()
+    )

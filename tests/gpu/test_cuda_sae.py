@@ -134,7 +134,7 @@ def test_bf16_batchtopk_selection_overlaps_fp32_with_large_offset(device, mode):
         sel32 = model.train_selections(model.activations(model.pre_activations(xb)))
         with torch.autocast(device.type, dtype=torch.bfloat16):
             sel16 = model.train_selections(model.activations(model.pre_activations(xb)))
-    for a, b in zip(sel32, sel16):
+    for a, b in zip(sel32, sel16, strict=True):
         assert (a.level, a.model) == (b.level, b.model)
         overlap = torch.isin(b.flat, a.flat).float().mean().item()
         assert overlap >= 0.99, f"level {a.level}: bf16 kept only {overlap:.4f} of fp32's selection"
@@ -166,7 +166,7 @@ def test_training_twice_gives_identical_weights(device, tmp_path):
         dirs = [tmp_path / f"run{run}" / e.name for e in entries]
         result = train_family(entries, x[:384], x[384:], dirs, rt)
         states.append([result.model.model_state(m) for m in range(len(entries))])
-    for m, (first, second) in enumerate(zip(*states)):
+    for m, (first, second) in enumerate(zip(*states, strict=True)):
         for name in first:
             assert torch.equal(first[name], second[name]), (
                 f"model {m} tensor {name} differs between runs"

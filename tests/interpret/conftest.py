@@ -7,7 +7,10 @@ the same signal with noise in another basis.
 
 from __future__ import annotations
 
-import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +102,6 @@ def build_workspace(root: Path, slices: pd.DataFrame, seed: int = 0, png: bool =
     ]
     vols.sort_values(["modality", "image_id"]).to_csv(ws.split_csv, index=False)
     if png:
-        buf = io.BytesIO()
         for k, p in enumerate(slices.png_path):
             path = ws.root / p
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,3 +122,61 @@ def build_workspace(root: Path, slices: pd.DataFrame, seed: int = 0, png: bool =
 @pytest.fixture
 def toy_ws(tmp_path) -> Workspace:
     return build_workspace(tmp_path / "ws", synthetic_slices())
+
+
+class Server:
+    """A real OpenAI-compatible HTTP server on 127.0.0.1 for the backend tests.
+
+    mode(request_json, n) -> (status, body or dict, delay_s); every request is recorded."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                outer.headers.append(dict(self.headers))
+                status, out, delay = outer.mode(body, len(outer.requests))
+                time.sleep(delay)
+                data = out.encode() if isinstance(out, str) else json.dumps(out).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    """Factory: server(mode) starts a Server; it is closed after the test."""
+    holder = {}
+
+    def start(mode):
+        holder["s"] = Server(mode)
+        return holder["s"]
+
+    yield start
+    if "s" in holder:
+        holder["s"].close()

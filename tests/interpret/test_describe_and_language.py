@@ -68,7 +68,6 @@ def test_language_embedding_matcher_precision_and_ties(toy_ws):
     out = toy_ws.interpret_dir / "language" / OUT
     metrics = pd.read_csv(out / "metrics.csv")
     hits = pd.read_csv(out / "hits.csv")
-    split = pd.read_csv(toy_ws.split_csv)
     for s in ("liver", "urinary_bladder", "brain"):
         m = metrics[(metrics["query"] == s) & (metrics.scoring == "published_cosine")].iloc[0]
         assert m.precision >= 0.8 and m.chance < 0.5, (s, m.precision)
@@ -78,7 +77,8 @@ def test_language_embedding_matcher_precision_and_ties(toy_ws):
         )  # one hit per volume
     assert {"published_cosine", "weighted_sum", "soft_and"} == set(metrics.scoring)
     assert {"n_tied_hits", "boundary_tie"} <= set(metrics.columns)
-    # one matched feature: published_cosine is the published 1/(1+|a - q|) rule, and says so (issue 12 item 11)
+    # one matched feature: published_cosine is the published 1/(1+|a - q|) rule, and says so (issue
+    # 12 item 11)
     rule = metrics.set_index("scoring").scoring_rule
     assert set(rule["published_cosine"]) == {"published_single_feature"} and set(
         rule["soft_and"]
@@ -136,7 +136,8 @@ def test_metadata_describer_names_only_structures_most_top_slices_hold():
 
 
 def test_embedding_judge_gives_ties_their_mean_rank_and_drops_same_description_distractors(toy_ws):
-    """Issue 12 item 7: identical descriptions get identical vectors; the old order-based rank put the
+    """Issue 12 item 7: identical descriptions get identical vectors; the old order-based rank put
+    the
     target first among them (success 1.0 for an uninformative judgement)."""
     from sail.config import AutointerpSettings
     from sail.interpret import autointerp as ai
@@ -188,7 +189,7 @@ def _volumes_split(n_vol: int = 40, per_volume: int = 40):
     i = np.tile(np.arange(per_volume), n_vol)
     meta = pd.DataFrame(
         {
-            "slice_id": [f"ct/s{a:03d}/axial/{b:04d}" for a, b in zip(v, i)],
+            "slice_id": [f"ct/s{a:03d}/axial/{b:04d}" for a, b in zip(v, i, strict=True)],
             "modality": "ct",
             "image_id": [f"s{a:03d}" for a in v],
             "plane": "axial",

@@ -26,7 +26,8 @@ def test_sparse_fingerprint_excludes_always_on_and_never_pads():
 
 
 def test_restricted_cosine_by_hand():
-    # query on features (0, 1) = (3, 4); slice a = (3, 4) -> 1; slice b = (4, -3) -> 0; slice c = 0 -> 0
+    # query on features (0, 1) = (3, 4); slice a = (3, 4) -> 1; slice b = (4, -3) -> 0; slice c = 0
+    # -> 0
     X = np.array([[3, 4], [4, -3], [0, 0]], float)
     q = np.array([3, 4.0])
     cos = restricted_cosine(

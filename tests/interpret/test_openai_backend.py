@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
@@ -14,50 +11,9 @@ import pytest
 from sail.config import SailConfig
 from sail.errors import SailError
 from sail.interpret.stage import run_autointerp, run_language
+from tests.interpret.conftest import Server
 
 SECRET = "sk-test-DO-NOT-WRITE-7f3a9c"
-
-
-class Server:
-    """mode(request_json, n) -> (status, body or dict, delay_s); every request is recorded."""
-
-    def __init__(self, mode):
-        self.mode = mode
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                outer.headers.append(dict(self.headers))
-                status, out, delay = outer.mode(body, len(outer.requests))
-                time.sleep(delay)
-                data = out.encode() if isinstance(out, str) else json.dumps(out).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def chat(content: str) -> dict:
@@ -70,13 +26,11 @@ def good_answer(body: dict) -> str:
     name, schema = fmt.get("name"), fmt.get("schema", {})
     if name == "concept":
         text = body["messages"][1]["content"][-1]["text"]
-        # one description per prompt: the judge drops distractors that share the target's description
+        # one description per prompt: the judge drops distractors that share the target's
+        # description
         tag = hashlib.sha1(text.encode()).hexdigest()[:6]
-        return json.dumps(
-            {
-                "concept": f"{'Axial CT of the liver' if 'liver' in text else 'CT of the pelvis'} ({tag})"
-            }
-        )
+        concept = "Axial CT of the liver" if "liver" in text else "CT of the pelvis"
+        return json.dumps({"concept": f"{concept} ({tag})"})
     if name == "ranking":
         labels = schema["properties"]["ranking"]["items"]["enum"]
         return json.dumps({"ranking": labels})
@@ -84,19 +38,6 @@ def good_answer(body: dict) -> str:
         n = schema["properties"]["feature_numbers"]["minItems"]
         return json.dumps({"feature_numbers": list(range(1, n + 1))})
     raise AssertionError(name)
-
-
-@pytest.fixture
-def server():
-    holder = {}
-
-    def start(mode):
-        holder["s"] = Server(mode)
-        return holder["s"]
-
-    yield start
-    if "s" in holder:
-        holder["s"].close()
 
 
 def _cfg(ws, url, **interpret):

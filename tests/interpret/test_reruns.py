@@ -10,10 +10,10 @@ from sail.interpret.backends.base import ChatRequest, call_key
 from sail.interpret.backends.openai_compat import OpenAIChat
 from sail.interpret.stage import _model_identity, run_autointerp
 
-from .test_openai_backend import OUT, _cfg, chat, good_answer, server  # noqa: F401 - the fixture
+from .test_openai_backend import OUT, _cfg, chat, good_answer
 
 
-def test_failed_features_are_retried_on_the_next_run(toy_ws, server):  # noqa: F811
+def test_failed_features_are_retried_on_the_next_run(toy_ws, server):
     state = {"down": True}
     srv = server(
         lambda body, n: (503, "", 0) if state["down"] else (200, chat(good_answer(body)), 0)

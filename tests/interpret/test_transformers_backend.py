@@ -57,7 +57,8 @@ def _tiny_llava(path):
     )
     template = (
         "{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% "
+        "endfor %}"
         "{% if add_generation_prompt %}assistant : {% endif %}"
     )
     vision = CLIPVisionConfig(

@@ -355,7 +355,7 @@ CASES: list[Case] = [
         lambda c: ["split", *c.config({"split": {"fraction": 0.5}})],
         r"split\.fraction",
     ),
-    # --- encode / import-embeddings ----------------------------------------------------------------
+    # --- encode / import-embeddings ---------------------------------------------------------------
     Case(
         "import-missing-file",
         "encode",
@@ -458,7 +458,7 @@ CASES: list[Case] = [
         lambda c: ["encode", "--precision", "fp8", *c.common()],
         r"encode\.precision",
     ),
-    # --- train -------------------------------------------------------------------------------------
+    # --- train ------------------------------------------------------------------------------------
     Case(
         "train-duplicate-ids",
         "train",
@@ -602,7 +602,7 @@ CASES: list[Case] = [
         )[1],
         r"toy\.parquet: .*manifest recorded",
     ),
-    # --- activations -------------------------------------------------------------------------------
+    # --- activations ------------------------------------------------------------------------------
     Case(
         "weights-overwritten",
         "activations",
@@ -669,7 +669,7 @@ CASES: list[Case] = [
         lambda c: (_truncate(c.ws / "embeddings" / "toy.parquet"), ["activations", *c.common()])[1],
         r"toy\.parquet: not a readable Parquet",
     ),
-    # --- evaluate ----------------------------------------------------------------------------------
+    # --- evaluate ---------------------------------------------------------------------------------
     Case(
         "eval-activations-truncated",
         "evaluate",
@@ -724,7 +724,7 @@ CASES: list[Case] = [
         )[1],
         r"toy\.parquet: .*manifest recorded",
     ),
-    # --- interpret ---------------------------------------------------------------------------------
+    # --- interpret --------------------------------------------------------------------------------
     Case(
         "interpret-empty-test-split",
         "interpret",
@@ -788,7 +788,7 @@ CASES: list[Case] = [
         )[1],
         r"valid\.parquet: not a readable Parquet",
     ),
-    # --- figures and report ------------------------------------------------------------------------
+    # --- figures and report -----------------------------------------------------------------------
     Case(
         "report-empty-workspace",
         "report",

@@ -23,7 +23,7 @@ from sail.encoders.imported import import_embeddings
 from sail.encoders.table import write_embeddings
 from sail.pipeline import run_pipeline
 from sail.workspace import Workspace
-from tests.sae.conftest import _one_thread  # noqa: F401 - the same autouse fixture: one torch thread
+from tests.sae.conftest import one_torch_thread
 
 TINY = {
     "prepare": {"image_size": 32, "ct_spacing_mm": 8.0, "workers": 1},
@@ -43,8 +43,15 @@ TINY = {
         "concepts": {"bootstrap": 0},
     },
 }
-# Run bookkeeping, not artifacts: config.yaml records the last command's settings; locks their holder.
+# Run bookkeeping, not artifacts: config.yaml records the last command's settings; locks, their
+# holder.
 NOT_ARTIFACTS = ("config.yaml", ".locks")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The SAE tests' setting for these runs too: one torch thread."""
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The CLI's error boundary classifies what a user can fix; anything else stays a traceback (a bug)."""
+"""The CLI's error boundary classifies what a user can fix; all else stays a traceback (a bug)."""
 
 from __future__ import annotations
 

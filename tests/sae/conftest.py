@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from sail.encoders.table import write_embeddings
+from sail.workspace import Workspace
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
+def one_torch_thread():
+    """Generator for an autouse fixture: torch on one thread for the test, then as before."""
     # Tiny tensors: extra threads only add contention on the shared CI cores.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 def planted(n: int, d: int, n_atoms: int, k: int, seed: int = 0):
@@ -45,3 +54,19 @@ def tiny_table(tmp_path):
     path = tmp_path / "tiny.parquet"
     write_embeddings(path, ids, x)
     return path, np.asarray(sorted(ids), dtype=object)
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_table):
+    """A workspace with the tiny table as embeddings/toy.parquet and a volume-level split."""
+    path, ids = tiny_table
+    ws = Workspace(tmp_path / "ws").ensure()
+    ws.embeddings("toy").parent.mkdir(parents=True)
+    shutil.copy(path, ws.embeddings("toy"))
+    vols = pd.Series(ids).str.split("/", expand=True)[[0, 1]].drop_duplicates()
+    split = np.array(["train", "train", "train", "valid", "test"] * 4)[: len(vols)]
+    ws.data_dir.mkdir()
+    pd.DataFrame({"modality": vols[0], "image_id": vols[1], "split": split}).to_csv(
+        ws.split_csv, index=False
+    )
+    return ws

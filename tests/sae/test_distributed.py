@@ -106,11 +106,11 @@ def test_two_ranks_equal_one_process(runs, family):
     for k, v in a.items():
         if v.is_floating_point():
             torch.testing.assert_close(
-                b[k], v, atol=ATOL, rtol=0, msg=lambda m: f"{family}.{k}: {m}"
+                b[k], v, atol=ATOL, rtol=0, msg=lambda m, k=k: f"{family}.{k}: {m}"
             )
         else:
             assert torch.equal(b[k], v), (family, k)
-    for ma, mb in zip(single[family]["metrics"], r0[family]["metrics"]):
+    for ma, mb in zip(single[family]["metrics"], r0[family]["metrics"], strict=True):
         assert ma[["step", "epoch", "split", "level"]].equals(
             mb[["step", "epoch", "split", "level"]]
         )

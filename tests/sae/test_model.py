@@ -151,7 +151,7 @@ def test_global_mode_levels_are_prefixes_of_one_code():
     sels = model.train_selections(acts)
     full = sels[-1].flat
     assert full.numel() == 4 * 7
-    for s, size in zip(sels, (3, 6, 12)):
+    for s, size in zip(sels, (3, 6, 12), strict=True):
         assert torch.equal(s.flat, full[full % 12 < size])
     vals = [acts.reshape(-1)[s.flat] for s in sels]
     R = model.decode(sels, vals, 7)
@@ -242,7 +242,7 @@ def _last_level_share(model: StackedSAE, x: torch.Tensor, batch_size: int) -> to
 
 @pytest.mark.parametrize("ks", [(3, 3, 3), (2, 5, 9)], ids=["flat", "doubling"])
 def test_calibrated_code_is_the_last_levels_selection(ks):
-    """Stored code: full dictionary, L0 = K_last on held-out rows, each range at its training share."""
+    """Stored code: full dictionary, L0 = K_last on held-out rows, each range at its train share."""
     from tests.sae.conftest import planted
 
     x, _ = planted(4000, 16, 40, 3, seed=5)

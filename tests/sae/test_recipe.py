@@ -23,7 +23,6 @@ from sail.sae.recipe import (
 )
 from sail.sae.train import Runtime, run_train, train_family
 from tests.sae.conftest import planted
-from tests.sae.test_stage import workspace  # noqa: F401 (fixture)
 
 CPU = Runtime(
     torch.device("cpu"), "fp32", "sparse", log_every=5, checkpoint_every=10**6, show_progress=False
@@ -122,7 +121,7 @@ def test_a_too_short_run_warns_and_a_converged_one_does_not(tmp_path, caplog):
     assert warn_if_unconverged(["ok"], [metrics]) == [] and caplog.text == ""
 
 
-def test_cfg_json_records_the_resolved_settings(workspace):  # noqa: F811
+def test_cfg_json_records_the_resolved_settings(workspace):
     cfg = load_config(
         None,
         {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,21 +19,6 @@ from sail.workspace import Workspace
 
 GRID = [{"dict_sizes": [8, 32], "k_values": [2, 4]}, {"dict_sizes": [8, 32], "k_values": [3, 6]}]
 TRAINING = {"epochs": 2, "batch_size": 64, "lr": 3e-3}
-
-
-@pytest.fixture
-def workspace(tmp_path, tiny_table):
-    path, ids = tiny_table
-    ws = Workspace(tmp_path / "ws").ensure()
-    ws.embeddings("toy").parent.mkdir(parents=True)
-    shutil.copy(path, ws.embeddings("toy"))
-    vols = pd.Series(ids).str.split("/", expand=True)[[0, 1]].drop_duplicates()
-    split = np.array(["train", "train", "train", "valid", "test"] * 4)[: len(vols)]
-    ws.data_dir.mkdir()
-    pd.DataFrame({"modality": vols[0], "image_id": vols[1], "split": split}).to_csv(
-        ws.split_csv, index=False
-    )
-    return ws
 
 
 def test_train_and_activations_stages(workspace, caplog):

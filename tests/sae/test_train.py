@@ -1,4 +1,4 @@
-"""Trainer: splits, schedule, clipping, family training, determinism, resume, AuxK, atom recovery."""
+"""Trainer: splits, schedule, clipping, family training, determinism, resume, AuxK, recovery."""
 
 from __future__ import annotations
 
@@ -78,15 +78,15 @@ def test_clip_per_model_matches_clip_grad_norm_of_each_model():
         torch.randn(3, 4, generator=g) * 0.01
     ]
     grads[0][1] *= 0.001  # model 1 is below the limit and must stay untouched
-    for p, gr in zip(params, grads):
+    for p, gr in zip(params, grads, strict=True):
         p.grad = gr.clone()
     clip_per_model(params, 3, 0.5)
     for m in range(3):
         single = [torch.nn.Parameter(p[m].detach().clone()) for p in params]
-        for s, gr in zip(single, grads):
+        for s, gr in zip(single, grads, strict=True):
             s.grad = gr[m].clone()
         torch.nn.utils.clip_grad_norm_(single, 0.5)
-        for s, p in zip(single, params):
+        for s, p in zip(single, params, strict=True):
             torch.testing.assert_close(p.grad[m], s.grad)
 
 

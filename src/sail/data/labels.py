@@ -227,7 +227,7 @@ def normalise_sex(value: str | None) -> tuple[str | None, bool]:
 
 
 def normalise_age(value: str | None) -> tuple[float | None, bool]:
-    """Years from ``45``, ``45.5``, ``045Y`` (DICOM), ``6M``, ``45 years``; (None, False) otherwise."""
+    """Years from ``45``, ``45.5``, ``045Y`` (DICOM), ``6M``, ``45 years``; else (None, False)."""
     if value is None or not str(value).strip():
         return None, True
     m = _AGE_RE.fullmatch(str(value).strip())

@@ -14,8 +14,8 @@ Columns (relative paths resolve against the manifest's folder):
   ``scanner_model``, ``kvp``, ... (docs/artifacts.md) and any free column; all flow into
   slices.parquet. Nothing is read from DICOM headers into the table (no PHI leaks).
 
-TotalSegmentator's layout is turned into the same kind of table (:func:`sail.data.totalseg.discover`),
-so both sources share one path to the slicer.
+TotalSegmentator's layout is turned into the same kind of table
+(:func:`sail.data.totalseg.discover`), so both sources share one path to the slicer.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 @dataclass(frozen=True)
 class ScanRef:
-    """One volume to slice: its image, its masks (a folder or one label map) and its metadata row."""
+    """One volume to slice: its image, masks (a folder or one label map) and metadata row."""
 
     modality: str
     image_id: str
@@ -109,7 +109,8 @@ def is_manifest(source: Path) -> bool:
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
-    """The manifest as strings (empty cells = null); an unreadable file or no ``image`` column is an error."""
+    """The manifest as strings (empty cells = null); an unreadable file or no ``image`` column is
+    an error."""
     path = Path(path)
     if not path.is_file():
         raise SailError(f"manifest not found: {path}")
@@ -123,7 +124,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
                 .where(table.notna(), None)
                 .map(lambda v: v if v is None else str(v))
             )
-    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many types for a bad file
+    except Exception as exc:  # pandas/pyarrow raise many types for a bad file
         raise SailError(f"{path}: cannot read manifest ({type(exc).__name__}: {exc})") from None
     table.columns = [str(c).strip() for c in table.columns]
     dup = sorted({c for c in table.columns if list(table.columns).count(c) > 1})
@@ -162,7 +163,8 @@ def _modality(value: str | None, default: str | None, where: str) -> str:
     if value is None:
         if default is None:
             raise SailError(
-                f"{where}: no modality; add a 'modality' column (ct or mri) or set prepare.modalities "
+                f"{where}: no modality; add a 'modality' column (ct or mri) or set "
+                "prepare.modalities "
                 "to one modality"
             )
         return default
@@ -173,23 +175,26 @@ def _modality(value: str | None, default: str | None, where: str) -> str:
 
 
 def read_label_table(path: Path) -> dict[str, int]:
-    """``value,name`` CSV -> {name: value}; duplicates, non-integer or zero values are errors naming the file."""
+    """``value,name`` CSV -> {name: value}; duplicates, non-integer or zero values are errors
+    naming the file."""
     if not path.is_file():
         raise SailError(f"label table not found: {path}")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # pandas raises many types for a bad file
         raise SailError(f"{path}: cannot read label table ({exc})") from None
     table.columns = [c.strip() for c in table.columns]
     if not {"value", "name"} <= set(table.columns):
         raise SailError(
-            f"{path}: label table needs columns 'value' and 'name'; found {', '.join(table.columns)}"
+            f"{path}: label table needs columns 'value' and 'name'; found "
+            f"{', '.join(table.columns)}"
         )
     values = pd.to_numeric(table["value"].str.strip(), errors="coerce")
     bad = table["value"][values.isna() | (values != values.round()) | (values <= 0)]
     if len(bad):
         raise SailError(
-            f"{path}: label value {bad.iloc[0]!r} (row {bad.index[0] + 1}) is not a positive integer"
+            f"{path}: label value {bad.iloc[0]!r} (row {bad.index[0] + 1}) is not a positive "
+            "integer"
         )
     names = table["name"].str.strip()
     for column, series in (("name", names), ("value", values)):

@@ -61,7 +61,8 @@ def read_meta(path: Path, modality: str) -> pd.DataFrame:
     missing = [c for c in REQUIRED_META if c not in meta.columns]
     if missing:
         raise SailError(
-            f"{path}: missing required column(s) {', '.join(missing)}; found {', '.join(meta.columns)}"
+            f"{path}: missing required column(s) {', '.join(missing)}; found "
+            f"{', '.join(meta.columns)}"
         )
     for col in META_COLUMNS[modality]:
         if col not in meta.columns:
@@ -148,7 +149,7 @@ def normalise_meta(meta: pd.DataFrame, path: Path, modality: str) -> list[dict]:
     issues = []
     for col, normalise in (("gender", normalise_sex), ("age", normalise_age)):
         values = []
-        for row, (image_id, raw) in enumerate(zip(meta["image_id"], meta[col])):
+        for row, (image_id, raw) in enumerate(zip(meta["image_id"], meta[col], strict=True)):
             value, ok = normalise(raw)
             values.append(None if value is None else str(value))
             if not ok:

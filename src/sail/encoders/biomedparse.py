@@ -1,4 +1,5 @@
-"""BiomedParse v1 image backbone (FocalNet-L, FL4) built with timm: no detectron2, no BiomedParse repo.
+"""BiomedParse v1 image backbone (FocalNet-L, FL4) built with timm: no detectron2, no BiomedParse
+repository.
 
 BiomedParse's backbone is FocalNet with embed 192, depths 2-2-18-2, focal levels 4, focal windows 3,
 overlapping conv embedding (7x7/4 stem, 3x3/2 downsampling), post-LayerNorm blocks, layer scale
@@ -47,7 +48,7 @@ FOCALNET_L = FocalNetArch()
 
 
 def build_focalnet(arch: FocalNetArch = FOCALNET_L) -> nn.Module:
-    """timm FocalNet configured as BiomedParse's backbone (no classifier head, no stochastic depth)."""
+    """timm FocalNet set up as BiomedParse's backbone (no classifier head, no stochastic depth)."""
     from timm.models.focalnet import FocalNet
 
     return FocalNet(
@@ -116,7 +117,8 @@ def backbone_state_dict(
 def remap_backbone(
     backbone: Mapping[str, torch.Tensor], model: nn.Module, source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
-    """Map every BiomedParse backbone tensor onto ``model``; unknown, missing or misshapen keys are errors."""
+    """Map every BiomedParse backbone tensor onto ``model``; unknown, missing or misshapen keys
+    are errors."""
     target = model.state_dict()
     last_stage = len(model.layers) - 1
     out: dict[str, torch.Tensor] = {}
@@ -146,7 +148,8 @@ def remap_backbone(
     problems = []
     if unexpected:
         problems.append(
-            f"{len(unexpected)} unexpected backbone keys (e.g. backbone.{', backbone.'.join(unexpected[:3])})"
+            f"{len(unexpected)} unexpected backbone keys (e.g. "
+            f"backbone.{', backbone.'.join(unexpected[:3])})"
         )
     if misshapen:
         problems.append(
@@ -188,7 +191,8 @@ class BiomedParseEncoder(Encoder):
 
 
 def biomedparse_preprocess(image_size: int) -> Preprocess:
-    """Published: bilinear antialiased resize, ImageNet mean/std on the 0-255 scale (123.675/58.395, ...)."""
+    """Published: bilinear antialiased resize, ImageNet mean/std on the 0-255 scale
+    (123.675/58.395, ...)."""
     return Preprocess(image_size=image_size, interpolation="bilinear")
 
 
@@ -207,14 +211,14 @@ def _checkpoint_path(weights: str) -> Path:
 
     try:
         return Path(hf_hub_download(location, HUB_FILE))
-    except Exception as exc:  # noqa: BLE001 - offline, gated, missing: one actionable message
+    except Exception as exc:  # offline, gated, missing: one actionable message
         raise missing_hub_weights(location, "BiomedParse", f" {HUB_FILE}", exc) from None
 
 
 def load_checkpoint(path: Path) -> Mapping[str, object]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # torch.load fails in many ways on a bad file
         raise SailError(
             f"{path}: not a readable PyTorch checkpoint of tensors ({type(exc).__name__}: {exc})"
         ) from None

@@ -60,7 +60,8 @@ class DINOv3Encoder(Encoder):
 
 
 def preprocess_from_processor(processor, image_size: int) -> Preprocess:
-    """The processor's rescale/resample/normalise settings at our input size (checked, not assumed)."""
+    """The processor's rescale/resample/normalise settings at our input size (checked, not
+    assumed)."""
     rescale = (
         float(getattr(processor, "rescale_factor", 1 / 255))
         if getattr(processor, "do_rescale", True)
@@ -96,17 +97,19 @@ def build_dinov3(weights: str | None = None, image_size: int = 1024) -> DINOv3En
     location, local = hub_or_local(weights, "DINOv3", _HOW)
     try:
         model = AutoModel.from_pretrained(location)
-    except Exception as exc:  # noqa: BLE001 - offline/gated/malformed all need one clear message
+    except Exception as exc:  # offline/gated/malformed all need one clear message
         if local:
             raise SailError(
-                f"{location}: not a loadable transformers model folder ({type(exc).__name__}: {exc}). {_HOW}"
+                f"{location}: not a loadable transformers model folder ({type(exc).__name__}: "
+                f"{exc}). {_HOW}"
             ) from None
         raise missing_hub_weights(location, "DINOv3", "", exc) from None
     try:
         processor = AutoImageProcessor.from_pretrained(location)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any processor failure: warn, fall back to defaults
         log.warning(
-            "%s: no usable image processor (%s); using DINOv3's defaults (ImageNet mean/std, bilinear)",
+            "%s: no usable image processor (%s); using DINOv3's defaults (ImageNet mean/std, "
+            "bilinear)",
             location,
             exc,
         )

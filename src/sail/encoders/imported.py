@@ -1,4 +1,5 @@
-"""Bring your own embeddings: any Parquet table with ``slice_id`` and a vector becomes embeddings/<name>.parquet.
+"""Bring your own embeddings: any Parquet table with ``slice_id`` and a vector becomes
+embeddings/<name>.parquet.
 
 The vector may be a fixed-size list column, a list column (every row the same length), or one
 numeric column per dimension. Ids are checked against data/slices.parquet (unknown ids are an
@@ -43,7 +44,8 @@ def _list_matrix(path: Path, col: str, arr: pa.Array, ids: np.ndarray) -> np.nda
     if arr.null_count:
         rows = np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))
         raise SailError(
-            f"{path}: column '{col}' is null for {len(rows)} rows, e.g. slice_id {_examples(ids[rows])}"
+            f"{path}: column '{col}' is null for {len(rows)} rows, e.g. slice_id "
+            f"{_examples(ids[rows])}"
         )
     if not _is_number(arr.type.value_type):
         raise SailError(f"{path}: column '{col}' holds {arr.type.value_type}, not numbers")
@@ -60,7 +62,8 @@ def _list_matrix(path: Path, col: str, arr: pa.Array, ids: np.ndarray) -> np.nda
             np.repeat(np.arange(len(arr)), lengths)[values.is_null().to_numpy(zero_copy_only=False)]
         )
         raise SailError(
-            f"{path}: column '{col}' has null values in {len(rows)} rows, e.g. slice_id {_examples(ids[rows])}"
+            f"{path}: column '{col}' has null values in {len(rows)} rows, e.g. slice_id "
+            f"{_examples(ids[rows])}"
         )
     d = int(lengths[0]) if len(lengths) else 0
     return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), d)
@@ -69,12 +72,30 @@ def _list_matrix(path: Path, col: str, arr: pa.Array, ids: np.ndarray) -> np.nda
 def read_vector_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     """(slice_ids, x_ND float32, description of the vector column(s)) from any supported layout."""
     path = Path(path)
+    table = _read_parquet(path)
+    ids = _slice_ids(path, table)
+    others = [c for c in table.column_names if c != "slice_id"]
+    list_cols = [c for c in others if _is_list(table.schema.field(c).type)]
+    if list_cols:
+        x_ND, source = _from_list_column(path, table, list_cols, ids)
+    else:
+        x_ND, source = _from_numeric_columns(path, table, others, ids)
+    _check_finite(path, x_ND, ids)
+    return ids, x_ND, source
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    """The whole table; a missing or unreadable file is a user error naming it."""
     if not path.is_file():
         raise SailError(f"embeddings table not found: {path}")
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise SailError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _slice_ids(path: Path, table: pa.Table) -> np.ndarray:
+    """The ``slice_id`` column as strings: present, without nulls, non-empty and unique."""
     if "slice_id" not in table.column_names:
         raise SailError(
             f"{path}: missing column 'slice_id' (columns: {', '.join(table.column_names)})"
@@ -90,46 +111,60 @@ def read_vector_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
         raise SailError(
             f"{path}: column 'slice_id' has duplicates, e.g. {_examples(uniq[counts > 1])}"
         )
+    return ids
 
-    others = [c for c in table.column_names if c != "slice_id"]
-    list_cols = [c for c in others if _is_list(table.schema.field(c).type)]
-    if list_cols:
-        if "embedding" in list_cols:
-            col = "embedding"
-        elif len(list_cols) == 1:
-            col = list_cols[0]
-        else:
-            raise SailError(
-                f"{path}: several vector columns ({', '.join(list_cols)}); name the one to use 'embedding'"
-            )
-        x_ND = _list_matrix(path, col, table.column(col).combine_chunks(), ids)
-        source = f"list column '{col}'"
+
+def _from_list_column(
+    path: Path, table: pa.Table, list_cols: list[str], ids: np.ndarray
+) -> tuple[np.ndarray, str]:
+    """The vectors of the one list column (``embedding`` when there are several candidates)."""
+    if "embedding" in list_cols:
+        col = "embedding"
+    elif len(list_cols) == 1:
+        col = list_cols[0]
     else:
-        dims = [c for c in others if _is_number(table.schema.field(c).type)]
-        if not dims:
+        raise SailError(
+            f"{path}: several vector columns ({', '.join(list_cols)}); "
+            "name the one to use 'embedding'"
+        )
+    x_ND = _list_matrix(path, col, table.column(col).combine_chunks(), ids)
+    return x_ND, f"list column '{col}'"
+
+
+def _from_numeric_columns(
+    path: Path, table: pa.Table, others: list[str], ids: np.ndarray
+) -> tuple[np.ndarray, str]:
+    """One numeric column per dimension, in table order; others are skipped with a warning."""
+    dims = [c for c in others if _is_number(table.schema.field(c).type)]
+    if not dims:
+        raise SailError(
+            f"{path}: no vector: expected a list column or one numeric column per dimension"
+        )
+    ignored = [c for c in others if c not in dims]
+    if ignored:
+        log.warning("%s: ignoring non-numeric columns %s", path, ", ".join(ignored))
+    for c in dims:
+        nulls = table.column(c).null_count
+        if nulls:
+            rows = np.flatnonzero(table.column(c).is_null().to_numpy())
             raise SailError(
-                f"{path}: no vector: expected a list column or one numeric column per dimension"
+                f"{path}: column '{c}' has {nulls} null values, "
+                f"e.g. slice_id {_examples(ids[rows])}"
             )
-        ignored = [c for c in others if c not in dims]
-        if ignored:
-            log.warning("%s: ignoring non-numeric columns %s", path, ", ".join(ignored))
-        for c in dims:
-            nulls = table.column(c).null_count
-            if nulls:
-                rows = np.flatnonzero(table.column(c).is_null().to_numpy())
-                raise SailError(
-                    f"{path}: column '{c}' has {nulls} null values, e.g. slice_id {_examples(ids[rows])}"
-                )
-        x_ND = np.column_stack([table.column(c).to_numpy().astype(np.float32) for c in dims])
-        source = f"{len(dims)} numeric columns ({dims[0]} .. {dims[-1]})"
+    x_ND = np.column_stack([table.column(c).to_numpy().astype(np.float32) for c in dims])
+    return x_ND, f"{len(dims)} numeric columns ({dims[0]} .. {dims[-1]})"
+
+
+def _check_finite(path: Path, x_ND: np.ndarray, ids: np.ndarray) -> None:
+    """At least one dimension, and every value finite in float32."""
     if x_ND.shape[1] == 0:
         raise SailError(f"{path}: the vectors have no dimensions")
     bad = ~np.isfinite(x_ND).all(axis=1)
     if bad.any():
         raise SailError(
-            f"{path}: {int(bad.sum())} rows have NaN/inf values (or overflow float32), e.g. slice_id {_examples(ids[bad])}"
+            f"{path}: {int(bad.sum())} rows have NaN/inf values (or overflow float32), "
+            f"e.g. slice_id {_examples(ids[bad])}"
         )
-    return ids, x_ND, source
 
 
 def import_embeddings(
@@ -139,11 +174,13 @@ def import_embeddings(
     force: bool = False,
     allow_missing: bool = False,
 ) -> Path:
-    """Validate ``table_path`` against the workspace's slices and write embeddings/<name>.parquet."""
+    """Validate ``table_path`` against the workspace's slices and write
+    embeddings/<name>.parquet."""
     table_path = Path(table_path)
     if not _NAME.match(name):
         raise SailError(
-            f"--name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
+            f"--name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or "
+            "digit)"
         )
     if not ws.slices_table.is_file():
         raise SailError(
@@ -167,13 +204,15 @@ def import_embeddings(
     unknown = np.setdiff1d(ids, known)
     if len(unknown):
         raise SailError(
-            f"{table_path}: {len(unknown)} slice_id values are not in {ws.slices_table}, e.g. {_examples(unknown)}"
+            f"{table_path}: {len(unknown)} slice_id values are not in {ws.slices_table}, e.g. "
+            f"{_examples(unknown)}"
         )
     missing = np.setdiff1d(known, ids)
     if len(missing):
         if not allow_missing:
             raise SailError(
-                f"{table_path}: {len(missing)} slices of {ws.slices_table} have no vector, e.g. {_examples(missing)} "
+                f"{table_path}: {len(missing)} slices of {ws.slices_table} have no vector, e.g. "
+                f"{_examples(missing)} "
                 "(pass --allow-missing to import a subset)"
             )
         log.warning("import %s: %d slices have no vector and are left out", name, len(missing))

@@ -182,7 +182,7 @@ def _timm_size(spec: EncoderSpec, weights: str | None) -> int:
         import timm
 
         cfg = timm.get_pretrained_cfg(ident)
-    except Exception:  # noqa: BLE001 - an unknown name is reported when the model is built
+    except Exception:  # an unknown name is reported when the model is built
         cfg = None
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else _FALLBACK_SIZE
 
@@ -194,7 +194,7 @@ def _create_timm(ident: str, weights: str | None, name: str) -> nn.Module:
         with hub_offline():
             try:
                 return timm.create_model(ident, pretrained=True)
-            except Exception as exc:  # noqa: BLE001 - unknown name, offline, missing cache: one message
+            except Exception as exc:  # unknown name, offline, missing cache: one message
                 raise SailError(
                     f"encoder {name}: cannot load pretrained timm weights for {ident!r} "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Offline by "
@@ -218,7 +218,7 @@ def _create_timm(ident: str, weights: str | None, name: str) -> nn.Module:
         return timm.create_model(ident, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     except SailError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # timm/torch fail in many ways on a bad file
         raise SailError(
             f"encoder {name}: cannot load {path} into timm {ident!r} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300]})"
@@ -304,7 +304,7 @@ def _hf_size(spec: EncoderSpec, weights: str | None) -> int:
         with hub_offline():
             processor = AutoImageProcessor.from_pretrained(str(location), local_files_only=True)
         return _processor_size(processor.to_dict()) or _FALLBACK_SIZE
-    except Exception:  # noqa: BLE001 - the build reports a missing model properly
+    except Exception:  # the build reports a missing model properly
         return _FALLBACK_SIZE
 
 
@@ -329,7 +329,7 @@ def build_hf(
             model = AutoModel.from_pretrained(
                 location, local_files_only=os.environ.get("SAIL_ALLOW_DOWNLOADS") != "1"
             )
-    except Exception as exc:  # noqa: BLE001 - offline, gated, malformed: one clear message
+    except Exception as exc:  # offline, gated, malformed: one clear message
         where = (
             "not a loadable transformers model folder"
             if local
@@ -342,7 +342,7 @@ def build_hf(
     try:
         with hub_offline():
             processor = AutoImageProcessor.from_pretrained(location)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any processor failure: warn, fall back to defaults
         log.warning(
             "%s: no usable image processor (%s); using ImageNet mean/std, bilinear", location, exc
         )

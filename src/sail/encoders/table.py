@@ -1,4 +1,5 @@
-"""The embeddings table: ``slice_id`` + ``embedding`` (fixed_size_list<float32, d>), sorted by slice_id.
+"""The embeddings table: ``slice_id`` + ``embedding`` (fixed_size_list<float32, d>), sorted by
+slice_id.
 
 Reading goes straight from the Arrow buffer to one (N, d) float32 array: no per-row Python.
 """

@@ -1,4 +1,5 @@
-"""Linear probes: the published elastic-net logistic regression on dense embeddings and sparse codes.
+"""Linear probes: the published elastic-net logistic regression on dense embeddings and sparse
+codes.
 
 Tasks follow the paper (modality, plane, sex, age group, structure presence) plus optional metadata
 groups. Multiclass tasks with 3+ classes are multinomial, 2-class tasks one binary model, and
@@ -70,7 +71,7 @@ class Task:
     y: np.ndarray
 
     def binary(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows with a label, 0/1 label of target ``t`` on them): the one-vs-rest view of a target."""
+        """(rows with a label, 0/1 label of target ``t`` on them): a target's one-vs-rest view."""
         if self.kind == "multiclass":
             rows = np.flatnonzero(self.y >= 0)
             return rows, (self.y[rows] == t).astype(np.int8)
@@ -174,7 +175,9 @@ def build_tasks(data: EvalData, ecfg: EvaluateConfig) -> tuple[list[Task], list[
         elif name == "institute":
             targets = tuple(sorted({v for v in values if v is not None}))
             tasks.append(_multiclass(name, values, targets))
-        else:  # manufacturer, scanner_model, pathology, free columns: one binary label per value seen in training
+        else:
+            # manufacturer, scanner_model, pathology, free columns: one binary label per value
+            # seen in training
             targets = tuple(sorted({v for v in values[train] if v is not None}))
             if not targets:
                 skipped.append(f"{name}: no values in the training split")
@@ -185,7 +188,8 @@ def build_tasks(data: EvalData, ecfg: EvaluateConfig) -> tuple[list[Task], list[
 
 
 def stratified_subsample(strata: np.ndarray, rows: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Sorted subset of ``rows`` of size min(n, len(rows)), allocated to strata by largest remainder.
+    """Sorted subset of ``rows`` of size min(n, len(rows)), allocated to strata by largest
+    remainder.
 
     Unlike a stratified train_test_split it never fails: a stratum with a single member simply gets
     its proportional share (zero or one row).
@@ -213,7 +217,7 @@ def make_classifier(
     warm_start: bool = False,
     solver: str | None = None,
 ) -> LogisticRegression | SagaLogistic:
-    """The published elastic-net probe (saga, balanced classes), fitted by ``p.solver`` unless given."""
+    """The published elastic-net probe (saga, balanced classes), fit by ``solver or p.solver``."""
     if (solver or p.solver) == "sail":
         return SagaLogistic(
             C=p.C,
@@ -223,8 +227,9 @@ def make_classifier(
             random_state=p.seed,
             warm_start=warm_start,
         )
-    # scikit-learn >= 1.8 (the floor in pyproject.toml): l1_ratio in (0, 1) with saga is the elastic net;
-    # `penalty` is deprecated there. Older versions silently fitted pure L2 without penalty='elasticnet'.
+    # scikit-learn >= 1.8 (the floor in pyproject.toml): l1_ratio in (0, 1) with saga is the
+    # elastic net; `penalty` is deprecated there. Older versions silently fitted pure L2 without
+    # penalty='elasticnet'.
     return LogisticRegression(
         C=p.C,
         l1_ratio=p.l1_ratio,
@@ -310,7 +315,7 @@ class ProbeOutput:
 
 
 def _target_scores(clf, proba, t: int, n: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """Probability of class ``t`` and the hard one-vs-rest prediction, matched through ``classes_``."""
+    """Probability of class ``t`` and the hard one-vs-rest prediction, matched via ``classes_``."""
     if clf is None or proba is None:
         return None, np.zeros(n, dtype=np.int8)
     classes = list(clf.classes_)
@@ -401,7 +406,7 @@ def run_probes(
 def coefficient_table(
     coefs: dict[tuple[str, str], np.ndarray], ids: dict[str, str]
 ) -> pd.DataFrame:
-    """Nonzero coefficients per target, ranked by |coef| (rank 1 = largest; ties by feature index)."""
+    """Nonzero coefficients per target, ranked by |coef| (1 = largest; ties by feature index)."""
     frames = []
     for (task, target), coef in coefs.items():
         nz = np.flatnonzero(coef)

@@ -38,7 +38,7 @@ def threshold_column(t: float) -> str:
 
 
 def n_grid(grid: list[int], n_ranked: int) -> list[int]:
-    """The grid values the ranking covers, plus ``n_ranked`` itself when it falls inside the grid."""
+    """The grid values the ranking covers, plus ``n_ranked`` itself when it lies inside the grid."""
     ns = sorted({n for n in grid if n <= n_ranked})
     if 0 < n_ranked < max(grid) and n_ranked not in ns:
         ns.append(n_ranked)
@@ -48,7 +48,8 @@ def n_grid(grid: list[int], n_ranked: int) -> list[int]:
 def features_to_threshold(
     ns: list[int], aucs: list[float], dense_auc: float, thresholds: list[float]
 ) -> dict[str, float]:
-    """Smallest N whose valid ROC-AUC reaches ``t`` x the dense valid ROC-AUC, per threshold (NaN if never)."""
+    """Smallest N whose valid ROC-AUC reaches ``t`` x the dense valid ROC-AUC, per threshold (NaN
+    if never)."""
     ratio = np.asarray(aucs, dtype=float) / dense_auc
     out = {}
     for t in thresholds:
@@ -95,7 +96,7 @@ def _summary_row(
     n_ranked: int,
     thresholds: list[float],
 ) -> dict:
-    """One summary row; with no ranked feature every threshold is unreached (NaN) and max AUC NaN."""
+    """One summary row; with no ranked feature, every threshold is unreached (NaN), max AUC NaN."""
     row = {
         **ids,
         "task": task,
@@ -168,7 +169,7 @@ def run_recovery(
                 aucs, bad = recovery_curve(x_tr, y_tr, x_va, y_va, ns, p, r.max_iter)
                 unconverged += bad
                 done[target] = (ns, aucs, n_ranked)
-            for n, auc in zip(ns, aucs):
+            for n, auc in zip(ns, aucs, strict=True):
                 curves.append(
                     {
                         **ids,

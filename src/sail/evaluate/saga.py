@@ -3,7 +3,8 @@
 The objective is sklearn's ``LogisticRegression(solver="saga", C=C, l1_ratio=r,
 class_weight="balanced")``:
 
-    (1/n) sum_i sw_i logloss_i + alpha/2 ||W||^2 + beta ||W||_1,  alpha = (1-r)/(C n), beta = r/(C n)
+    (1/n) sum_i sw_i logloss_i + alpha/2 ||W||^2 + beta ||W||_1,
+    alpha = (1-r)/(C n),  beta = r/(C n)
 
 (sigmoid for two classes, softmax with one weight row per class otherwise; intercept unpenalised;
 ``sw`` the balanced class weights), and the stopping rule is sklearn's (an epoch moves the weights
@@ -102,6 +103,155 @@ def _lagged(w, k, a, d, c, log_a, one_minus_a, pow_a, geo_a):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath=True)
+def _decay_tables(a, m_max):
+    """a^m and the geometric sums 1 + a + ... + a^(m-1) for m <= m_max: the catch-up lookups."""
+    pow_a = np.empty(m_max + 1)
+    geo_a = np.empty(m_max + 1)
+    pow_a[0], geo_a[0] = 1.0, 0.0
+    for m in range(1, m_max + 1):
+        pow_a[m] = pow_a[m - 1] * a
+        geo_a[m] = geo_a[m - 1] + pow_a[m - 1]
+    return pow_a, geo_a
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath=True)
+def _binary_sample(
+    i,
+    lo,
+    hi,
+    t,
+    indices,
+    data,
+    y,
+    sw,
+    W,
+    b,
+    g,
+    mem,
+    gbar,
+    last,
+    step,
+    a,
+    c,
+    log_a,
+    one_minus_a,
+    pow_a,
+    geo_a,
+    inv_n,
+):
+    """One binary SAGA step on row i: scalar accumulation, catch-up fused with the dot product;
+    leaves the row's new gradient in g[0]."""
+    z0 = b[0]
+    for p in range(lo, hi):
+        j = indices[p]
+        lag = t - last[j]
+        if lag > 0:
+            W[j, 0] = _lagged(
+                W[j, 0], lag, a, step * gbar[j, 0], c, log_a, one_minus_a, pow_a, geo_a
+            )
+        z0 += W[j, 0] * data[p]
+    pr = 1.0 / (1.0 + math.exp(-z0)) if z0 >= 0 else math.exp(z0) / (1.0 + math.exp(z0))
+    g[0] = sw[i] * (pr - y[i])
+    delta = g[0] - mem[i, 0]
+    for p in range(lo, hi):
+        j = indices[p]
+        v = data[p]
+        W[j, 0] = _soft(a * W[j, 0] - step * (delta * v + gbar[j, 0]), c)
+        gbar[j, 0] += delta * v * inv_n
+        last[j] = t + 1
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath=True)
+def _multiclass_logits(
+    lo, hi, t, indices, data, W, b, z, gbar, last, step, a, c, log_a, one_minus_a, pow_a, geo_a
+):
+    """Logits z of one row after bringing its features' lagged weights up to step t."""
+    K = W.shape[1]
+    for k in range(K):
+        z[k] = b[k]
+    for p in range(lo, hi):
+        j = indices[p]
+        v = data[p]
+        lag = t - last[j]
+        for k in range(K):
+            if lag > 0:
+                W[j, k] = _lagged(
+                    W[j, k], lag, a, step * gbar[j, k], c, log_a, one_minus_a, pow_a, geo_a
+                )
+            z[k] += W[j, k] * v
+        last[j] = t
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath=True)
+def _softmax_gradient(z, g, sw_i, y_i):
+    """Weighted softmax cross-entropy gradient w.r.t. the logits into g (z is overwritten)."""
+    K = z.shape[0]
+    zmax = z[0]
+    for k in range(1, K):
+        zmax = max(zmax, z[k])
+    total = 0.0
+    for k in range(K):
+        z[k] = math.exp(z[k] - zmax)
+        total += z[k]
+    for k in range(K):
+        g[k] = sw_i * (z[k] / total - (1.0 if y_i == k else 0.0))
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath=True)
+def _multiclass_update(i, lo, hi, t, indices, data, W, g, mem, gbar, last, step, a, c, inv_n):
+    """The SAGA weight update of one row's features from its new gradient g."""
+    K = W.shape[1]
+    for p in range(lo, hi):
+        j = indices[p]
+        v = data[p]
+        for k in range(K):
+            delta = g[k] - mem[i, k]
+            W[j, k] = _soft(a * W[j, k] - step * (delta * v + gbar[j, k]), c)
+            gbar[j, k] += delta * v * inv_n
+        last[j] = t + 1
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath=True)
+def _intercept_and_memory(i, g, mem, b, gbar_b, step, inv_n, fit_intercept):
+    """Unpenalised intercept step, then remember row i's gradient for the SAGA average."""
+    for k in range(g.shape[0]):
+        delta = g[k] - mem[i, k]
+        if fit_intercept:
+            b[k] -= step * (delta + gbar_b[k])
+        gbar_b[k] += delta * inv_n
+        mem[i, k] = g[k]
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath=True)
+def _catch_up_all(W, last, t, gbar, step, a, c, log_a, one_minus_a, pow_a, geo_a):
+    """Bring every lagging weight up to step t (end of an epoch)."""
+    F, K = W.shape
+    for j in range(F):
+        lag = t - last[j]
+        if lag > 0:
+            for k in range(K):
+                W[j, k] = _lagged(
+                    W[j, k], lag, a, step * gbar[j, k], c, log_a, one_minus_a, pow_a, geo_a
+                )
+            last[j] = t
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath=True)
+def _settled(W, W_prev, tol):
+    """sklearn's stopping rule: max |change| <= tol * max |W| (or nothing moved from zero);
+    W_prev becomes W."""
+    F, K = W.shape
+    max_change = 0.0
+    max_w = 0.0
+    for j in range(F):
+        for k in range(K):
+            max_change = max(max_change, abs(W[j, k] - W_prev[j, k]))
+            max_w = max(max_w, abs(W[j, k]))
+            W_prev[j, k] = W[j, k]
+    return (max_w > 0.0 and max_change <= tol * max_w) or (max_w == 0.0 and max_change == 0.0)
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath=True)
 def _saga(
     indptr,
     indices,
@@ -131,12 +281,7 @@ def _saga(
     gbar = np.zeros((F, K))
     gbar_b = np.zeros(K)
     last = np.zeros(F, dtype=np.int64)
-    pow_a = np.empty(2 * n + 1)
-    geo_a = np.empty(2 * n + 1)
-    pow_a[0], geo_a[0] = 1.0, 0.0
-    for m in range(1, 2 * n + 1):
-        pow_a[m] = pow_a[m - 1] * a
-        geo_a[m] = geo_a[m - 1] + pow_a[m - 1]
+    pow_a, geo_a = _decay_tables(a, 2 * n)
     W_prev = W.copy()
     z = np.zeros(K)
     g = np.zeros(K)
@@ -146,87 +291,59 @@ def _saga(
         for _ in range(n):
             i = np.random.randint(0, n)
             lo, hi = indptr[i], indptr[i + 1]
-            if K == 1:  # binary: scalar accumulation, catch-up fused with the dot product
-                z0 = b[0]
-                for p in range(lo, hi):
-                    j = indices[p]
-                    lag = t - last[j]
-                    if lag > 0:
-                        W[j, 0] = _lagged(
-                            W[j, 0], lag, a, step * gbar[j, 0], c, log_a, one_minus_a, pow_a, geo_a
-                        )
-                    z0 += W[j, 0] * data[p]
-                pr = 1.0 / (1.0 + math.exp(-z0)) if z0 >= 0 else math.exp(z0) / (1.0 + math.exp(z0))
-                g[0] = sw[i] * (pr - y[i])
-                delta = g[0] - mem[i, 0]
-                for p in range(lo, hi):
-                    j = indices[p]
-                    v = data[p]
-                    W[j, 0] = _soft(a * W[j, 0] - step * (delta * v + gbar[j, 0]), c)
-                    gbar[j, 0] += delta * v * inv_n
-                    last[j] = t + 1
+            if K == 1:
+                _binary_sample(
+                    i,
+                    lo,
+                    hi,
+                    t,
+                    indices,
+                    data,
+                    y,
+                    sw,
+                    W,
+                    b,
+                    g,
+                    mem,
+                    gbar,
+                    last,
+                    step,
+                    a,
+                    c,
+                    log_a,
+                    one_minus_a,
+                    pow_a,
+                    geo_a,
+                    inv_n,
+                )
             else:
-                for k in range(K):
-                    z[k] = b[k]
-                for p in range(lo, hi):
-                    j = indices[p]
-                    v = data[p]
-                    lag = t - last[j]
-                    for k in range(K):
-                        if lag > 0:
-                            W[j, k] = _lagged(
-                                W[j, k],
-                                lag,
-                                a,
-                                step * gbar[j, k],
-                                c,
-                                log_a,
-                                one_minus_a,
-                                pow_a,
-                                geo_a,
-                            )
-                        z[k] += W[j, k] * v
-                    last[j] = t
-                zmax = z[0]
-                for k in range(1, K):
-                    zmax = max(zmax, z[k])
-                total = 0.0
-                for k in range(K):
-                    z[k] = math.exp(z[k] - zmax)
-                    total += z[k]
-                for k in range(K):
-                    g[k] = sw[i] * (z[k] / total - (1.0 if y[i] == k else 0.0))
-                for p in range(lo, hi):
-                    j = indices[p]
-                    v = data[p]
-                    for k in range(K):
-                        delta = g[k] - mem[i, k]
-                        W[j, k] = _soft(a * W[j, k] - step * (delta * v + gbar[j, k]), c)
-                        gbar[j, k] += delta * v * inv_n
-                    last[j] = t + 1
-            for k in range(K):
-                delta = g[k] - mem[i, k]
-                if fit_intercept:
-                    b[k] -= step * (delta + gbar_b[k])
-                gbar_b[k] += delta * inv_n
-                mem[i, k] = g[k]
+                _multiclass_logits(
+                    lo,
+                    hi,
+                    t,
+                    indices,
+                    data,
+                    W,
+                    b,
+                    z,
+                    gbar,
+                    last,
+                    step,
+                    a,
+                    c,
+                    log_a,
+                    one_minus_a,
+                    pow_a,
+                    geo_a,
+                )
+                _softmax_gradient(z, g, sw[i], y[i])
+                _multiclass_update(
+                    i, lo, hi, t, indices, data, W, g, mem, gbar, last, step, a, c, inv_n
+                )
+            _intercept_and_memory(i, g, mem, b, gbar_b, step, inv_n, fit_intercept)
             t += 1
-        for j in range(F):
-            lag = t - last[j]
-            if lag > 0:
-                for k in range(K):
-                    W[j, k] = _lagged(
-                        W[j, k], lag, a, step * gbar[j, k], c, log_a, one_minus_a, pow_a, geo_a
-                    )
-                last[j] = t
-        max_change = 0.0
-        max_w = 0.0
-        for j in range(F):
-            for k in range(K):
-                max_change = max(max_change, abs(W[j, k] - W_prev[j, k]))
-                max_w = max(max_w, abs(W[j, k]))
-                W_prev[j, k] = W[j, k]
-        if (max_w > 0.0 and max_change <= tol * max_w) or (max_w == 0.0 and max_change == 0.0):
+        _catch_up_all(W, last, t, gbar, step, a, c, log_a, one_minus_a, pow_a, geo_a)
+        if _settled(W, W_prev, tol):
             return epoch + 1, True
     return max_epochs, False
 

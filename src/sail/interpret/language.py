@@ -127,21 +127,44 @@ def parse_query(name: str, text: str, structures: list[str], source: str = "user
     """Constraints from the words of the query; anatomy becomes a set of acceptable structures."""
     t = _norm(text)
     q = Query(name, text, source)
-    if " mri " in t or " mr " in t:
-        q.modality = "mri"
-    elif " ct " in t:
-        q.modality = "ct"
-    for plane in ("axial", "coronal", "sagittal"):
-        if f" {plane} " in t:
-            q.plane = plane
-    if re.search(r" (female|woman|women) ", t):
-        q.sex = "f"
-    elif re.search(r" (male|man|men) ", t):
-        q.sex = "m"
+    q.modality = _modality_of(t)
+    q.plane = _plane_of(t)
+    q.sex = _sex_of(t)
     if " elderly " in t or " older " in t:
         q.age_min = 65.0
     if " young " in t:
         q.age_max = 40.0
+    q.structures = _structures_of(t, structures)
+    return q
+
+
+def _modality_of(t: str) -> str | None:
+    """MRI wins over CT when a normalised query names both."""
+    if " mri " in t or " mr " in t:
+        return "mri"
+    return "ct" if " ct " in t else None
+
+
+def _plane_of(t: str) -> str | None:
+    """The named plane; of several, the later in (axial, coronal, sagittal) order wins."""
+    plane = None
+    for p in ("axial", "coronal", "sagittal"):
+        if f" {p} " in t:
+            plane = p
+    return plane
+
+
+def _sex_of(t: str) -> str | None:
+    """Female words win when a query names both sexes."""
+    if re.search(r" (female|woman|women) ", t):
+        return "f"
+    if re.search(r" (male|man|men) ", t):
+        return "m"
+    return None
+
+
+def _structures_of(t: str, structures: list[str]) -> list[str]:
+    """Structures named directly, by region name, by region word, or by ' lumbar ', sorted."""
     from sail.interpret.backends.metadata_describer import display_name
 
     wanted: set[str] = set()
@@ -162,8 +185,7 @@ def parse_query(name: str, text: str, structures: list[str], source: str = "user
                 wanted.update(regions.get(r, []))
     if re.search(r" lumbar ", t):
         wanted.update(regions.get("lumbar spine", []))
-    q.structures = sorted(wanted)
-    return q
+    return sorted(wanted)
 
 
 def load_queries(
@@ -283,7 +305,7 @@ def score_images(
 def rank_per_volume(
     score_N: np.ndarray, data: SplitData, k: int
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Top-k volumes by their best slice (ties by volume order), and whether rank k ties rank k+1."""
+    """Top-k volumes by best slice (ties by volume order), and whether rank k ties rank k+1."""
     vmax = np.maximum.reduceat(score_N, data.vol_start)
     order = np.argsort(-vmax, kind="stable")
     top = order[:k]

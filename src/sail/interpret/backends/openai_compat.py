@@ -45,7 +45,8 @@ def check_endpoint(url: str, allow_remote: bool, key: str) -> None:
     if not allow_remote and not is_loopback(url):
         raise SailError(
             f"{key}: {urlsplit(url).hostname!r} is not a loopback address; images and metadata "
-            "would leave this machine. Pass --allow-remote (interpret.allow_remote: true) to allow it"
+            "would leave this machine. Pass --allow-remote (interpret.allow_remote: true) to "
+            "allow it"
         )
 
 
