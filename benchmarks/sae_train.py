@@ -24,6 +24,7 @@ import torch
 from sail.sae.activations import encode_csr
 from sail.sae.activations_io import write_activations
 from sail.sae.grid import PAPER_K_VALUES
+from sail.sae.kernels import decode_path
 from sail.sae.model import SAESpec, StackedSAE
 from sail.sae.train import clip_per_model
 
@@ -160,9 +161,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     device = torch.device(args.device)
-    decode = (
-        args.decode if args.decode != "auto" else ("dense" if device.type == "cuda" else "sparse")
-    )
+    decode = decode_path(args.decode, device, args.d, DICT[-1])  # the trainer's own rule
     if args.quick:
         args.batch_sizes, args.family_sizes, args.steps, args.export_rows = [2048], [1], 3, 20_000
     for variant in args.variants:
