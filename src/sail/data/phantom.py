@@ -363,7 +363,7 @@ def _tissue(name: str, bone_hu: float, marrow: float) -> tuple[float, float]:
     ):
         if name.startswith(key) or key in name:
             return _TISSUE[value]
-    return _TISSUE[name.split("_")[0]] if name.split("_")[0] in _TISSUE else (40, 300)
+    return _TISSUE.get(name.split("_")[0], (40, 300))
 
 
 def _texture_class(name: str) -> str:
@@ -641,7 +641,7 @@ def _meta_row(plan: ScanPlan, truth: dict, rng: np.random.Generator) -> dict:
 def write_phantom_dataset(
     out_dir: str | Path, cfg: PhantomConfig, workers: int = 1, map_fn: Callable | None = None
 ) -> Path:
-    """Write ``cfg.n_ct`` CT and ``cfg.n_mri`` MRI scans plus meta.csv files and phantom_truth.json."""
+    """Write ``cfg.n_ct`` CT and ``cfg.n_mri`` MRI scans, meta.csv files and phantom_truth.json."""
     root = Path(out_dir)
     plans = _plan_scans(cfg)
     if workers > 1 and len(plans) > 1:
@@ -657,7 +657,11 @@ def write_phantom_dataset(
         truths = [write_scan(p, root) for p in track(plans, "phantom scans")]
     meta_rng = np.random.default_rng([cfg.seed, 3])
     for modality in ("ct", "mri"):
-        rows = [_meta_row(p, t, meta_rng) for p, t in zip(plans, truths) if p.modality == modality]
+        rows = [
+            _meta_row(p, t, meta_rng)
+            for p, t in zip(plans, truths, strict=True)
+            if p.modality == modality
+        ]
         if not rows:
             continue
         cols = META_COLUMNS[modality]
@@ -674,10 +678,13 @@ def write_phantom_dataset(
             "n_ct": cfg.n_ct,
             "n_mri": cfg.n_mri,
             "concepts": {
-                "structures": "one labelled solid per TotalSegmentator structure, masks mutually exclusive",
+                "structures": "one labelled solid per TotalSegmentator structure, masks mutually "
+                "exclusive; portal-venous CT, organs in visceral fat, texture per tissue",
                 "sex": "male: prostate, broader shoulders; female: breasts, wider pelvis",
-                "age": "bone density falls (CT HU), marrow brightens (MRI), brain shrinks, subcutaneous fat grows",
-                "institute": "noise, gain, field of view, scanner model and manufacturer per institute",
+                "age": "bone density falls (CT HU), marrow brightens (MRI), brain shrinks, "
+                "subcutaneous fat grows",
+                "institute": "noise, gain, field of view, scanner model and manufacturer per "
+                "institute",
                 "pathology": "a lesion sphere in the organ named by pathology_location (tumor)",
             },
             "institutes": {

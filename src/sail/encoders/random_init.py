@@ -54,7 +54,7 @@ VITL16 = dict(
 
 
 def reinit_published(model: nn.Module) -> nn.Module:
-    """Linear/Conv2d: trunc-normal(0.02) weights, zero bias; LayerNorm: 1 and 0 (in module order)."""
+    """Linear/Conv2d: trunc-normal(0.02) weights, zero bias; LayerNorm: 1 and 0 (module order)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):

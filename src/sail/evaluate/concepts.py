@@ -5,8 +5,8 @@ Every feature is scored by ROC-AUC against every ``has_<structure>`` flag and ev
 chosen; that feature's ROC-AUC is then reported on valid and test. The AUCs of all features against
 all labels come from one rank transform of the sparse codes and two sparse-dense products (no loop
 over features): with r the tie-averaged ranks, AUC = (sum of positive ranks - P(P+1)/2) / (P N),
-where the implicit zeros of a column share one average rank. Metadata labels are scored on rows where that column is
-known; a null structure flag counts as absent.
+where the implicit zeros of a column share one average rank. Metadata labels are scored on rows
+where that column is known; a null structure flag counts as absent.
 
 Every concept row stands beside three controls, each with the same selection on train and
 report on valid/test: the best single *raw embedding dimension* of the same encoder (either sign),
@@ -142,7 +142,7 @@ def auc_matrix(codes: sp.csr_matrix, labels_NL: np.ndarray) -> np.ndarray:
 def label_families(
     slices: pd.DataFrame, rows: np.ndarray
 ) -> list[tuple[str, np.ndarray, list[str], np.ndarray]]:
-    """(family, rows where known, label names, 0/1 matrix) for structures and each metadata column."""
+    """(family, rows where known, label names, 0/1 matrix): structures and each metadata column."""
     sub = slices.iloc[rows]
     out = []
     has = [c for c in sub.columns if c.startswith("has_")]
@@ -172,7 +172,7 @@ def label_families(
 def _single_aucs(
     codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray, pairs: list[tuple[str, int]]
 ) -> np.ndarray:
-    """ROC-AUC of each (label name, feature) pair on ``rows`` (NaN where the label has one class there)."""
+    """ROC-AUC of each (label name, feature) pair on ``rows`` (NaN where a label has one class)."""
     out = np.full(len(pairs), np.nan)
     feats = sorted({f for _, f in pairs if f >= 0})
     if not feats:
@@ -261,7 +261,9 @@ def _null_aucs(
     pairs = [(r["label"], r["best_feature"]) for r in rows]
     out: dict[str, dict[str, float]] = {r["label"]: {} for r in rows}
     for split in ("valid", "test"):
-        for (label, _), auc in zip(pairs, _single_aucs(codes, shuffled, split_rows[split], pairs)):
+        for (label, _), auc in zip(
+            pairs, _single_aucs(codes, shuffled, split_rows[split], pairs), strict=True
+        ):
             out[label][f"null_{split}_roc_auc"] = float(auc)
     return out
 
@@ -291,7 +293,7 @@ def ground_concepts(
         [{**ids, **r} for r in concept_rows],
         columns=[c for c in UNIT_CONCEPT_COLUMNS if c not in REPORT_COLUMNS + NULL_COLUMNS],
     )
-    pairs = list(zip(concepts["label"], concepts["best_feature"].astype(int)))
+    pairs = list(zip(concepts["label"], concepts["best_feature"].astype(int), strict=True))
     for split in ("valid", "test"):
         concepts[f"{split}_roc_auc"] = _single_aucs(codes, slices, split_rows[split], pairs)
     null = _null_aucs(codes, slices, split_rows, volume, seed) if volume is not None else {}
@@ -493,7 +495,7 @@ def breakdown(
     seed: int,
     ids: dict[str, str],
 ) -> pd.DataFrame:
-    """Test ROC-AUC per group of each ``by`` column, with a 95% volume-clustered bootstrap interval."""
+    """Test ROC-AUC per group of each ``by`` column, with a 95% volume-clustered bootstrap CI."""
     rows = []
     for (task, target), (r, y01, score) in test_scores.items():
         for col in by:
