@@ -279,7 +279,7 @@ for _spec in (
         batch_size=128,
         aliases=("efficientnet-lite0_random",),
         takes_weights=False,
-        description="the demo's control: EfficientNet-Lite0 architecture, timm's random init (seed 42)",
+        description="the demo's control: EfficientNet-Lite0, timm's random init (seed 42)",
     ),
     EncoderSpec(
         name="dinov3",
