@@ -2,7 +2,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from .eval_builders import CT_FEATURE, INSTITUTE_B_FEATURE, PLANTED, make_slices, sparse_codes
 from sklearn.metrics import roc_auc_score
 
 from sail.evaluate.concepts import (
@@ -18,6 +17,8 @@ from sail.evaluate.concepts import (
     volume_permutation,
     weighted_auc,
 )
+
+from .eval_builders import CT_FEATURE, INSTITUTE_B_FEATURE, PLANTED, make_slices, sparse_codes
 
 
 def test_auc_matrix_matches_sklearn_with_ties_and_negative_codes():

@@ -396,7 +396,9 @@ def _planted_rows(cfg: SailConfig, ws: Workspace, concepts: pd.DataFrame | None)
                     "feature": int(feature) if pd.notna(feature) else None,
                     "sae": _num(r["test_roc_auc"]),
                     "raw": _num(r["raw_test_roc_auc"]),
-                    "raw_dimension": r["raw_dimension"],
+                    "raw_dimension": int(r["raw_dimension"])
+                    if pd.notna(r["raw_dimension"])
+                    else None,
                     "control": _num(r["control_test_roc_auc"]),
                     "control_encoder": r["control_encoder"],
                     "null": _num(r["null_test_roc_auc"]),
