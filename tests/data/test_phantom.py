@@ -92,7 +92,7 @@ def test_ct_intensities_are_hounsfield(phantom_root):
     lungs = np.asanyarray(
         nib.load(folder / "segmentations" / "lung_lower_lobe_right.nii.gz").dataobj
     ).astype(bool)
-    assert 20 < np.median(hu[liver]) < 100
+    assert 60 < np.median(hu[liver]) < 140  # portal-venous phase
     if lungs.any():
         assert np.median(hu[lungs]) < -600
     assert hu.min() >= -1024

@@ -6,6 +6,7 @@ from torch import nn
 
 from sail.encoders.biomedparse import FocalNetArch
 from sail.encoders.random_init import build_random_biomedparse, build_random_dinov3
+from sail.errors import SailError
 
 from .conftest import TINY_DINOV3, TINY_FOCALNET
 
@@ -58,3 +59,30 @@ def test_random_dinov3_is_deterministic():
     torch.testing.assert_close(out, b.encode(x), rtol=0, atol=0)
     lin = [m.weight.detach().flatten() for m in a.model.modules() if isinstance(m, nn.Linear)]
     assert torch.cat(lin).std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_random_efficientnet_lite0_is_a_seeded_untrained_lite0():
+    """Same architecture and input convention as the pretrained encoder, none of its weights."""
+    from sail.encoders.base import get_spec
+    from sail.encoders.random_init import build_random_efficientnet_lite0
+
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    torch.manual_seed(7)
+    a = build_random_efficientnet_lite0(image_size=64)
+    assert torch.equal(before, torch.rand(1)), "building the control must not consume the RNG"
+    b = build_random_efficientnet_lite0(image_size=64)
+    assert _same_weights(a.model, b.model)
+    pretrained = get_spec("efficientnet-lite0").build(image_size=64)
+    assert a.model.state_dict().keys() == pretrained.model.state_dict().keys()
+    assert a.preprocess == pretrained.preprocess
+    stem = "conv_stem.weight"
+    assert not torch.allclose(a.model.state_dict()[stem], pretrained.model.state_dict()[stem])
+    x = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
+    out = a.encode(x)
+    assert out.shape == (3, 1280) and torch.isfinite(out).all()
+    assert out.std(0).mean() > 0, "a random control must still vary with its input"
+    torch.testing.assert_close(out, b.encode(x), rtol=0, atol=0)
+    assert a.name == "random-efficientnet-lite0" and a.weights_id.startswith("random-init:seed42")
+    with pytest.raises(SailError, match="takes no --weights"):
+        get_spec("random-efficientnet-lite0").build(weights="x.pt")

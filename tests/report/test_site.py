@@ -216,3 +216,41 @@ def test_hierarchy_and_stability_reach_feature_and_config_pages(report_ws, tmp_p
     finally:
         ws.eval.table("hierarchy").unlink()
         ws.eval.table("stability").unlink()
+
+
+def test_index_opens_with_the_planted_concepts_panel(report_ws, tmp_path):
+    """Label, linked best feature, its test AUROC beside the raw-dimension, random-init and null
+    figures, a thumbnail strip, and a plain statement where the SAE falls below the raw dim."""
+    import shutil
+
+    import pandas as pd
+
+    from sail.evaluate.concepts import CONCEPT_COLUMNS
+    from sail.workspace import Workspace, write_csv_atomic
+
+    cfg, ws = report_ws
+    ws = Workspace(shutil.copytree(ws.root, tmp_path / "w"))
+    cfg = cfg.model_copy(update={"workspace": ws.root})
+    ranking = pd.DataFrame(
+        {"encoder": [ENCODER], "variant": [VARIANT], "sae_config": [CONFIG], "final_rank": [1]}
+    )
+    write_csv_atomic(ws.eval_dir / "ranking.csv", ranking)
+    rows = []
+    for label, feature, sae, raw in (("has_liver", 0, 0.97, 0.93), ("plane=axial", 2, 0.88, 0.95)):
+        row = dict.fromkeys(CONCEPT_COLUMNS)
+        row |= dict(encoder=ENCODER, variant=VARIANT, sae_config=CONFIG, label=label,
+                    best_feature=feature, test_roc_auc=sae, raw_test_roc_auc=raw, raw_dimension=5,
+                    control_encoder=f"random-{ENCODER}", control_test_roc_auc=0.61,
+                    null_test_roc_auc=0.52)  # fmt: skip
+        rows.append(row)
+    write_csv_atomic(ws.eval_dir / "concepts.csv", pd.DataFrame(rows, columns=CONCEPT_COLUMNS))
+    html = build_site(cfg, ws).read_text()
+    panel = html[html.index("Planted concepts") : html.index("SAE configurations")]
+    key = f"{ENCODER}__{VARIANT}__{CONFIG}"
+    assert f'href="features/{key}/f00000.html"' in panel and "0.970" in panel
+    assert "0.930" in panel and "0.610" in panel and "0.520" in panel
+    assert "1 of 2 labels reach 0.90" in panel
+    assert re.search(r"falls below the best raw dimension on 1 label\(s\): plane=axial", panel)
+    thumbs = re.findall(r'<img src="([^"]+)"', panel)
+    assert thumbs and all((ws.report_dir / t).is_file() for t in thumbs)
+    assert html.index("Planted concepts") < html.index("SAE configurations")

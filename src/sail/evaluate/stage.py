@@ -63,6 +63,8 @@ DENSE = "dense"
 # parts every SAE unit writes since seed stability and the hierarchy were added: a unit finished
 # before lacks them and is recomputed
 SPARSE_ONLY_PARTS = ("stability", "hierarchy")
+# dense-unit part merged into concepts.csv (the raw-dimension control), not a table of its own
+RAW_CONCEPTS = "raw_concepts"
 
 
 def unit_dir(ws: Workspace, encoder: str, variant: str, config: str) -> Path:
@@ -90,6 +92,7 @@ def _probe_settings_hash(ecfg: EvaluateConfig) -> dict:
         "probe_structures": ecfg.probe_structures,
         "probe": ecfg.probe.model_dump(),
         "concepts": ecfg.concepts.model_dump(),
+        "concept_controls": 1,  # raw-dimension and shuffled-label controls in concepts.csv
         "monosemanticity": ecfg.monosemanticity.model_dump(),
     }
 
@@ -127,6 +130,9 @@ def run_dense_unit(
             out.test_scores, data.slices, data.volume, cc.breakdown_by, cc.bootstrap, cc.seed, ids
         ),
         "null_baselines": pd.DataFrame(nulls),
+        RAW_CONCEPTS: concepts_mod.raw_dimension_concepts(
+            x_ND, data.slices, data.split_rows, encoder
+        ),
     }
     return parts
 
@@ -171,7 +177,14 @@ def run_sparse_unit(
 
     cc = ecfg.concepts
     concepts, confounds = concepts_mod.ground_concepts(
-        codes, data.slices, data.split_rows, ids, cc.confound_labels, cc.confound_min_auc
+        codes,
+        data.slices,
+        data.split_rows,
+        ids,
+        cc.confound_labels,
+        cc.confound_min_auc,
+        volume=data.volume,
+        seed=cc.seed,
     )
     hierarchy = config_hierarchy(
         ids, _decoder_or_none(ws, ids), codes[data.split_rows["valid"]], info.dict_sizes
@@ -349,7 +362,7 @@ def _prune(enc_root: Path, keep: set[Path]) -> None:
 def assemble(cfg: SailConfig, ws: Workspace) -> None:
     """Rebuild every eval/ table from the unit parts, then the ranking and Table 1."""
     ecfg = cfg.evaluate
-    collected: dict[str, list[pd.DataFrame]] = {name: [] for name in EVAL_TABLES}
+    collected: dict[str, list[pd.DataFrame]] = {name: [] for name in [*EVAL_TABLES, RAW_CONCEPTS]}
     columns: dict[str, list[str]] = {}
     for main in sorted(ws.eval.units.rglob(EVAL_UNIT_MAIN)):
         for name, df in _read_parts(main.parent).items():
@@ -357,19 +370,14 @@ def assemble(cfg: SailConfig, ws: Workspace) -> None:
                 columns.setdefault(name, list(df.columns))  # empty tables still get their header
                 if len(df):
                     collected[name].append(df)
-    tables = {}
-    for name, (filename, fmt) in EVAL_TABLES.items():
-        df = (
+    tables = {
+        name: (
             pd.concat(collected[name], ignore_index=True)
             if collected[name]
             else pd.DataFrame(columns=columns.get(name, []))
         )
-        tables[name] = df
-        path = ws.eval_dir / filename
-        if fmt == "csv":
-            write_csv_atomic(path, df)
-        else:
-            write_parquet_atomic(path, df)
+        for name in collected
+    }
     mono_cfg, summary = tables["monosemanticity_configs"], tables["recovery_summary"]
     if len(mono_cfg) and len(summary):
         ranking = rank_configs(
@@ -377,6 +385,14 @@ def assemble(cfg: SailConfig, ws: Workspace) -> None:
         )
     else:
         ranking = pd.DataFrame(columns=RANKING_COLUMNS)
+    tables["concepts"] = concepts_mod.attach_controls(
+        tables["concepts"],
+        tables.pop(RAW_CONCEPTS),
+        concepts_mod.chosen_configs(ranking, cfg.train.variants),
+    )
+    for name, (_, fmt) in EVAL_TABLES.items():
+        write = write_csv_atomic if fmt == "csv" else write_parquet_atomic
+        write(ws.eval.table(name), tables[name])
     metrics = {}
     for r in ranking.itertuples():
         metrics[(r.encoder, r.variant, r.sae_config)] = read_final_metrics(

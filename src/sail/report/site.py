@@ -30,6 +30,7 @@ from sail.artifacts import (
 )
 from sail.config import SailConfig
 from sail.console import track
+from sail.evaluate.concepts import CONTROL_PREFIX, chosen_configs
 from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
 from sail.evaluate.ranking import stability_labels
 from sail.evaluate.top_slices import top_per_volume
@@ -306,6 +307,7 @@ def _unit_pages(
     data: EvalData,
     cfg: SailConfig,
     label_columns: list[str],
+    planted_features: dict[str, list[int]],
 ) -> dict:
     rcfg = cfg.report
     codes = load_sparse(ws, unit.encoder, unit.variant, unit.config, data)
@@ -322,6 +324,8 @@ def _unit_pages(
     score[active == 0] = -np.inf
     chosen = np.argsort(-score, kind="stable")[: rcfg.max_features]
     chosen = chosen[np.isfinite(score[chosen])]
+    planted = [f for f in planted_features.get(unit.key, []) if f < n_features and active[f]]
+    chosen = np.concatenate([chosen, np.setdiff1d(planted, chosen)]).astype(np.int64)
     enrich = {int(f): concept.of(int(f)) for f in chosen}
     descriptions = _descriptions(ws, unit)
     neighbours = _decoder_neighbours(ws, unit, chosen) if len(chosen) else {}
@@ -414,6 +418,105 @@ def _unit_pages(
         "n_pages": len(cards),
         "dead": int((active == 0).sum()),
         "n_features": n_features,
+    }
+
+
+def planted_labels(cfg: SailConfig) -> list[str]:
+    """The labels a demo plants and claims: modality, the three planes, the probe structures."""
+    planes = [f"plane={p}" for p in ("axial", "coronal", "sagittal")]
+    return ["modality=mri", *planes, *[f"has_{s}" for s in cfg.evaluate.probe_structures]]
+
+
+def _planted_rows(cfg: SailConfig, ws: Workspace, concepts: pd.DataFrame | None) -> list[dict]:
+    """Per pretrained encoder, its ranking's chosen config's concept row for each planted label."""
+    ranking = read_ranking(ws.eval.ranking)
+    if concepts is None or ranking is None or "raw_test_roc_auc" not in concepts.columns:
+        return []
+    chosen = chosen_configs(ranking.astype({"sae_config": str}), cfg.train.variants)
+    labels = planted_labels(cfg)
+    rows = []
+    for encoder, (variant, config) in chosen.items():
+        if encoder.startswith(CONTROL_PREFIX):
+            continue
+        c = concepts[
+            (concepts.encoder == encoder)
+            & (concepts.variant == variant)
+            & (concepts.sae_config.astype(str) == config)
+        ].set_index("label")
+        for label in labels:
+            if label not in c.index:
+                continue
+            r = c.loc[label]
+            feature = r["best_feature"]
+            rows.append(
+                {
+                    "encoder": encoder,
+                    "variant": variant,
+                    "sae_config": config,
+                    "label": label,
+                    "feature": int(feature) if pd.notna(feature) else None,
+                    "sae": _num(r["test_roc_auc"]),
+                    "raw": _num(r["raw_test_roc_auc"]),
+                    "raw_dimension": int(r["raw_dimension"])
+                    if pd.notna(r["raw_dimension"])
+                    else None,
+                    "control": _num(r["control_test_roc_auc"]),
+                    "control_encoder": r["control_encoder"],
+                    "null": _num(r["null_test_roc_auc"]),
+                }
+            )
+    return rows
+
+
+def _num(v) -> float | None:
+    return float(v) if v is not None and pd.notna(v) else None
+
+
+def _planted_panel(
+    ws: Workspace, out: Path, data: EvalData, rows: list[dict], thumb_size: int, k: int = 5
+) -> dict:
+    """The index's opening panel: each planted label's best SAE feature (chosen on train, scored
+    on test) beside the raw-dimension, random-init and shuffled-label figures, with the feature's
+    top test slices (one per volume); and, plainly, where the SAE falls below the raw dimension."""
+    if not rows:
+        return {}
+    test = data.split_rows["test"]
+    codes_by_unit: dict[str, sp.csc_matrix] = {}
+    for r in rows:
+        key = f"{r['encoder']}__{r['variant']}__{r['sae_config']}"
+        if key not in codes_by_unit:
+            codes = load_sparse(ws, r["encoder"], r["variant"], r["sae_config"], data)
+            codes_by_unit[key] = codes[test].tocsc()
+            codes_by_unit[key].sort_indices()
+        page = (
+            out / "features" / key / f"f{r['feature']:05d}.html"
+            if r["feature"] is not None
+            else None
+        )
+        r["href"] = (
+            str(page.relative_to(out))
+            if page is not None and page.is_file()
+            else f"configs/{key}.html"
+        )
+        r["thumbs"] = []
+        if r["feature"] is not None:
+            top, _ = top_per_volume(codes_by_unit[key], r["feature"], data.volume[test], k)
+            for i in top:
+                row = data.slices.iloc[test[i]]
+                r["thumbs"].append(_thumb(ws, out, row.slice_id, row.png_path, thumb_size))
+        r["below_raw"] = r["sae"] is not None and r["raw"] is not None and r["sae"] < r["raw"]
+    sae = [r["sae"] for r in rows if r["sae"] is not None]
+    control = [r["control"] for r in rows if r["control"] is not None]
+    return {
+        "rows": rows,
+        "n_labels": len(sae),
+        "n_reached": sum(v >= 0.9 for v in sae),
+        "median_sae": float(np.median(sae)) if sae else None,
+        "median_control": float(np.median(control)) if control else None,
+        "median_raw": float(
+            np.median([r["raw"] for r in rows if r["raw"] is not None] or [np.nan])
+        ),
+        "below_raw": [r["label"] for r in rows if r["below_raw"]],
     }
 
 
@@ -551,7 +654,18 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
     label_columns = LABEL_COLUMNS + [
         c for c in cfg.evaluate.extra_tasks if c in data.slices.columns and c not in LABEL_COLUMNS
     ]
-    unit_cards = [_unit_pages(ws, env, out, u, data, cfg, label_columns) for u in units]
+    concepts = read_table(ws.eval.table("concepts"))
+    planted = _planted_rows(cfg, ws, concepts)
+    planted_features = {f"{r['encoder']}__{r['variant']}__{r['sae_config']}": [] for r in planted}
+    for r in planted:
+        if r["feature"] is not None:
+            planted_features[f"{r['encoder']}__{r['variant']}__{r['sae_config']}"].append(
+                r["feature"]
+            )
+    unit_cards = [
+        _unit_pages(ws, env, out, u, data, cfg, label_columns, planted_features) for u in units
+    ]
+    planted_panel = _planted_panel(ws, out, data, planted, cfg.report.thumb_size)
     figures = []
     if ws.figures_dir.is_dir():
         ws.report.figures.mkdir(exist_ok=True)
@@ -583,6 +697,7 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
             )
     ranking = _with_stability(read_ranking(ws.eval.ranking), ws)
     page = env.get_template("index.html.j2").render(
+        planted=planted_panel,
         n_slices=len(data.slices),
         n_volumes=int(data.volume.max() + 1) if len(data.volume) else 0,
         split_counts=split_counts.reset_index().to_dict("records"),

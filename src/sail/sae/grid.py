@@ -36,16 +36,24 @@ PAPER_K_VALUES = [
     [5, 10, 20, 40], [10, 20, 40, 80], [20, 40, 80, 160], [30, 60, 120, 240],
 ]  # fmt: skip
 
-# Small enough to train both variants in seconds on a CPU (the `sail demo` budget).
+# Small enough to train both variants of both demo encoders in seconds on a CPU (the `sail demo`
+# budget). The default ``auto`` recipe sets lr, schedule and epochs (named so that the ``sail``
+# variant uses it too); no learning rate is hand-set. Dictionaries fit the data: ~550 training
+# rows cannot support 512 latents (issue 15: sizes 16-256 scored as well as 32-512 on the demo
+# and train faster); batch 128 gives 5 optimizer steps per epoch instead of 3. The two per-level
+# entries share their sizes, so they train as one family (one pass over the batches). Epochs are
+# capped for the time budget: the recipe's own choice here (100, its cap) took 4x the training
+# time for no better concept scores (issue 15, test median over the planted labels: 0.68 at 100
+# epochs, 0.71 at 30); the recipe's convergence check still warns at 30.
 DEMO_GRID: dict[str, Any] = {
-    "training": {"epochs": 25, "batch_size": 256, "lr": 2e-3, "dead_window": 5000},
+    "training": {"recipe": "auto", "epochs": 30, "batch_size": 128, "dead_window": 5000},
     "configs": [
-        {"dict_sizes": [32, 128, 512], "k_values": [4, 8, 16]},
-        {"dict_sizes": [32, 128, 512], "k_values": [8, 16, 32]},
+        {"dict_sizes": [16, 64, 256], "k_values": [4, 8, 16]},
+        {"dict_sizes": [16, 64, 256], "k_values": [8, 16, 32]},
         {
             "variant": "matryoshka",
             "topk_mode": "global",
-            "dict_sizes": [32, 128, 512],
+            "dict_sizes": [16, 64, 256],
             "k_values": [16],
         },
     ],
@@ -247,7 +255,8 @@ def with_seeds(
 
 
 def _with_seed(entry: GridEntry, seed: int) -> GridEntry:
-    """``entry`` trained with ``seed``: as if the grid's training block had said so (same naming)."""
+    """``entry`` trained with ``seed``: as if the grid's training block had said so (same
+    naming)."""
     if entry.settings.seed == seed:
         return entry
     given = entry.settings.model_dump(exclude_unset=True)
