@@ -18,10 +18,12 @@ from sail.workspace import Workspace
 
 from .conftest import REAL_EXAMPLE, make_cfg, write_nifti
 
-# Digests of the phantom fixture's slices.parquet (content) and PNGs (pixels) as written by
-# main 3e0f9d4, before TotalSegmentator's layout went through the manifest path.
-GOLDEN_TABLE = "31ab5562c99c7e54e3b31cd7457938aa382245674d534450151586c033cdc005"
-GOLDEN_PNGS = "04ccc5564f415a446ae186677ea3f897913d4716c4cfb250c56972fb2827c309"
+# Digests of the phantom fixture's slices.parquet (content) and PNGs (pixels). First taken at main
+# 3e0f9d4, before TotalSegmentator's layout went through the manifest path; retaken when the
+# phantom itself changed (issue 15's anatomy: portal-venous CT, visceral fat, tissue texture), with
+# the layout code unchanged since, so a change here still means prepare's output changed.
+GOLDEN_TABLE = "bd40246f094c648a27cd47ed02de88c62a854e11bc20d2920eb8edc9a2fda923"
+GOLDEN_PNGS = "625d60c799519ee723ebfcf69a75b69ffb1cb4468788be2784a0336b20e2eaf8"
 needs_real = pytest.mark.skipif(
     not REAL_EXAMPLE.exists(), reason="../shared/data/totalseg-example not present"
 )
