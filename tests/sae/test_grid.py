@@ -107,13 +107,13 @@ def test_seeds_add_replicates_after_the_configs_without_renaming_them():
     entries = load_grid("demo", ["matryoshka", "sail"])
     assert with_seeds(entries, None, []) == entries
     assert with_seeds(entries, [42], []) == entries  # the grid's own seed: nothing changes
-    out = with_seeds(entries, [42, 1, 2], ["matryoshka/D_32_128_512_K_8_16_32"])
+    out = with_seeds(entries, [42, 1, 2], ["matryoshka/D_16_64_256_K_8_16_32"])
     assert out[: len(entries)] == entries
     replicates = out[len(entries) :]
     base = next(
         e.name
         for e in entries
-        if e.spec.variant == "matryoshka" and e.name.startswith("D_32_128_512_K_8_16_32-h")
+        if e.spec.variant == "matryoshka" and e.name.startswith("D_16_64_256_K_8_16_32-h")
     )
     assert [(e.name, e.settings.seed) for e in replicates] == [
         (f"{base}/seed-1", 1),
