@@ -140,3 +140,22 @@ def test_single_feature_similarity_is_labelled(toy_ws):
     ).all()
     s1 = summary[(summary.method == "sparse") & (summary.k == 1)]
     assert (s1.n_single_feature == len(one)).all()
+
+
+def test_signed_rank_p_is_scipys_exact_test_and_deterministic_beyond_it():
+    """Per-volume means tie; the p-value must equal scipy's exact permutation test where scipy
+    enumerates (<= 13 values) and stay exact and deterministic beyond, where scipy would draw
+    random resamples."""
+    from scipy import stats
+
+    from sail.interpret.fingerprint import _one_sided_p
+
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        d = np.round(rng.normal(0.05, 0.2, int(rng.integers(1, 14))), 1)  # ties and zeros
+        nonzero = d[d != 0]
+        expected = stats.wilcoxon(nonzero, alternative="greater").pvalue if len(nonzero) else 1.0
+        assert _one_sided_p(d) == pytest.approx(expected, abs=1e-12)
+    d = np.round(rng.normal(0.1, 0.2, 18), 1)
+    assert _one_sided_p(d) == _one_sided_p(d.copy())
+    assert _one_sided_p(np.ones(18)) == pytest.approx(2.0**-18)
