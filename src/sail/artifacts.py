@@ -52,7 +52,7 @@ TRAIN_STATE = "train_state.pt"
 # A seed replicate of an SAE config lives in <config>/seed-<n>/ (train.seeds); the config folder
 # itself holds the first seed's model, the one ranked and interpreted.
 REPLICATE_PREFIX = "seed-"
-# cfg.json schema: a reader refuses any other version (bump when a key changes meaning)
+# cfg.json schema major: a reader refuses only a newer major (bump when a key changes meaning)
 CFG_SCHEMA_VERSION = 1
 
 # ---- eval/ -----------------------------------------------------------------------------------
@@ -466,9 +466,8 @@ def check_schema(cfg: dict[str, Any], where: str | Path) -> None:
         ) from None
     if major > CFG_SCHEMA_VERSION:
         raise SailError(
-            f"{where}: written with cfg.json schema {raw}, newer than the {CFG_SCHEMA_VERSION}.x "
-            "this "
-            f"SAIL reads; upgrade SAIL to load it"
+            f"{where}: written with cfg.json schema {raw}, newer than the "
+            f"{CFG_SCHEMA_VERSION}.x this SAIL reads; upgrade SAIL to load it"
         )
     if major < 1:
         raise SailError(f"{where}: schema_version {raw!r} is not a SAIL cfg.json schema")
