@@ -81,6 +81,8 @@ class Encoder:
     preprocess: Preprocess
     weights_id: str
     model: nn.Module
+    # How ``forward`` pools, for the error a spatial map of a non-mean-pooled encoder gets.
+    pooled_by: str = "a rule that is not a mean over a feature grid"
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
@@ -89,6 +91,13 @@ class Encoder:
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         """Normalised input -> pooled (B, dim) features."""
         raise NotImplementedError
+
+    def forward_grid(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        """Normalised input -> the (B, dim, h, w) feature grid whose mean over (h, w) is
+        ``forward``; only mean-pooled encoders have one (spatial feature maps need it)."""
+        raise SailError(
+            f"spatial maps need a mean-pooled encoder; {self.name} pools by {self.pooled_by}"
+        )
 
     def to(self, device: str | torch.device, precision: Precision = "fp32") -> Encoder:
         self.device = torch.device(device)
@@ -107,6 +116,13 @@ class Encoder:
         x_B3HW = self.preprocess(images_BCHW.to(self.device, non_blocking=True))
         with self._autocast():
             return self.forward(x_B3HW).float()
+
+    @torch.inference_mode()
+    def encode_grid(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """Raw 0-255 slices -> (B, dim, h, w) float32 feature grids (``encode`` before pooling)."""
+        x_B3HW = self.preprocess(images_BCHW.to(self.device, non_blocking=True))
+        with self._autocast():
+            return self.forward_grid(x_B3HW).float()
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -167,6 +167,8 @@ def remap_backbone(
 class BiomedParseEncoder(Encoder):
     """Mean over the tokens of the last stage after its LayerNorm (1536-d for FocalNet-L)."""
 
+    pooled_by = "a mean over the tokens of its last stage"
+
     def __init__(
         self,
         model: nn.Module,
@@ -183,8 +185,12 @@ class BiomedParseEncoder(Encoder):
         self.weights_id = weights_id
         self.name = name
 
+    def forward_grid(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        """The last stage's normalised token grid (B, dim, h, w), before the mean."""
+        return self.model.forward_features(x_B3HW)
+
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x_B3HW).mean(dim=(2, 3))
+        return self.forward_grid(x_B3HW).mean(dim=(2, 3))
 
     def metadata(self) -> dict:
         return {**super().metadata(), "architecture": {"family": "focalnet", **asdict(self.arch)}}

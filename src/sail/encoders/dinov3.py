@@ -31,6 +31,8 @@ _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL resampling codes the processors
 
 
 class DINOv3Encoder(Encoder):
+    pooled_by = "its pooler output (the CLS token), not a mean over patch tokens"
+
     def __init__(self, model: nn.Module, preprocess: Preprocess, weights_id: str, name: str):
         super().__init__()
         self.model = model

@@ -61,6 +61,7 @@ class EfficientNetLite0Encoder(Encoder):
 
     name = "efficientnet-lite0"
     dim = DIM
+    pooled_by = "a global average over its last feature map"
 
     def __init__(
         self,
@@ -84,9 +85,14 @@ class EfficientNetLite0Encoder(Encoder):
         )  # ~1.3x faster convolutions (measured on CPU)
         return self
 
-    def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+    def forward_grid(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        """The last feature map (B, 1280, h, w), before the global average pool."""
         x_B3HW = x_B3HW.contiguous(memory_format=torch.channels_last)
-        return self.model.forward_head(self.model.forward_features(x_B3HW), pre_logits=True)
+        return self.model.forward_features(x_B3HW)
+
+    def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        # timm's pre-logits head is this same average pool; pooling here keeps the two paths one.
+        return self.forward_grid(x_B3HW).mean(dim=(2, 3))
 
     @torch.inference_mode()
     def logits(self, images_BCHW: torch.Tensor) -> torch.Tensor:
