@@ -1,5 +1,6 @@
 import pytest
 
+from sail.config import PUBLISHED_PROBE_STRUCTURES
 from sail.data import labels
 from sail.data.labels import age_group
 
@@ -18,7 +19,7 @@ def test_vocabularies_match_totalsegmentator():
         "vertebrae",
     }
     assert len(labels.ALL_STRUCTURES) == 121
-    assert set(labels.PROBE_STRUCTURES) <= set(labels.CT_STRUCTURES)
+    assert set(PUBLISHED_PROBE_STRUCTURES) <= set(labels.CT_STRUCTURES)
 
 
 def test_every_structure_has_one_region():

@@ -101,19 +101,6 @@ MRI_STRUCTURES: list[str] = sorted(_SHARED + _MRI_ONLY)
 ALL_STRUCTURES: list[str] = sorted(set(CT_STRUCTURES) | set(MRI_STRUCTURES))
 VOCABULARY = {"ct": CT_STRUCTURES, "mri": MRI_STRUCTURES}
 
-PROBE_STRUCTURES: list[str] = [
-    "gallbladder",
-    "kidney_left",
-    "liver",
-    "spleen",
-    "prostate",
-    "brain",
-    "heart",
-    "sternum",
-    "clavicula_left",
-    "clavicula_right",
-]
-
 # MRI names that CT splits into parts: the CT flag is the OR of its parts, so one column means
 # the same thing in both modalities.
 HARMONISED: dict[str, list[str]] = {
