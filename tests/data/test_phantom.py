@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from sail.config import PhantomConfig
 from sail.config import PUBLISHED_PROBE_STRUCTURES as PROBE_STRUCTURES
+from sail.config import PhantomConfig
 from sail.data.labels import VOCABULARY
 from sail.data.phantom import _plan_scans, write_phantom_dataset
 from sail.data.totalseg import META_COLUMNS, discover
