@@ -53,13 +53,8 @@ KNOWN_METADATA = [
     "official_split",
 ]
 SOURCE_COLUMNS = ["image", "image_id", "modality", "segmentations", "labels"]
-# Columns sail writes itself: a manifest column of one of these names would be overwritten.
-RESERVED = {
-    "slice_id",
-    "plane",
-    "slice_idx",
-    "png_path",
-    "split",
+# Per-slice geometry and display columns that slicing writes into slices.parquet.
+GEOMETRY_COLUMNS = [
     "pixel_spacing_mm",
     "slice_spacing_mm",
     "slice_position_mm",
@@ -68,7 +63,9 @@ RESERVED = {
     "crop_size",
     "window_center",
     "window_width",
-}
+]
+# Columns sail writes itself: a manifest column of one of these names would be overwritten.
+RESERVED = {"slice_id", "plane", "slice_idx", "png_path", "split", *GEOMETRY_COLUMNS}
 MODALITY_NAMES = {"ct": "ct", "mri": "mri", "mr": "mri"}
 _ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -23,7 +23,13 @@ from sail.artifacts import SLICE_ID_COLUMNS
 from sail.config import SailConfig
 from sail.console import progress
 from sail.data.labels import HARMONISED
-from sail.data.manifest import KNOWN_METADATA, ScanRef, discover_manifest, is_manifest
+from sail.data.manifest import (
+    GEOMETRY_COLUMNS,
+    KNOWN_METADATA,
+    ScanRef,
+    discover_manifest,
+    is_manifest,
+)
 from sail.data.phantom import write_phantom_dataset
 from sail.data.slicing import ScanResult, SliceOptions, slice_scan
 from sail.data.totalseg import DATASET_FOLDERS, discover
@@ -42,18 +48,7 @@ from sail.workspace import (
 log = logging.getLogger(__name__)
 
 SKIP_COLUMNS = ["modality", "image_id", "plane", "slice_from", "slice_to", "action", "reason"]
-META_ORDER = [
-    *SLICE_ID_COLUMNS,
-    *KNOWN_METADATA,
-    "pixel_spacing_mm",
-    "slice_spacing_mm",
-    "slice_position_mm",
-    "crop_r0",
-    "crop_c0",
-    "crop_size",
-    "window_center",
-    "window_width",
-]
+META_ORDER = [*SLICE_ID_COLUMNS, *KNOWN_METADATA, *GEOMETRY_COLUMNS]
 
 
 def dataset_source(cfg: SailConfig, ws: Workspace) -> Path:
