@@ -32,6 +32,9 @@ WorkspaceOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if outputs are up to date.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto = cuda if available].")
+]
 
 
 def _load(config: Path | None, workspace: Path | None, **sections: dict[str, Any]):
@@ -216,9 +219,7 @@ def encode(
             )
         ),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].")
-    ] = None,
+    device: DeviceOpt = None,
     precision: Annotated[
         str | None,
         typer.Option(help="auto, fp32 or bf16 [default: auto = bf16 on GPU where published]."),
@@ -357,9 +358,7 @@ def train(
             help="Only these configs get seed replicates (variant/name or name) [default: all].",
         ),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto].")
-    ] = None,
+    device: DeviceOpt = None,
     recalibrate: Annotated[
         bool,
         typer.Option(
@@ -410,7 +409,7 @@ def activations(
     name: Annotated[
         str | None, typer.Option(help="Encoder name for --embeddings [default: file stem].")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda ... [default: auto].")] = None,
+    device: DeviceOpt = None,
     no_verify: Annotated[
         bool,
         typer.Option(
