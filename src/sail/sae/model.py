@@ -253,9 +253,9 @@ class StackedSAE(nn.Module):
         self.d_in = int(d_in)
         M, F, D, L = len(specs), self.dict_sizes[-1], self.d_in, len(self.dict_sizes)
         self.n_models, self.n_latents, self.n_levels = M, F, L
-        self.register_buffer(
-            "k_ML", torch.tensor([s.k_values for s in specs], dtype=torch.int64), persistent=False
-        )
+        # K per (model, level) as host ints: selection reads them every step, and a device
+        # tensor would cost a device-to-host sync each time
+        self.k_ML: list[list[int]] = [list(s.k_values) for s in specs]
         self.init_parameters(M, F, D, L)
         self.b_enc = nn.Parameter(torch.zeros(M, F))
         self.b_dec = nn.Parameter(torch.zeros(M, D))
@@ -324,7 +324,7 @@ class StackedSAE(nn.Module):
         self,
         s_MBF: Tensor,
         level_sizes: list[int],
-        k_per_level_M: Tensor,
+        k_ML: list[list[int]],
         B: int,
         ctx: DistContext | None = None,
         B_global: int | None = None,
@@ -339,15 +339,14 @@ class StackedSAE(nn.Module):
         """
         M, _, F = s_MBF.shape
         out = []
-        k_host = k_per_level_M.tolist()
         pairs = [(li, Fl, m) for li, Fl in enumerate(level_sizes) for m in range(M)]
         flats = [s_MBF[m, :, :Fl].reshape(-1) for _, Fl, m in pairs]
         if ctx is not None:
-            ks = [min(int(k_host[m][li]) * B_global, B_global * Fl) for li, Fl, m in pairs]
+            ks = [min(k_ML[m][li] * B_global, B_global * Fl) for li, Fl, m in pairs]
             picks = global_topk_flat(flats, ks, ctx)
         else:
             picks = [
-                topk_flat_sorted(f, min(int(k_host[m][li]) * B, f.numel()))
+                topk_flat_sorted(f, min(k_ML[m][li] * B, f.numel()))
                 for (li, _, m), f in zip(pairs, flats, strict=False)
             ]
         # each pick f indexes a (B, Fl) prefix, row-major
@@ -361,10 +360,9 @@ class StackedSAE(nn.Module):
         """Per-sample top-K_i per prefix (the published fallback before its threshold exists)."""
         M, B, F = s_MBF.shape
         out = []
-        k_host = self.k_ML.tolist()
         for li, Fl in enumerate(self.dict_sizes):
             for m in range(M):
-                k = min(int(k_host[m][li]), Fl)
+                k = min(self.k_ML[m][li], Fl)
                 j = s_MBF[m, :, :Fl].topk(k, dim=1, sorted=False).indices.sort(dim=1).values
                 rows = torch.arange(B, device=j.device)[:, None]
                 out.append(Selection(pack_flat(m, rows, j, B, F).reshape(-1), li, m))
@@ -400,7 +398,7 @@ class StackedSAE(nn.Module):
                 acts_MBF, list(self.dict_sizes), self.k_ML, B, ctx, B_global
             )
         full = self._select_batch_topk(
-            acts_MBF, [self.n_latents], self.k_ML[:, :1], B, ctx, B_global
+            acts_MBF, [self.n_latents], [k[:1] for k in self.k_ML], B, ctx, B_global
         )
         return self._split_levels(full)
 
@@ -687,7 +685,7 @@ class StackedSAE(nn.Module):
         x."""
         bounds = torch.tensor([hi for _, hi in ranges], device=x_ND.device)
         counts = torch.zeros(self.n_models, len(ranges), dtype=torch.int64, device=x_ND.device)
-        k_last = self.k_ML[:, -1].tolist()
+        k_last = [k[-1] for k in self.k_ML]
         for start in range(0, x_ND.shape[0], batch_size):
             acts_MBF = tnf.relu(self.pre_activations(x_ND[start : start + batch_size]))
             for m in range(self.n_models):
