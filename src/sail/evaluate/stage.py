@@ -93,6 +93,7 @@ def _probe_settings_hash(ecfg: EvaluateConfig) -> dict:
         "probe": ecfg.probe.model_dump(),
         "concepts": ecfg.concepts.model_dump(),
         "concept_controls": 1,  # raw-dimension and shuffled-label controls in concepts.csv
+        "hierarchy": 2,  # co-activation parents chosen on train, measured on valid
         "monosemanticity": ecfg.monosemanticity.model_dump(),
     }
 
@@ -187,7 +188,11 @@ def run_sparse_unit(
         seed=cc.seed,
     )
     hierarchy = config_hierarchy(
-        ids, _decoder_or_none(ws, ids), codes[data.split_rows["valid"]], info.dict_sizes
+        ids,
+        _decoder_or_none(ws, ids),
+        codes[data.split_rows["train"]],
+        codes[data.split_rows["valid"]],
+        info.dict_sizes,
     )
     log.info(
         "%s/%s/%s: %d probe fits (%d hit max_iter), %d recovery fits hit max_iter; "
