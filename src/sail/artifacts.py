@@ -75,6 +75,22 @@ EVAL_TABLES: dict[str, tuple[str, str]] = {
     "hierarchy": ("hierarchy.csv", "csv"),
 }
 
+# Written by the maps stage, not by an evaluation unit (so not in EVAL_TABLES): per reported
+# feature, the structure its spatial maps point at and the pointing-game hit rate vs a null.
+SPATIAL_GROUNDING_CSV = "spatial_grounding.csv"
+
+# ---- data/: per-slice label maps (prepare.label_maps) -----------------------------------------
+# Beside each slice PNG, ``<plane>_<idx>.labels.png``: 8-bit lossless PNG, same geometry as the
+# image, value = structure id (0 background); the ``label_path`` column of slices.parquet.
+LABEL_MAP_SUFFIX = ".labels.png"
+STRUCTURE_IDS_CSV = "structure_ids.csv"  # data/: modality, structure_id, structure
+
+# ---- maps/<encoder>/<variant>/<config>/: spatial feature maps (the maps stage) ---------------
+# maps.npz arrays: feature_K (int64), slice_id_KT (str, "" = padding), maps_KThw (float16, the
+# encoder's grid), pre_KT (float32, the pre-activation each map averages to; NaN = padding)
+MAPS_ARRAYS = "maps.npz"
+MAPS_PROVENANCE = "maps.json"  # method (exact|approximate|occlusion), encoder, grid, SAE, split
+
 # ---- interpret/<verb>/<encoder>/<variant>/<config>/ ------------------------------------------
 FINGERPRINT_TABLES = ("per_reference", "hits", "fingerprints", "always_on")  # <name>.csv each
 FINGERPRINT_SUMMARY = "summary.csv"
@@ -134,6 +150,10 @@ REGISTERED: frozenset[str] = frozenset(
         LANGUAGE_HITS,
         LANGUAGE_METRICS,
         REPORT_INDEX,
+        SPATIAL_GROUNDING_CSV,
+        STRUCTURE_IDS_CSV,
+        MAPS_ARRAYS,
+        MAPS_PROVENANCE,
     }
 )
 
@@ -180,6 +200,10 @@ class EvalFolder:
     @property
     def table1(self) -> Path:
         return self.path / TABLE1_MD
+
+    @property
+    def spatial_grounding(self) -> Path:
+        return self.path / SPATIAL_GROUNDING_CSV
 
     @property
     def units(self) -> Path:
@@ -252,6 +276,21 @@ class InterpretFolder:
     @property
     def metrics_csv(self) -> Path:
         return self.path / LANGUAGE_METRICS
+
+
+@dataclass(frozen=True)
+class MapsFolder:
+    """``maps/<encoder>/<variant>/<config>/``: one config's spatial feature maps."""
+
+    path: Path
+
+    @property
+    def arrays(self) -> Path:
+        return self.path / MAPS_ARRAYS
+
+    @property
+    def provenance(self) -> Path:
+        return self.path / MAPS_PROVENANCE
 
 
 @dataclass(frozen=True)
@@ -329,6 +368,15 @@ class Workspace:
     def slice_png(modality: str, image_id: str, plane: str, idx: int) -> str:
         """One slice's PNG, relative to the workspace root (the ``png_path`` column)."""
         return f"{Workspace.volume_slices(modality, image_id)}/{plane}_{idx:04d}.png"
+
+    @staticmethod
+    def slice_label_map(modality: str, image_id: str, plane: str, idx: int) -> str:
+        """One slice's label map beside its PNG (the ``label_path`` column)."""
+        return f"{Workspace.volume_slices(modality, image_id)}/{plane}_{idx:04d}{LABEL_MAP_SUFFIX}"
+
+    @property
+    def structure_ids(self) -> Path:
+        return self.data_dir / STRUCTURE_IDS_CSV
 
     @property
     def skipped_csv(self) -> Path:
@@ -418,6 +466,13 @@ class Workspace:
     def interpret(self, verb: str, encoder: str, variant: str, config_name: str) -> InterpretFolder:
         """``verb`` is ``fingerprint``, ``autointerp`` or ``language``."""
         return InterpretFolder(self.interpret_dir / verb / encoder / variant / config_name)
+
+    @property
+    def maps_root(self) -> Path:
+        return self.root / "maps"
+
+    def maps(self, encoder: str, variant: str, config_name: str) -> MapsFolder:
+        return MapsFolder(self.maps_root / encoder / variant / config_name)
 
     @property
     def figures_dir(self) -> Path:

@@ -9,7 +9,7 @@ from sail.encoders.base import get_spec
 from sail.encoders.biomedparse import FocalNetArch
 from sail.encoders.random_init import build_random_biomedparse, build_random_dinov3
 from sail.errors import SailError
-from sail.interpret.maps import feature_maps
+from sail.maps.decompose import feature_maps
 from sail.sae.api import SAE
 from sail.sae.model import SAESpec, StackedSAE
 
