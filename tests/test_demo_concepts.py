@@ -14,7 +14,7 @@ import pytest
 from sail.config import load_config
 from sail.evaluate.concepts import chosen_configs
 from sail.pipeline import demo_config_path, run_pipeline
-from sail.report.site import planted_labels
+from sail.report.selection import planted_labels
 
 pytestmark = pytest.mark.slow
 

@@ -90,6 +90,8 @@ STRUCTURE_IDS_CSV = "structure_ids.csv"  # data/: modality, structure_id, struct
 # encoder's grid), pre_KT (float32, the pre-activation each map averages to; NaN = padding)
 MAPS_ARRAYS = "maps.npz"
 MAPS_PROVENANCE = "maps.json"  # method (exact|approximate|occlusion), encoder, grid, SAE, split
+# the config's rows of eval/spatial_grounding.csv (the stage assembles that table from them)
+MAPS_GROUNDING = "grounding.csv"
 
 # ---- interpret/<verb>/<encoder>/<variant>/<config>/ ------------------------------------------
 FINGERPRINT_TABLES = ("per_reference", "hits", "fingerprints", "always_on")  # <name>.csv each
@@ -154,6 +156,7 @@ REGISTERED: frozenset[str] = frozenset(
         STRUCTURE_IDS_CSV,
         MAPS_ARRAYS,
         MAPS_PROVENANCE,
+        MAPS_GROUNDING,
     }
 )
 
@@ -291,6 +294,10 @@ class MapsFolder:
     @property
     def provenance(self) -> Path:
         return self.path / MAPS_PROVENANCE
+
+    @property
+    def grounding(self) -> Path:
+        return self.path / MAPS_GROUNDING
 
 
 @dataclass(frozen=True)
@@ -679,3 +686,75 @@ def read_descriptions(path: str | os.PathLike) -> dict[int, Description]:
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
+
+
+@dataclass(frozen=True)
+class FeatureMapsFile:
+    """One config's stored spatial maps (maps.npz + maps.json): row k, column t = the t-th top
+    valid slice of feature ``feature_K[k]`` (``slice_id_KT`` "" and ``pre_KT`` NaN = padding)."""
+
+    feature_K: Any
+    slice_id_KT: Any
+    maps_KThw: Any  # float16, the encoder grid
+    pre_KT: Any
+    provenance: dict[str, Any]
+
+    def of(self, feature: int, slice_id: str) -> Any | None:
+        """The (h, w) map of ``feature`` on ``slice_id``, or None when not stored."""
+        import numpy as np
+
+        k = np.flatnonzero(self.feature_K == feature)
+        if not len(k):
+            return None
+        t = np.flatnonzero(self.slice_id_KT[k[0]] == slice_id)
+        return self.maps_KThw[k[0], t[0]] if len(t) else None
+
+
+MAPS_KEYS = ("feature_K", "slice_id_KT", "maps_KThw", "pre_KT")
+
+
+def read_maps(folder: MapsFolder | str | os.PathLike) -> FeatureMapsFile | None:
+    """A config's maps (None when the maps stage has not written them), checked: the four arrays
+    are there and agree in shape."""
+    import numpy as np
+
+    folder = folder if isinstance(folder, MapsFolder) else MapsFolder(Path(folder))
+    if not folder.arrays.is_file():
+        return None
+    with np.load(folder.arrays, allow_pickle=False) as z:
+        missing = [k for k in MAPS_KEYS if k not in z.files]
+        if missing:
+            raise SailError(
+                f"{folder.arrays}: missing array(s) {missing}; rerun `sail maps --force`"
+            )
+        arrays = {k: z[k] for k in MAPS_KEYS}
+    K, T = arrays["slice_id_KT"].shape
+    if arrays["feature_K"].shape != (K,) or arrays["maps_KThw"].shape[:2] != (K, T):
+        raise SailError(f"{folder.arrays}: array shapes disagree; rerun `sail maps --force`")
+    return FeatureMapsFile(**arrays, provenance=_read_json(folder.provenance, "maps provenance"))
+
+
+def read_label_map(path: str | os.PathLike) -> Any:
+    """A slice's label map (``<plane>_<idx>.labels.png``): uint8 (H, W) structure ids."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise SailError(f"{path}: not a readable label map ({exc}); rerun `sail prepare`") from None
+
+
+def read_structure_ids(path: str | os.PathLike) -> pd.DataFrame:
+    """``data/structure_ids.csv``: modality, structure_id, structure (checked columns)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise SailError(f"{path} not found: run `sail prepare` with prepare.label_maps on")
+    ids = pd.read_csv(path, dtype={"modality": str, "structure": str})
+    missing = [c for c in ("modality", "structure_id", "structure") if c not in ids.columns]
+    if missing:
+        raise SailError(f"{path}: missing column(s) {missing}")
+    return ids

@@ -489,6 +489,25 @@ def export_sae(
 
 
 @app.command()
+def maps(
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (exact for mean-pooled encoders, approximate for DINOv3), exact, "
+            "approximate, or occlusion (any encoder, slower) [default: auto]."
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Spatial maps of the reported features on their top slices -> maps/, and where they point
+    in the segmentation masks -> eval/spatial_grounding.csv (docs/spatial_maps.md)."""
+    _run_stage("maps", force, config, workspace, maps={"method": method, "device": device})
+
+
+@app.command()
 def report(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
 ) -> None:

@@ -545,6 +545,28 @@ class ActivationsConfig(Section):
     )
 
 
+class MapsConfig(Section):
+    """Spatial feature maps of the reported features and their grounding in the segmentation
+    masks (``sail maps``; docs/spatial_maps.md)."""
+
+    enabled: bool = Field(True, description="false: the stage writes nothing")
+    method: Literal["auto", "exact", "approximate", "occlusion"] = Field(
+        "auto",
+        description="auto: exact for mean-pooled encoders (BiomedParse, EfficientNet-Lite0), "
+        "approximate (patch tokens through the SAE) for DINOv3; occlusion (any encoder, slower) "
+        "only when asked",
+    )
+    occlusion_grid: int = Field(
+        8, ge=2, le=64, description="occlusion: cells per side of the occluding patch grid"
+    )
+    batch_size: int = Field(32, ge=1, description="images per encoder pass")
+    device: str = Field("auto", description="auto (CUDA if available), cpu, cuda, cuda:N")
+    null_permutations: int = Field(
+        20, ge=1, description="shuffled label maps per top slice for the grounding null"
+    )
+    seed: int = 0
+
+
 class ReportConfig(Section):
     """The static HTML feature browser (``sail report``): the configs interpretation selects
     (``interpret.sae_configs``; by default final_rank 1 per encoder and variant)."""
@@ -568,6 +590,7 @@ class SailConfig(Section):
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     interpret: InterpretConfig = Field(default_factory=InterpretConfig)
+    maps: MapsConfig = Field(default_factory=MapsConfig)
     figures: FiguresConfig = Field(default_factory=FiguresConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 

@@ -66,6 +66,12 @@ STAGES: list[Stage] = [
         "probes, monosemanticity, recovery, ranking, concepts -> eval/",
     ),
     Stage(
+        "maps",
+        "sail.maps.stage:run_maps",
+        "spatial maps of the reported features + grounding in the masks -> maps/, "
+        "eval/spatial_grounding.csv",
+    ),
+    Stage(
         "interpret",
         "sail.interpret.stage:run_interpret",
         "fingerprint retrieval, autointerpretation, language retrieval -> interpret/",

@@ -51,6 +51,21 @@ class DINOv3Encoder(Encoder):
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=x_B3HW).pooler_output
 
+    @torch.inference_mode()
+    def encode_patch_grid(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw 0-255 slices -> (pooled (B, dim), patch tokens as a (B, dim, h, w) grid), both
+        float32 and after the final LayerNorm (register tokens dropped). The pooled vector is
+        ``encode``'s; the grid is what the approximate spatial maps put through the SAE."""
+        x_B3HW = self.preprocess(images_BCHW.to(self.device, non_blocking=True))
+        with self._autocast():
+            out = self.model(pixel_values=x_B3HW)
+        config = self.model.config
+        skip = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        tokens_BPD = out.last_hidden_state[:, skip:].float()
+        h, w = (side // int(config.patch_size) for side in x_B3HW.shape[-2:])
+        grid_BDhw = tokens_BPD.transpose(1, 2).reshape(len(x_B3HW), -1, h, w)
+        return out.pooler_output.float(), grid_BDhw
+
     def metadata(self) -> dict:
         config = self.model.config
         arch = {

@@ -29,7 +29,8 @@ class MapsResult(NamedTuple):
     ``maps_BKhw``: float32 per-position contributions on the encoder's grid (h, w); their mean
     over (h, w) is ``pre_BK``. ``pre_BK``: the SAE pre-activations (before the variant's threshold)
     of the pooled embeddings. ``features_K``: the feature indices, in the order of K.
-    ``method``: ``"exact"`` (the mean-pooled decomposition; the only method so far).
+    ``method``: ``"exact"`` (the mean-pooled decomposition), ``"approximate"`` (patch tokens
+    through the SAE, :mod:`sail.maps.methods`) or ``"occlusion"``.
     """
 
     maps_BKhw: Tensor
@@ -38,7 +39,7 @@ class MapsResult(NamedTuple):
     method: str
 
 
-def _feature_indices(features: list[int] | Tensor, d_sae: int) -> Tensor:
+def feature_indices(features: list[int] | Tensor, d_sae: int) -> Tensor:
     features_K = torch.as_tensor(features, dtype=torch.long).reshape(-1)
     if features_K.numel() == 0:
         raise SailError("feature maps: no features given")
@@ -62,7 +63,7 @@ def feature_maps(
         raise SailError(
             f"feature maps: {encoder.name} gives {D}-d features, the SAE takes {sae.d_in}"
         )
-    features_K = _feature_indices(features, sae.d_sae).to(sae.device)
+    features_K = feature_indices(features, sae.d_sae).to(sae.device)
     x_BD = grid_BDhw.mean(dim=(2, 3))
     scale_B = (
         x_BD.norm(dim=1).clamp_min(1e-12)  # F.normalize's floor, so maps match SAE.normalize

@@ -30,11 +30,18 @@ from sail.artifacts import (
 )
 from sail.config import SailConfig
 from sail.console import track
-from sail.evaluate.concepts import CONTROL_PREFIX, chosen_configs
 from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
 from sail.evaluate.ranking import stability_labels
 from sail.evaluate.top_slices import top_per_volume
 from sail.interpret.data import select_targets
+from sail.report.selection import (
+    paged_features,
+    planted_by_unit,
+    planted_rows,
+    report_label_columns,
+    report_rows,
+    unit_key,
+)
 from sail.workspace import (
     StageRecord,
     Workspace,
@@ -49,7 +56,6 @@ from sail.workspace import (
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
-LABEL_COLUMNS = ["modality", "plane", "sex", "age_group", "institute"]
 TREE_FEATURES = 10  # top features whose Matryoshka tree (eval/hierarchy.csv) a config page shows
 
 
@@ -62,7 +68,7 @@ class ConfigUnit:
 
     @property
     def key(self) -> str:
-        return f"{self.encoder}__{self.variant}__{self.config}"
+        return unit_key(self.encoder, self.variant, self.config)
 
 
 def _ranks(ws: Workspace) -> dict[tuple[str, str, str], int]:
@@ -169,30 +175,6 @@ class _ConceptSplit:
             "n_top": ev.n_top,
             "n_volumes": ev.n_volumes,
         }
-
-
-def _feature_scores(
-    ws: Workspace, unit: ConfigUnit, n_features: int, active_counts: np.ndarray
-) -> tuple[np.ndarray, dict]:
-    """Selection score per feature: monosemanticity (top-10) where evaluated, else activation
-    rate."""
-    score = active_counts.astype(float) / max(active_counts.max(), 1) * 1e-3
-    mono = read_table(ws.eval.table("monosemanticity_features"))
-    extra: dict[int, dict] = {}
-    if mono is not None:
-        m = mono[
-            (mono.encoder == unit.encoder)
-            & (mono.variant == unit.variant)
-            & (mono.sae_config == unit.config)
-            & (mono.top_n == 10)
-        ]
-        for row in m.itertuples():
-            if 0 <= row.feature < n_features and np.isfinite(row.monosemanticity):
-                score[row.feature] += row.monosemanticity
-                extra.setdefault(int(row.feature), {})["monosemanticity"] = float(
-                    row.monosemanticity
-                )
-    return score, extra
 
 
 def _descriptions(ws: Workspace, unit: ConfigUnit) -> dict[int, dict]:
@@ -312,20 +294,19 @@ def _unit_pages(
     rcfg = cfg.report
     codes = load_sparse(ws, unit.encoder, unit.variant, unit.config, data)
     concept = _ConceptSplit(cfg, data, codes, label_columns)
-    rows = (
-        data.split_rows["valid"] if len(data.split_rows["valid"]) else np.arange(len(data.slices))
-    )
+    rows = report_rows(data)
     sub = codes[rows].tocsc()
     sub.sort_indices()
     volumes = data.volume[rows]
     active = np.diff(sub.indptr)
     n_features = sub.shape[1]
-    score, extra = _feature_scores(ws, unit, n_features, active)
-    score[active == 0] = -np.inf
-    chosen = np.argsort(-score, kind="stable")[: rcfg.max_features]
-    chosen = chosen[np.isfinite(score[chosen])]
-    planted = [f for f in planted_features.get(unit.key, []) if f < n_features and active[f]]
-    chosen = np.concatenate([chosen, np.setdiff1d(planted, chosen)]).astype(np.int64)
+    chosen, extra = paged_features(
+        ws,
+        (unit.encoder, unit.variant, unit.config),
+        active,
+        planted_features.get(unit.key, []),
+        rcfg.max_features,
+    )
     enrich = {int(f): concept.of(int(f)) for f in chosen}
     descriptions = _descriptions(ws, unit)
     neighbours = _decoder_neighbours(ws, unit, chosen) if len(chosen) else {}
@@ -419,57 +400,6 @@ def _unit_pages(
         "dead": int((active == 0).sum()),
         "n_features": n_features,
     }
-
-
-def planted_labels(cfg: SailConfig) -> list[str]:
-    """The labels a demo plants and claims: modality, the three planes, the probe structures."""
-    planes = [f"plane={p}" for p in ("axial", "coronal", "sagittal")]
-    return ["modality=mri", *planes, *[f"has_{s}" for s in cfg.evaluate.probe_structures]]
-
-
-def _planted_rows(cfg: SailConfig, ws: Workspace, concepts: pd.DataFrame | None) -> list[dict]:
-    """Per pretrained encoder, its ranking's chosen config's concept row for each planted label."""
-    ranking = read_ranking(ws.eval.ranking)
-    if concepts is None or ranking is None or "raw_test_roc_auc" not in concepts.columns:
-        return []
-    chosen = chosen_configs(ranking.astype({"sae_config": str}), cfg.train.variants)
-    labels = planted_labels(cfg)
-    rows = []
-    for encoder, (variant, config) in chosen.items():
-        if encoder.startswith(CONTROL_PREFIX):
-            continue
-        c = concepts[
-            (concepts.encoder == encoder)
-            & (concepts.variant == variant)
-            & (concepts.sae_config.astype(str) == config)
-        ].set_index("label")
-        for label in labels:
-            if label not in c.index:
-                continue
-            r = c.loc[label]
-            feature = r["best_feature"]
-            rows.append(
-                {
-                    "encoder": encoder,
-                    "variant": variant,
-                    "sae_config": config,
-                    "label": label,
-                    "feature": int(feature) if pd.notna(feature) else None,
-                    "sae": _num(r["test_roc_auc"]),
-                    "raw": _num(r["raw_test_roc_auc"]),
-                    "raw_dimension": int(r["raw_dimension"])
-                    if pd.notna(r["raw_dimension"])
-                    else None,
-                    "control": _num(r["control_test_roc_auc"]),
-                    "control_encoder": r["control_encoder"],
-                    "null": _num(r["null_test_roc_auc"]),
-                }
-            )
-    return rows
-
-
-def _num(v) -> float | None:
-    return float(v) if v is not None and pd.notna(v) else None
 
 
 def _planted_panel(
@@ -651,17 +581,9 @@ def build_site(cfg: SailConfig, ws: Workspace) -> Path:
     ]
     # metadata columns named as probe targets (e.g. a manifest's diagnosis) are enriched too;
     # other free columns (patient groups, ids) never reach the pages
-    label_columns = LABEL_COLUMNS + [
-        c for c in cfg.evaluate.extra_tasks if c in data.slices.columns and c not in LABEL_COLUMNS
-    ]
-    concepts = read_table(ws.eval.table("concepts"))
-    planted = _planted_rows(cfg, ws, concepts)
-    planted_features = {f"{r['encoder']}__{r['variant']}__{r['sae_config']}": [] for r in planted}
-    for r in planted:
-        if r["feature"] is not None:
-            planted_features[f"{r['encoder']}__{r['variant']}__{r['sae_config']}"].append(
-                r["feature"]
-            )
+    label_columns = report_label_columns(cfg, data.slices)
+    planted = planted_rows(cfg, ws, read_table(ws.eval.table("concepts")))
+    planted_features = planted_by_unit(planted)
     unit_cards = [
         _unit_pages(ws, env, out, u, data, cfg, label_columns, planted_features) for u in units
     ]

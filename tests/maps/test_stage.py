@@ -1,0 +1,105 @@
+"""The maps stage end to end on a tiny real workspace (issue 17, items 2 and 3)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from sail.artifacts import read_maps, read_table
+from sail.evaluate.inputs import load_eval_data, load_sparse
+from sail.evaluate.top_slices import top_per_volume
+from sail.interpret.data import select_targets
+from sail.maps.stage import GROUNDING_COLUMNS, run_maps
+from sail.report.selection import paged_features, report_rows
+from sail.workspace import manifest_path
+
+
+def test_stage_writes_maps_provenance_and_grounding_per_contract(maps_ws):
+    cfg, ws = maps_ws
+    run_maps(cfg, ws, force=True)
+    (target,) = select_targets(cfg, ws)
+    folder = ws.maps(target.encoder, target.variant, target.sae_config)
+    stored = read_maps(folder)
+    assert stored is not None
+    K, T = stored.slice_id_KT.shape
+    assert cfg.report.top_slices == T and stored.maps_KThw.dtype == np.float16
+    assert stored.maps_KThw.shape == (K, T, 2, 2)  # 64 px through EfficientNet-Lite0
+    assert stored.feature_K.dtype == np.int64 and stored.pre_KT.dtype == np.float32
+
+    # the features and slices are the report's: same selection, same tiles
+    data = load_eval_data(ws)
+    codes = load_sparse(ws, target.encoder, target.variant, target.sae_config, data)
+    rows = report_rows(data)
+    sub = codes[rows].tocsc()
+    key = (target.encoder, target.variant, target.sae_config)
+    chosen, _ = paged_features(ws, key, np.diff(sub.indptr), [], cfg.report.max_features)
+    assert stored.feature_K.tolist() == chosen.tolist()
+    ids = data.slices.slice_id.to_numpy()[rows]
+    for k, f in enumerate(chosen):
+        top, _ = top_per_volume(sp.csc_matrix(sub), int(f), data.volume[rows], T)
+        expected = list(ids[top]) + [""] * (T - len(top))
+        assert stored.slice_id_KT[k].tolist() == expected
+        assert np.isnan(stored.pre_KT[k, len(top) :]).all()
+
+    # exact maps average to the stored pre-activation; codes agree where active
+    prov = json.loads(folder.provenance.read_text())
+    assert prov["method"] == "exact" and prov["approximate"] is False and prov["split"] == "valid"
+    assert prov["grid"] == [2, 2] and prov["image_size"] == 64 and prov["encoder"] == target.encoder
+    checks = prov["consistency"]
+    print(checks)
+    assert checks["max_abs_map_mean_minus_pre"] <= 1e-5
+    assert checks["max_abs_pre_minus_stored_embedding_pre"] <= 1e-4
+    assert checks["max_abs_pre_minus_stored_code_where_active"] <= 1e-4
+    ok = stored.slice_id_KT != ""
+    means = stored.maps_KThw.astype(np.float32).mean(axis=(2, 3))
+    assert np.abs(means[ok] - stored.pre_KT[ok]).max() < 2e-2  # float16 storage
+
+    table = read_table(ws.eval.spatial_grounding)
+    assert list(table.columns) == GROUNDING_COLUMNS and len(table) == K
+    assert set(table.structure) <= {"soft_tissue", "bright_body", ""}
+    assert table.structure.ne("").any()
+    scored = table[table.structure != ""]
+    assert scored.hit_rate.between(0, 1).all() and scored.null_hit_rate.between(0, 1).all()
+    assert (table.method == "exact").all() and (table.n_slices <= T).all()
+
+
+def test_stage_skips_when_up_to_date_and_reruns_when_its_settings_change(maps_ws, caplog):
+    cfg, ws = maps_ws
+    run_maps(cfg, ws)
+    (target,) = select_targets(cfg, ws)
+    npz = ws.maps(target.encoder, target.variant, target.sae_config).arrays
+    before = manifest_path(npz).read_text()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_maps(cfg, ws)
+    assert "up to date" in caplog.text
+    other = cfg.model_copy(deep=True)
+    other.maps.null_permutations = 3
+    run_maps(other, ws)
+    assert manifest_path(npz).read_text() != before
+    run_maps(cfg, ws)  # back to the fixture's settings for other tests
+
+
+def test_without_label_maps_maps_are_written_and_grounding_is_skipped(maps_ws, tmp_path, caplog):
+    import shutil
+
+    cfg, ws = maps_ws
+    copy = tmp_path / "w"
+    shutil.copytree(ws.root, copy)
+    from sail.workspace import Workspace, write_parquet_atomic
+
+    ws2 = Workspace(copy)
+    slices = pd.read_parquet(ws2.slices_table).drop(columns=["label_path"])
+    write_parquet_atomic(ws2.slices_table, slices)
+    manifest_path(ws2.slices_table).unlink(missing_ok=True)
+    cfg2 = cfg.model_copy(update={"workspace": copy})
+    with caplog.at_level("INFO"):
+        run_maps(cfg2, ws2, force=True)
+    assert "spatial grounding is skipped" in caplog.text
+    (target,) = select_targets(cfg2, ws2)
+    assert read_maps(ws2.maps(target.encoder, target.variant, target.sae_config)) is not None
+    table = pd.read_csv(ws2.eval.spatial_grounding)
+    assert list(table.columns) == GROUNDING_COLUMNS and table.empty
