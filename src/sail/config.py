@@ -559,7 +559,9 @@ class MapsConfig(Section):
     occlusion_grid: int = Field(
         8, ge=2, le=64, description="occlusion: cells per side of the occluding patch grid"
     )
-    batch_size: int = Field(32, ge=1, description="images per encoder pass")
+    batch_size: int | None = Field(
+        None, ge=1, description="images per encoder pass; default: the encoder's, as encode"
+    )
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda, cuda:N")
     null_permutations: int = Field(
         20, ge=1, description="shuffled label maps per top slice for the grounding null"

@@ -16,7 +16,10 @@ from sail.pipeline import run_pipeline
 from sail.workspace import Workspace, manifest_path, write_csv_atomic, write_parquet_atomic
 
 ENCODER = "efficientnet-lite0"
-TINY_GRID = [{"variant": "matryoshka", "dict_sizes": [8, 32], "k_values": [2, 4]}]
+TINY_GRID = [  # two configs of one encoder: they share one encoder pass
+    {"variant": "matryoshka", "dict_sizes": [8, 32], "k_values": [2, 4]},
+    {"variant": "sail", "dict_sizes": [8, 32], "k_values": [2, 4]},
+]
 # label ids per modality (they differ on purpose: grounding must translate them)
 STRUCTURE_IDS = pd.DataFrame(
     {

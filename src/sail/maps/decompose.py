@@ -57,12 +57,23 @@ def feature_maps(
 
     Raises SailError for an encoder without a mean-pooled grid, or an SAE of another width.
     """
-    grid_BDhw = encoder.encode_grid(images_BCHW).to(sae.device, torch.float32)
-    B, D, h, w = grid_BDhw.shape
+    return maps_from_grid(encoder.encode_grid(images_BCHW), sae, features, encoder.name)
+
+
+def check_width(D: int, sae: SAE, source: str) -> None:
     if sae.d_in != D:
-        raise SailError(
-            f"feature maps: {encoder.name} gives {D}-d features, the SAE takes {sae.d_in}"
-        )
+        raise SailError(f"feature maps: {source} gives {D}-d features, the SAE takes {sae.d_in}")
+
+
+@torch.no_grad()
+def maps_from_grid(
+    grid_BDhw: Tensor, sae: SAE, features: list[int] | Tensor, source: str = "the encoder"
+) -> MapsResult:
+    """Exact maps from a mean-pooled encoder's (B, D, h, w) grid (one encoder pass can serve
+    several SAEs of that encoder); ``source`` names the encoder in errors."""
+    grid_BDhw = grid_BDhw.to(sae.device, torch.float32)
+    B, D, h, w = grid_BDhw.shape
+    check_width(D, sae, source)
     features_K = feature_indices(features, sae.d_sae).to(sae.device)
     x_BD = grid_BDhw.mean(dim=(2, 3))
     scale_B = (

@@ -7,16 +7,21 @@
 - ``occlusion`` (any encoder, opt-in): a grid of cells is blanked (set to 0, the background of
   the slices) one at a time; the map is the drop in the feature's pre-activation, so a positive
   cell is a region that raises the feature. One encoder pass per cell: G x G times the cost.
+
+Each method is split into an encoder pass (:func:`encoder_pass`, what the images give) and the
+maps of one SAE from it (:func:`maps_from_pass`), so the SAEs of one encoder share one pass.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from sail.encoders.base import Encoder
 from sail.errors import SailError
-from sail.maps.decompose import MapsResult, feature_indices, feature_maps
+from sail.maps.decompose import MapsResult, check_width, feature_indices, maps_from_grid
 from sail.sae.api import SAE
 
 METHODS = ("exact", "approximate", "occlusion")
@@ -54,23 +59,27 @@ def pre_activations(sae: SAE, x_ND: Tensor, features_K: Tensor) -> Tensor:
     return sae.stack.pre_activations(sae.normalize(x_ND))[0][:, features_K].float()
 
 
-@torch.no_grad()
-def approximate_maps(
-    encoder: Encoder, sae: SAE, images_BCHW: Tensor, features: list[int] | Tensor
-) -> MapsResult:
-    """Patch tokens through the SAE encoder: (B, K, h, w) pre-activations of each token."""
-    features_K = feature_indices(features, sae.d_sae).to(sae.device)
-    pooled_BD, grid_BDhw = encoder.encode_patch_grid(images_BCHW)  # type: ignore[attr-defined]
-    B, D, h, w = grid_BDhw.shape
-    if sae.d_in != D:
-        raise SailError(
-            f"feature maps: {encoder.name} gives {D}-d features, the SAE takes {sae.d_in}"
-        )
-    tokens_ND = grid_BDhw.to(sae.device).flatten(2).transpose(1, 2).reshape(B * h * w, D)
-    maps_NK = pre_activations(sae, tokens_ND, features_K)
-    maps_BKhw = maps_NK.reshape(B, h * w, -1).transpose(1, 2).reshape(B, -1, h, w)
-    pre_BK = pre_activations(sae, pooled_BD.to(sae.device), features_K)
-    return MapsResult(maps_BKhw.contiguous(), pre_BK, features_K.cpu(), "approximate")
+@dataclass
+class EncoderPass:
+    """What one batch of B images gave the encoder, for any SAE of it.
+
+    exact: ``grid_BDhw`` (the mean-pooled grid); approximate: ``grid_BDhw`` (patch tokens) and
+    ``pooled_BD``; occlusion: ``pooled_BD`` and ``occluded_BGD`` (cell g blanked), G = side^2.
+    """
+
+    method: str
+    source: str
+    grid_BDhw: Tensor | None = None
+    pooled_BD: Tensor | None = None
+    occluded_BGD: Tensor | None = None
+    side: int = 0
+
+    def pooled(self) -> Tensor:
+        """The (B, D) embedding the encode stage stores (exact: the grid's mean)."""
+        if self.pooled_BD is not None:
+            return self.pooled_BD
+        assert self.grid_BDhw is not None
+        return self.grid_BDhw.float().mean(dim=(2, 3))
 
 
 def occlusion_cells(height: int, width: int, grid: int) -> Tensor:
@@ -84,6 +93,66 @@ def occlusion_cells(height: int, width: int, grid: int) -> Tensor:
 
 
 @torch.no_grad()
+def encoder_pass(
+    encoder: Encoder, images_BCHW: Tensor, method: str, grid: int = 8, batch_size: int = 32
+) -> EncoderPass:
+    """Encode one batch of raw 0-255 slices as ``method`` needs them."""
+    if method == "exact":
+        return EncoderPass(method, encoder.name, grid_BDhw=encoder.encode_grid(images_BCHW))
+    if method == "approximate":
+        pooled_BD, tokens_BDhw = encoder.encode_patch_grid(images_BCHW)  # type: ignore[attr-defined]
+        return EncoderPass(method, encoder.name, grid_BDhw=tokens_BDhw, pooled_BD=pooled_BD)
+    B, _, H, W = images_BCHW.shape
+    keep_GHW = ~occlusion_cells(H, W, grid)
+    G = grid * grid
+    pairs = torch.arange(B * G)
+    occluded = []
+    for chunk in pairs.split(batch_size):
+        b, g = chunk // G, chunk % G
+        occluded.append(encoder.encode(images_BCHW[b] * keep_GHW[g][:, None].to(images_BCHW.dtype)))
+    return EncoderPass(
+        method,
+        encoder.name,
+        pooled_BD=encoder.encode(images_BCHW),
+        occluded_BGD=torch.cat(occluded).reshape(B, G, -1),
+        side=grid,
+    )
+
+
+@torch.no_grad()
+def maps_from_pass(run: EncoderPass, sae: SAE, features: list[int] | Tensor) -> MapsResult:
+    """The (B, K, h, w) maps of one SAE's ``features`` from an encoder pass."""
+    if run.method == "exact":
+        assert run.grid_BDhw is not None
+        return maps_from_grid(run.grid_BDhw, sae, features, run.source)
+    features_K = feature_indices(features, sae.d_sae).to(sae.device)
+    assert run.pooled_BD is not None
+    B, D = run.pooled_BD.shape
+    check_width(D, sae, run.source)
+    pre_BK = pre_activations(sae, run.pooled_BD.to(sae.device), features_K)
+    if run.method == "approximate":
+        assert run.grid_BDhw is not None
+        _, _, h, w = run.grid_BDhw.shape
+        tokens_ND = run.grid_BDhw.to(sae.device).flatten(2).transpose(1, 2).reshape(-1, D)
+        cells_NK = pre_activations(sae, tokens_ND, features_K)
+    else:
+        assert run.occluded_BGD is not None
+        h = w = run.side
+        occluded_NK = pre_activations(
+            sae, run.occluded_BGD.reshape(-1, D).to(sae.device), features_K
+        )
+        cells_NK = pre_BK.repeat_interleave(h * w, dim=0) - occluded_NK  # the drop when blanked
+    maps_BKhw = cells_NK.reshape(B, h * w, -1).transpose(1, 2).reshape(B, -1, h, w)
+    return MapsResult(maps_BKhw.contiguous(), pre_BK, features_K.cpu(), run.method)
+
+
+def approximate_maps(
+    encoder: Encoder, sae: SAE, images_BCHW: Tensor, features: list[int] | Tensor
+) -> MapsResult:
+    """Patch tokens through the SAE encoder: (B, K, h, w) pre-activations of each token."""
+    return maps_from_pass(encoder_pass(encoder, images_BCHW, "approximate"), sae, features)
+
+
 def occlusion_maps(
     encoder: Encoder,
     sae: SAE,
@@ -93,34 +162,5 @@ def occlusion_maps(
     batch_size: int = 32,
 ) -> MapsResult:
     """(B, K, grid, grid) drops of the pre-activation when each cell is blanked (0)."""
-    features_K = feature_indices(features, sae.d_sae).to(sae.device)
-    B, _, H, W = images_BCHW.shape
-    keep_GHW = ~occlusion_cells(H, W, grid)
-    pre_BK = pre_activations(sae, encoder.encode(images_BCHW).to(sae.device), features_K)
-    G = grid * grid
-    pairs = torch.arange(B * G)
-    drops = []
-    for chunk in pairs.split(batch_size):
-        b, g = chunk // G, chunk % G
-        occluded = images_BCHW[b] * keep_GHW[g][:, None].to(images_BCHW.dtype)
-        pre_NK = pre_activations(sae, encoder.encode(occluded).to(sae.device), features_K)
-        drops.append(pre_BK[b.to(sae.device)] - pre_NK)
-    maps_BKhw = torch.cat(drops).reshape(B, G, -1).transpose(1, 2).reshape(B, -1, grid, grid)
-    return MapsResult(maps_BKhw.contiguous(), pre_BK, features_K.cpu(), "occlusion")
-
-
-def compute_maps(
-    encoder: Encoder,
-    sae: SAE,
-    images_BCHW: Tensor,
-    features: list[int] | Tensor,
-    method: str,
-    grid: int = 8,
-    batch_size: int = 32,
-) -> MapsResult:
-    """One batch's maps by ``method`` (resolved: exact, approximate or occlusion)."""
-    if method == "exact":
-        return feature_maps(encoder, sae, images_BCHW, features)
-    if method == "approximate":
-        return approximate_maps(encoder, sae, images_BCHW, features)
-    return occlusion_maps(encoder, sae, images_BCHW, features, grid, batch_size)
+    run = encoder_pass(encoder, images_BCHW, "occlusion", grid, batch_size)
+    return maps_from_pass(run, sae, features)

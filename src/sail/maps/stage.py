@@ -32,7 +32,7 @@ from sail.evaluate.top_slices import top_volumes
 from sail.interpret.data import Target, select_targets
 from sail.maps import grounding as gr
 from sail.maps.labels import LabelMaps, LabelStore
-from sail.maps.methods import compute_maps, pre_activations, resolve_method
+from sail.maps.methods import encoder_pass, maps_from_pass, pre_activations, resolve_method
 from sail.report.selection import (
     paged_features,
     planted_by_unit,
@@ -110,15 +110,29 @@ def run_maps(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
             "grounding is skipped",
             ws.slices_table,
         )
-    parts = []
-    for target in targets:
-        key = unit_key(target.encoder, target.variant, target.sae_config)
-        part = _map_config(cfg, ws, target, data, planted.get(key, []), labels, force)
-        if part is not None:
-            parts.append(part)
+    parts: list[pd.DataFrame] = []
+    for table in sorted({t.encoder for t in targets}):
+        units = [
+            Unit(t, planted.get(unit_key(t.encoder, t.variant, t.sae_config), []))
+            for t in targets
+            if t.encoder == table
+        ]
+        parts += _map_encoder(cfg, ws, table, units, data, labels, force)
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     write_csv_atomic(ws.eval.spatial_grounding, table.reindex(columns=GROUNDING_COLUMNS))
     log.info("maps: %d grounding rows -> %s", len(table), ws.relative(ws.eval.spatial_grounding))
+
+
+@dataclass
+class Unit:
+    """One config to map: its target, planted features and, once loaded, codes, tops and SAE."""
+
+    target: Target
+    planted: list[int]
+    record: StageRecord | None = None
+    codes: sp.csr_matrix | None = None
+    top: TopSlices | None = None
+    sae: SAE | None = None
 
 
 def _encode_entry(cfg: SailConfig, table: str):
@@ -159,49 +173,59 @@ def _record(cfg: SailConfig, ws: Workspace, target: Target, job, labels) -> Stag
     return StageRecord("maps", hash_config(config), inputs)
 
 
-def _map_config(
+def _map_encoder(
     cfg: SailConfig,
     ws: Workspace,
-    target: Target,
+    table: str,
+    units: list[Unit],
     data: EvalData,
-    planted: list[int],
     labels: LabelMaps | None,
     force: bool,
-) -> pd.DataFrame | None:
-    """One config's maps.npz, maps.json and grounding rows (read back when up to date)."""
-    folder = ws.maps(target.encoder, target.variant, target.sae_config)
-    entry = _encode_entry(cfg, target.encoder)
+) -> list[pd.DataFrame]:
+    """The configs of one embeddings table: those not up to date share one encoder pass over the
+    union of their top slices; returns every config's grounding rows."""
+    entry = _encode_entry(cfg, table)
     if entry is None:
         log.warning(
-            "maps %s: no encode.encoders entry wrote embeddings/%s (imported embeddings?); "
-            "no encoder to map with, skipped",
-            target.key,
-            target.encoder,
+            "maps: no encode.encoders entry wrote embeddings/%s (imported embeddings?); no "
+            "encoder to map its configs with, skipped",
+            table,
         )
-        return None
+        return []
     settings = cfg.encode.model_copy(
-        update={"device": cfg.maps.device, "batch_size": cfg.maps.batch_size, "workers": 0}
+        update={"device": cfg.maps.device, "batch_size": cfg.maps.batch_size}
     )
-    job = make_job(
-        entry.encoder, settings, target.encoder, entry.weights, entry.image_size, entry.pooling
-    )
-    record = _record(cfg, ws, target, job, labels)
-    if not force and is_done(folder.arrays, record) and folder.grounding.is_file():
-        log.info("maps %s: up to date (%s)", target.key, ws.relative(folder.path))
-        return pd.read_csv(folder.grounding, dtype={"sae_config": str}, keep_default_na=False)
-    codes = load_sparse(ws, target.encoder, target.variant, target.sae_config, data)
-    top = _top_slices(cfg, ws, target, data, codes, planted)
-    if len(top.features_K) == 0:
-        log.warning("maps %s: no active feature on the report's rows; nothing to map", target.key)
-        return None
+    job = make_job(entry.encoder, settings, table, entry.weights, entry.image_size, entry.pooling)
+    parts, todo = [], []
+    for unit in units:
+        t = unit.target
+        folder = ws.maps(t.encoder, t.variant, t.sae_config)
+        unit.record = _record(cfg, ws, t, job, labels)
+        if not force and is_done(folder.arrays, unit.record) and folder.grounding.is_file():
+            log.info("maps %s: up to date (%s)", t.key, ws.relative(folder.path))
+            parts.append(
+                pd.read_csv(folder.grounding, dtype={"sae_config": str}, keep_default_na=False)
+            )
+            continue
+        unit.codes = load_sparse(ws, t.encoder, t.variant, t.sae_config, data)
+        unit.top = _top_slices(cfg, ws, t, data, unit.codes, unit.planted)
+        if len(unit.top.features_K) == 0:
+            log.warning("maps %s: no active feature on the report's rows; nothing to map", t.key)
+            continue
+        unit.sae = load_sae(ws.sae(t.encoder, t.variant, t.sae_config).path, job.device)
+        todo.append(unit)
+    if not todo:
+        return parts
     encoder = job.build()
-    sae = load_sae(ws.sae(target.encoder, target.variant, target.sae_config).path, job.device)
     method = resolve_method(encoder, cfg.maps.method)
-    maps = _compute(cfg, ws, target, data, top, encoder, sae, method, codes)
-    rows = _ground(cfg, target, data, codes, top, maps, labels)
-    _write(cfg, ws, target, data, top, maps, job, encoder, rows, labels is not None)
-    mark_done(folder.arrays, record, {"features": len(top.features_K), "method": method})
-    return rows
+    for unit, maps in zip(todo, _compute(cfg, ws, data, todo, encoder, method, job), strict=True):
+        t = unit.target
+        rows = _ground(cfg, t, data, unit.codes, unit.top, maps, labels)
+        _write(cfg, ws, t, data, unit.top, maps, job, encoder, rows, labels is not None)
+        summary = {"features": len(unit.top.features_K), "method": method}
+        mark_done(ws.maps(t.encoder, t.variant, t.sae_config).arrays, unit.record, summary)
+        parts.append(rows)
+    return parts
 
 
 def _top_slices(
@@ -230,82 +254,105 @@ def _top_slices(
     return TopSlices(features_K, tops(rows), tops(data.split_rows["train"]))
 
 
+class _Scatter:
+    """One config's output arrays and where each of its (split, feature, slot) reads its map in
+    the shared list of distinct slices."""
+
+    def __init__(self, unit: Unit, unique_U: np.ndarray):
+        top = unit.top
+        self.unit = unit
+        self.both_SKT = np.stack([top.valid_KT, top.train_KT])
+        self.pos_SKT = np.where(self.both_SKT >= 0, np.searchsorted(unique_U, self.both_SKT), -1)
+        self.maps: np.ndarray | None = None
+        self.pre_SKT = np.full(self.both_SKT.shape, np.nan, dtype=np.float32)
+        self.code_SKT = np.full(self.both_SKT.shape, np.nan, dtype=np.float32)
+        self.mean_err = 0.0
+
+    def add(self, run, lo: int, hi: int) -> None:
+        result = maps_from_pass(run, self.unit.sae, self.unit.top.features_K)
+        maps_BKhw = result.maps_BKhw.cpu().numpy()
+        if self.maps is None:
+            shape = (*self.both_SKT.shape, *maps_BKhw.shape[2:])
+            self.maps = np.full(shape, np.nan, dtype=np.float32)
+        s, k, t = np.nonzero((self.pos_SKT >= lo) & (self.pos_SKT < hi))
+        b = self.pos_SKT[s, k, t] - lo
+        self.maps[s, k, t] = maps_BKhw[b, k]
+        self.pre_SKT[s, k, t] = result.pre_BK.cpu().numpy()[b, k]
+        codes_BF = self.unit.sae.encode(run.pooled())  # the activations stage's rule
+        self.code_SKT[s, k, t] = codes_BF[:, self.unit.top.features_K].cpu().numpy()[b, k]
+        err = (result.maps_BKhw.mean(dim=(2, 3)) - result.pre_BK).abs().max()
+        self.mean_err = max(self.mean_err, float(err))
+
+
 def _compute(
     cfg: SailConfig,
     ws: Workspace,
-    target: Target,
     data: EvalData,
-    top: TopSlices,
+    units: list[Unit],
     encoder,
-    sae: SAE,
     method: str,
-    codes: sp.csr_matrix,
-) -> ConfigMaps:
-    """Maps of every feature on each distinct top slice (valid and train), one encoder pass per
-    batch of slices, scattered into the (K, T) slots that need them."""
-    both_KT = np.stack([top.valid_KT, top.train_KT])
-    unique_U = np.unique(both_KT[both_KT >= 0])
-    pos_SKT = np.where(both_KT >= 0, np.searchsorted(unique_U, both_KT), -1)
-    K, T = top.valid_KT.shape
+    job,
+) -> list[ConfigMaps]:
+    """Maps of every config's features on each distinct top slice (valid and train) of all the
+    configs: one encoder pass per batch of slices (decoded as the encode stage decodes them),
+    shared by the configs' SAEs and scattered into the (feature, slot) places that need it."""
+    both = np.concatenate([np.concatenate([u.top.valid_KT, u.top.train_KT]).ravel() for u in units])
+    unique_U = np.unique(both[both >= 0])
+    scatters = [_Scatter(u, unique_U) for u in units]
     pngs = data.slices["png_path"].to_numpy(dtype=str)[unique_U]
-    batch = cfg.maps.batch_size
+    batch = job.batch_size
     spans = [(0, lo, min(lo + batch, len(unique_U))) for lo in range(0, len(unique_U), batch)]
-    decoder = _BatchDecoder(ws.root, pngs, spans, encoder.preprocess)
-    out_SKThw: np.ndarray | None = None
-    pre_SKT = np.full((2, K, T), np.nan, dtype=np.float32)
-    mean_err = 0.0
-    for i in track(range(len(spans)), f"maps {encoder.name} ({method})"):
-        item = decoder[i]
+    loader = torch.utils.data.DataLoader(
+        _BatchDecoder(ws.root, pngs, spans, encoder.preprocess),
+        batch_size=None,
+        shuffle=False,
+        num_workers=job.workers,
+        prefetch_factor=2 if job.workers > 0 else None,
+    )
+    log.info(
+        "maps %s: %d distinct slices for %d configs (%s)",
+        job.name,
+        len(unique_U),
+        len(units),
+        method,
+    )
+    for item in track(loader, f"maps {job.name} ({method})", total=len(spans)):
         if item["bad"]:
             row, msg = item["bad"][0]
             raise SailError(f"maps: cannot read {ws.root / pngs[row]}: {msg}")
-        _, lo, hi = spans[i]
-        result = compute_maps(
-            encoder, sae, item["images"], top.features_K, method, cfg.maps.occlusion_grid, batch
-        )
-        maps_BKhw = result.maps_BKhw.cpu().numpy()
-        if out_SKThw is None:
-            out_SKThw = np.full((2, K, T, *maps_BKhw.shape[2:]), np.nan, dtype=np.float32)
-        s, k, t = np.nonzero((pos_SKT >= lo) & (pos_SKT < hi))
-        b = pos_SKT[s, k, t] - lo
-        out_SKThw[s, k, t] = maps_BKhw[b, k]
-        pre_SKT[s, k, t] = result.pre_BK.cpu().numpy()[b, k]
-        mean_err = max(
-            mean_err, float((result.maps_BKhw.mean(dim=(2, 3)) - result.pre_BK).abs().max())
-        )
-    assert out_SKThw is not None
-    consistency = {
-        "max_abs_map_mean_minus_pre": mean_err,
-        **_stored_consistency(ws, target, data, top, sae, codes, pre_SKT[0]),
-    }
-    return ConfigMaps(method, out_SKThw[0], out_SKThw[1], pre_SKT[0], consistency)
+        _, lo, hi = spans[item["index"]]
+        run = encoder_pass(encoder, item["images"], method, cfg.maps.occlusion_grid, batch)
+        for scatter in scatters:
+            scatter.add(run, lo, hi)
+    out = []
+    for sc in scatters:
+        assert sc.maps is not None
+        consistency = {
+            "max_abs_map_mean_minus_pre": sc.mean_err,
+            **_stored_consistency(ws, data, sc),
+        }
+        out.append(ConfigMaps(method, sc.maps[0], sc.maps[1], sc.pre_SKT[0], consistency))
+    return out
 
 
-def _stored_consistency(
-    ws: Workspace,
-    target: Target,
-    data: EvalData,
-    top: TopSlices,
-    sae: SAE,
-    codes: sp.csr_matrix,
-    pre_KT: np.ndarray,
-) -> dict[str, float]:
-    """How far the re-encoded pre-activations are from the stored pipeline's: the SAE on the
-    stored embeddings, and the stored codes where active (a code is its pre-activation there)."""
+def _stored_consistency(ws: Workspace, data: EvalData, scatter: _Scatter) -> dict[str, float]:
+    """How far the re-encoded slices are from the stored pipeline's, on the stored (valid) slots:
+    the SAE pre-activation of the stored embedding, and the activations stage's stored code."""
+    unit = scatter.unit
+    top, t = unit.top, unit.target
     ok = top.valid_KT >= 0
     rows, k_idx = top.valid_KT[ok], np.nonzero(ok)[0]
-    table = read_embeddings(ws.embeddings(target.encoder))
+    table = read_embeddings(ws.embeddings(t.encoder))
     pos = pd.Index(table.slice_ids).get_indexer(data.slices["slice_id"].to_numpy()[rows])
-    features = torch.as_tensor(top.features_K).to(sae.device)
-    stored_NK = pre_activations(sae, torch.as_tensor(table.x_ND[pos]), features).cpu().numpy()
-    stored_N = stored_NK[np.arange(len(rows)), k_idx]
-    code_N = np.asarray(codes[rows, top.features_K[k_idx]]).ravel()
-    active = code_N > 0
+    features = torch.as_tensor(top.features_K).to(unit.sae.device)
+    stored_NK = pre_activations(unit.sae, torch.as_tensor(table.x_ND[pos]), features)
+    stored_N = stored_NK.cpu().numpy()[np.arange(len(rows)), k_idx]
+    code_N = np.asarray(unit.codes[rows, top.features_K[k_idx]]).ravel()
     return {
-        "max_abs_pre_minus_stored_embedding_pre": float(np.abs(pre_KT[ok] - stored_N).max()),
-        "max_abs_pre_minus_stored_code_where_active": float(
-            np.abs(pre_KT[ok][active] - code_N[active]).max() if active.any() else 0.0
+        "max_abs_pre_minus_stored_embedding_pre": float(
+            np.abs(scatter.pre_SKT[0][ok] - stored_N).max()
         ),
+        "max_abs_code_minus_stored_code": float(np.abs(scatter.code_SKT[0][ok] - code_N).max()),
     }
 
 
