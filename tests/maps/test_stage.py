@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 from sail.artifacts import read_maps, read_table
@@ -122,3 +123,24 @@ def test_the_report_pages_exactly_the_mapped_features(maps_ws):
         key = unit_key(target.encoder, target.variant, target.sae_config)
         pages = sorted(int(p.stem[1:]) for p in (ws.report_dir / "features" / key).glob("f*.html"))
         assert pages == sorted(stored.feature_K.tolist())
+
+
+@pytest.mark.slow
+def test_occlusion_maps_through_the_stage_are_labelled_approximate(maps_ws, tmp_path):
+    cfg, ws = maps_ws
+    copy = tmp_path / "w"
+    shutil.copytree(ws.root, copy)
+    ws2 = Workspace(copy)
+    cfg2 = cfg.model_copy(update={"workspace": copy}, deep=True)
+    cfg2.maps.method = "occlusion"
+    cfg2.maps.occlusion_grid = 2
+    run_maps(cfg2, ws2)
+    table = read_table(ws2.eval.spatial_grounding)
+    assert len(table) and (table.method == "occlusion").all()
+    for target in select_targets(cfg2, ws2):
+        folder = ws2.maps(target.encoder, target.variant, target.sae_config)
+        prov = json.loads(folder.provenance.read_text())
+        assert prov["method"] == "occlusion" and prov["approximate"] is True
+        assert prov["grid"] == [2, 2] and prov["occlusion_grid"] == 2
+        # the codes are still the stored ones: the unoccluded image is encoded as encode does
+        assert prov["consistency"]["max_abs_code_minus_stored_code"] <= 1e-5
