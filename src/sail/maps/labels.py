@@ -46,6 +46,7 @@ class LabelMaps:
         self.paths = slices[LABEL_PATH].to_numpy(dtype=object)
         self.modality = slices["modality"].to_numpy(dtype=str)
         self.lut: dict[str, np.ndarray] = {}
+        self.cache: dict[int, np.ndarray] = {}  # row -> translated map (configs share slices)
         for modality, group in ids.groupby("modality"):
             lut = np.zeros(256, dtype=np.uint16)
             lut[group["structure_id"].to_numpy(int)] = [
@@ -77,17 +78,20 @@ class LabelMaps:
 
     def load(self, rows: np.ndarray) -> LabelStore:
         """Read the label maps of ``rows`` (sorted, distinct); one shape for all of them."""
-        maps = []
-        for row in track(rows, "label maps"):
-            path = self.paths[row]
-            if not isinstance(path, str) or not path:
-                raise SailError(f"{LABEL_PATH} is empty for slice row {row}: rerun `sail prepare`")
-            lut = self.lut.get(self.modality[row])
-            if lut is None:
-                raise SailError(f"structure ids: no rows for modality {self.modality[row]!r}")
-            maps.append(lut[read_label_map(self.root / path)])
+        for row in track([r for r in rows if r not in self.cache], "label maps"):
+            self.cache[row] = self._read(row)
+        maps = [self.cache[row] for row in rows]
         shapes = {m.shape for m in maps}
         if len(shapes) > 1:
             raise SailError(f"label maps differ in size ({sorted(shapes)}); rerun `sail prepare`")
         stack = np.stack(maps) if maps else np.zeros((0, 1, 1), np.uint16)
         return LabelStore(np.asarray(rows), stack, len(self.names))
+
+    def _read(self, row: int) -> np.ndarray:
+        path = self.paths[row]
+        if not isinstance(path, str) or not path:
+            raise SailError(f"{LABEL_PATH} is empty for slice row {row}: rerun `sail prepare`")
+        lut = self.lut.get(self.modality[row])
+        if lut is None:
+            raise SailError(f"structure ids: no rows for modality {self.modality[row]!r}")
+        return lut[read_label_map(self.root / path)]
