@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sail.errors import SailError
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 SPLITS = ("train", "valid", "test")
@@ -592,6 +593,58 @@ def read_split(path: str | os.PathLike) -> pd.DataFrame:
         row = split[twice].iloc[0]
         raise SailError(f"{path}: volume ({row['modality']}, {row['image_id']}) listed twice")
     return split
+
+
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """One slice's label map (the ``label_path`` column, resolved against the workspace root):
+    uint8 (H, W), value = structure id of ``data/structure_ids.csv``, 0 = background."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SailError(f"label map not found: {path} (prepare with prepare.label_maps: true)")
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            pixels = np.asarray(img)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise SailError(f"{path}: cannot read label map ({exc})") from None
+    if mode != "L" or pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise SailError(
+            f"{path}: a label map is an 8-bit single-channel PNG; found mode {mode!r} "
+            f"(shape {pixels.shape}, {pixels.dtype})"
+        )
+    return pixels
+
+
+def read_structure_ids(path: str | os.PathLike) -> pd.DataFrame:
+    """``data/structure_ids.csv``: modality, structure_id (int, 1-255), structure, checked: the
+    columns are there, ids are 8-bit and positive, neither an id nor a name appears twice within
+    a modality."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise SailError(f"{path} not found: run `sail prepare` with prepare.label_maps: true")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("modality", "structure_id", "structure") if c not in table.columns]
+    if missing:
+        raise SailError(f"{path}: missing column(s) {missing}")
+    ids = pd.to_numeric(table["structure_id"], errors="coerce")
+    bad = table.index[ids.isna() | (ids != ids.round()) | (ids < 1) | (ids > 255)]
+    if len(bad):
+        raise SailError(
+            f"{path}: row {bad[0] + 1}: structure_id {table['structure_id'][bad[0]]!r} is not an "
+            "integer in 1..255"
+        )
+    table["structure_id"] = ids.astype(int)
+    for column in ("structure_id", "structure"):
+        twice = table.duplicated(["modality", column])
+        if twice.any():
+            row = table[twice].iloc[0]
+            raise SailError(f"{path}: {row['modality']} {column} {row[column]!r} listed twice")
+    return table
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame | None:

@@ -243,11 +243,10 @@ def test_interrupted_prepare_resumes_to_identical_table(phantom_root, tmp_path):
     cfg = make_cfg(phantom_root, part.root)
     # simulate a run killed after two scans: their part files exist, nothing else
     from sail.data.prepare import SliceOptions as Opts
-    from sail.workspace import hash_config
+    from sail.data.prepare import prepare_hash
 
     scans, _ = discover(phantom_root, ["ct", "mri"])
-    settings = cfg.prepare.model_dump(mode="json", exclude={"workers", "source"})
-    parts = part.data_dir / ".parts" / hash_config(settings)
+    parts = part.data_dir / ".parts" / prepare_hash(cfg.prepare)
     parts.mkdir(parents=True)
     opts = Opts(style="canonical", image_size=32, slice_stride=1, ct_spacing_mm=8.0)
     for ref in scans[:2]:
