@@ -643,7 +643,7 @@ def read_structure_ids(path: str | os.PathLike) -> pd.DataFrame:
         twice = table.duplicated(["modality", column])
         if twice.any():
             row = table[twice].iloc[0]
-            raise SailError(f"{path}: {row['modality']} {column} {row[column]!r} listed twice")
+            raise SailError(f"{path}: {row['modality']} {column} {row[column]} listed twice")
     return table
 
 
