@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 
 from sail.artifacts import LABEL_MAP_SUFFIX, read_label_map, read_structure_ids
-from sail.data.label_maps import label_volume
+from sail.data.label_maps import label_volume, structure_id_table
 from sail.data.labels import VOCABULARY
-from sail.data.prepare import run_prepare
+from sail.data.prepare import _slice_and_store, parts_key, prepare_hash, run_prepare
+from sail.data.slicing import SliceOptions
+from sail.data.totalseg import discover
 from sail.errors import SailError
 from sail.workspace import Workspace, manifest_path
 
@@ -184,3 +186,22 @@ def test_readers_reject_bad_files_naming_them(tmp_path):
     table.write_text("modality,structure\nct,liver\n")
     with pytest.raises(SailError, match="missing column"):
         read_structure_ids(table)
+
+
+def test_interrupted_prepare_resumes_to_identical_label_maps(phantom_root, tmp_path):
+    full, table = _prepare(phantom_root, tmp_path / "full", max_scans=2, label_maps=True)
+    part = Workspace(tmp_path / "part")
+    cfg = make_cfg(phantom_root, part.root, max_scans=2, label_maps=True)
+    scans, _ = discover(phantom_root, ["ct"])
+    mri, _ = discover(phantom_root, ["mri"])
+    label_ids = structure_id_table(scans[:2] + mri[:2])
+    parts = part.prepare_parts(parts_key(prepare_hash(cfg.prepare), label_ids))
+    parts.mkdir(parents=True)
+    opts = SliceOptions(image_size=32, ct_spacing_mm=8.0, label_ids=label_ids)
+    _slice_and_store(scans[0], opts, part.root, parts)  # killed after the first scan
+    run_prepare(cfg, part)
+    resumed = pd.read_parquet(part.slices_table)
+    pd.testing.assert_frame_equal(table, resumed)
+    assert not parts.exists()  # prepare used (and cleared) this part folder
+    for rel in table.label_path:
+        assert (full.root / rel).read_bytes() == (part.root / rel).read_bytes()

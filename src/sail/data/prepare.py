@@ -156,6 +156,15 @@ def prepare_hash(pc: PrepareConfig) -> str:
     return hash_config(settings | {"label_maps": True})
 
 
+def parts_key(config_hash: str, label_ids: dict[str, dict[str, int]] | None) -> str:
+    """The part folder's key: the config hash, and with label maps on the id table too (a new
+    mask name outside the vocabulary shifts the ids after it, so parts written before it are
+    not resumed)."""
+    if label_ids is None:
+        return config_hash
+    return hash_config({"prepare": config_hash, "structure_ids": label_ids})
+
+
 def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     pc = cfg.prepare
     source = dataset_source(cfg, ws)
@@ -185,7 +194,7 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         ct_spacing_mm=pc.ct_spacing_mm,
         label_ids=label_ids,
     )
-    parts = ws.prepare_parts(config_hash)
+    parts = ws.prepare_parts(parts_key(config_hash, label_ids))
     if force and parts.exists():
         shutil.rmtree(parts)
     if force and ws.slices_dir.exists():
