@@ -91,6 +91,10 @@ STRUCTURE_IDS_CSV = "structure_ids.csv"  # data/: modality, structure_id, struct
 # encoder's grid), pre_KT (float32, the pre-activation each map averages to; NaN = padding)
 MAPS_ARRAYS = "maps.npz"
 MAPS_PROVENANCE = "maps.json"  # method (exact|approximate|occlusion), encoder, grid, SAE, split
+# maps/<encoder>/<variant>/<config>/volumes/: one volume's maps of one feature as NIfTI
+# (`sail maps --volume ID --feature F`), named by :class:`VolumeMapFiles`
+MAPS_VOLUMES_DIR = "volumes"
+NIFTI_GZ = ".nii.gz"
 
 # ---- interpret/<verb>/<encoder>/<variant>/<config>/ ------------------------------------------
 FINGERPRINT_TABLES = ("per_reference", "hits", "fingerprints", "always_on")  # <name>.csv each
@@ -292,6 +296,40 @@ class MapsFolder:
     @property
     def provenance(self) -> Path:
         return self.path / MAPS_PROVENANCE
+
+    @property
+    def volumes(self) -> Path:
+        """Where ``sail maps --volume ID --feature F`` writes its NIfTI files by default."""
+        return self.path / MAPS_VOLUMES_DIR
+
+
+@dataclass(frozen=True)
+class VolumeMapFiles:
+    """One volume's exported maps of one feature, in ``folder`` (any folder: ``--out``).
+
+    ``<modality>_<image_id>_f<feature:05d>_<plane>.nii.gz`` (float32 map per plane),
+    ``..._<plane>_filled.nii.gz`` (uint8: 1 = the voxel got a map value) and
+    ``<modality>_<image_id>_f<feature:05d>.json`` (what was exported, per-slice pre-activations).
+    """
+
+    folder: Path
+    modality: str
+    image_id: str
+    feature: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.modality}_{self.image_id}_f{self.feature:05d}"
+
+    def map(self, plane: str) -> Path:
+        return self.folder / f"{self.stem}_{plane}{NIFTI_GZ}"
+
+    def filled(self, plane: str) -> Path:
+        return self.folder / f"{self.stem}_{plane}_filled{NIFTI_GZ}"
+
+    @property
+    def sidecar(self) -> Path:
+        return self.folder / f"{self.stem}.json"
 
 
 @dataclass(frozen=True)
