@@ -8,6 +8,12 @@ a permuted/flipped (LPS-like) affine, and an MRI resampled in-plane.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,11 +21,15 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
-from sail.config import SailConfig
+from sail.config import SailConfig, dump_config
 from sail.data.prepare import run_prepare
+from sail.data.slicing import PLANES
+from sail.errors import SailError
 from sail.maps.nifti import (
+    find_volume,
     place_slices,
     plane_layout,
     prepared_axes,
@@ -171,3 +181,215 @@ def test_structure_read_off_the_pngs_lands_on_its_voxels(tmp_path, case):
     for plane, (dice, _, _) in _round_trip(cfg, ws, image, mirror=True).items():
         print(f"{case} {plane} mirrored (control): Dice {dice:.3f}")
         assert dice < 0.75, (plane, dice)
+
+
+# ---- the export, end to end, with the real EfficientNet-Lite0 ------------------------------------
+ENCODER_SIZE = 96  # a 3 x 3 grid
+
+
+def _tiny_sae(ws: Workspace) -> str:
+    from sail.sae.checkpoint import save_sae
+    from sail.sae.model import SAESpec, StackedSAE
+
+    stack = StackedSAE([SAESpec("sail", (8, 16), (2, 4))], 1280)
+    stack.initialize([3])
+    with torch.no_grad():
+        stack.b_enc.copy_(
+            0.1 * torch.randn(stack.b_enc.shape, generator=torch.Generator().manual_seed(1))
+        )
+    save_sae(ws.sae_dir("efficientnet-lite0", "sail", "tiny"), stack, 0, "tiny", {})
+    return "efficientnet-lite0/sail/tiny"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A cube CT stored permuted/flipped (square planes, no padding, no resampling), stride 2,
+    encoded with the real EfficientNet-Lite0, one feature exported."""
+    from sail.encoders.encode import run_encode
+    from sail.maps.nifti import export_volume_maps
+
+    tmp = tmp_path_factory.mktemp("export")
+    manifest, image = _dataset(tmp / "src", "ct", (24, 24, 24), (2.0, 2.0, 2.0), permute=True)
+    cfg = SailConfig(
+        workspace=tmp / "ws",
+        prepare={
+            "source": manifest,
+            "modalities": ["ct"],
+            "workers": 1,
+            "image_size": 64,
+            "ct_spacing_mm": 2.0,
+            "slice_stride": 2,
+        },
+        encode={
+            "encoders": [{"encoder": "efficientnet-lite0", "image_size": ENCODER_SIZE}],
+            "device": "cpu",
+            "workers": 0,
+        },
+    )
+    ws = Workspace(cfg.workspace)
+    run_prepare(cfg, ws)
+    run_encode(cfg, ws)
+    sae = _tiny_sae(ws)
+    t0 = time.perf_counter()
+    written = export_volume_maps(cfg, ws, "vol1", 5, sae=sae)
+    seconds = time.perf_counter() - t0
+    print(f"export: {len(written)} files in {seconds:.2f} s")
+    return cfg, ws, image, sae, written
+
+
+def test_export_writes_one_nifti_per_plane_in_the_source_geometry(exported):
+    _, ws, image, sae, written = exported
+    src = nib.load(str(image))
+    names = sorted(p.name for p in written)
+    assert names == sorted(
+        [f"ct_vol1_f00005_{p}{s}.nii.gz" for p in PLANES for s in ("", "_filled")]
+        + ["ct_vol1_f00005.json"]
+    )
+    assert all(p.parent == ws.maps(*sae.split("/")).volumes for p in written)
+    sidecar = json.loads((ws.maps(*sae.split("/")).volumes / "ct_vol1_f00005.json").read_text())
+    for plane in PLANES:
+        folder = ws.maps(*sae.split("/")).volumes
+        img = nib.load(str(folder / f"ct_vol1_f00005_{plane}.nii.gz"))
+        mask = nib.load(str(folder / f"ct_vol1_f00005_{plane}_filled.nii.gz"))
+        for out in (img, mask):
+            assert out.shape == src.shape
+            np.testing.assert_allclose(out.affine, src.affine, atol=1e-6)
+            for form in ("qform", "sform"):
+                got, code = getattr(out, f"get_{form}")(coded=True)
+                want, want_code = getattr(src, f"get_{form}")(coded=True)
+                assert int(code) == int(want_code)
+                np.testing.assert_allclose(got, want, atol=1e-5)
+        assert img.get_data_dtype() == np.float32
+        values, filled = img.get_fdata(), mask.get_fdata()
+        assert set(np.unique(filled)) <= {0.0, 1.0}
+        assert (values[filled == 0] == 0).all() and (values[filled == 1] != 0).any()
+        # stride 2, no resampling: the kept range and one slice beyond each end (half a stride)
+        kept = sidecar["planes"][plane]["slice_idx"]
+        assert kept == list(range(kept[0], kept[-1] + 1, 2)) and len(kept) >= 3
+        n_filled = min(23, kept[-1] + 1) - max(0, kept[0] - 1) + 1
+        assert int(filled.sum()) == n_filled * 24 * 24
+    assert sidecar["feature"] == 5 and sidecar["sae"] == sae and sidecar["method"] == "exact"
+    assert set(sidecar["planes"]) == set(PLANES)
+
+
+def test_exported_slices_hold_the_feature_maps(exported):
+    """Independently of the export: the feature's maps on the slice PNGs, upsampled; every kept
+    slice's voxels in the NIfTI hold exactly those values, and their mean is the
+    pre-activation (an integer upsampling keeps the grid mean)."""
+    from sail.encoders.base import get_spec
+    from sail.maps.decompose import feature_maps
+    from sail.sae.api import load_sae
+
+    cfg, ws, image, sae, _ = exported
+    src = nib.load(str(image))
+    rows = pd.read_parquet(ws.slices_table).sort_values(["plane", "slice_idx"])
+    encoder = get_spec("efficientnet-lite0").build(image_size=ENCODER_SIZE)
+    images = torch.from_numpy(np.stack([np.array(Image.open(ws.root / p)) for p in rows.png_path]))[
+        :, None
+    ]
+    result = feature_maps(encoder, load_sae(ws.sae_dir(*sae.split("/"))), images, [5])
+    grid = result.maps_BKhw[:, 0]
+    assert tuple(grid.shape[1:]) == (3, 3)
+    folder = ws.maps(*sae.split("/")).volumes
+    sidecar = json.loads((folder / "ct_vol1_f00005.json").read_text())
+    for b, row in enumerate(rows.itertuples(index=False)):
+        vol = nib.load(str(folder / f"ct_vol1_f00005_{row.plane}.nii.gz")).get_fdata()
+        axis = prepared_axes(src.affine, src.shape, "ct", PLANES.index(row.plane), "canonical", 2.0)
+        slice_ax = axis[PLANES.index(row.plane)]
+        index = int(np.flatnonzero(slice_ax.coords == row.slice_idx)[0])
+        placed = np.take(vol, index, axis=slice_ax.source_axis)
+        expected = torch.nn.functional.interpolate(
+            grid[b][None, None], size=placed.shape, mode="bilinear", align_corners=False
+        )[0, 0].numpy()
+        np.testing.assert_allclose(np.sort(placed.ravel()), np.sort(expected.ravel()), atol=1e-5)
+        pre = float(result.pre_BK[b, 0])
+        assert abs(placed.mean() - pre) <= 1e-4, (row.plane, row.slice_idx, placed.mean(), pre)
+        stored = dict(
+            zip(
+                sidecar["planes"][row.plane]["slice_idx"],
+                sidecar["planes"][row.plane]["pre_activation"],
+                strict=True,
+            )
+        )
+        assert abs(stored[row.slice_idx] - pre) <= 1e-4
+
+
+def test_bad_volume_feature_and_sae_name_the_value(exported):
+    from sail.maps.nifti import export_volume_maps
+
+    cfg, ws, _, sae, _ = exported
+    with pytest.raises(SailError, match=r"--volume 'vol2': no such volume .*close matches: vol1"):
+        export_volume_maps(cfg, ws, "vol2", 5, sae=sae)
+    with pytest.raises(
+        SailError,
+        match=r"--feature 16: SAE efficientnet-lite0/sail/tiny has "
+        r"features 0..15",
+    ):
+        export_volume_maps(cfg, ws, "vol1", 16, sae=sae)
+    with pytest.raises(SailError, match=r"--feature -1"):
+        export_volume_maps(cfg, ws, "vol1", -1, sae=sae)
+    with pytest.raises(SailError, match=r"--sae 'efficientnet-lite0/sail/nope': no trained SAE"):
+        export_volume_maps(cfg, ws, "vol1", 5, sae="efficientnet-lite0/sail/nope")
+    with pytest.raises(SailError, match=r"--sae 'tiny': give encoder/variant/config"):
+        export_volume_maps(cfg, ws, "vol1", 5, sae="tiny")
+
+
+def test_a_volume_id_in_both_modalities_needs_the_modality():
+    ids = pd.DataFrame({"modality": ["ct", "mri", "ct"], "image_id": ["s1", "s1", "s2"]})
+    with pytest.raises(SailError, match=r"--volume 's1' is in several modalities; .*ct/s1, mri/s1"):
+        find_volume(ids, "s1")
+    assert find_volume(ids, "mri/s1") == ("mri", "s1")
+    assert find_volume(ids, "s2") == ("ct", "s2")
+
+
+def test_encoder_settings_other_than_the_encode_stage_are_refused(exported):
+    from sail.maps.nifti import export_volume_maps
+
+    cfg, ws, _, sae, _ = exported
+    other = cfg.model_copy(
+        update={
+            "encode": cfg.encode.model_copy(
+                update={"encoders": [cfg.encode.encoders[0].model_copy(update={"image_size": 128})]}
+            )
+        }
+    )
+    with pytest.raises(
+        SailError, match=r"efficientnet-lite0 at 128 px differ from what the encode"
+    ):
+        export_volume_maps(other, ws, "vol1", 5, sae=sae)
+
+
+def test_cli_exports_with_the_workspace_config_and_explains_its_options(exported, tmp_path):
+    cfg, ws, _, sae, _ = exported
+    env = dict(os.environ, COLUMNS="200")
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, timeout=300)
+    r = run([sys.executable, "-m", "sail", "maps", "--volume", "vol1", "-w", str(ws.root)])
+    assert r.returncode != 0 and "--volume needs --feature" in r.stdout + r.stderr
+    r = run([sys.executable, "-m", "sail", "maps", "--help"])
+    assert r.returncode == 0 and "3D Slicer" in r.stdout and "--feature" in r.stdout
+    # no --config: the prepare and encode settings come from the workspace's config.yaml
+    ws.config_yaml.write_text(dump_config(cfg))
+    out = tmp_path / "out"
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "sail",
+            "maps",
+            "--volume",
+            "ct/vol1",
+            "--feature",
+            "3",
+            "--sae",
+            sae,
+            "--out",
+            str(out),
+            "-w",
+            str(ws.root),
+        ]
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"ct_vol1_f00003_{p}{s}.nii.gz" for p in PLANES for s in ("", "_filled")]
+        + ["ct_vol1_f00003.json"]
+    )

@@ -377,16 +377,25 @@ def resolve_sae(cfg: SailConfig, ws: Workspace, sae: str | None) -> SaeTarget:
     from sail.interpret.data import select_targets
 
     targets = select_targets(cfg, ws)
+    interpreted = [t for t in targets if _has_interpret_outputs(ws, t)]
+    targets = interpreted or targets
     ranking = read_ranking(ws.eval.ranking)
     if ranking is not None:
         best = {
             (r.encoder, r.variant, r.sae_config)
             for r in ranking[ranking.final_rank == 1].itertuples(index=False)
         }
-        ranked = [t for t in targets if (t.encoder, t.variant, t.sae_config) in best]
-        targets = ranked or targets
+        targets = [t for t in targets if (t.encoder, t.variant, t.sae_config) in best] or targets
     first = targets[0]
+    log.info("maps: --sae not given; using the interpreted config %s", first.key)
     return SaeTarget(first.encoder, first.variant, first.sae_config)
+
+
+def _has_interpret_outputs(ws: Workspace, target) -> bool:
+    """Whether the interpret stage wrote anything for this config (it interprets a subset)."""
+    verbs = ("fingerprint", "autointerp", "language")
+    key = (target.encoder, target.variant, target.sae_config)
+    return any(ws.interpret(verb, *key).path.is_dir() for verb in verbs)
 
 
 def _example(ws: Workspace) -> str:
@@ -396,27 +405,54 @@ def _example(ws: Workspace) -> str:
     return found[0] if found else "efficientnet-lite0/matryoshka/D_16_64_256_K_16-global"
 
 
-def _build_encoder(cfg: SailConfig, ws: Workspace, table: str):
-    """The encoder that made ``embeddings/<table>.parquet``, built as the encode stage built it
-    (the encode.encoders entry of that name, same weights, input size and precision)."""
+def _candidate_configs(cfg: SailConfig, ws: Workspace) -> list[SailConfig]:
+    """The config given, then the workspace's config.yaml (what the last pipeline run used)."""
+    from sail.config import load_config
+
+    found = [cfg]
+    if ws.config_yaml.is_file():
+        found.append(load_config(ws.config_yaml))
+    return found
+
+
+def _recorded_hash(artifact: Path) -> str | None:
+    """The config hash a finished stage recorded for ``artifact`` (None without a manifest)."""
+    from sail.workspace import manifest_path
+
+    manifest = manifest_path(artifact)
+    return json.loads(manifest.read_text()).get("config_hash") if manifest.is_file() else None
+
+
+def _encode_job(cfg: SailConfig, ws: Workspace, table: str):
+    """The encode job that made ``embeddings/<table>.parquet``: the encode.encoders entry of that
+    name whose settings (encoder, weights, input size, precision) hash to what the encode stage
+    recorded, from the given config or else the workspace's config.yaml."""
     from sail.encoders.base import get_spec
     from sail.encoders.encode import make_job
+    from sail.workspace import hash_config
 
-    for entry in cfg.encode.encoders:
-        if (entry.name or get_spec(entry.encoder).table_name) == table:
+    recorded = _recorded_hash(ws.embeddings(table))
+    seen = []
+    for candidate in _candidate_configs(cfg, ws):
+        for entry in candidate.encode.encoders:
+            if (entry.name or get_spec(entry.encoder).table_name) != table:
+                continue
+            settings = cfg.encode.model_copy(update={"precision": candidate.encode.precision})
             job = make_job(
                 entry.encoder,
-                cfg.encode,
+                settings,
                 name=table,
                 weights=entry.weights,
                 image_size=entry.image_size,
                 pooling=entry.pooling,
             )
-            return job, job.build()
-    known = ", ".join(e.name or e.encoder for e in cfg.encode.encoders)
+            if recorded in (None, hash_config(job.identity())):
+                return job
+            seen.append(f"{entry.encoder} at {job.image_size} px")
+    what = f"entries {', '.join(seen)} differ from" if seen else "no encode.encoders entry makes"
     raise SailError(
-        f"the SAE's embeddings table {table!r} is not an encode.encoders entry of this config "
-        f"({known}); give the config the encode stage ran with (--config)"
+        f"the SAE's embeddings table {table!r}: {what} what the encode stage recorded in "
+        f"{ws.embeddings(table)}; give the config the encode stage ran with (--config)"
     )
 
 
@@ -445,7 +481,8 @@ def compute_slice_maps(cfg: SailConfig, ws: Workspace, target: SaeTarget, rows, 
     sae = load_sae(ws.sae_dir(target.encoder, target.variant, target.config))
     if not 0 <= feature < sae.d_sae:
         raise SailError(f"--feature {feature}: SAE {target.key} has features 0..{sae.d_sae - 1}")
-    job, encoder = _build_encoder(cfg, ws, target.encoder)
+    job = _encode_job(cfg, ws, target.encoder)
+    encoder = job.build()
     sae.to(job.device)
     pngs = rows["png_path"].to_numpy(dtype=str)
     maps, pre, method = [], [], "exact"
@@ -461,18 +498,14 @@ def compute_slice_maps(cfg: SailConfig, ws: Workspace, target: SaeTarget, rows, 
 
 
 def _prepare_settings(cfg: SailConfig, ws: Workspace):
-    """The prepare settings slices.parquet was made with: this config's if its hash matches the
-    prepare manifest, else the workspace's config.yaml (written by the last pipeline run)."""
-    from sail.config import load_config
+    """The prepare settings slices.parquet was made with (their hash is in its manifest): the
+    given config's, else the workspace's config.yaml's; and the source prepare read."""
     from sail.data.prepare import prepare_hash
     from sail.workspace import manifest_path
 
     manifest = manifest_path(ws.slices_table)
     saved = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    candidates = [cfg]
-    if ws.config_yaml.is_file():
-        candidates.append(load_config(ws.config_yaml))
-    for candidate in candidates:
+    for candidate in _candidate_configs(cfg, ws):
         if saved.get("config_hash") in (None, prepare_hash(candidate.prepare)):
             return candidate.prepare, saved.get("inputs", {}).get("source")
     raise SailError(
