@@ -8,11 +8,7 @@ a permuted/flipped (LPS-like) affine, and an MRI resampled in-plane.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -361,34 +357,27 @@ def test_encoder_settings_other_than_the_encode_stage_are_refused(exported):
 
 def test_cli_exports_with_the_workspace_config_and_explains_its_options(exported, tmp_path):
     cfg, ws, _, sae, _ = exported
-    env = dict(os.environ, COLUMNS="200")
-    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, timeout=300)
-    r = run([sys.executable, "-m", "sail", "maps", "--volume", "vol1", "-w", str(ws.root)])
-    assert r.returncode != 0 and "--volume needs --feature" in r.stdout + r.stderr
-    r = run([sys.executable, "-m", "sail", "maps", "--help"])
-    assert r.returncode == 0 and "3D Slicer" in r.stdout and "--feature" in r.stdout
-    # no --config: the prepare and encode settings come from the workspace's config.yaml
-    ws.config_yaml.write_text(dump_config(cfg))
+    from typer.testing import CliRunner
+
+    from sail.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["maps", "--volume", "vol1", "-w", str(ws.root)])
+    assert r.exit_code != 0 and "--volume needs --feature" in r.output
+    r = runner.invoke(app, ["maps", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "3D Slicer" in r.output and "--feature" in r.output
     out = tmp_path / "out"
-    r = run(
-        [
-            sys.executable,
-            "-m",
-            "sail",
-            "maps",
-            "--volume",
-            "ct/vol1",
-            "--feature",
-            "3",
-            "--sae",
-            sae,
-            "--out",
-            str(out),
-            "-w",
-            str(ws.root),
-        ]
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    args = ["maps", "--volume", "ct/vol1", "--feature", "3", "--sae", sae, "--out", str(out)]
+    # no --config: the defaults' prepare settings are not what prepare ran with ...
+    r = runner.invoke(app, [*args, "-w", str(ws.root)])
+    assert r.exit_code != 0 and "prepared with other prepare settings" in r.output
+    # ... so the settings come from the workspace's config.yaml (as a pipeline run leaves it)
+    ws.config_yaml.write_text(dump_config(cfg))
+    try:
+        r = runner.invoke(app, [*args, "-w", str(ws.root)])
+    finally:
+        ws.config_yaml.unlink()
+    assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"ct_vol1_f00003_{p}{s}.nii.gz" for p in PLANES for s in ("", "_filled")]
         + ["ct_vol1_f00003.json"]

@@ -508,9 +508,10 @@ def _prepare_settings(cfg: SailConfig, ws: Workspace):
     for candidate in _candidate_configs(cfg, ws):
         if saved.get("config_hash") in (None, prepare_hash(candidate.prepare)):
             return candidate.prepare, saved.get("inputs", {}).get("source")
+    also = f" or {ws.config_yaml}'s" if ws.config_yaml.is_file() else ""
     raise SailError(
-        f"{ws.slices_table} was prepared with other prepare settings than this config's "
-        f"or {ws.config_yaml}'s; give the config prepare ran with (--config)"
+        f"{ws.slices_table} was prepared with other prepare settings than the given config's"
+        f"{also}; give the config prepare ran with (--config)"
     )
 
 
