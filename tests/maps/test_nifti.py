@@ -382,3 +382,20 @@ def test_cli_exports_with_the_workspace_config_and_explains_its_options(exported
         [f"ct_vol1_f00003_{p}{s}.nii.gz" for p in PLANES for s in ("", "_filled")]
         + ["ct_vol1_f00003.json"]
     )
+
+
+def test_an_encoder_without_an_exact_map_is_refused(exported, monkeypatch):
+    """DINOv3 pools by its CLS token: the export says so instead of exporting an approximation."""
+    from types import SimpleNamespace
+
+    from sail.encoders.random_init import build_random_dinov3
+    from sail.maps import nifti
+
+    from ..encoders.conftest import TINY_DINOV3
+
+    cfg, ws, _, sae, _ = exported
+    dino = build_random_dinov3(image_size=64, config=TINY_DINOV3)
+    job = SimpleNamespace(build=lambda: dino, device="cpu", batch_size=4)
+    monkeypatch.setattr(nifti, "_encode_job", lambda *args: job)
+    with pytest.raises(SailError, match=r"random-dinov3 pools by its pooler output .* maps stage"):
+        nifti.export_volume_maps(cfg, ws, "vol1", 5, sae=sae)

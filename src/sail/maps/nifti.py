@@ -475,6 +475,7 @@ def compute_slice_maps(cfg: SailConfig, ws: Workspace, target: SaeTarget, rows, 
     import torch
 
     from sail.console import progress
+    from sail.encoders.base import Encoder
     from sail.maps.decompose import feature_maps
     from sail.sae.api import load_sae
 
@@ -483,6 +484,12 @@ def compute_slice_maps(cfg: SailConfig, ws: Workspace, target: SaeTarget, rows, 
         raise SailError(f"--feature {feature}: SAE {target.key} has features 0..{sae.d_sae - 1}")
     job = _encode_job(cfg, ws, target.encoder)
     encoder = job.build()
+    if type(encoder).forward_grid is Encoder.forward_grid:
+        raise SailError(
+            f"{encoder.name} pools by {encoder.pooled_by}: it has no exact spatial map to "
+            "export; approximate maps (patch tokens, occlusion) are the maps stage's "
+            "(`sail maps` without --volume), not this export's"
+        )
     sae.to(job.device)
     pngs = rows["png_path"].to_numpy(dtype=str)
     maps, pre, method = [], [], "exact"
