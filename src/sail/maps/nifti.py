@@ -566,7 +566,7 @@ def export_volume_maps(
         )
         check_layout(axes, layout, prep.style, f"{modality}/{image_id} {plane}")
         values, filled = place_slices(axes, layout, maps_Thw[part.index.to_numpy()])
-        descrip = f"sail {target.key} f{feature} {plane} ({method})"
+        descrip = f"sail f{feature} {plane} {method} {target.key}"
         write_nifti(files.map(plane), values, src.affine, src.image, descrip)
         write_nifti(files.filled(plane), filled, src.affine, src.image, descrip, dtype=np.uint8)
         written += [files.map(plane), files.filled(plane)]
