@@ -29,6 +29,7 @@ from sail.maps.nifti import (
     place_slices,
     plane_layout,
     prepared_axes,
+    write_nifti,
 )
 from sail.workspace import Workspace
 
@@ -399,3 +400,18 @@ def test_an_encoder_without_an_exact_map_is_refused(exported, monkeypatch):
     monkeypatch.setattr(nifti, "_encode_job", lambda *args: job)
     with pytest.raises(SailError, match=r"random-dinov3 pools by its pooler output .* maps stage"):
         nifti.export_volume_maps(cfg, ws, "vol1", 5, sae=sae)
+
+
+def test_a_dicom_source_gets_a_header_from_its_affine(tmp_path):
+    """No NIfTI header to copy (a DICOM series): qform and sform both carry the RAS affine."""
+    affine = _affine((0.7, 0.7, 3.0), permute=True)
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    path = write_nifti(tmp_path / "m.nii.gz", data, affine, None, "sail f1 axial exact x/y/z")
+    img = nib.load(str(path))
+    assert img.get_data_dtype() == np.float32 and img.shape == (2, 3, 4)
+    np.testing.assert_array_equal(img.get_fdata(), data)
+    for form in ("qform", "sform"):
+        got, code = getattr(img, f"get_{form}")(coded=True)
+        assert int(code) == 1
+        np.testing.assert_allclose(got, affine, atol=1e-5)
+    assert img.header["descrip"].tobytes().startswith(b"sail f1 axial exact")

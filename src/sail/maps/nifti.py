@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from sail.artifacts import VolumeMapFiles, Workspace
+from sail.artifacts import SAE_CFG, VolumeMapFiles, Workspace
 from sail.data.slicing import PLANES, _nearest_index, _square_box
 from sail.errors import SailError
 from sail.workspace import write_bytes_atomic, write_json_atomic
@@ -400,7 +400,7 @@ def _has_interpret_outputs(ws: Workspace, target) -> bool:
 
 def _example(ws: Workspace) -> str:
     found = sorted(
-        p.parent.relative_to(ws.sae_root).as_posix() for p in ws.sae_root.glob("*/*/*/cfg.json")
+        p.parent.relative_to(ws.sae_root).as_posix() for p in ws.sae_root.glob(f"*/*/*/{SAE_CFG}")
     )
     return found[0] if found else "efficientnet-lite0/matryoshka/D_16_64_256_K_16-global"
 
@@ -462,12 +462,12 @@ def _png_batches(ws: Workspace, pngs: np.ndarray, preprocess, batch_size: int):
 
     batches = [(0, s, min(len(pngs), s + batch_size)) for s in range(0, len(pngs), batch_size)]
     decoder = _BatchDecoder(ws.root, pngs, batches, preprocess)
-    for k, (_, start, _) in enumerate(batches):
+    for k in range(len(batches)):
         item = decoder[k]
         if item["bad"]:
             row, msg = item["bad"][0]
             raise SailError(f"cannot read slice PNG {ws.root / pngs[row]}: {msg}")
-        yield start, item["images"]
+        yield item["images"]
 
 
 def compute_slice_maps(cfg: SailConfig, ws: Workspace, target: SaeTarget, rows, feature: int):
@@ -495,7 +495,7 @@ def compute_slice_maps(cfg: SailConfig, ws: Workspace, target: SaeTarget, rows, 
     maps, pre, method = [], [], "exact"
     with progress() as bar:
         task = bar.add_task(f"maps f{feature}", total=len(pngs))
-        for _, images in _png_batches(ws, pngs, encoder.preprocess, job.batch_size):
+        for images in _png_batches(ws, pngs, encoder.preprocess, job.batch_size):
             result = feature_maps(encoder, sae, images, [feature])
             maps.append(result.maps_BKhw[:, 0].cpu())
             pre.append(result.pre_BK[:, 0].cpu())
@@ -528,9 +528,11 @@ def _scan_path(cfg: SailConfig, ws: Workspace, source: str | None, modality: str
     from sail.data.prepare import dataset_source
     from sail.data.totalseg import discover
 
-    root = Path(source) if source else dataset_source(cfg, ws)
-    if not root.exists():
-        raise SailError(f"dataset source {root} not found (moved since prepare ran?)")
+    places = [Path(source)] if source else []  # recorded by prepare, else the config's
+    places.append(dataset_source(cfg, ws))
+    root = next((p for p in places if p.exists()), None)
+    if root is None:
+        raise SailError(f"dataset source {places[0]} not found (moved since prepare ran?)")
     scans, _ = (discover_manifest if is_manifest(root) else discover)(root, [modality])
     for ref in scans:
         if ref.modality == modality and ref.image_id == image_id:
