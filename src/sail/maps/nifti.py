@@ -273,7 +273,7 @@ def write_nifti(
     img = (klass or nib.Nifti1Image)(np.asarray(data, dtype=dtype), affine, header=header)
     if np.dtype(dtype).kind == "f" and data.size:
         img.header["cal_min"], img.header["cal_max"] = float(data.min()), float(data.max())
-    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
     return path
 
 
