@@ -259,6 +259,10 @@ def test_export_writes_one_nifti_per_plane_in_the_source_geometry(exported):
         assert img.get_data_dtype() == np.float32
         values, filled = img.get_fdata(), mask.get_fdata()
         assert set(np.unique(filled)) <= {0.0, 1.0}
+        # display range: symmetric about 0 for the signed map, 0..1 for the mask (not the CT's)
+        bound = np.abs(values).max()
+        assert (img.header["cal_min"], img.header["cal_max"]) == pytest.approx((-bound, bound))
+        assert (mask.header["cal_min"], mask.header["cal_max"]) == (0.0, 1.0)
         assert (values[filled == 0] == 0).all() and (values[filled == 1] != 0).any()
         # stride 2, no resampling: the kept range and one slice beyond each end (half a stride)
         kept = sidecar["planes"][plane]["slice_idx"]

@@ -56,8 +56,6 @@ SLICE_COLUMNS = [
     "crop_r0",
     "crop_c0",
     "crop_size",
-    "pixel_spacing_mm",
-    "slice_spacing_mm",
 ]
 
 
@@ -240,8 +238,8 @@ def check_layout(
 
 # ---- writing ----------------------------------------------------------------------------------
 def _header_copy(source: nib.Nifti1Image | None, affine: np.ndarray, descrip: str):
-    """A NIfTI header for float32 maps in the source's geometry: the source's own header (qform,
-    sform, codes, units) with its scaling dropped, or a fresh one from the affine (DICOM)."""
+    """A header in the source's geometry: the source's own (qform, sform, their codes, units)
+    with its scaling dropped, or a fresh one from the affine (a DICOM source has none)."""
     import nibabel as nib
 
     if isinstance(source, nib.Nifti1Image | nib.Nifti2Image):
@@ -250,10 +248,19 @@ def _header_copy(source: nib.Nifti1Image | None, affine: np.ndarray, descrip: st
         header = nib.Nifti1Header()
         header.set_qform(affine, code=1)
         header.set_sform(affine, code=1)
-    header.set_data_dtype(np.float32)
     header.set_slope_inter(1.0, 0.0)
     header["descrip"] = descrip[:79].encode()
     return header
+
+
+def _display_range(data: np.ndarray) -> tuple[float, float]:
+    """cal_min/cal_max: symmetric about 0 for signed maps (a diverging colour map centres on
+    "no contribution"), else the data range (the 0/1 mask); never the CT's own window."""
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if lo < 0:
+        bound = max(-lo, hi)
+        return -bound, bound
+    return lo, hi
 
 
 def write_nifti(
@@ -271,8 +278,7 @@ def write_nifti(
     header.set_data_dtype(dtype)
     klass = type(source) if isinstance(source, nib.Nifti1Image | nib.Nifti2Image) else None
     img = (klass or nib.Nifti1Image)(np.asarray(data, dtype=dtype), affine, header=header)
-    if np.dtype(dtype).kind == "f" and data.size:
-        img.header["cal_min"], img.header["cal_max"] = float(data.min()), float(data.max())
+    img.header["cal_min"], img.header["cal_max"] = _display_range(data)
     write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
     return path
 
