@@ -26,6 +26,7 @@ import gzip
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -411,14 +412,14 @@ def _example(ws: Workspace) -> str:
     return found[0] if found else "efficientnet-lite0/matryoshka/D_16_64_256_K_16-global"
 
 
-def _candidate_configs(cfg: SailConfig, ws: Workspace) -> list[SailConfig]:
-    """The config given, then the workspace's config.yaml (what the last pipeline run used)."""
+def _candidate_configs(cfg: SailConfig, ws: Workspace) -> Iterator[SailConfig]:
+    """The config given, then the workspace's config.yaml (what the last pipeline run used),
+    read only when the first does not match."""
     from sail.config import load_config
 
-    found = [cfg]
+    yield cfg
     if ws.config_yaml.is_file():
-        found.append(load_config(ws.config_yaml))
-    return found
+        yield load_config(ws.config_yaml)
 
 
 def _recorded_hash(artifact: Path) -> str | None:
