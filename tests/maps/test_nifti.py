@@ -425,47 +425,38 @@ def test_a_dicom_source_gets_a_header_from_its_affine(tmp_path):
     assert img.header["descrip"].tobytes().startswith(b"sail f1 axial exact")
 
 
-def test_real_subject_liver_mask_round_trips_through_prepares_own_forward_steps(tmp_path):
-    """The real TotalSegmentator CT: its liver mask pushed forward with prepare's own functions
-    (reorient, nearest resampling to 1.5 mm, display view, square crop, resize) onto the kept
-    slices, then pulled back by place_slices, overlaps the source mask (Dice) in every plane."""
-    from nibabel.orientations import apply_orientation, io_orientation
-
-    from sail.data.slicing import ViewGeometry, _resample_axis, _square
+def test_real_subject_label_maps_round_trip_to_the_voxel_masks(tmp_path):
+    """The real TotalSegmentator CT with prepare's own label maps (same crop, orientation and
+    size as the PNGs): each structure's per-slice label pixels, pulled back by place_slices,
+    overlap the structure's voxel mask (Dice) in every plane."""
+    from sail.artifacts import read_label_map, read_structure_ids
 
     from ..data.conftest import REAL_EXAMPLE, make_cfg
 
-    cfg = make_cfg(REAL_EXAMPLE, tmp_path / "w", ct_spacing_mm=1.5, image_size=64, slice_stride=2)
+    cfg = make_cfg(
+        REAL_EXAMPLE,
+        tmp_path / "w",
+        ct_spacing_mm=1.5,
+        image_size=128,
+        slice_stride=2,
+        label_maps=True,
+    )
     ws = Workspace(cfg.workspace)
     run_prepare(cfg, ws)
     scan = REAL_EXAMPLE / "CT_Dataset_v201" / "s0001"
     src = nib.load(str(scan / "ct.nii.gz"))
-    liver = np.asanyarray(nib.load(str(scan / "segmentations" / "liver.nii.gz")).dataobj) > 0
-    oriented = apply_orientation(liver.astype(np.float32), io_orientation(src.affine))
-    spacing = np.sqrt((src.affine[:3, :3] ** 2).sum(axis=0))[
-        np.argsort(io_orientation(src.affine)[:, 0])
-    ]
-    for axis in range(3):
-        oriented = _resample_axis(oriented, axis, spacing[axis], 1.5, linear=False)
+    ids = read_structure_ids(ws.structure_ids).set_index("structure").structure_id
     slices = pd.read_parquet(ws.slices_table)
-    for plane, part in slices.groupby("plane"):
-        layout = plane_layout(part, plane, "canonical", 2)
-        view = ViewGeometry(layout.axis, flip_cols=True).display(oriented)
-        masks = np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(
-                        _square(view[i], layout.crop_r0, layout.crop_c0, layout.crop_size)
-                    ).resize((64, 64), Image.Resampling.BILINEAR)
-                )
-                for i in layout.slice_idx
-            ]
-        )
-        axes = prepared_axes(src.affine, src.shape, "ct", layout.axis, "canonical", 1.5)
-        values, filled = place_slices(axes, layout, masks)
-        dice = _dice((values >= 0.5) & filled, liver & filled)
-        print(
-            f"real s0001 {plane}: liver Dice {dice:.3f} over {int((liver & filled).sum())} voxels"
-        )
-        assert dice >= 0.9, (plane, dice)
-        assert (liver & filled).sum() >= 0.95 * liver.sum()
+    for structure in ("liver", "spleen", "vertebrae_L1"):
+        mask = np.asanyarray(nib.load(str(scan / "segmentations" / f"{structure}.nii.gz")).dataobj)
+        mask = mask > 0
+        for plane, part in slices.groupby("plane"):
+            part = part.sort_values("slice_idx")
+            labels = np.stack([read_label_map(ws.root / p) for p in part.label_path])
+            layout = plane_layout(part, plane, "canonical", 2)
+            axes = prepared_axes(src.affine, src.shape, "ct", layout.axis, "canonical", 1.5)
+            placed, filled = place_slices(axes, layout, labels == ids[structure])
+            dice = _dice((placed >= 0.5) & filled, mask & filled)
+            print(f"real s0001 {structure} {plane}: Dice {dice:.3f} ({int(mask.sum())} voxels)")
+            assert dice >= 0.9, (structure, plane, dice)
+            assert (mask & filled).sum() >= 0.95 * mask.sum()
