@@ -258,6 +258,17 @@ def _resample_axis(
     return np.take(vol, lo, axis=axis) * (1 - w) + np.take(vol, hi, axis=axis) * w
 
 
+def _resampled_affine(affine: np.ndarray, spacing_in: np.ndarray, spacing_out) -> np.ndarray:
+    """The voxel -> world affine of a volume resampled by :func:`_resample_axis` on every axis:
+    output voxel k sits at input index (k + 0.5) * s_out / s_in - 0.5 (identity when unchanged),
+    so slice positions and centres are read in the resampled grid, not the source one."""
+    scale = np.asarray(spacing_out, dtype=float) / np.asarray(spacing_in, dtype=float)
+    out = affine.copy()
+    out[:3, :3] = affine[:3, :3] * scale
+    out[:3, 3] = affine[:3, 3] + affine[:3, :3] @ (0.5 * scale - 0.5)
+    return out
+
+
 def _to_uint8_fixed(data: np.ndarray, lower: float, upper: float) -> np.ndarray:
     scaled = (np.clip(data, lower, upper) - lower) * (255.0 / (upper - lower))
     return np.rint(scaled).astype(np.uint8)
@@ -481,11 +492,13 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
         data = apply_orientation(data, ornt)
         packed = apply_orientation(packed, ornt)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing_in = spacing.copy()  # _prepare_mri updates ``spacing`` in place
 
     if ref.modality == "ct":
         data, packed, spacing, window, axes = _prepare_ct(ref, opts, data, packed, spacing, skips)
     else:
         data, packed, spacing, window, axes = _prepare_mri(ref, opts, data, packed, spacing)
+    affine = _resampled_affine(affine, spacing_in, spacing)
     lower, upper, centre, width = window
 
     pixels = (_to_uint8_fixed if opts.style == "canonical" else _to_uint8_published)(
