@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sail.errors import SailError
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 SPLITS = ("train", "valid", "test")
@@ -92,6 +93,10 @@ MAPS_ARRAYS = "maps.npz"
 MAPS_PROVENANCE = "maps.json"  # method (exact|approximate|occlusion), encoder, grid, SAE, split
 # the config's rows of eval/spatial_grounding.csv (the stage assembles that table from them)
 MAPS_GROUNDING = "grounding.csv"
+# maps/<encoder>/<variant>/<config>/volumes/: one volume's maps of one feature as NIfTI
+# (`sail maps --volume ID --feature F`), named by :class:`VolumeMapFiles`
+MAPS_VOLUMES_DIR = "volumes"
+NIFTI_GZ = ".nii.gz"
 
 # ---- interpret/<verb>/<encoder>/<variant>/<config>/ ------------------------------------------
 FINGERPRINT_TABLES = ("per_reference", "hits", "fingerprints", "always_on")  # <name>.csv each
@@ -298,6 +303,40 @@ class MapsFolder:
     @property
     def grounding(self) -> Path:
         return self.path / MAPS_GROUNDING
+
+    @property
+    def volumes(self) -> Path:
+        """Where ``sail maps --volume ID --feature F`` writes its NIfTI files by default."""
+        return self.path / MAPS_VOLUMES_DIR
+
+
+@dataclass(frozen=True)
+class VolumeMapFiles:
+    """One volume's exported maps of one feature, in ``folder`` (any folder: ``--out``).
+
+    ``<modality>_<image_id>_f<feature:05d>_<plane>.nii.gz`` (float32 map per plane),
+    ``..._<plane>_filled.nii.gz`` (uint8: 1 = the voxel got a map value) and
+    ``<modality>_<image_id>_f<feature:05d>.json`` (what was exported, per-slice pre-activations).
+    """
+
+    folder: Path
+    modality: str
+    image_id: str
+    feature: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.modality}_{self.image_id}_f{self.feature:05d}"
+
+    def map(self, plane: str) -> Path:
+        return self.folder / f"{self.stem}_{plane}{NIFTI_GZ}"
+
+    def filled(self, plane: str) -> Path:
+        return self.folder / f"{self.stem}_{plane}_filled{NIFTI_GZ}"
+
+    @property
+    def sidecar(self) -> Path:
+        return self.folder / f"{self.stem}.json"
 
 
 @dataclass(frozen=True)
@@ -601,6 +640,58 @@ def read_split(path: str | os.PathLike) -> pd.DataFrame:
     return split
 
 
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """One slice's label map (the ``label_path`` column, resolved against the workspace root):
+    uint8 (H, W), value = structure id of ``data/structure_ids.csv``, 0 = background."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SailError(f"label map not found: {path} (prepare with prepare.label_maps: true)")
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            pixels = np.asarray(img)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise SailError(f"{path}: cannot read label map ({exc})") from None
+    if mode != "L" or pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise SailError(
+            f"{path}: a label map is an 8-bit single-channel PNG; found mode {mode!r} "
+            f"(shape {pixels.shape}, {pixels.dtype})"
+        )
+    return pixels
+
+
+def read_structure_ids(path: str | os.PathLike) -> pd.DataFrame:
+    """``data/structure_ids.csv``: modality, structure_id (int, 1-255), structure, checked: the
+    columns are there, ids are 8-bit and positive, neither an id nor a name appears twice within
+    a modality."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise SailError(f"{path} not found: run `sail prepare` with prepare.label_maps: true")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("modality", "structure_id", "structure") if c not in table.columns]
+    if missing:
+        raise SailError(f"{path}: missing column(s) {missing}")
+    ids = pd.to_numeric(table["structure_id"], errors="coerce")
+    bad = table.index[ids.isna() | (ids != ids.round()) | (ids < 1) | (ids > 255)]
+    if len(bad):
+        raise SailError(
+            f"{path}: row {bad[0] + 1}: structure_id {table['structure_id'][bad[0]]!r} is not an "
+            "integer in 1..255"
+        )
+    table["structure_id"] = ids.astype(int)
+    for column in ("structure_id", "structure"):
+        twice = table.duplicated(["modality", column])
+        if twice.any():
+            row = table[twice].iloc[0]
+            raise SailError(f"{path}: {row['modality']} {column} {row[column]} listed twice")
+    return table
+
+
 def read_table(path: str | os.PathLike) -> pd.DataFrame | None:
     """A CSV artifact, or None when it is missing or empty (a stage that had nothing to write)."""
     import pandas as pd
@@ -732,29 +823,3 @@ def read_maps(folder: MapsFolder | str | os.PathLike) -> FeatureMapsFile | None:
     if arrays["feature_K"].shape != (K,) or arrays["maps_KThw"].shape[:2] != (K, T):
         raise SailError(f"{folder.arrays}: array shapes disagree; rerun `sail maps --force`")
     return FeatureMapsFile(**arrays, provenance=_read_json(folder.provenance, "maps provenance"))
-
-
-def read_label_map(path: str | os.PathLike) -> Any:
-    """A slice's label map (``<plane>_<idx>.labels.png``): uint8 (H, W) structure ids."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise SailError(f"{path}: not a readable label map ({exc}); rerun `sail prepare`") from None
-
-
-def read_structure_ids(path: str | os.PathLike) -> pd.DataFrame:
-    """``data/structure_ids.csv``: modality, structure_id, structure (checked columns)."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise SailError(f"{path} not found: run `sail prepare` with prepare.label_maps on")
-    ids = pd.read_csv(path, dtype={"modality": str, "structure": str})
-    missing = [c for c in ("modality", "structure_id", "structure") if c not in ids.columns]
-    if missing:
-        raise SailError(f"{path}: missing column(s) {missing}")
-    return ids

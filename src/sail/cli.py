@@ -489,12 +489,43 @@ def export_sae(
 
 
 @app.command()
+def report(
+    config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
+) -> None:
+    """Write the static HTML feature browser -> report/index.html (opens from file://, no
+    network)."""
+    _run_stage("report", force, config, workspace)
+
+
+@app.command()
 def maps(
+    volume: Annotated[
+        str | None,
+        typer.Option(
+            help="Export one volume's maps: its image_id (or modality/image_id when the id is in "
+            "both modalities), as in data/slices.parquet. Needs --feature."
+        ),
+    ] = None,
+    feature: Annotated[
+        int | None,
+        typer.Option(help="The SAE feature to export (0-based, as on the report's feature pages)."),
+    ] = None,
+    sae: Annotated[
+        str | None,
+        typer.Option(
+            help="encoder/variant/config of the SAE [default: the interpreted config, "
+            "final_rank 1 of the first interpreted encoder]."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the NIfTI files [default: maps/<sae>/volumes/]."),
+    ] = None,
     method: Annotated[
         str | None,
         typer.Option(
-            help="auto (exact for mean-pooled encoders, approximate for DINOv3), exact, "
-            "approximate, or occlusion (any encoder, slower) [default: auto]."
+            help="The stage's map method: auto (exact for mean-pooled encoders, approximate for "
+            "DINOv3), exact, approximate, or occlusion (any encoder, slower) [default: auto]."
         ),
     ] = None,
     device: DeviceOpt = None,
@@ -502,18 +533,32 @@ def maps(
     workspace: WorkspaceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Spatial maps of the reported features on their top slices -> maps/, and where they point
-    in the segmentation masks -> eval/spatial_grounding.csv (docs/spatial_maps.md)."""
-    _run_stage("maps", force, config, workspace, maps={"method": method, "device": device})
+    """Spatial feature maps: where on a slice a feature fires (docs/spatial_maps.md).
 
+    With --volume ID --feature F: the feature's map on every prepared slice of that volume,
+    placed back into the volume's ORIGINAL voxel grid (its affine and header): one float32
+    NIfTI per plane (<modality>_<id>_f<F>_<plane>.nii.gz) to open beside the scan in 3D Slicer
+    or ITK-SNAP, a mask of the voxels that got a value (..._filled.nii.gz) and a JSON sidecar.
+    Without them: the maps stage: maps of the reported features on their top slices -> maps/,
+    and where they point in the segmentation masks -> eval/spatial_grounding.csv.
+    """
+    if (volume is None) != (feature is None):
+        given, missing = ("--volume", "--feature") if feature is None else ("--feature", "--volume")
+        raise SailError(f"{given} needs {missing}: an export is one volume and one feature")
+    if volume is None:
+        if sae is not None or out is not None:
+            raise SailError("--sae and --out belong to an export: give --volume and --feature")
+        _run_stage("maps", force, config, workspace, maps={"method": method, "device": device})
+        return
+    if method is not None:
+        raise SailError("--method belongs to the maps stage; an export is always exact")
+    from sail.maps.nifti import export_volume_maps
+    from sail.workspace import Workspace
 
-@app.command()
-def report(
-    config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
-) -> None:
-    """Write the static HTML feature browser -> report/index.html (opens from file://, no
-    network)."""
-    _run_stage("report", force, config, workspace)
+    cfg = _load(config, workspace, encode={"device": device})
+    written = export_volume_maps(cfg, Workspace(cfg.workspace), volume, feature, sae=sae, out=out)
+    for path in written:
+        console.print(str(path))
 
 
 @app.command()
