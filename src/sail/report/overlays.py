@@ -200,5 +200,5 @@ def grounding_by_feature(path: Path, encoder: str, variant: str, config: str) ->
     if missing:
         raise SailError(f"{path}: missing column '{missing[0]}'")
     rows = df[(df.encoder == encoder) & (df.variant == variant) & (df.sae_config == config)]
-    rows = rows.astype({"structure": object}).where(rows.notna(), None)
+    rows = rows.astype(object).where(rows.notna(), None)  # missing -> None, never NaN
     return {int(r["feature"]): r for r in rows.to_dict("records")}
