@@ -135,9 +135,9 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
 def upsample(maps_Nhw: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear upsampling of a stack of grid maps to ``height`` x ``width`` (separable)."""
     _, h, w = maps_Nhw.shape
-    return np.einsum(
-        "Hh,nhw,Ww->nHW", bilinear_matrix(h, height), maps_Nhw, bilinear_matrix(w, width)
-    )
+    rows_Hh = bilinear_matrix(h, height).astype(np.float32)
+    cols_wW = bilinear_matrix(w, width).T.astype(np.float32)
+    return rows_Hh @ np.asarray(maps_Nhw, np.float32) @ cols_wW  # two batched matmuls (BLAS)
 
 
 @cache
@@ -153,8 +153,9 @@ def palette() -> tuple[np.ndarray, np.ndarray]:
 
 def to_levels(values: np.ndarray, scale: float) -> np.ndarray:
     """Values to palette indices on the symmetric scale [-scale, scale] (clipped)."""
-    t = np.clip(values / max(scale, 1e-12), -1, 1)
-    return np.round((t + 1) / 2 * (LEVELS - 1)).astype(np.uint8)
+    half = (LEVELS - 1) / 2
+    t = np.asarray(values, np.float32) * np.float32(half / max(scale, 1e-12)) + np.float32(half)
+    return np.rint(np.clip(t, 0, LEVELS - 1, out=t), out=t).astype(np.uint8)
 
 
 def write_overlay(path: Path, levels_HW: np.ndarray) -> None:

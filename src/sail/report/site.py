@@ -579,6 +579,10 @@ def _unit_pages(
     slices = data.slices.iloc[rows].reset_index(drop=True)
     flag_cols = [c for c in slices.columns if c.startswith("has_")]
     flags = slices[flag_cols].fillna(False).to_numpy(bool)
+    # numpy records: a DataFrame row per tile (150-odd columns) cost more than its page
+    tile_meta = slices[
+        ["slice_id", "png_path", "modality", "plane", "sex", "age_group", "institute"]
+    ].to_records(index=False)
     paged = {int(f) for f in chosen}
     report = ReportFolder(out)
     hier = _unit_table(ws.eval.table("hierarchy"), unit)
@@ -593,7 +597,7 @@ def _unit_pages(
         hist, edges = np.histogram(sub.data[lo:hi], bins=20)
         tiles = []
         for r, value in zip(top, top_vals, strict=True):
-            row = slices.iloc[r]
+            row = tile_meta[r]
             present = [flag_cols[j][4:] for j in np.flatnonzero(flags[r])]
             tiles.append(
                 {
