@@ -36,6 +36,7 @@ class VolumeAxes:
     position: np.ndarray  # per row
     in_mm: np.ndarray  # per group
     keys: dict[tuple[int, str], int]  # (volume code, plane) -> group id
+    planes: dict[int, list[str]]  # volume code -> its planes, sorted
 
     def rows(self, volume: int, plane: str) -> np.ndarray:
         g = self.keys[(int(volume), str(plane))]
@@ -62,7 +63,10 @@ def volume_axes(slices: pd.DataFrame, volume: np.ndarray) -> VolumeAxes:
     order = np.lexsort((position, group))
     start = np.searchsorted(group[order], np.arange(n_groups + 1))
     keys = {(int(v), str(p)): g for g, (v, p) in enumerate(uniques)}
-    return VolumeAxes(group, order, start, position, in_mm, keys)
+    planes: dict[int, list[str]] = {}
+    for v, p in sorted(keys):
+        planes.setdefault(v, []).append(p)
+    return VolumeAxes(group, order, start, position, in_mm, keys, planes)
 
 
 def cell_edges(position: np.ndarray) -> np.ndarray:

@@ -440,7 +440,7 @@ def _overlays(b: _Browser, f: int, tiles: list[dict], page_dir: Path) -> dict:
     scale = float(np.abs(maps_Nhw).max())
     if not scale > 0:
         return {}
-    sizes = [Image.open(b.out / t["thumb"]).size for t in with_map]
+    sizes = [_image_size(b.out / t["thumb"]) for t in with_map]
     for size in set(sizes):
         pick = [i for i, s in enumerate(sizes) if s == size]
         levels = to_levels(upsample(maps_Nhw[pick], size[1], size[0]), scale)
@@ -455,6 +455,11 @@ def _overlays(b: _Browser, f: int, tiles: list[dict], page_dir: Path) -> dict:
         "method": b.maps.method,
         "note": b.maps.note,
     }
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:  # reads the header only
+        return img.size
 
 
 def _write_volume_pages(b: _Browser, env: Environment, cards: list[dict]) -> None:
@@ -473,8 +478,9 @@ def _write_volume_pages(b: _Browser, env: Environment, cards: list[dict]) -> Non
             )
             for f, lab in zip(features, labels, strict=True)
         ]
-        planes = sorted(p for v, p in b.axes.keys if v == volume)
-        sections = [_volume_section(b, volume, plane, features, heat) for plane in planes]
+        sections = [
+            _volume_section(b, volume, plane, features, heat) for plane in b.axes.planes[volume]
+        ]
         write_text_atomic(
             page,
             env.get_template("volume.html.j2").render(
@@ -676,7 +682,6 @@ def _unit_pages(
         "unit": unit,
         "href": report.href(report.config_page(unit.key)),
         "n_pages": len(cards),
-        "n_volume_pages": len(browser.volume_planes),
         "dead": int((active == 0).sum()),
         "n_features": n_features,
     }
