@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sail.errors import SailError
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 SPLITS = ("train", "valid", "test")
@@ -90,6 +91,10 @@ STRUCTURE_IDS_CSV = "structure_ids.csv"  # data/: modality, structure_id, struct
 # encoder's grid), pre_KT (float32, the pre-activation each map averages to; NaN = padding)
 MAPS_ARRAYS = "maps.npz"
 MAPS_PROVENANCE = "maps.json"  # method (exact|approximate|occlusion), encoder, grid, SAE, split
+# maps/<encoder>/<variant>/<config>/volumes/: one volume's maps of one feature as NIfTI
+# (`sail maps --volume ID --feature F`), named by :class:`VolumeMapFiles`
+MAPS_VOLUMES_DIR = "volumes"
+NIFTI_GZ = ".nii.gz"
 
 # ---- interpret/<verb>/<encoder>/<variant>/<config>/ ------------------------------------------
 FINGERPRINT_TABLES = ("per_reference", "hits", "fingerprints", "always_on")  # <name>.csv each
@@ -291,6 +296,40 @@ class MapsFolder:
     @property
     def provenance(self) -> Path:
         return self.path / MAPS_PROVENANCE
+
+    @property
+    def volumes(self) -> Path:
+        """Where ``sail maps --volume ID --feature F`` writes its NIfTI files by default."""
+        return self.path / MAPS_VOLUMES_DIR
+
+
+@dataclass(frozen=True)
+class VolumeMapFiles:
+    """One volume's exported maps of one feature, in ``folder`` (any folder: ``--out``).
+
+    ``<modality>_<image_id>_f<feature:05d>_<plane>.nii.gz`` (float32 map per plane),
+    ``..._<plane>_filled.nii.gz`` (uint8: 1 = the voxel got a map value) and
+    ``<modality>_<image_id>_f<feature:05d>.json`` (what was exported, per-slice pre-activations).
+    """
+
+    folder: Path
+    modality: str
+    image_id: str
+    feature: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.modality}_{self.image_id}_f{self.feature:05d}"
+
+    def map(self, plane: str) -> Path:
+        return self.folder / f"{self.stem}_{plane}{NIFTI_GZ}"
+
+    def filled(self, plane: str) -> Path:
+        return self.folder / f"{self.stem}_{plane}_filled{NIFTI_GZ}"
+
+    @property
+    def sidecar(self) -> Path:
+        return self.folder / f"{self.stem}.json"
 
 
 def _file_safe(name: str) -> str:
@@ -606,6 +645,58 @@ def read_split(path: str | os.PathLike) -> pd.DataFrame:
         row = split[twice].iloc[0]
         raise SailError(f"{path}: volume ({row['modality']}, {row['image_id']}) listed twice")
     return split
+
+
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """One slice's label map (the ``label_path`` column, resolved against the workspace root):
+    uint8 (H, W), value = structure id of ``data/structure_ids.csv``, 0 = background."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SailError(f"label map not found: {path} (prepare with prepare.label_maps: true)")
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            pixels = np.asarray(img)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise SailError(f"{path}: cannot read label map ({exc})") from None
+    if mode != "L" or pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise SailError(
+            f"{path}: a label map is an 8-bit single-channel PNG; found mode {mode!r} "
+            f"(shape {pixels.shape}, {pixels.dtype})"
+        )
+    return pixels
+
+
+def read_structure_ids(path: str | os.PathLike) -> pd.DataFrame:
+    """``data/structure_ids.csv``: modality, structure_id (int, 1-255), structure, checked: the
+    columns are there, ids are 8-bit and positive, neither an id nor a name appears twice within
+    a modality."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise SailError(f"{path} not found: run `sail prepare` with prepare.label_maps: true")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("modality", "structure_id", "structure") if c not in table.columns]
+    if missing:
+        raise SailError(f"{path}: missing column(s) {missing}")
+    ids = pd.to_numeric(table["structure_id"], errors="coerce")
+    bad = table.index[ids.isna() | (ids != ids.round()) | (ids < 1) | (ids > 255)]
+    if len(bad):
+        raise SailError(
+            f"{path}: row {bad[0] + 1}: structure_id {table['structure_id'][bad[0]]!r} is not an "
+            "integer in 1..255"
+        )
+    table["structure_id"] = ids.astype(int)
+    for column in ("structure_id", "structure"):
+        twice = table.duplicated(["modality", column])
+        if twice.any():
+            row = table[twice].iloc[0]
+            raise SailError(f"{path}: {row['modality']} {column} {row[column]} listed twice")
+    return table
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame | None:

@@ -504,6 +504,60 @@ def report(
 
 
 @app.command()
+def maps(
+    volume: Annotated[
+        str | None,
+        typer.Option(
+            help="Export one volume's maps: its image_id (or modality/image_id when the id is in "
+            "both modalities), as in data/slices.parquet. Needs --feature."
+        ),
+    ] = None,
+    feature: Annotated[
+        int | None,
+        typer.Option(help="The SAE feature to export (0-based, as on the report's feature pages)."),
+    ] = None,
+    sae: Annotated[
+        str | None,
+        typer.Option(
+            help="encoder/variant/config of the SAE [default: the interpreted config, "
+            "final_rank 1 of the first interpreted encoder]."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the NIfTI files [default: maps/<sae>/volumes/]."),
+    ] = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Spatial feature maps: where on a slice a feature fires (docs/spatial_maps.md).
+
+    With --volume ID --feature F: the feature's map on every prepared slice of that volume,
+    placed back into the volume's ORIGINAL voxel grid (its affine and header): one float32
+    NIfTI per plane (<modality>_<id>_f<F>_<plane>.nii.gz) to open beside the scan in 3D Slicer
+    or ITK-SNAP, a mask of the voxels that got a value (..._filled.nii.gz) and a JSON sidecar.
+    Without them: the maps stage for the reported features of every interpreted config.
+    """
+    if (volume is None) != (feature is None):
+        given, missing = ("--volume", "--feature") if feature is None else ("--feature", "--volume")
+        raise SailError(f"{given} needs {missing}: an export is one volume and one feature")
+    if volume is None:
+        if sae is not None or out is not None:
+            raise SailError("--sae and --out belong to an export: give --volume and --feature")
+        _run_stage("maps", force, config, workspace)
+        return
+    from sail.maps.nifti import export_volume_maps
+    from sail.workspace import Workspace
+
+    cfg = _load(config, workspace, encode={"device": device})
+    written = export_volume_maps(cfg, Workspace(cfg.workspace), volume, feature, sae=sae, out=out)
+    for path in written:
+        console.print(str(path))
+
+
+@app.command()
 def demo(
     workspace: WorkspaceOpt = None,
     config: Annotated[

@@ -54,6 +54,15 @@ class PrepareConfig(Section):
     max_scans: int | None = Field(
         None, ge=1, description="only the first n scans per modality (quick looks)"
     )
+    label_maps: bool = Field(
+        False,
+        description=(
+            "also write, beside each slice PNG, a lossless 8-bit label map (structure id per "
+            "pixel, same geometry; ids in data/structure_ids.csv; where masks overlap the "
+            "smallest structure wins). Spatial grounding (sail maps) needs them; they add disk "
+            "use (docs/artifacts.md)"
+        ),
+    )
 
     @field_validator("modalities")
     @classmethod

@@ -99,9 +99,11 @@ def write_label_map(seg_dir, out_dir):
 
 
 @needs_real
-def test_real_ct_as_nifti_and_as_multilabel_mask_give_the_same_slices(tmp_path):
+@pytest.mark.parametrize("label_maps", [False, True])
+def test_real_ct_as_nifti_and_as_multilabel_mask_give_the_same_slices(tmp_path, label_maps):
     image, seg_dir = _real_ct_files()
-    ws_ref, ref, _ = _prepare(REAL_EXAMPLE, tmp_path / "ref", ct_spacing_mm=3.0, image_size=64)
+    kw = dict(ct_spacing_mm=3.0, image_size=64, label_maps=label_maps)
+    ws_ref, ref, _ = _prepare(REAL_EXAMPLE, tmp_path / "ref", **kw)
     write_label_map(seg_dir, tmp_path / "cohort")
     meta = dict(
         modality="ct",
@@ -123,13 +125,12 @@ def test_real_ct_as_nifti_and_as_multilabel_mask_give_the_same_slices(tmp_path):
         [dict(image=str(image), segmentations="labels.nii.gz", labels="labels.csv", **meta)]
     ).to_csv(tmp_path / "cohort" / "b.csv", index=False)
     for manifest in (tmp_path / "a.csv", tmp_path / "cohort" / "b.csv"):
-        ws, table, _ = _prepare(
-            manifest, tmp_path / manifest.stem, ct_spacing_mm=3.0, image_size=64
-        )
+        ws, table, _ = _prepare(manifest, tmp_path / manifest.stem, **kw)
         pd.testing.assert_frame_equal(table, ref)
-        assert all(
-            (ws.root / p).read_bytes() == (ws_ref.root / p).read_bytes() for p in table.png_path
-        )
+        written = [*table.png_path, *(table.label_path if label_maps else [])]
+        assert all((ws.root / p).read_bytes() == (ws_ref.root / p).read_bytes() for p in written)
+        if label_maps:  # the same ids whether masks come as files or as one multi-label map
+            assert ws.structure_ids.read_bytes() == ws_ref.structure_ids.read_bytes()
 
 
 def test_free_metadata_group_and_derived_ids_flow_into_slices(phantom_root, tmp_path):

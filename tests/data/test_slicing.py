@@ -243,11 +243,10 @@ def test_interrupted_prepare_resumes_to_identical_table(phantom_root, tmp_path):
     cfg = make_cfg(phantom_root, part.root)
     # simulate a run killed after two scans: their part files exist, nothing else
     from sail.data.prepare import SliceOptions as Opts
-    from sail.workspace import hash_config
+    from sail.data.prepare import prepare_hash
 
     scans, _ = discover(phantom_root, ["ct", "mri"])
-    settings = cfg.prepare.model_dump(mode="json", exclude={"workers", "source"})
-    parts = part.data_dir / ".parts" / hash_config(settings)
+    parts = part.data_dir / ".parts" / prepare_hash(cfg.prepare)
     parts.mkdir(parents=True)
     opts = Opts(style="canonical", image_size=32, slice_stride=1, ct_spacing_mm=8.0)
     for ref in scans[:2]:
@@ -303,3 +302,22 @@ def test_real_totalsegmentator_subject(tmp_path):
     assert (axial.has_liver.to_numpy() == per_z[nearest]).all()
     assert table.has_liver.any() and not table.has_brain.any()
     assert table.has_vertebrae.any() and table.has_lung_right.any()
+
+
+def test_slice_position_is_read_in_the_resampled_grid(prepared, phantom_root):
+    """A resampled CT slice k lies at source index (k + 0.5) * 8 mm / s_in - 0.5 along its axis;
+    its slice_position_mm is that point's world coordinate (not the source slice k's)."""
+    _, table, _ = prepared
+    refs, _ = discover(phantom_root, ["ct"])
+    checked = 0
+    for ref in refs:
+        img = nib.as_closest_canonical(nib.load(ref.image_path))
+        spacing_z = float(img.header.get_zooms()[2])
+        rows = table[
+            (table.modality == "ct") & (table.image_id == ref.image_id) & (table.plane == "axial")
+        ]
+        source_index = (rows.slice_idx.to_numpy() + 0.5) * 8.0 / spacing_z - 0.5
+        expected = img.affine[2, 2] * source_index + img.affine[2, 3]
+        np.testing.assert_allclose(rows.slice_position_mm.to_numpy(), expected, atol=1e-3)
+        checked += abs(spacing_z - 8.0) > 0.1
+    assert checked, "no CT in the phantom is resampled along z: the test would not bite"

@@ -65,7 +65,16 @@ GEOMETRY_COLUMNS = [
     "window_width",
 ]
 # Columns sail writes itself: a manifest column of one of these names would be overwritten.
-RESERVED = {"slice_id", "plane", "slice_idx", "png_path", "split", *GEOMETRY_COLUMNS}
+RESERVED = {
+    "slice_id",
+    "plane",
+    "slice_idx",
+    "png_path",
+    "split",
+    "label_path",
+    "label_overlap_px",
+    *GEOMETRY_COLUMNS,
+}
 MODALITY_NAMES = {"ct": "ct", "mri": "mri", "mr": "mri"}
 _ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -20,8 +20,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from sail.artifacts import SLICE_ID_COLUMNS
-from sail.config import SailConfig
+from sail.config import PrepareConfig, SailConfig
 from sail.console import progress
+from sail.data.label_maps import LABEL_COLUMNS, structure_id_table, structure_ids_frame
 from sail.data.labels import HARMONISED
 from sail.data.manifest import (
     GEOMETRY_COLUMNS,
@@ -146,19 +147,30 @@ def _slice_scans(
     return results
 
 
+def prepare_hash(pc: PrepareConfig) -> str:
+    """The settings that change prepare's output. ``label_maps`` enters only when on, so a
+    workspace prepared before the option existed stays up to date with it off."""
+    settings = pc.model_dump(mode="json", exclude={"workers", "source"})
+    if not settings.pop("label_maps"):
+        return hash_config(settings)
+    return hash_config(settings | {"label_maps": True})
+
+
+def parts_key(config_hash: str, label_ids: dict[str, dict[str, int]] | None) -> str:
+    """The part folder's key: the config hash, and with label maps on the id table too (a new
+    mask name outside the vocabulary shifts the ids after it, so parts written before it are
+    not resumed)."""
+    if label_ids is None:
+        return config_hash
+    return hash_config({"prepare": config_hash, "structure_ids": label_ids})
+
+
 def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     pc = cfg.prepare
     source = dataset_source(cfg, ws)
     if pc.source is None and not source.exists():
         run_phantom(cfg, ws)
-    opts = SliceOptions(
-        style=pc.style,
-        image_size=pc.image_size,
-        slice_stride=pc.slice_stride,
-        ct_spacing_mm=pc.ct_spacing_mm,
-    )
-    settings = pc.model_dump(mode="json", exclude={"workers", "source"})
-    config_hash = hash_config(settings)
+    config_hash = prepare_hash(pc)
     record = StageRecord(
         "prepare",
         config_hash,
@@ -174,7 +186,15 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         ]
     if not scans:
         raise SailError(f"{source}: no scans found for modalities {', '.join(pc.modalities)}")
-    parts = ws.prepare_parts(config_hash)
+    label_ids = structure_id_table(scans) if pc.label_maps else None
+    opts = SliceOptions(
+        style=pc.style,
+        image_size=pc.image_size,
+        slice_stride=pc.slice_stride,
+        ct_spacing_mm=pc.ct_spacing_mm,
+        label_ids=label_ids,
+    )
+    parts = ws.prepare_parts(parts_key(config_hash, label_ids))
     if force and parts.exists():
         shutil.rmtree(parts)
     if force and ws.slices_dir.exists():
@@ -190,6 +210,7 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         write_csv_atomic(failed, pd.DataFrame(skips, columns=SKIP_COLUMNS))
         raise SailError(f"{source}: every scan was skipped; reasons in {failed}")
     table = _assemble(frames)
+    _write_structure_ids(ws, label_ids)
     write_parquet_atomic(ws.slices_table, table)
     _write_skips(
         ws, skips
@@ -201,6 +222,8 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         "skipped_scans": n_skipped,
         "skipped_csv": fingerprint(ws.skipped_csv),
     }
+    if label_ids is not None:
+        summary |= _label_summary(table) | {"structure_ids": fingerprint(ws.structure_ids)}
     mark_done(ws.slices_table, record, summary)
     shutil.rmtree(parts, ignore_errors=True)
     by_plane = table.groupby(["modality", "plane"]).size().to_dict()
@@ -212,6 +235,34 @@ def run_prepare(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         n_skipped,
         ws.relative(ws.skipped_csv),
     )
+
+
+def _write_structure_ids(ws: Workspace, label_ids: dict[str, dict[str, int]] | None) -> None:
+    """``data/structure_ids.csv`` with label maps on; an earlier run's copy is removed with them
+    off (its label maps are, slice by slice, too)."""
+    if label_ids is None:
+        ws.structure_ids.unlink(missing_ok=True)
+        return
+    write_csv_atomic(ws.structure_ids, structure_ids_frame(label_ids))
+
+
+def _label_summary(table: pd.DataFrame) -> dict[str, int]:
+    """How many slices got a label map and how many of them had overlapping masks (logged)."""
+    overlap = table["label_overlap_px"].dropna()
+    summary = {
+        "label_maps": int(table["label_path"].notna().sum()),
+        "overlap_slices": int((overlap > 0).sum()),
+        "overlap_px": int(overlap.sum()),
+    }
+    log.info(
+        "prepare: %d label maps (%d slices without masks have none); %d slices hold %d pixels "
+        "covered by two or more masks, resolved to the smallest structure (label_overlap_px)",
+        summary["label_maps"],
+        len(table) - summary["label_maps"],
+        summary["overlap_slices"],
+        summary["overlap_px"],
+    )
+    return summary
 
 
 def _write_skips(ws: Workspace, skips: list[dict]) -> None:
@@ -241,15 +292,20 @@ def _assemble(frames: list[pd.DataFrame]) -> pd.DataFrame:
     for col in META_ORDER:
         if col not in table.columns:
             table[col] = None
+    label_cols = [c for c in LABEL_COLUMNS if c in table.columns]  # only with label maps on
+    if label_cols:
+        table["label_overlap_px"] = table["label_overlap_px"].astype("Int64")
     free = [
-        c for c in table.columns if c not in META_ORDER and not c.startswith("has_")
+        c
+        for c in table.columns
+        if c not in META_ORDER and c not in label_cols and not c.startswith("has_")
     ]  # manifest order
     for col in free:  # a free column whose every value is a number becomes float (e.g. a score)
         numbers = pd.to_numeric(table[col], errors="coerce")
         if table[col].notna().any() and numbers.notna().sum() == table[col].notna().sum():
             table[col] = numbers.astype(float)
     table = (
-        table[META_ORDER + free + flag_cols]
+        table[META_ORDER + label_cols + free + flag_cols]
         .sort_values("slice_id", kind="stable")
         .reset_index(drop=True)
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,9 @@ import pandas as pd
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from PIL import Image
 
-from sail.artifacts import Workspace
+from sail.artifacts import LABEL_MAP_SUFFIX, Workspace
 from sail.data.dicom import DicomDefect, read_dicom_series
+from sail.data.label_maps import label_volume, unpack_bits
 from sail.data.labels import age_group
 from sail.data.manifest import KNOWN_METADATA, ScanRef
 from sail.data.manifest import skip_record as _skip
@@ -96,6 +98,9 @@ class SliceOptions:
     image_size: int = 224
     slice_stride: int = 1
     ct_spacing_mm: float = 1.5
+    # modality -> structure -> label-map id (sail.data.label_maps.structure_id_table); None: no
+    # label maps (``prepare.label_maps`` off)
+    label_ids: Mapping[str, Mapping[str, int]] | None = None
 
 
 @dataclass
@@ -253,6 +258,17 @@ def _resample_axis(
     return np.take(vol, lo, axis=axis) * (1 - w) + np.take(vol, hi, axis=axis) * w
 
 
+def _resampled_affine(affine: np.ndarray, spacing_in: np.ndarray, spacing_out) -> np.ndarray:
+    """The voxel -> world affine of a volume resampled by :func:`_resample_axis` on every axis:
+    output voxel k sits at input index (k + 0.5) * s_out / s_in - 0.5 (identity when unchanged),
+    so slice positions and centres are read in the resampled grid, not the source one."""
+    scale = np.asarray(spacing_out, dtype=float) / np.asarray(spacing_in, dtype=float)
+    out = affine.copy()
+    out[:3, :3] = affine[:3, :3] * scale
+    out[:3, 3] = affine[:3, 3] + affine[:3, :3] @ (0.5 * scale - 0.5)
+    return out
+
+
 def _to_uint8_fixed(data: np.ndarray, lower: float, upper: float) -> np.ndarray:
     scaled = (np.clip(data, lower, upper) - lower) * (255.0 / (upper - lower))
     return np.rint(scaled).astype(np.uint8)
@@ -301,13 +317,6 @@ def _square(img: np.ndarray, r0: int, c0: int, side: int) -> np.ndarray:
     out = np.zeros((side, side), dtype=img.dtype)
     out[-r0 : -r0 + img.shape[0], -c0 : -c0 + img.shape[1]] = img
     return out
-
-
-def _unpack(words_NW: np.ndarray, n_structures: int) -> np.ndarray:
-    """(N, n_words) uint64 -> (N, n_structures) bool."""
-    bytes_ = words_NW.astype("<u8").view(np.uint8).reshape(words_NW.shape[0], -1)
-    bits = np.unpackbits(bytes_, axis=1, bitorder="little")
-    return bits[:, :n_structures].astype(bool)
 
 
 _SEX = {"f": "f", "m": "m", "female": "f", "male": "m"}
@@ -412,6 +421,67 @@ def _prepare_mri(ref: ScanRef, opts: SliceOptions, data, packed, spacing):
     return data, packed, spacing, (lower, upper, (lower + upper) / 2, upper - lower), [axis]
 
 
+def _named(keep: np.ndarray, name, ref: ScanRef, plane: str) -> list[tuple[int, str]]:
+    """(slice index, relative path) of each kept slice, ``name`` a :class:`Workspace` namer."""
+    return [(int(idx), name(ref.modality, ref.image_id, plane, int(idx))) for idx in keep]
+
+
+def _save_slice(
+    img: np.ndarray, box: tuple[int, int, int], size: int, resample, root: Path, rel: str
+) -> str:
+    """Crop/pad one displayed slice to its square, resize it to ``size`` and save it as an 8-bit
+    PNG (lossless; label maps resize with NEAREST so every pixel keeps a real id)."""
+    pil = Image.fromarray(np.ascontiguousarray(_square(img, *box)), mode="L")
+    if box[2] != size:
+        pil = pil.resize((size, size), resample)
+    pil.save(root / rel, compress_level=3)
+    return rel
+
+
+@dataclass
+class _LabelVolume:
+    """One volume's label map in the sliced geometry, and where two or more masks overlap."""
+
+    labels: np.ndarray  # uint8 structure ids, 0 = background
+    overlap: np.ndarray  # bool
+
+
+def _label_volume(ref: ScanRef, opts: SliceOptions, packed: np.ndarray) -> _LabelVolume | None:
+    """None when label maps are off or the scan has no masks (no label map, label_path null)."""
+    if opts.label_ids is None or not ref.has_masks:
+        return None
+    ids = opts.label_ids[ref.modality]
+    return _LabelVolume(*label_volume(packed, np.array([ids[s] for s in ref.structures])))
+
+
+def _label_map_columns(
+    vol: _LabelVolume | None,
+    geom: ViewGeometry,
+    keep: np.ndarray,
+    box: tuple[int, int, int],
+    crop: tuple[slice, slice],
+    opts: SliceOptions,
+    ref: ScanRef,
+    plane: str,
+    root: Path,
+) -> dict:
+    """Write the kept slices' label maps (same crop, orientation and size as their PNGs) and
+    return the ``label_path`` / ``label_overlap_px`` columns; none when label maps are off."""
+    if opts.label_ids is None:
+        return {}
+    if vol is None:
+        return {"label_path": [None] * keep.size, "label_overlap_px": [None] * keep.size}
+    view, overlap = geom.display(vol.labels), geom.display(vol.overlap)
+    nearest = Image.Resampling.NEAREST
+    paths = [
+        _save_slice(view[idx], box, opts.image_size, nearest, root, rel)
+        for idx, rel in _named(keep, Workspace.slice_label_map, ref, plane)
+    ]
+    rs, cs = crop
+    overlap_px = overlap[keep][:, rs, cs].reshape(keep.size, -1).sum(axis=1)
+    return {"label_path": paths, "label_overlap_px": overlap_px.astype(np.int64)}
+
+
 def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanResult:
     skips: list[dict] = []
     data, affine = _read_image(ref.image_path)
@@ -422,11 +492,13 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
         data = apply_orientation(data, ornt)
         packed = apply_orientation(packed, ornt)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing_in = spacing.copy()  # _prepare_mri updates ``spacing`` in place
 
     if ref.modality == "ct":
         data, packed, spacing, window, axes = _prepare_ct(ref, opts, data, packed, spacing, skips)
     else:
         data, packed, spacing, window, axes = _prepare_mri(ref, opts, data, packed, spacing)
+    affine = _resampled_affine(affine, spacing_in, spacing)
     lower, upper, centre, width = window
 
     pixels = (_to_uint8_fixed if opts.style == "canonical" else _to_uint8_published)(
@@ -435,6 +507,10 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
     del data
     meta = _meta_columns(ref, opts.style)
     out_dir = workspace_root / Workspace.volume_slices(ref.modality, ref.image_id)
+    labels = _label_volume(ref, opts, packed)
+    if labels is None and out_dir.is_dir():  # label maps of an earlier run with them on
+        for stale in out_dir.glob(f"*{LABEL_MAP_SUFFIX}"):
+            stale.unlink()
     frames = []
     for axis in axes:
         plane = PLANES[axis]
@@ -448,7 +524,7 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
             slice(max(c0, 0), max(c0, 0) + min(side, cols)),
         )
         words = np.bitwise_or.reduce(view_masks[:, rs, cs].reshape(n, -1, packed.shape[-1]), axis=1)
-        flags = _unpack(words, len(ref.structures))
+        flags = unpack_bits(words, len(ref.structures))
         if ref.has_masks:
             occupied, empty = np.flatnonzero(flags.any(axis=1)), "no structure"
         else:  # no segmentations: keep every slice that shows anything (not one flat grey level)
@@ -485,15 +561,16 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
         if keep.size == 0:
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for idx in keep:
-            img = _square(view[idx], r0, c0, side)
-            pil = Image.fromarray(np.ascontiguousarray(img), mode="L")
-            if side != opts.image_size:
-                pil = pil.resize((opts.image_size, opts.image_size), Image.Resampling.LANCZOS)
-            rel = Workspace.slice_png(ref.modality, ref.image_id, plane, idx)
-            pil.save(workspace_root / rel, compress_level=3)
-            paths.append(rel)
+        box = (r0, c0, side)
+        paths = [
+            _save_slice(
+                view[idx], box, opts.image_size, Image.Resampling.LANCZOS, workspace_root, rel
+            )
+            for idx, rel in _named(keep, Workspace.slice_png, ref, plane)
+        ]
+        label_columns = _label_map_columns(
+            labels, geom, keep, box, (rs, cs), opts, ref, plane, workspace_root
+        )
         centre_vox = (np.array(pixels.shape[:3]) - 1) / 2.0
         vox = np.tile(centre_vox, (keep.size, 1))
         vox[:, axis] = keep
@@ -517,6 +594,7 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
                 "crop_size": side,
                 "window_center": float(centre),
                 "window_width": float(width),
+                **label_columns,
             }
         )
         present = pd.DataFrame(flags[keep], columns=[f"has_{s}" for s in ref.structures])
