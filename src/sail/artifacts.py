@@ -339,6 +339,12 @@ class VolumeMapFiles:
         return self.folder / f"{self.stem}.json"
 
 
+def _file_safe(name: str) -> str:
+    """``name`` with every character but letters, digits, ``.``, ``-`` and ``_`` replaced by
+    ``_`` (slice ids hold ``/``; image ids come from user folders)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
 @dataclass(frozen=True)
 class ReportFolder:
     """``report/``: index, one page per config, feature pages, thumbnails and figure copies."""
@@ -362,6 +368,14 @@ class ReportFolder:
 
     def feature_page(self, key: str, feature: int) -> Path:
         return self.path / "features" / key / f"f{feature:05d}.html"
+
+    def volume_page(self, key: str, modality: str, image_id: str) -> Path:
+        """One volume's profile page: which of the config's features fire where along it."""
+        return self.path / "volumes" / key / f"{_file_safe(modality)}__{_file_safe(image_id)}.html"
+
+    def overlay(self, key: str, feature: int, slice_id: str) -> Path:
+        """The spatial-map overlay PNG drawn over a feature page's thumbnail of ``slice_id``."""
+        return self.path / "overlays" / key / f"f{feature:05d}" / f"{_file_safe(slice_id)}.png"
 
     def href(self, page: Path, start: Path | None = None) -> str:
         """``page`` as a link from the folder ``start`` (the report root by default)."""

@@ -493,7 +493,13 @@ def report(
     config: ConfigOpt = None, workspace: WorkspaceOpt = None, force: ForceOpt = False
 ) -> None:
     """Write the static HTML feature browser -> report/index.html (opens from file://, no
-    network)."""
+    network).
+
+    Per config: a feature index to search (concept, structure, description; / focuses it) and
+    sort (monosemanticity, activation rate, spatial hit rate); per feature: its top slices with
+    the heatmap overlays of `sail maps` (o toggles them), spatial grounding beside the
+    enrichment, and its profile along whole volumes; j/k step through the features; a page per
+    volume shows which features fire where along it."""
     _run_stage("report", force, config, workspace)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,10 +14,72 @@ from sail.data.phantom import write_phantom_dataset
 from sail.data.prepare import run_prepare
 from sail.data.split import run_split
 from sail.encoders.table import write_embeddings
+from sail.evaluate.inputs import load_eval_data, load_sparse
+from sail.evaluate.top_slices import top_per_volume
 from sail.sae.activations_io import write_activations
 from sail.workspace import Workspace, write_csv_atomic
 
 ENCODER, VARIANT, CONFIG = "toy", "matryoshka", "D_8_32_K_2_4"
+MAPPED = (0, 1, 2, 3, 5)  # features the maps fixture gives maps (feature 4 has none)
+GRID = 4
+
+
+def write_contract_maps(ws: Workspace, method: str = "exact", top: int = 12) -> None:
+    """maps.npz, maps.json and eval/spatial_grounding.csv in the issue-17 contract format (as the
+    maps stage writes them): per mapped feature, a map for each of its top validation slices
+    (one per volume, the report's own rule), feature 1's last slice without one, the rest
+    padding. Each map peaks in a known cell: feature 0 at the top-left, the others bottom-right."""
+    data = load_eval_data(ws)
+    codes = load_sparse(ws, ENCODER, VARIANT, CONFIG, data)
+    valid = data.split_rows["valid"]
+    sub = codes[valid].tocsc()
+    sub.sort_indices()
+    rng = np.random.default_rng(3)
+    K = len(MAPPED)
+    slice_id_KT = np.full((K, top), "", dtype=object)
+    maps_KThw = np.zeros((K, top, GRID, GRID), np.float16)
+    pre_KT = np.full((K, top), np.nan, np.float32)
+    for k, f in enumerate(MAPPED):
+        rows, _ = top_per_volume(sub, f, data.volume[valid], top)
+        n = max(len(rows) - (f == 1), 0)  # feature 1's last tile gets no map
+        slice_id_KT[k, :n] = data.slices.slice_id.to_numpy()[valid[rows[:n]]]
+        m = rng.normal(0, 0.2, (n, GRID, GRID))
+        peak = (0, 0) if f == 0 else (GRID - 1, GRID - 1)
+        m[:, peak[0], peak[1]] = 2.0
+        m[:, 1, 1] = -1.0  # a cell that argues against the feature
+        maps_KThw[k, :n] = m
+        pre_KT[k, :n] = maps_KThw[k, :n].astype(np.float32).mean(axis=(1, 2))
+    folder = ws.maps(ENCODER, VARIANT, CONFIG)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        folder.arrays,
+        feature_K=np.array(MAPPED, np.int64),
+        slice_id_KT=slice_id_KT.astype(str),
+        maps_KThw=maps_KThw,
+        pre_KT=pre_KT,
+    )
+    provenance = {"method": method, "approximate": method == "approximate", "encoder": ENCODER,
+                  "grid": [GRID, GRID], "image_size": 32, "split": "valid"}  # fmt: skip
+    folder.provenance.write_text(json.dumps(provenance))
+    grounding = pd.DataFrame(
+        {
+            "encoder": ENCODER,
+            "variant": VARIANT,
+            "sae_config": CONFIG,
+            "feature": list(MAPPED),
+            "method": method,
+            "structure": ["liver", "brain", "", "skull", "kidney_left"],
+            "mass_share": [0.62, 0.55, np.nan, 0.3, 0.2],
+            "hit_rate": [0.9, 0.25, np.nan, 0.5, 0.75],
+            "null_hit_rate": [0.1, 0.2, np.nan, 0.3, 0.05],
+            "n_slices": [4, 3, 0, 2, 4],
+            "enrichment_structure": ["liver", "brain", "", "", "kidney_left"],
+            "enrichment_hit_rate": [0.9, 0.25, np.nan, np.nan, 0.75],
+            "enrichment_null_hit_rate": [0.1, 0.2, np.nan, np.nan, 0.05],
+        }
+    )
+    ws.eval_dir.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(ws.eval.spatial_grounding, grounding)
 
 
 @pytest.fixture(scope="session")
@@ -66,4 +130,5 @@ def report_ws(tmp_path_factory):
             }
         ),
     )
+    write_contract_maps(ws)
     return cfg, ws

@@ -254,3 +254,130 @@ def test_index_opens_with_the_planted_concepts_panel(report_ws, tmp_path):
     thumbs = re.findall(r'<img src="([^"]+)"', panel)
     assert thumbs and all((ws.report_dir / t).is_file() for t in thumbs)
     assert html.index("Planted concepts") < html.index("SAE configurations")
+
+
+def _page(ws, feature: int) -> str:
+    return (
+        ws.report_dir / "features" / f"{ENCODER}__{VARIANT}__{CONFIG}" / f"f{feature:05d}.html"
+    ).read_text()
+
+
+def test_overlays_are_drawn_where_the_maps_have_the_tile(site):
+    """Issue 17 item 6: a tile whose slice has a map gets an overlay PNG of the thumbnail's size,
+    the map upsampled with its sign (peak red, opaque); the page shows the colour bar, its scale
+    and the method; tiles and features without a map get none."""
+    import numpy as np
+    from PIL import Image
+
+    _, ws, _ = site
+    with np.load(ws.maps(ENCODER, VARIANT, CONFIG).arrays) as npz:
+        mapped = {
+            int(f): {s for s, p in zip(ids, pre, strict=True) if s and np.isfinite(p)}
+            for f, ids, pre in zip(npz["feature_K"], npz["slice_id_KT"], npz["pre_KT"], strict=True)
+        }
+        scale0 = float(np.abs(npz["maps_KThw"][0].astype(np.float32)).max())
+    feature_dir = ws.report_dir / "features" / f"{ENCODER}__{VARIANT}__{CONFIG}"
+    n_overlays = 0
+    for page_path in sorted(feature_dir.glob("f*.html")):
+        f = int(page_path.stem[1:])
+        page = page_path.read_text()
+        tiles = re.findall(
+            r'<div class="thumb"><img src="([^"]+)" alt="([^"]+)"[^>]*>(.*?)</div>', page
+        )
+        assert tiles
+        for thumb, slice_id, rest in tiles:
+            overlay = re.search(r'<img class="overlay" src="([^"]+)"', rest)
+            assert bool(overlay) == (slice_id in mapped.get(f, set())), (f, slice_id)
+            if overlay:
+                n_overlays += 1
+                with (
+                    Image.open(feature_dir / overlay.group(1)) as o,
+                    Image.open(feature_dir / thumb) as t,
+                ):
+                    assert o.size == t.size
+                    rgba = np.asarray(o.convert("RGBA"))
+                corner = (0, 0) if f == 0 else (-1, -1)  # the fixture's peak cell
+                r, g, b, a = rgba[corner]
+                assert r > 150 and b < 120 and a > 150
+        assert ('id="overlay-toggle"' in page) == any(s in mapped.get(f, ()) for _, s, _ in tiles)
+    assert n_overlays >= 3
+    page0 = _page(ws, 0)
+    assert f"scale &plusmn;{scale0:.3g}" in page0 and 'class="colour-bar"' in page0
+    assert "<b>exact</b> maps: exact decomposition" in page0
+
+
+def test_spatial_grounding_sits_beside_the_enrichment(site):
+    _, ws, _ = site
+    page = _page(ws, 0)
+    table = page.split('id="grounding">')[1].split("</table>")[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", rows[1]) == ["liver", "0.62", "0.90", "0.10"]
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", rows[2]) == ["liver", "", "0.90", "0.10"]
+    assert page.index("Enrichment against the base rate") < page.index("Spatial grounding")
+    assert "pointing game on 4 top validation slices" in page
+
+
+def test_volume_profiles_link_tiles_strips_and_volume_pages(site):
+    """Issue 17 item 5: each tile links to its volume's page (its plane's section); a strip per
+    top-tile volume (at most three) marks the tile's slice; the volume page lists the config's
+    features along its slices and links back to their pages."""
+    from html import unescape
+
+    _, ws, _ = site
+    key = f"{ENCODER}__{VARIANT}__{CONFIG}"
+    feature_dir = ws.report_dir / "features" / key
+    page = _page(ws, 0)
+    links = re.findall(r'<a href="([^"]+)">volume</a>', page)
+    assert links
+    for link in links:
+        target, plane = unescape(link).split("#")
+        volume_page = (feature_dir / target).resolve()
+        html = volume_page.read_text()
+        assert f'<h2 id="{plane}">' in html
+        hrefs = re.findall(r'<a href="(\.\./\.\./features/[^"]+)">#\d+</a>', html)
+        assert hrefs and all((volume_page.parent / h).resolve().is_file() for h in hrefs)
+        assert 'href="../../features/' + key + '/f00000.html"' in html
+    strip = page.split('id="profiles">')[1].split("</svg>")[0]
+    assert strip.count('class="top-slice"') == min(3, len(links))
+    assert (ws.report_dir / "volumes" / key).is_dir()
+
+
+def test_config_page_embeds_the_feature_index(site):
+    """The index's search and sort data: per card (in the config's order) its sort keys and
+    searchable text, as JSON that no description can break out of."""
+    import json
+
+    _, ws, _ = site
+    html = (ws.report_dir / "configs" / f"{ENCODER}__{VARIANT}__{CONFIG}.html").read_text()
+    blob = html.split('<script type="application/json" id="feature-data">')[1].split("</script>")[0]
+    assert "<" not in blob
+    data = json.loads(blob)
+    cards = [int(f) for f in re.findall(r'id="card-(\d+)"', html)]
+    assert [d["feature"] for d in data] == cards and [d["order"] for d in data] == list(
+        range(len(cards))
+    )
+    f0 = next(d for d in data if d["feature"] == 0)
+    assert f0["hit_rate"] == 0.9 and "liver" in f0["text"] and "<script>" in f0["text"]
+    assert all(d["hit_rate"] is None for d in data if d["feature"] in (2, 4, 6))
+    assert all(0 < d["frac_active"] <= 1 for d in data)
+
+
+def test_approximate_maps_are_labelled(report_ws, tmp_path):
+    import shutil
+
+    from sail.workspace import Workspace
+
+    from .conftest import write_contract_maps
+
+    cfg, ws = report_ws
+    ws = Workspace(shutil.copytree(ws.root, tmp_path / "w"))
+    cfg = cfg.model_copy(update={"workspace": ws.root})
+    write_contract_maps(ws, method="approximate")
+    build_site(
+        cfg.model_copy(update={"report": cfg.report.model_copy(update={"max_features": 2})}), ws
+    )
+    page = _page(ws, 0)
+    assert (
+        "<b>approximate</b> maps: approximate:" in page
+        and "Spatial grounding (approximate maps)" in page
+    )

@@ -8,9 +8,10 @@ any point of a run.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,24 @@ from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
 from sail.evaluate.ranking import stability_labels
 from sail.evaluate.top_slices import top_per_volume
 from sail.interpret.data import select_targets
+from sail.report.overlays import (
+    SpatialMaps,
+    colour_bar_svg,
+    grounding_by_feature,
+    read_spatial_maps,
+    to_levels,
+    upsample,
+    write_overlay,
+)
+from sail.report.profiles import (
+    HeatmapFeature,
+    ProfileRow,
+    VolumeAxes,
+    column,
+    heatmap_svg,
+    strip_svg,
+    volume_axes,
+)
 from sail.report.selection import (
     paged_features,
     planted_by_unit,
@@ -57,6 +76,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 TREE_FEATURES = 10  # top features whose Matryoshka tree (eval/hierarchy.csv) a config page shows
+PROFILE_VOLUMES = 3  # volumes (of the top tiles) whose profile strip a feature page draws
 
 
 @dataclass
@@ -281,6 +301,239 @@ def _stability(ws: Workspace, unit: ConfigUnit) -> dict:
     return rows.iloc[0].to_dict()
 
 
+@dataclass
+class _Browser:
+    """One config's inputs to the volume profiles, overlays and grounding of its pages."""
+
+    unit: ConfigUnit
+    out: Path
+    data: EvalData
+    codes_csr: sp.csr_matrix  # all splits: profiles describe, they do not score
+    codes_csc: sp.csc_matrix
+    vmax_F: np.ndarray  # each feature's largest activation over all slices
+    axes: VolumeAxes
+    maps: SpatialMaps | None
+    grounding: dict[int, dict]
+    volume_planes: dict[int, set[str]] = field(default_factory=dict)  # volumes the tiles show
+    modality: np.ndarray = field(init=False)
+    image_id: np.ndarray = field(init=False)
+    plane: np.ndarray = field(init=False)
+    slice_idx: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        # plain arrays: a DataFrame row lookup per tile costs more than the page it feeds
+        slices = self.data.slices
+        self.modality, self.image_id, self.plane = (
+            slices[c].astype(str).to_numpy() for c in ("modality", "image_id", "plane")
+        )
+        self.slice_idx = slices["slice_idx"].to_numpy()
+
+    @property
+    def report(self) -> ReportFolder:
+        return ReportFolder(self.out)
+
+    def volume_page(self, row: int) -> Path:
+        return self.report.volume_page(self.unit.key, self.modality[row], self.image_id[row])
+
+    def volume_href(self, row: int, start: Path) -> str:
+        """The volume page of slice ``row`` (its plane's section), as a link from ``start``."""
+        return f"{self.report.href(self.volume_page(row), start)}#{self.plane[row]}"
+
+
+def _browser_context(
+    ws: Workspace, out: Path, unit: ConfigUnit, data: EvalData, codes: sp.csr_matrix
+) -> _Browser:
+    csc = codes.tocsc()
+    csc.sort_indices()
+    vmax = codes.max(axis=0).toarray().ravel() if codes.shape[0] else np.zeros(codes.shape[1])
+    return _Browser(
+        unit=unit,
+        out=out,
+        data=data,
+        codes_csr=codes,
+        codes_csc=csc,
+        vmax_F=vmax.astype(float),
+        axes=volume_axes(data.slices, data.volume),
+        maps=read_spatial_maps(ws.maps(unit.encoder, unit.variant, unit.config)),
+        grounding=grounding_by_feature(
+            ws.eval.spatial_grounding, unit.encoder, unit.variant, unit.config
+        ),
+    )
+
+
+def _feature_nav(chosen: np.ndarray) -> dict[int, dict]:
+    """Previous and next feature page in the config's order (keyboard j/k, arrows)."""
+    order = [int(f) for f in chosen]
+    return {
+        f: {
+            "prev": order[i - 1] if i > 0 else None,
+            "next": order[i + 1] if i + 1 < len(order) else None,
+            "position": i + 1,
+            "total": len(order),
+        }
+        for i, f in enumerate(order)
+    }
+
+
+def _feature_spatial(b: _Browser, f: int, tile_rows: np.ndarray, tiles: list[dict]) -> dict:
+    """What a feature page shows about *where*: the profile strip of its top tiles' volumes,
+    volume links and heatmap overlays on the tiles, and its spatial-grounding row."""
+    page_dir = b.report.feature_page(b.unit.key, f).parent
+    for tile, row in zip(tiles, tile_rows, strict=True):
+        b.volume_planes.setdefault(int(b.data.volume[row]), set()).add(b.plane[row])
+        tile["volume_href"] = b.volume_href(int(row), page_dir)
+    return {
+        "strip": _profile_strip(b, f, tile_rows[:PROFILE_VOLUMES], page_dir),
+        "overlays": _overlays(b, f, tiles, page_dir),
+        "grounding": b.grounding.get(f, {}),
+    }
+
+
+def _profile_strip(b: _Browser, f: int, tile_rows: np.ndarray, page_dir: Path) -> str:
+    values = column(b.codes_csc, f, b.codes_csc.shape[0])
+    profile = []
+    for row in tile_rows:
+        volume, plane = int(b.data.volume[row]), b.plane[row]
+        members = b.axes.rows(volume, plane)
+        profile.append(
+            ProfileRow(
+                label=f"{b.modality[row]}/{b.image_id[row]} {plane}",
+                href=b.volume_href(int(row), page_dir),
+                position=b.axes.position[members],
+                value=values[members],
+                marked=int(np.flatnonzero(members == row)[0]),
+                unit=b.axes.unit(volume, plane),
+                slice_idx=b.slice_idx[members],
+            )
+        )
+    return strip_svg(profile, float(b.vmax_F[f]))
+
+
+def _overlays(b: _Browser, f: int, tiles: list[dict], page_dir: Path) -> dict:
+    """Writes one overlay PNG per tile whose slice has a map; returns the colour bar, scale and
+    method note (empty when the config has no maps or this feature none)."""
+    if b.maps is None:
+        return {}
+    shown = [t for t in tiles if t["thumb"]]
+    found, maps_Nhw = b.maps.lookup(f, [t["slice_id"] for t in shown])
+    if not found.any():
+        return {}
+    with_map = [t for t, ok in zip(shown, found, strict=True) if ok]
+    scale = float(np.abs(maps_Nhw).max())
+    if not scale > 0:
+        return {}
+    sizes = [_image_size(b.out / t["thumb"]) for t in with_map]
+    for size in set(sizes):
+        pick = [i for i, s in enumerate(sizes) if s == size]
+        levels = to_levels(upsample(maps_Nhw[pick], size[1], size[0]), scale)
+        for i, lv in zip(pick, levels, strict=True):
+            path = b.report.overlay(b.unit.key, f, with_map[i]["slice_id"])
+            write_overlay(path, lv)
+            with_map[i]["overlay"] = b.report.href(path, page_dir)
+    return {
+        "n": len(with_map),
+        "scale": scale,
+        "colour_bar": colour_bar_svg(scale),
+        "method": b.maps.method,
+        "note": b.maps.note,
+    }
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:  # reads the header only
+        return img.size
+
+
+def _write_volume_pages(b: _Browser, env: Environment, cards: list[dict]) -> None:
+    """A page per volume shown in any tile: every reported feature along its slices."""
+    if not cards:
+        return
+    features = np.array([c["feature"] for c in cards], dtype=np.int64)
+    labels = [c.get("description") or c.get("top_label") or "" for c in cards]
+    first_row = pd.Series(np.arange(len(b.data.volume))).groupby(b.data.volume).first()
+    for volume in track(sorted(b.volume_planes), f"volume pages {b.unit.key}"):
+        s = b.data.slices.iloc[int(first_row[volume])]
+        page = b.volume_page(int(first_row[volume]))
+        heat = [
+            HeatmapFeature(
+                int(f), b.report.href(b.report.feature_page(b.unit.key, int(f)), page.parent), lab
+            )
+            for f, lab in zip(features, labels, strict=True)
+        ]
+        sections = [
+            _volume_section(b, volume, plane, features, heat) for plane in b.axes.planes[volume]
+        ]
+        write_text_atomic(
+            page,
+            env.get_template("volume.html.j2").render(
+                unit=b.unit,
+                slice=s,
+                sections=sections,
+                shown=sorted(b.volume_planes[volume]),
+                config_href=b.report.href(b.report.config_page(b.unit.key), page.parent),
+                index_href=b.report.href(b.report.index, page.parent),
+            ),
+        )
+
+
+def _volume_section(
+    b: _Browser, volume: int, plane: str, features: np.ndarray, heat: list[HeatmapFeature]
+) -> dict:
+    members = b.axes.rows(volume, plane)
+    position = b.axes.position[members]
+    slice_idx = b.slice_idx[members]
+    values_SF = b.codes_csr[members][:, features].toarray()
+    unit = b.axes.unit(volume, plane)
+    svg, order = heatmap_svg(position, slice_idx, values_SF, heat, b.vmax_F[features], unit)
+    peak = values_SF.argmax(axis=0)
+    table = [
+        {
+            "feature": heat[j].feature,
+            "href": heat[j].href,
+            "label": heat[j].label,
+            "peak_position": float(position[peak[j]]),
+            "peak_slice": int(slice_idx[peak[j]]),
+            "peak": float(values_SF[peak[j], j]),
+            "n_active": int((values_SF[:, j] > 0).sum()),
+        }
+        for j in order
+    ]
+    return {
+        "plane": plane,
+        "n_slices": len(members),
+        "unit": unit,
+        "svg": svg,
+        "features": table,
+    }
+
+
+def _finite(v) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def _index_json(cards: list[dict]) -> str:
+    """The config page's feature index as JSON for its search and sort script: per card the sort
+    keys (missing = null) and the searchable text (concept labels, structures, description).
+    ``<``, ``>`` and ``&`` are escaped so no text can close the script element."""
+    rows = []
+    for i, c in enumerate(cards):
+        g = c.get("grounding") or {}
+        words = [*c["labels"], c.get("description") or "", g.get("structure") or ""]
+        words.append(g.get("enrichment_structure") or "")
+        rows.append(
+            {
+                "feature": c["feature"],
+                "order": i,
+                "monosemanticity": _finite(c.get("monosemanticity")),
+                "frac_active": _finite(c["frac_active"]),
+                "hit_rate": _finite(g.get("hit_rate")),
+                "text": " ".join(w for w in words if w),
+            }
+        )
+    text = json.dumps(rows, allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _unit_pages(
     ws: Workspace,
     env: Environment,
@@ -313,10 +566,16 @@ def _unit_pages(
     slices = data.slices.iloc[rows].reset_index(drop=True)
     flag_cols = [c for c in slices.columns if c.startswith("has_")]
     flags = slices[flag_cols].fillna(False).to_numpy(bool)
+    # numpy records: a DataFrame row per tile (150-odd columns) cost more than its page
+    tile_meta = slices[
+        ["slice_id", "png_path", "modality", "plane", "sex", "age_group", "institute"]
+    ].to_records(index=False)
     paged = {int(f) for f in chosen}
     report = ReportFolder(out)
     hier = _unit_table(ws.eval.table("hierarchy"), unit)
     hier = hier.set_index("feature") if hier is not None else None
+    browser = _browser_context(ws, out, unit, data, codes)
+    nav = _feature_nav(chosen)
     cards = []
     for f in track(chosen, f"report pages {unit.key}"):
         f = int(f)
@@ -325,7 +584,7 @@ def _unit_pages(
         hist, edges = np.histogram(sub.data[lo:hi], bins=20)
         tiles = []
         for r, value in zip(top, top_vals, strict=True):
-            row = slices.iloc[r]
+            row = tile_meta[r]
             present = [flag_cols[j][4:] for j in np.flatnonzero(flags[r])]
             tiles.append(
                 {
@@ -344,10 +603,13 @@ def _unit_pages(
             "monosemanticity": extra.get(f, {}).get("monosemanticity"),
             **descriptions.get(f, {}),
         }
+        spatial = _feature_spatial(browser, f, rows[top], tiles)
         page = env.get_template("feature.html.j2").render(
             unit=unit,
             info=info,
             tiles=tiles,
+            nav=nav[f],
+            spatial=spatial,
             enrichment=enrich[f],
             histogram=_svg_bars(
                 hist.tolist(), [f"{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(hist))]
@@ -364,8 +626,11 @@ def _unit_pages(
                 ),
                 "thumb": tiles[0]["thumb"] if tiles else "",
                 "top_label": (enrich[f]["rows"] or [{}])[0].get("label", ""),
+                "labels": [e["label"] for e in enrich[f]["rows"]],
+                "grounding": spatial["grounding"],
             }
         )
+    _write_volume_pages(browser, env, cards)
     recovery = read_table(ws.eval.table("recovery_summary"))
     rec_rows = []
     if recovery is not None:
@@ -380,6 +645,7 @@ def _unit_pages(
     page = env.get_template("config.html.j2").render(
         unit=unit,
         cards=cards,
+        index_json=_index_json(cards),
         recovery=rec_rows,
         metrics=metrics,
         n_features=n_features,
@@ -647,6 +913,7 @@ def run_report(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
         ws.figures_dir,
         ws.activations_root,
         ws.sae_root,
+        ws.maps_root,
     ):
         if folder.is_dir():
             inputs[folder.name] = hash_config(
