@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sail.encoders.base import get_spec
+from sail.encoders.base import Encoder, get_spec
 from sail.encoders.random_init import build_random_dinov3
 from sail.errors import SailError
 from sail.maps.methods import (
@@ -38,6 +38,17 @@ def test_auto_is_exact_for_mean_pooled_and_approximate_for_dinov3(dino, effnet):
         resolve_method(dino, "exact")
     with pytest.raises(SailError, match="efficientnet-lite0 has no patch tokens"):
         resolve_method(effnet, "approximate")
+
+
+def test_auto_has_no_method_for_an_encoder_without_grid_or_tokens():
+    """Such an encoder (e.g. timm: with its own pooling) gets no map unless occlusion is asked
+    for; the stage skips it with a warning instead of failing the run."""
+
+    class Pooled(Encoder):
+        name = "pooled"
+
+    assert resolve_method(Pooled(), "auto") is None
+    assert resolve_method(Pooled(), "occlusion") == "occlusion"
 
 
 def test_dinov3_approximate_maps_are_patch_tokens_through_the_sae(dino):

@@ -27,20 +27,14 @@ from sail.sae.api import SAE
 METHODS = ("exact", "approximate", "occlusion")
 
 
-def resolve_method(encoder: Encoder, requested: str) -> str:
+def resolve_method(encoder: Encoder, requested: str) -> str | None:
     """``auto``: exact for a mean-pooled encoder, approximate for one with patch tokens
-    (DINOv3); an explicit method the encoder cannot give is a SailError naming the way out."""
+    (DINOv3), None for any other (occlusion is only run when asked: the caller skips it); an
+    explicit method the encoder cannot give is a SailError naming the way out."""
     exact = type(encoder).forward_grid is not Encoder.forward_grid
     tokens = hasattr(encoder, "encode_patch_grid")
     if requested == "auto":
-        if exact:
-            return "exact"
-        if tokens:
-            return "approximate"
-        raise SailError(
-            f"maps: {encoder.name} pools by {encoder.pooled_by} and has no patch tokens; set "
-            "maps.method: occlusion"
-        )
+        return "exact" if exact else "approximate" if tokens else None
     if requested == "exact" and not exact:
         raise SailError(
             f"maps.method exact: {encoder.name} pools by {encoder.pooled_by}; use auto "

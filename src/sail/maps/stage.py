@@ -218,6 +218,14 @@ def _map_encoder(
         return parts
     encoder = job.build()
     method = resolve_method(encoder, cfg.maps.method)
+    if method is None:
+        log.warning(
+            "maps: %s pools by %s and has no patch tokens: no exact or approximate map; its "
+            "configs are skipped (maps.method: occlusion maps any encoder, slower)",
+            job.name,
+            encoder.pooled_by,
+        )
+        return parts
     for unit, maps in zip(todo, _compute(cfg, ws, data, todo, encoder, method, job), strict=True):
         t = unit.target
         rows = _ground(cfg, t, data, unit.codes, unit.top, maps, labels)
