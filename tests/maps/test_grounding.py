@@ -34,16 +34,14 @@ def test_a_map_peaked_inside_a_structure_hits_it_and_the_null_is_lower():
     up_train = gr.upsample(peaked_maps(train, 1), (H, W))
     structure, share = gr.choose_structure(gr.positive_mass(up_train, train, 3))
     assert structure == 1 and 0 < share <= 1
-    maps = peaked_maps(valid, 1)
-    peaks = gr.peak_pixels(maps, (H, W))
-    peak_labels = gr.labels_at(valid, np.arange(12), peaks)
-    # null: the same peaks read in label maps drawn from a pool of one group that puts the
+    cells = gr.peak_cells(peaked_maps(valid, 1))
+    # null: the same peak cells read in label maps drawn from a pool of one group that puts the
     # structure somewhere else (the layout of the anatomy, not the map, decides the null)
     pool = np.zeros((20, H, W), np.uint16)
     pool[:, 20:30, 20:30] = 1
-    draws = gr.draw_null(np.zeros(12, int), -np.ones(12, int), np.zeros(20, int), 10, rng)
-    null = gr.labels_at(pool, draws, peaks[:, None])
-    hit, null_rate = gr.pointing(peak_labels, null, structure)
+    presence = gr.cell_presence(np.concatenate([valid, pool]), (4, 4), 3)
+    draws = 12 + gr.draw_null(np.zeros(12, int), -np.ones(12, int), np.zeros(20, int), 10, rng)
+    hit, null_rate = gr.pointing(presence, np.arange(12), cells, draws, structure)
     assert hit == 1.0 and null_rate == 0.0
 
 
@@ -52,11 +50,10 @@ def test_the_null_from_the_same_layout_is_close_to_the_hit_rate():
     pool with the same layout scores them as high."""
     rng = np.random.default_rng(0)
     valid = label_maps(12, rng)
-    peaks = gr.peak_pixels(peaked_maps(valid, 2), (H, W))  # the band never moves
+    cells = gr.peak_cells(peaked_maps(valid, 2))  # the band never moves
     draws = gr.draw_null(np.zeros(12, int), np.arange(12), np.zeros(12, int), 5, rng)
-    hit, null = gr.pointing(
-        gr.labels_at(valid, np.arange(12), peaks), gr.labels_at(valid, draws, peaks[:, None]), 2
-    )
+    presence = gr.cell_presence(valid, (4, 4), 3)
+    hit, null = gr.pointing(presence, np.arange(12), cells, draws, 2)
     assert hit == 1.0 and null == 1.0
 
 
@@ -68,8 +65,9 @@ def test_the_structure_is_chosen_on_train_not_on_valid():
     mass = gr.positive_mass(gr.upsample(peaked_maps(train, 2), (H, W)), train, 3)
     structure, _ = gr.choose_structure(mass)
     assert structure == 2
-    peaks = gr.peak_pixels(peaked_maps(valid, 1), (H, W))
-    hit, _ = gr.pointing(gr.labels_at(valid, np.arange(8), peaks), -np.ones((8, 2), int), structure)
+    cells = gr.peak_cells(peaked_maps(valid, 1))
+    presence = gr.cell_presence(valid, (4, 4), 3)
+    hit, _ = gr.pointing(presence, np.arange(8), cells, -np.ones((8, 2), int), structure)
     assert hit == 0.0
 
 
@@ -81,14 +79,28 @@ def test_mass_counts_positive_values_per_label_and_background_never_wins():
     assert gr.choose_structure(np.array([[5.0, 0.0, 0.0]]))[0] == 0
 
 
-def test_peak_is_the_centre_of_the_largest_cell_not_a_border_plateau():
+def test_peak_cell_and_its_footprint_hold_a_structure_smaller_than_the_cell():
+    """The peak is the largest cell (a bilinear upsampling peaks at its centre, never finer), and
+    a structure anywhere in that cell's image region counts: here a 3x3-pixel structure off the
+    cell centre, which a point-in-mask test at the centre would miss."""
     maps = np.zeros((1, 4, 4), np.float32)
-    maps[0, 0, 3] = 1.0  # top-right cell: its upsampled plateau reaches the image border
-    (peak,) = gr.peak_pixels(maps, (32, 32))
-    assert divmod(int(peak), 32) == (4, 28)
-    up = gr.upsample(maps, (32, 32))[0]
-    # the largest cell's centre, up to half a pixel: the even cell has no pixel on its centre
-    assert up.flat[peak] >= up.max() * (1 - 0.5 / 8)
+    maps[0, 0, 3] = 1.0  # top-right cell: pixels rows 0-7, columns 24-31 of a 32 x 32 image
+    (cell,) = gr.peak_cells(maps)
+    assert cell == 3
+    labels = np.zeros((2, H, W), np.uint16)
+    labels[0, 0:3, 24:27] = 1  # in the peak cell's footprint, away from its centre (4, 28)
+    labels[1, 0:3, 20:23] = 1  # the neighbouring cell: not a hit
+    presence = gr.cell_presence(labels, (4, 4), 2)
+    assert presence[0, 3, 1] and not presence[1, 3, 1]
+    hit, null = gr.pointing(presence, np.array([0]), np.array([cell]), np.array([[1]]), 1)
+    assert (hit, null) == (1.0, 0.0)
+
+
+def test_cell_footprints_tile_an_image_the_grid_does_not_divide():
+    labels = np.arange(10 * 10, dtype=np.uint16).reshape(1, 10, 10)
+    presence = gr.cell_presence(labels, (3, 3), 100)
+    assert presence.sum() == 100  # every pixel in exactly one cell
+    assert presence[0, 0, 0] and presence[0, 8, 99]
 
 
 def test_null_draws_stay_in_group_skip_the_slice_itself_and_are_seeded():
@@ -103,3 +115,31 @@ def test_null_draws_stay_in_group_skip_the_slice_itself_and_are_seeded():
     assert not (a[:5] == self_rows[:5, None]).any()
     assert set(a[0]) == {1, 2} and set(a[3]) == {4}
     assert (a[5] == -1).all() and len(drawn) == 250  # group 2 holds no other slice
+
+
+def test_a_structure_held_in_parts_hits_on_any_part(tmp_path):
+    """``has_lung_right`` is MRI's lung_right or CT's right lobes: on a CT label map the pointing
+    game reads the lobes."""
+    import pandas as pd
+
+    from sail.maps.labels import LabelMaps
+    from sail.workspace import Workspace
+
+    ids = pd.DataFrame(
+        {
+            "modality": ["ct", "ct", "mri"],
+            "structure_id": [1, 2, 1],
+            "structure": ["lung_upper_lobe_right", "liver", "lung_right"],
+        }
+    )
+    slices = pd.DataFrame({"modality": ["ct"], "label_path": ["x.labels.png"]})
+    maps = LabelMaps(Workspace(tmp_path), slices, ids)
+    lobe, lung = maps.names.index("lung_upper_lobe_right"), maps.names.index("lung_right")
+    assert sorted(maps.indices("lung_right")) == sorted([lung, lobe])
+    assert len(maps.indices("")) == 0 and len(maps.indices("kidney_left")) == 0
+    labels = np.zeros((1, H, W), np.uint16)
+    labels[0, :8, :8] = lobe
+    presence = gr.cell_presence(labels, (4, 4), len(maps.names))
+    cells, none = np.array([0]), -np.ones((1, 1), int)
+    assert gr.pointing(presence, np.array([0]), cells, none, maps.indices("lung_right"))[0] == 1.0
+    assert gr.pointing(presence, np.array([0]), cells, none, np.array([lung]))[0] == 0.0

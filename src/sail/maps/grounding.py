@@ -5,11 +5,11 @@ Pure functions over arrays (the maps stage loads them; docs/spatial_maps.md defi
 - the structure is chosen on the TRAIN top slices: maps upsampled bilinearly to the label maps'
   resolution, positive map mass summed inside each structure's mask; the structure with the most
   mass wins (background never does) and its share of all positive mass is reported;
-- the pointing game is scored on the VALID top slices: a hit when the peak pixel of the upsampled
-  map lies inside that structure's mask;
-- the null keeps each map and its peak but reads the label map of another valid slice of the same
-  modality x plane (seeded draws, averaged): how often the peak would land in the structure by the
-  anatomy's layout alone.
+- the pointing game is scored on the VALID top slices: a hit when the image region covered by the
+  map's peak cell (its footprint) holds that structure (see :func:`cell_presence`);
+- the null keeps each map and its peak cell but reads the label map of another valid slice of
+  the same modality x plane (seeded draws, averaged): how often the peak would land in the
+  structure by the anatomy's layout alone.
 
 Label maps here hold global structure indices (0 = background), one shape for all slices.
 """
@@ -47,29 +47,32 @@ def choose_structure(mass_NL: np.ndarray) -> tuple[int, float]:
     return label, float(total_L[label] / total_L.sum())
 
 
-def peak_pixels(maps_Nhw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Flat pixel index, at resolution ``size``, of each map's peak after bilinear upsampling.
+def peak_cells(maps_Nhw: np.ndarray) -> np.ndarray:
+    """Flat grid index of each map's largest cell (ties: the first in row-major order).
 
-    A bilinear map (half-pixel centres) is a convex blend of neighbouring cells, so its maximum is
-    the largest cell's value, reached at that cell's centre; towards the border it is a plateau,
-    and a plain argmax of the upsampled image would pick the plateau's first pixel (the image
-    edge, mostly background). The peak is therefore the pixel under the centre of the largest
-    cell (ties: the first cell in row-major order).
+    A bilinear upsampling of a grid map is a convex blend of neighbouring cells, so its maximum is
+    the largest cell's value at that cell's centre: the map's peak is a cell, never finer.
     """
-    N, h, w = np.shape(maps_Nhw)
-    H, W = size
-    cell = np.asarray(maps_Nhw, dtype=np.float32).reshape(N, -1).argmax(axis=1)
-    y = np.clip(np.floor((cell // w + 0.5) * H / h), 0, H - 1).astype(np.int64)
-    x = np.clip(np.floor((cell % w + 0.5) * W / w), 0, W - 1).astype(np.int64)
-    return y * W + x
+    N = len(maps_Nhw)
+    return np.asarray(maps_Nhw, dtype=np.float32).reshape(N, -1).argmax(axis=1)
 
 
-def labels_at(labels_PHW: np.ndarray, rows: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    """``labels_PHW[rows, pixel]`` for broadcast ``rows`` and flat ``pixels``; -1 where a row is
-    -1 (no slice to draw)."""
-    flat = labels_PHW.reshape(len(labels_PHW), -1)
-    out = flat[np.maximum(rows, 0), np.broadcast_to(pixels, np.shape(rows))].astype(np.int64)
-    return np.where(rows >= 0, out, -1)
+def cell_presence(labels_NHW: np.ndarray, grid: tuple[int, int], n_labels: int) -> np.ndarray:
+    """(N, h*w, n_labels) bool: which labels occur in the image region each grid cell covers.
+
+    The encoder's grid tiles the image into h x w equal regions (pixel row y belongs to cell row
+    ``y * h // H``), the footprint of each map cell. The pointing game asks whether the peak
+    cell's footprint holds the structure: a grid map cannot place its peak more finely than one
+    cell (the classic pointing game allows a 15-pixel tolerance for the same reason), and a
+    point-in-mask test at the cell centre would miss every structure smaller than a cell.
+    """
+    N, H, W = labels_NHW.shape
+    h, w = grid
+    cell_HW = (np.arange(H) * h // H)[:, None] * w + (np.arange(W) * w // W)[None, :]
+    index = (np.arange(N)[:, None] * (h * w) + cell_HW.reshape(1, -1)) * n_labels
+    index = index + labels_NHW.reshape(N, -1).astype(np.int64)
+    counts = np.bincount(index.ravel(), minlength=N * h * w * n_labels)
+    return counts.reshape(N, h * w, n_labels) > 0
 
 
 def draw_null(
@@ -97,13 +100,23 @@ def draw_null(
 
 
 def pointing(
-    peak_labels_T: np.ndarray, null_labels_TR: np.ndarray, label: int
+    presence_PCL: np.ndarray,
+    rows_T: np.ndarray,
+    cells_T: np.ndarray,
+    null_rows_TR: np.ndarray,
+    labels: np.ndarray,
 ) -> tuple[float, float]:
-    """(hit rate, null hit rate) of ``label``: the share of peaks inside it, and the same over the
-    drawn label maps (slices without a draw left out of the null); nan when there is nothing."""
-    if label <= 0 or len(peak_labels_T) == 0:
+    """(hit rate, null hit rate) of a structure (``labels``: its indices, several for a structure
+    a label map holds in parts): the share of the slices (``rows_T``, positions in
+    ``presence_PCL``) whose peak cell's footprint holds it, and the same peak cells read on the
+    drawn slices (``null_rows_TR``; -1 = no draw, left out); nan when there is nothing."""
+    labels = np.atleast_1d(np.asarray(labels, dtype=np.int64))
+    if len(labels) == 0 or len(rows_T) == 0:
         return float("nan"), float("nan")
-    hit = float(np.mean(peak_labels_T == label))
-    drawn = null_labels_TR >= 0
-    null = float(np.mean(null_labels_TR[drawn] == label)) if drawn.any() else float("nan")
-    return hit, null
+    holds_PC = presence_PCL[:, :, labels].any(axis=-1)
+    hit = float(holds_PC[rows_T, cells_T].mean())
+    drawn = null_rows_TR >= 0
+    if not drawn.any():
+        return hit, float("nan")
+    cells_TR = np.broadcast_to(cells_T[:, None], null_rows_TR.shape)
+    return hit, float(holds_PC[null_rows_TR[drawn], cells_TR[drawn]].mean())

@@ -7,14 +7,16 @@ MRI slices through one vocabulary, so each map is translated on load to an index
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from sail.artifacts import read_label_map, read_structure_ids
 from sail.console import track
+from sail.data.labels import HARMONISED
 from sail.errors import SailError
+from sail.maps.grounding import cell_presence
 from sail.workspace import Workspace
 
 LABEL_PATH = "label_path"
@@ -27,6 +29,7 @@ class LabelStore:
     rows: np.ndarray  # sorted EvalData rows
     labels: np.ndarray
     n_labels: int
+    _presence: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     def positions(self, rows: np.ndarray) -> np.ndarray:
         """Index into :attr:`labels` of each row (-1 stays -1)."""
@@ -35,6 +38,14 @@ class LabelStore:
 
     def get(self, rows: np.ndarray) -> np.ndarray:
         return self.labels[self.positions(rows)]
+
+    def presence(self, grid: tuple[int, int]) -> np.ndarray:
+        """Which labels each grid cell's footprint holds, per loaded slice (computed once per
+        grid: every feature of a config reads it)."""
+        grid = (int(grid[0]), int(grid[1]))
+        if grid not in self._presence:
+            self._presence[grid] = cell_presence(self.labels, grid, self.n_labels)
+        return self._presence[grid]
 
 
 class LabelMaps:
@@ -66,9 +77,12 @@ class LabelMaps:
             )
         return cls(ws, slices, read_structure_ids(ws.structure_ids))
 
-    def index(self, structure: str) -> int:
-        """Global index of a structure name (0: none, or a structure no label map holds)."""
-        return self.names.index(structure) if structure in self.names[1:] else 0
+    def indices(self, structure: str) -> np.ndarray:
+        """Global indices a structure name covers: itself, and for a harmonised name (the
+        ``has_lung_right`` flag is MRI's lung_right OR CT's right lobes) the parts a label map
+        holds instead; empty for none, or for a structure no label map holds."""
+        names = [structure, *HARMONISED.get(structure, [])] if structure else []
+        return np.array([self.names.index(n) for n in names if n in self.names[1:]], np.int64)
 
     @staticmethod
     def groups(slices: pd.DataFrame) -> np.ndarray:

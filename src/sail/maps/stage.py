@@ -405,7 +405,7 @@ def _ground(
             (top.train_KT[k], maps.train_KThw[k]),
             (top.valid_KT[k], maps.valid_KThw[k]),
             draws_KTR[k],
-            labels.index(named),
+            labels.indices(named),
         )
         rows.append(
             {
@@ -446,7 +446,7 @@ def _ground_feature(
     train: tuple[np.ndarray, np.ndarray],
     valid: tuple[np.ndarray, np.ndarray],
     draws_TR: np.ndarray,
-    enrichment_index: int,
+    enrichment_indices: np.ndarray,
 ) -> dict[str, Any]:
     """One feature: structure chosen on its train maps, pointing game of its valid maps."""
     rows, maps_Thw = train
@@ -458,12 +458,11 @@ def _ground_feature(
         structure, share = gr.choose_structure(gr.positive_mass(up, labels_NHW, store.n_labels))
     rows, maps_Thw = valid
     ok = rows >= 0
-    labels_NHW = store.get(rows[ok])
-    peaks_N = gr.peak_pixels(maps_Thw[ok], labels_NHW.shape[1:])
-    peak_labels_N = gr.labels_at(labels_NHW, np.arange(len(peaks_N)), peaks_N)
-    null_NR = gr.labels_at(store.labels, store.positions(draws_TR[ok]), peaks_N[:, None])
-    hit, null = gr.pointing(peak_labels_N, null_NR, structure)
-    e_hit, e_null = gr.pointing(peak_labels_N, null_NR, enrichment_index)
+    cells_N = gr.peak_cells(maps_Thw[ok])
+    presence = store.presence(maps_Thw.shape[1:])
+    args = (presence, store.positions(rows[ok]), cells_N, store.positions(draws_TR[ok]))
+    hit, null = gr.pointing(*args, np.array([structure]) if structure else np.array([], int))
+    e_hit, e_null = gr.pointing(*args, enrichment_indices)
     return {
         "structure_index": structure,
         "mass_share": share,
