@@ -804,15 +804,26 @@ class FeatureMapsFile:
     pre_KT: Any
     provenance: dict[str, Any]
 
-    def of(self, feature: int, slice_id: str) -> Any | None:
-        """The (h, w) map of ``feature`` on ``slice_id``, or None when not stored."""
+    @property
+    def method(self) -> str:
+        """``exact``, ``approximate`` or ``occlusion`` (maps.json's; exact when unrecorded)."""
+        return str(self.provenance.get("method", "exact"))
+
+    def lookup(self, feature: int, slice_ids: list[str]) -> tuple[Any, Any]:
+        """The maps of ``feature`` on ``slice_ids``: (mask of the ids that have one, their maps
+        as float32, in ``slice_ids`` order)."""
         import numpy as np
+        import pandas as pd
 
         k = np.flatnonzero(self.feature_K == feature)
-        if not len(k):
-            return None
-        t = np.flatnonzero(self.slice_id_KT[k[0]] == slice_id)
-        return self.maps_KThw[k[0], t[0]] if len(t) else None
+        found = np.zeros(len(slice_ids), bool)
+        if not len(k) or not slice_ids:
+            return found, np.zeros((0, *self.maps_KThw.shape[2:]), np.float32)
+        k = int(k[0])
+        real = np.flatnonzero((self.slice_id_KT[k] != "") & np.isfinite(self.pre_KT[k]))
+        at = pd.Index(self.slice_id_KT[k, real]).get_indexer(pd.Index(slice_ids))
+        found = at >= 0
+        return found, self.maps_KThw[k, real[at[found]]].astype(np.float32)
 
 
 MAPS_KEYS = ("feature_K", "slice_id_KT", "maps_KThw", "pre_KT")
@@ -826,14 +837,19 @@ def read_maps(folder: MapsFolder | str | os.PathLike) -> FeatureMapsFile | None:
     folder = folder if isinstance(folder, MapsFolder) else MapsFolder(Path(folder))
     if not folder.arrays.is_file():
         return None
-    with np.load(folder.arrays, allow_pickle=False) as z:
-        missing = [k for k in MAPS_KEYS if k not in z.files]
-        if missing:
-            raise SailError(
-                f"{folder.arrays}: missing array(s) {missing}; rerun `sail maps --force`"
-            )
-        arrays = {k: z[k] for k in MAPS_KEYS}
+    try:
+        with np.load(folder.arrays, allow_pickle=False) as z:
+            missing = [k for k in MAPS_KEYS if k not in z.files]
+            arrays = {k: z[k] for k in MAPS_KEYS if k in z.files}
+    except (OSError, ValueError) as exc:
+        raise SailError(f"{folder.arrays}: unreadable ({exc}); rerun `sail maps --force`") from None
+    if missing:
+        raise SailError(f"{folder.arrays}: missing array(s) {missing}; rerun `sail maps --force`")
     K, T = arrays["slice_id_KT"].shape
     if arrays["feature_K"].shape != (K,) or arrays["maps_KThw"].shape[:2] != (K, T):
         raise SailError(f"{folder.arrays}: array shapes disagree; rerun `sail maps --force`")
-    return FeatureMapsFile(**arrays, provenance=_read_json(folder.provenance, "maps provenance"))
+    provenance = (
+        _read_json(folder.provenance, "maps provenance") if folder.provenance.is_file() else {}
+    )
+    arrays["slice_id_KT"] = arrays["slice_id_KT"].astype(str)
+    return FeatureMapsFile(**arrays, provenance=provenance)

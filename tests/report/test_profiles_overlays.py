@@ -7,15 +7,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sail.artifacts import MapsFolder
+from sail.artifacts import FeatureMapsFile, MapsFolder, read_maps
 from sail.errors import SailError
 from sail.report.overlays import (
     LEVELS,
-    SpatialMaps,
     bilinear_matrix,
     colour_bar_svg,
+    method_note,
     palette,
-    read_spatial_maps,
     to_levels,
     upsample,
     write_overlay,
@@ -119,7 +118,7 @@ def test_palette_is_diverging_centred_on_zero_and_transparent_there(tmp_path):
 
 
 def test_maps_lookup_skips_padding_and_missing_slices():
-    maps = SpatialMaps(
+    maps = FeatureMapsFile(
         feature_K=np.array([7, 9]),
         slice_id_KT=np.array([["a", "b", ""], ["c", "", ""]]),
         maps_KThw=np.arange(2 * 3 * 2 * 2, dtype=np.float16).reshape(2, 3, 2, 2),
@@ -130,12 +129,15 @@ def test_maps_lookup_skips_padding_and_missing_slices():
     assert found.tolist() == [False, True, False]  # "b" is padding (NaN pre-activation)
     np.testing.assert_array_equal(got[0], maps.maps_KThw[0, 0])
     assert not maps.lookup(8, ["a"])[0].any()
-    assert "approximate" in maps.note and "do not add up" in maps.note
+    assert "approximate" in method_note(maps) and "do not add up" in method_note(maps)
 
 
-def test_read_spatial_maps_names_the_missing_array(tmp_path):
+def test_read_maps_names_the_missing_array_and_an_unreadable_file(tmp_path):
     folder = MapsFolder(tmp_path)
-    assert read_spatial_maps(folder) is None
+    assert read_maps(folder) is None
     np.savez(folder.arrays, feature_K=np.array([1]), slice_id_KT=np.array([["a"]]))
-    with pytest.raises(SailError, match=r"maps\.npz: missing array 'maps_KThw'"):
-        read_spatial_maps(folder)
+    with pytest.raises(SailError, match=r"maps\.npz: missing array\(s\) \['maps_KThw', 'pre_KT'\]"):
+        read_maps(folder)
+    folder.arrays.write_bytes(b"not an npz")
+    with pytest.raises(SailError, match=r"maps\.npz: unreadable"):
+        read_maps(folder)

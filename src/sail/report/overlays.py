@@ -17,20 +17,16 @@ to the thumbnail's size and stored as an 8-bit palette PNG whose palette *is* th
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
-from sail.artifacts import MapsFolder, read_table
+from sail.artifacts import FeatureMapsFile, read_table
 from sail.errors import SailError
 from sail.workspace import write_bytes_atomic
 
-MAP_ARRAYS = ("feature_K", "slice_id_KT", "maps_KThw", "pre_KT")
 LEVELS = 255  # palette entries used; index LEVELS // 2 is exactly 0
 MAX_ALPHA = 0.85
 # diverging anchors (ColorBrewer RdBu, reversed): -1, -0.5, 0, 0.5, 1
@@ -47,75 +43,11 @@ METHOD_NOTES = {
 }
 
 
-@dataclass(frozen=True)
-class SpatialMaps:
-    """One config's maps.npz and maps.json, indexed by (feature, slice_id)."""
-
-    feature_K: np.ndarray
-    slice_id_KT: np.ndarray
-    maps_KThw: np.ndarray
-    pre_KT: np.ndarray
-    provenance: dict
-
-    @property
-    def method(self) -> str:
-        return str(self.provenance.get("method", "exact"))
-
-    @property
-    def note(self) -> str:
-        note = METHOD_NOTES.get(self.method, self.method)
-        if self.provenance.get("approximate") and self.method == "exact":
-            note = METHOD_NOTES["approximate"]
-        return note
-
-    def lookup(self, feature: int, slice_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The maps of ``feature`` on ``slice_ids``: (mask of the ids that have one, their maps
-        as float32, in ``slice_ids`` order)."""
-        k = np.flatnonzero(self.feature_K == feature)
-        found = np.zeros(len(slice_ids), bool)
-        if not len(k) or not slice_ids:
-            return found, np.zeros((0, *self.maps_KThw.shape[2:]), np.float32)
-        k = int(k[0])
-        real = np.flatnonzero((self.slice_id_KT[k] != "") & np.isfinite(self.pre_KT[k]))
-        at = pd.Index(self.slice_id_KT[k, real]).get_indexer(pd.Index(slice_ids))
-        found = at >= 0
-        return found, self.maps_KThw[k, real[at[found]]].astype(np.float32)
-
-
-def read_spatial_maps(folder: MapsFolder) -> SpatialMaps | None:
-    """maps.npz + maps.json of one config (None when the maps stage has not run for it)."""
-    if not folder.arrays.is_file():
-        return None
-    try:
-        with np.load(folder.arrays, allow_pickle=False) as npz:
-            missing = [name for name in MAP_ARRAYS if name not in npz.files]
-            if missing:
-                raise SailError(f"{folder.arrays}: missing array '{missing[0]}'")
-            arrays = {name: npz[name] for name in MAP_ARRAYS}
-    except (OSError, ValueError) as exc:
-        raise SailError(f"{folder.arrays}: unreadable ({exc})") from exc
-    K = len(arrays["feature_K"])
-    if arrays["maps_KThw"].ndim != 4 or arrays["maps_KThw"].shape[:2] != (
-        K,
-        arrays["slice_id_KT"].shape[1] if arrays["slice_id_KT"].ndim == 2 else -1,
-    ):
-        raise SailError(
-            f"{folder.arrays}: maps_KThw {arrays['maps_KThw'].shape} does not match "
-            f"feature_K ({K}) x slice_id_KT {arrays['slice_id_KT'].shape}"
-        )
-    provenance = {}
-    if folder.provenance.is_file():
-        try:
-            provenance = json.loads(folder.provenance.read_text())
-        except json.JSONDecodeError as exc:
-            raise SailError(f"{folder.provenance}: not JSON ({exc})") from exc
-    return SpatialMaps(
-        arrays["feature_K"].astype(np.int64),
-        arrays["slice_id_KT"].astype(str),
-        arrays["maps_KThw"],
-        arrays["pre_KT"].astype(np.float32),
-        provenance,
-    )
+def method_note(maps: FeatureMapsFile) -> str:
+    """What the page says next to the overlays: how the maps were made and what they mean."""
+    if maps.provenance.get("approximate") and maps.method == "exact":
+        return METHOD_NOTES["approximate"]
+    return METHOD_NOTES.get(maps.method, maps.method)
 
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -23,8 +23,10 @@ from PIL import Image
 
 from sail.artifacts import (
     SAE_WEIGHTS,
+    FeatureMapsFile,
     ReportFolder,
     read_descriptions,
+    read_maps,
     read_ranking,
     read_sae_cfg,
     read_table,
@@ -36,10 +38,9 @@ from sail.evaluate.ranking import stability_labels
 from sail.evaluate.top_slices import top_per_volume
 from sail.interpret.data import select_targets
 from sail.report.overlays import (
-    SpatialMaps,
     colour_bar_svg,
     grounding_by_feature,
-    read_spatial_maps,
+    method_note,
     to_levels,
     upsample,
     write_overlay,
@@ -312,7 +313,7 @@ class _Browser:
     codes_csc: sp.csc_matrix
     vmax_F: np.ndarray  # each feature's largest activation over all slices
     axes: VolumeAxes
-    maps: SpatialMaps | None
+    maps: FeatureMapsFile | None
     grounding: dict[int, dict]
     volume_planes: dict[int, set[str]] = field(default_factory=dict)  # volumes the tiles show
     modality: np.ndarray = field(init=False)
@@ -354,7 +355,7 @@ def _browser_context(
         codes_csc=csc,
         vmax_F=vmax.astype(float),
         axes=volume_axes(data.slices, data.volume),
-        maps=read_spatial_maps(ws.maps(unit.encoder, unit.variant, unit.config)),
+        maps=read_maps(ws.maps(unit.encoder, unit.variant, unit.config)),
         grounding=grounding_by_feature(
             ws.eval.spatial_grounding, unit.encoder, unit.variant, unit.config
         ),
@@ -435,7 +436,7 @@ def _overlays(b: _Browser, f: int, tiles: list[dict], page_dir: Path) -> dict:
         "scale": scale,
         "colour_bar": colour_bar_svg(scale),
         "method": b.maps.method,
-        "note": b.maps.note,
+        "note": method_note(b.maps),
     }
 
 
