@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sail.data.slicing import PLANES, _square_box
+from sail.data.slicing import PLANES, square_box
 from sail.maps.nifti import PlaneLayout, place_slices, prepared_axes, write_nifti
 
 
@@ -42,7 +42,7 @@ def main() -> None:
         for axis, plane in enumerate(PLANES):
             axes = prepared_axes(affine, shape, "ct", axis, "canonical", args.ct_spacing_mm)
             p_ax, q_ax = (axes[a] for a in range(3) if a != axis)
-            r0, c0, side = _square_box(q_ax.size, p_ax.size, "canonical", True)
+            r0, c0, side = square_box(q_ax.size, p_ax.size, "canonical", True)
             kept = np.arange(0, axes[axis].size, args.stride)
             layout = PlaneLayout(axis, kept, r0, c0, side, True, args.stride)
             maps = rng.standard_normal((len(kept), args.grid, args.grid)).astype(np.float32)

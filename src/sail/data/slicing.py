@@ -232,7 +232,7 @@ def _pack_label_map(ref: ScanRef, labels: np.ndarray, packed: np.ndarray) -> np.
     return packed
 
 
-def _nearest_index(n_in: int, spacing_in: float, spacing_out: float) -> tuple[int, np.ndarray]:
+def nearest_index(n_in: int, spacing_in: float, spacing_out: float) -> tuple[int, np.ndarray]:
     n_out = max(1, int(round(n_in * spacing_in / spacing_out)))
     centres = (np.arange(n_out) + 0.5) * (spacing_out / spacing_in) - 0.5
     return n_out, centres
@@ -243,7 +243,7 @@ def _resample_axis(
 ) -> np.ndarray:
     """Resample one axis with voxel centres aligned to the same physical extent."""
     n_in = vol.shape[axis]
-    n_out, pos = _nearest_index(n_in, spacing_in, spacing_out)
+    n_out, pos = nearest_index(n_in, spacing_in, spacing_out)
     if n_out == n_in and abs(spacing_in - spacing_out) < 1e-6:
         return vol
     pos = np.clip(pos, 0, n_in - 1)
@@ -298,7 +298,7 @@ class ViewGeometry:
         return v[:, :, ::-1] if self.flip_cols else v
 
 
-def _square_box(rows: int, cols: int, style: str, flip_cols: bool) -> tuple[int, int, int]:
+def square_box(rows: int, cols: int, style: str, flip_cols: bool) -> tuple[int, int, int]:
     """(r0, c0, side) in display coordinates; negative offsets mean padding (canonical)."""
     if style == "canonical":
         side = max(rows, cols)
@@ -518,7 +518,7 @@ def _slice_scan(ref: ScanRef, opts: SliceOptions, workspace_root: Path) -> ScanR
         view = geom.display(pixels)
         view_masks = geom.display(packed)
         n, rows, cols = view.shape
-        r0, c0, side = _square_box(rows, cols, opts.style, geom.flip_cols)
+        r0, c0, side = square_box(rows, cols, opts.style, geom.flip_cols)
         rs, cs = (
             slice(max(r0, 0), max(r0, 0) + min(side, rows)),
             slice(max(c0, 0), max(c0, 0) + min(side, cols)),

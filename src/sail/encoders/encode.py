@@ -107,6 +107,29 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+def table_name(entry) -> str:
+    """The embeddings table an ``encode.encoders`` entry writes (its ``name`` or the encoder's)."""
+    return entry.name or get_spec(entry.encoder).table_name
+
+
+def entry_for_table(encoders: list, table: str):
+    """The ``encode.encoders`` entry that writes embeddings/<table>.parquet (None: imported)."""
+    return next((e for e in encoders if table_name(e) == table), None)
+
+
+def entry_job(entry, settings: EncodeConfig) -> EncodeJob:
+    """The encode job of one ``encode.encoders`` entry: what the encode stage runs, and what the
+    maps stage and the NIfTI export rebuild to see slices exactly as encode did."""
+    return make_job(
+        entry.encoder,
+        settings,
+        name=table_name(entry),
+        weights=entry.weights,
+        image_size=entry.image_size,
+        pooling=entry.pooling,
+    )
+
+
 def make_job(
     encoder: str,
     settings: EncodeConfig,
@@ -169,7 +192,7 @@ def read_slice_index(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     return ids, pngs
 
 
-class _BatchDecoder(torch.utils.data.Dataset):
+class BatchDecoder(torch.utils.data.Dataset):
     """Item k = batch k, decoded in a worker: uint8 (B, 1, H, W), plus the rows that failed to read.
 
     Batches whose images differ in size are resized here (float, the encoder's own resize) to the
@@ -314,7 +337,7 @@ def encode_chunks(
     write_json_atomic(parts.dir / ENCODE_ENCODER, encoder.metadata())
     batches = _chunk_batches(chunks, len(ids), job.chunk_size, job.batch_size)
     loader = torch.utils.data.DataLoader(
-        _BatchDecoder(ws.root, pngs, batches, encoder.preprocess),
+        BatchDecoder(ws.root, pngs, batches, encoder.preprocess),
         batch_size=None,
         shuffle=False,
         num_workers=job.workers,
@@ -462,20 +485,12 @@ def run_encode(cfg: SailConfig, ws: Workspace, force: bool = False) -> None:
     """Pipeline stage: one table per entry of ``encode.encoders``."""
     settings = cfg.encode
     shard = encode_shard(settings.shard)
-    names = [e.name or get_spec(e.encoder).table_name for e in settings.encoders]
+    names = [table_name(e) for e in settings.encoders]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise SailError(
             f"config encode.encoders: output name {sorted(dup)[0]!r} is used twice; "
             "give each a distinct 'name'"
         )
-    for entry, name in zip(settings.encoders, names, strict=True):
-        job = make_job(
-            entry.encoder,
-            settings,
-            name=name,
-            weights=entry.weights,
-            image_size=entry.image_size,
-            pooling=entry.pooling,
-        )
-        encode_job(ws, job, force=force, shard=shard)
+    for entry in settings.encoders:
+        encode_job(ws, entry_job(entry, settings), force=force, shard=shard)

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from sail.artifacts import SAE_CFG, VolumeMapFiles, Workspace
-from sail.data.slicing import PLANES, _nearest_index, _square_box
+from sail.artifacts import SAE_CFG, SLICE_ID_COLUMNS, VolumeMapFiles, Workspace
+from sail.data.slicing import PLANES, nearest_index, square_box
 from sail.errors import SailError
 from sail.workspace import write_bytes_atomic, write_json_atomic
 
@@ -47,17 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Geometry and identity columns of slices.parquet the export reads.
-SLICE_COLUMNS = [
-    "slice_id",
-    "modality",
-    "image_id",
-    "plane",
-    "slice_idx",
-    "png_path",
-    "crop_r0",
-    "crop_c0",
-    "crop_size",
-]
+SLICE_COLUMNS = [*SLICE_ID_COLUMNS, "crop_r0", "crop_c0", "crop_size"]
 
 
 # ---- the inverse geometry (pure) ---------------------------------------------------------------
@@ -134,7 +124,7 @@ def prepared_axes(
         n = int(shape[src])
         index = np.arange(n, dtype=float)
         oriented = n - 1 - index if flip else index
-        n_out, _ = _nearest_index(n, spacing[dst], target[dst])
+        n_out, _ = nearest_index(n, spacing[dst], target[dst])
         resampled = not (n_out == n and abs(spacing[dst] - target[dst]) < 1e-6)
         coords = (oriented + 0.5) * (spacing[dst] / target[dst]) - 0.5 if resampled else oriented
         size = n_out if resampled else n
@@ -225,7 +215,7 @@ def check_layout(
     """The layout must be the one prepare derives from this volume under these settings (else the
     settings or the volume changed since prepare)."""
     p_ax, q_ax = (axes[a] for a in range(3) if a != layout.axis)
-    expected = _square_box(q_ax.size, p_ax.size, style, layout.flip_cols)
+    expected = square_box(q_ax.size, p_ax.size, style, layout.flip_cols)
     found = (layout.crop_r0, layout.crop_c0, layout.crop_size)
     n = axes[layout.axis].size
     if expected != found or layout.slice_idx.max() >= n:
@@ -434,25 +424,17 @@ def _encode_job(cfg: SailConfig, ws: Workspace, table: str):
     """The encode job that made ``embeddings/<table>.parquet``: the encode.encoders entry of that
     name whose settings (encoder, weights, input size, precision) hash to what the encode stage
     recorded, from the given config or else the workspace's config.yaml."""
-    from sail.encoders.base import get_spec
-    from sail.encoders.encode import make_job
+    from sail.encoders.encode import entry_job, table_name
     from sail.workspace import hash_config
 
     recorded = _recorded_hash(ws.embeddings(table))
     seen = []
     for candidate in _candidate_configs(cfg, ws):
         for entry in candidate.encode.encoders:
-            if (entry.name or get_spec(entry.encoder).table_name) != table:
+            if table_name(entry) != table:
                 continue
             settings = cfg.encode.model_copy(update={"precision": candidate.encode.precision})
-            job = make_job(
-                entry.encoder,
-                settings,
-                name=table,
-                weights=entry.weights,
-                image_size=entry.image_size,
-                pooling=entry.pooling,
-            )
+            job = entry_job(entry, settings)
             if recorded in (None, hash_config(job.identity())):
                 return job
             seen.append(f"{entry.encoder} at {job.image_size} px")
@@ -465,10 +447,10 @@ def _encode_job(cfg: SailConfig, ws: Workspace, table: str):
 
 def _png_batches(ws: Workspace, pngs: np.ndarray, preprocess, batch_size: int):
     """The volume's PNGs decoded and batched as the encode stage decodes them."""
-    from sail.encoders.encode import _BatchDecoder
+    from sail.encoders.encode import BatchDecoder
 
     batches = [(0, s, min(len(pngs), s + batch_size)) for s in range(0, len(pngs), batch_size)]
-    decoder = _BatchDecoder(ws.root, pngs, batches, preprocess)
+    decoder = BatchDecoder(ws.root, pngs, batches, preprocess)
     for k in range(len(batches)):
         item = decoder[k]
         if item["bad"]:

@@ -24,7 +24,7 @@ import torch
 from sail.artifacts import read_table
 from sail.config import SailConfig
 from sail.console import track
-from sail.encoders.encode import _BatchDecoder, make_job
+from sail.encoders.encode import BatchDecoder, entry_for_table, entry_job
 from sail.encoders.table import read_embeddings
 from sail.errors import SailError
 from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
@@ -135,16 +135,6 @@ class Unit:
     sae: SAE | None = None
 
 
-def _encode_entry(cfg: SailConfig, table: str):
-    """The ``encode.encoders`` entry that wrote embeddings/<table>.parquet (None: imported)."""
-    from sail.encoders.base import get_spec
-
-    for entry in cfg.encode.encoders:
-        if (entry.name or get_spec(entry.encoder).table_name) == table:
-            return entry
-    return None
-
-
 def _record(cfg: SailConfig, ws: Workspace, target: Target, job, labels) -> StageRecord:
     t = target
     settings = cfg.maps.model_dump(mode="json", exclude={"device", "batch_size", "enabled"})
@@ -184,7 +174,7 @@ def _map_encoder(
 ) -> list[pd.DataFrame]:
     """The configs of one embeddings table: those not up to date share one encoder pass over the
     union of their top slices; returns every config's grounding rows."""
-    entry = _encode_entry(cfg, table)
+    entry = entry_for_table(cfg.encode.encoders, table)
     if entry is None:
         log.warning(
             "maps: no encode.encoders entry wrote embeddings/%s (imported embeddings?); no "
@@ -195,7 +185,7 @@ def _map_encoder(
     settings = cfg.encode.model_copy(
         update={"device": cfg.maps.device, "batch_size": cfg.maps.batch_size}
     )
-    job = make_job(entry.encoder, settings, table, entry.weights, entry.image_size, entry.pooling)
+    job = entry_job(entry, settings)
     parts, todo = [], []
     for unit in units:
         t = unit.target
@@ -311,7 +301,7 @@ def _compute(
     batch = job.batch_size
     spans = [(0, lo, min(lo + batch, len(unique_U))) for lo in range(0, len(unique_U), batch)]
     loader = torch.utils.data.DataLoader(
-        _BatchDecoder(ws.root, pngs, spans, encoder.preprocess),
+        BatchDecoder(ws.root, pngs, spans, encoder.preprocess),
         batch_size=None,
         shuffle=False,
         num_workers=job.workers,
@@ -369,9 +359,9 @@ def _enrichment_structures(
 ) -> dict[int, str]:
     """Feature -> the structure its slice-level enrichment names: the report's top label (the
     feature card's), when that label is a structure. Same split, top slices and rule as the page."""
-    from sail.report.site import _ConceptSplit
+    from sail.report.site import ConceptSplit
 
-    concept = _ConceptSplit(cfg, data, codes, report_label_columns(cfg, data.slices))
+    concept = ConceptSplit(cfg, data, codes, report_label_columns(cfg, data.slices))
     out = {}
     for f in features_K:
         rows = concept.of(int(f))["rows"]

@@ -169,7 +169,7 @@ def _enrichment_rows(ev, limit: int = 8) -> list[dict]:
     return [dict(zip(keys, r, strict=True)) for r in over[:limit]]
 
 
-class _ConceptSplit:
+class ConceptSplit:
     """The split autointerp describes features on, with its enrichment base rates: the feature
     pages score the same top slices of the same split as the descriptions they show."""
 
@@ -547,7 +547,7 @@ def _unit_pages(
 ) -> dict:
     rcfg = cfg.report
     codes = load_sparse(ws, unit.encoder, unit.variant, unit.config, data)
-    concept = _ConceptSplit(cfg, data, codes, label_columns)
+    concept = ConceptSplit(cfg, data, codes, label_columns)
     rows = report_rows(data)
     sub = codes[rows].tocsc()
     sub.sort_indices()
