@@ -98,7 +98,8 @@ def main() -> None:
     codes = codes_in_order(ws, args.encoder, variant, config, slices["slice_id"])
     table = read_embeddings(ws.embeddings(args.encoder))
     x_ND = table.x_ND[pd.Index(table.slice_ids).get_indexer(slices["slice_id"])]
-    x_ND = x_ND / np.linalg.norm(x_ND, axis=1, keepdims=True)
+    if cfg.evaluate.probe.dense_input == "l2":  # as the evaluate stage's raw-dimension control
+        x_ND = x_ND / np.linalg.norm(x_ND, axis=1, keepdims=True)
     labels = planted_labels(cfg)
     pooled, _ = ground_concepts(codes, slices, rows, {}, [], 1.0)
     pooled = pooled.set_index("label")["test_roc_auc"]
