@@ -37,7 +37,7 @@ from sail.evaluate.concepts import (
     raw_dimension_concepts,
 )
 from sail.evaluate.probes import roc_auc
-from sail.report.site import planted_labels
+from sail.report.selection import planted_labels
 from sail.sae.activations_io import read_activations
 
 SPLITS = ("train", "valid", "test")
