@@ -355,7 +355,7 @@ def test_encoder_settings_other_than_the_encode_stage_are_refused(exported):
         }
     )
     with pytest.raises(
-        SailError, match=r"efficientnet-lite0 at 128 px differ from what the encode"
+        SailError, match=r"efficientnet-lite0 at 128 px.*\) differ from what the encode"
     ):
         export_volume_maps(other, ws, "vol1", 5, sae=sae)
 

@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from sail.artifacts import read_maps, read_table
+from sail.errors import SailError
 from sail.evaluate.inputs import load_eval_data, load_sparse
 from sail.evaluate.top_slices import top_per_volume
 from sail.interpret.data import select_targets
@@ -94,6 +95,17 @@ def test_stage_skips_when_up_to_date_and_reruns_when_its_settings_change(maps_ws
     run_maps(other, ws)
     assert manifest_path(npz).read_text() != before
     run_maps(cfg, ws)  # back to the fixture's settings for other tests
+
+
+def test_a_config_that_encodes_otherwise_than_the_stored_embeddings_is_refused(maps_ws):
+    """Maps from another input size would not be the maps of the stored embeddings (a 128 px
+    demo mapped with a 224 px config gives 7x7 maps of other numbers): the stage says so and
+    names the table instead of writing them."""
+    cfg, ws = maps_ws
+    other = cfg.model_copy(deep=True)
+    other.encode.encoders[0].image_size = 96
+    with pytest.raises(SailError, match=r"embeddings/efficientnet-lite0: .* at 96 px"):
+        run_maps(other, ws, force=True)
 
 
 def test_without_label_maps_maps_are_written_and_grounding_is_skipped(maps_ws, tmp_path, caplog):

@@ -9,14 +9,13 @@ from PIL import Image
 
 from sail.artifacts import FeatureMapsFile, MapsFolder, read_maps
 from sail.errors import SailError
+from sail.maps.grounding import bilinear_matrix, upsample
 from sail.report.overlays import (
     LEVELS,
-    bilinear_matrix,
     colour_bar_svg,
     method_note,
     palette,
     to_levels,
-    upsample,
     write_overlay,
 )
 from sail.report.profiles import (
@@ -91,7 +90,7 @@ def test_bilinear_upsampling_matches_torch_align_corners_false():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(3, 4, 7)).astype(np.float32)
-    ours = upsample(maps, 32, 20)
+    ours = upsample(maps, (32, 20))
     ref = torch.nn.functional.interpolate(
         torch.from_numpy(maps)[:, None], size=(32, 20), mode="bilinear", align_corners=False
     )[:, 0].numpy()
@@ -106,7 +105,7 @@ def test_palette_is_diverging_centred_on_zero_and_transparent_there(tmp_path):
     lo, hi = to_levels(np.array([-2.0, 5.0]), 2.0)  # clipped at the scale
     assert (lo, hi) == (0, LEVELS - 1) and alpha[lo] == alpha[hi] > 200
     assert rgb[lo][2] > rgb[lo][0] and rgb[hi][0] > rgb[hi][2]  # blue below 0, red above
-    levels = to_levels(upsample(np.array([[[-1.0, 1.0]]]), 8, 16), 1.0)[0]
+    levels = to_levels(upsample(np.array([[[-1.0, 1.0]]]), (8, 16)), 1.0)[0]
     write_overlay(tmp_path / "o.png", levels)
     with Image.open(tmp_path / "o.png") as img:
         assert img.mode == "P" and img.size == (16, 8)

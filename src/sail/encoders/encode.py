@@ -39,6 +39,7 @@ from sail.workspace import (
     fingerprint,
     hash_config,
     is_done,
+    manifest_path,
     mark_done,
     write_json_atomic,
 )
@@ -127,6 +128,37 @@ def entry_job(entry, settings: EncodeConfig) -> EncodeJob:
         weights=entry.weights,
         image_size=entry.image_size,
         pooling=entry.pooling,
+    )
+
+
+def recorded_job(
+    configs: list, ws: Workspace, table: str, settings: EncodeConfig
+) -> EncodeJob | None:
+    """The job that wrote embeddings/<table>.parquet, rebuilt to see slices exactly as encode did
+    (the maps stage, the NIfTI export): the first ``configs`` entry naming ``table`` whose
+    settings hash to what the encode stage recorded (its precision applied to ``settings``).
+
+    None when no entry names the table (imported embeddings); SailError when entries name it but
+    none matches the record: maps from another input size or precision would not be the maps of
+    the stored embeddings.
+    """
+    manifest = manifest_path(ws.embeddings(table))
+    recorded = json.loads(manifest.read_text()).get("config_hash") if manifest.is_file() else None
+    seen = []
+    for config in configs:
+        entry = entry_for_table(config.encode.encoders, table)
+        if entry is None:
+            continue
+        job = entry_job(entry, settings.model_copy(update={"precision": config.encode.precision}))
+        if recorded in (None, hash_config(job.identity())):
+            return job
+        seen.append(f"{entry.encoder} at {job.image_size} px, {config.encode.precision}")
+    if not seen:
+        return None
+    raise SailError(
+        f"embeddings/{table}: the encode.encoders entries naming it ({'; '.join(seen)}) differ "
+        f"from what the encode stage recorded in {manifest}; give the config encode ran with "
+        "(--config)"
     )
 
 

@@ -412,37 +412,18 @@ def _candidate_configs(cfg: SailConfig, ws: Workspace) -> Iterator[SailConfig]:
         yield load_config(ws.config_yaml)
 
 
-def _recorded_hash(artifact: Path) -> str | None:
-    """The config hash a finished stage recorded for ``artifact`` (None without a manifest)."""
-    from sail.workspace import manifest_path
-
-    manifest = manifest_path(artifact)
-    return json.loads(manifest.read_text()).get("config_hash") if manifest.is_file() else None
-
-
 def _encode_job(cfg: SailConfig, ws: Workspace, table: str):
-    """The encode job that made ``embeddings/<table>.parquet``: the encode.encoders entry of that
-    name whose settings (encoder, weights, input size, precision) hash to what the encode stage
-    recorded, from the given config or else the workspace's config.yaml."""
-    from sail.encoders.encode import entry_job, table_name
-    from sail.workspace import hash_config
+    """The encode job that made ``embeddings/<table>.parquet``, from the given config or else the
+    workspace's config.yaml (:func:`sail.encoders.encode.recorded_job`)."""
+    from sail.encoders.encode import recorded_job
 
-    recorded = _recorded_hash(ws.embeddings(table))
-    seen = []
-    for candidate in _candidate_configs(cfg, ws):
-        for entry in candidate.encode.encoders:
-            if table_name(entry) != table:
-                continue
-            settings = cfg.encode.model_copy(update={"precision": candidate.encode.precision})
-            job = entry_job(entry, settings)
-            if recorded in (None, hash_config(job.identity())):
-                return job
-            seen.append(f"{entry.encoder} at {job.image_size} px")
-    what = f"entries {', '.join(seen)} differ from" if seen else "no encode.encoders entry makes"
-    raise SailError(
-        f"the SAE's embeddings table {table!r}: {what} what the encode stage recorded in "
-        f"{ws.embeddings(table)}; give the config the encode stage ran with (--config)"
-    )
+    job = recorded_job(list(_candidate_configs(cfg, ws)), ws, table, cfg.encode)
+    if job is None:
+        raise SailError(
+            f"the SAE's embeddings table {table!r}: no encode.encoders entry makes it (imported "
+            "embeddings have no encoder to map with); give the config encode ran with (--config)"
+        )
+    return job
 
 
 def _png_batches(ws: Workspace, pngs: np.ndarray, preprocess, batch_size: int):

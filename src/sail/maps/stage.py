@@ -24,7 +24,7 @@ import torch
 from sail.artifacts import read_table
 from sail.config import SailConfig
 from sail.console import track
-from sail.encoders.encode import BatchDecoder, entry_for_table, entry_job
+from sail.encoders.encode import BatchDecoder, recorded_job
 from sail.encoders.table import read_embeddings
 from sail.errors import SailError
 from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
@@ -174,18 +174,17 @@ def _map_encoder(
 ) -> list[pd.DataFrame]:
     """The configs of one embeddings table: those not up to date share one encoder pass over the
     union of their top slices; returns every config's grounding rows."""
-    entry = entry_for_table(cfg.encode.encoders, table)
-    if entry is None:
+    settings = cfg.encode.model_copy(
+        update={"device": cfg.maps.device, "batch_size": cfg.maps.batch_size}
+    )
+    job = recorded_job([cfg], ws, table, settings)
+    if job is None:
         log.warning(
             "maps: no encode.encoders entry wrote embeddings/%s (imported embeddings?); no "
             "encoder to map its configs with, skipped",
             table,
         )
         return []
-    settings = cfg.encode.model_copy(
-        update={"device": cfg.maps.device, "batch_size": cfg.maps.batch_size}
-    )
-    job = entry_job(entry, settings)
     parts, todo = [], []
     for unit in units:
         t = unit.target

@@ -50,28 +50,6 @@ def method_note(maps: FeatureMapsFile) -> str:
     return METHOD_NOTES.get(maps.method, maps.method)
 
 
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of 1-D bilinear resampling with cell centres aligned and edges
-    clamped (``align_corners=False``): output pixel o samples input coordinate
-    (o + 0.5) * n_in / n_out - 0.5."""
-    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    lo = np.floor(src).astype(int)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    A = np.zeros((n_out, n_in))
-    np.add.at(A, (np.arange(n_out), lo), 1 - frac)
-    np.add.at(A, (np.arange(n_out), hi), frac)
-    return A
-
-
-def upsample(maps_Nhw: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear upsampling of a stack of grid maps to ``height`` x ``width`` (separable)."""
-    _, h, w = maps_Nhw.shape
-    rows_Hh = bilinear_matrix(h, height).astype(np.float32)
-    cols_wW = bilinear_matrix(w, width).T.astype(np.float32)
-    return rows_Hh @ np.asarray(maps_Nhw, np.float32) @ cols_wW  # two batched matmuls (BLAS)
-
-
 @cache
 def palette() -> tuple[np.ndarray, np.ndarray]:
     """The overlay's colour lookup: (LEVELS x 3 uint8 RGB, LEVELS alpha uint8) for values from

@@ -37,12 +37,12 @@ from sail.evaluate.inputs import EvalData, load_eval_data, load_sparse
 from sail.evaluate.ranking import stability_labels
 from sail.evaluate.top_slices import top_per_volume
 from sail.interpret.data import select_targets
+from sail.maps.grounding import upsample
 from sail.report.overlays import (
     colour_bar_svg,
     grounding_by_feature,
     method_note,
     to_levels,
-    upsample,
     write_overlay,
 )
 from sail.report.profiles import (
@@ -426,7 +426,7 @@ def _overlays(b: _Browser, f: int, tiles: list[dict], page_dir: Path) -> dict:
     sizes = [_image_size(b.out / t["thumb"]) for t in with_map]
     for size in set(sizes):
         pick = [i for i, s in enumerate(sizes) if s == size]
-        levels = to_levels(upsample(maps_Nhw[pick], size[1], size[0]), scale)
+        levels = to_levels(upsample(maps_Nhw[pick], (size[1], size[0])), scale)
         for i, lv in zip(pick, levels, strict=True):
             path = b.report.overlay(b.unit.key, f, with_map[i]["slice_id"])
             write_overlay(path, lv)
