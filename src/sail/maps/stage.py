@@ -322,24 +322,24 @@ def _compute(
         for scatter in scatters:
             scatter.add(run, lo, hi)
     out = []
+    stored = read_embeddings(ws.embeddings(units[0].target.encoder))  # once for all the configs
     for sc in scatters:
         assert sc.maps is not None
         consistency = {
             "max_abs_map_mean_minus_pre": sc.mean_err,
-            **_stored_consistency(ws, data, sc),
+            **_stored_consistency(stored, data, sc),
         }
         out.append(ConfigMaps(method, sc.maps[0], sc.maps[1], sc.pre_SKT[0], consistency))
     return out
 
 
-def _stored_consistency(ws: Workspace, data: EvalData, scatter: _Scatter) -> dict[str, float]:
+def _stored_consistency(table, data: EvalData, scatter: _Scatter) -> dict[str, float]:
     """How far the re-encoded slices are from the stored pipeline's, on the stored (valid) slots:
     the SAE pre-activation of the stored embedding, and the activations stage's stored code."""
     unit = scatter.unit
-    top, t = unit.top, unit.target
+    top = unit.top
     ok = top.valid_KT >= 0
     rows, k_idx = top.valid_KT[ok], np.nonzero(ok)[0]
-    table = read_embeddings(ws.embeddings(t.encoder))
     pos = pd.Index(table.slice_ids).get_indexer(data.slices["slice_id"].to_numpy()[rows])
     features = torch.as_tensor(top.features_K).to(unit.sae.device)
     stored_NK = pre_activations(unit.sae, torch.as_tensor(table.x_ND[pos]), features)
