@@ -32,10 +32,11 @@ STRUCTURE_IDS = pd.DataFrame(
 
 def write_label_maps(ws: Workspace) -> pd.DataFrame:
     """Label maps beside each PNG from its own intensities (soft tissue 40-159, bright >= 160),
-    recorded in slices.parquet's ``label_path`` with data/structure_ids.csv."""
+    recorded in slices.parquet's ``label_path`` with data/structure_ids.csv, and the structures'
+    ``has_`` flags from the same maps, as prepare writes them."""
     slices = pd.read_parquet(ws.slices_table)
     ids = STRUCTURE_IDS.set_index(["modality", "structure"]).structure_id
-    paths = []
+    paths, soft, bright = [], [], []
     for row in slices.itertuples():
         img = np.asarray(Image.open(ws.root / row.png_path).convert("L"))
         label = np.zeros(img.shape, np.uint8)
@@ -44,7 +45,10 @@ def write_label_maps(ws: Workspace) -> pd.DataFrame:
         rel = ws.slice_label_map(row.modality, row.image_id, row.plane, row.slice_idx)
         Image.fromarray(label).save(ws.root / rel)
         paths.append(rel)
-    write_parquet_atomic(ws.slices_table, slices.assign(label_path=paths))
+        soft.append(bool((label == ids[(row.modality, "soft_tissue")]).any()))
+        bright.append(bool((label == ids[(row.modality, "bright_body")]).any()))
+    slices = slices.assign(label_path=paths, has_soft_tissue=soft, has_bright_body=bright)
+    write_parquet_atomic(ws.slices_table, slices)
     manifest_path(ws.slices_table).unlink()  # the table changed on purpose
     write_csv_atomic(ws.structure_ids, STRUCTURE_IDS)
     return slices

@@ -143,3 +143,39 @@ def test_a_structure_held_in_parts_hits_on_any_part(tmp_path):
     cells, none = np.array([0]), -np.ones((1, 1), int)
     assert gr.pointing(presence, np.array([0]), cells, none, maps.indices("lung_right"))[0] == 1.0
     assert gr.pointing(presence, np.array([0]), cells, none, np.array([lung]))[0] == 0.0
+
+
+def moving_structure(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Structure 1, an 8 x 8 square filling one cell of a 4 x 4 grid on every slice: its usual
+    cell (the first) on half of them, a random one on the others."""
+    out = np.zeros((n, H, W), np.uint16)
+    for i, (y, x) in enumerate(rng.integers(0, 4, size=(n, 2))):
+        y, x = (0, 0) if i % 2 else (y, x)
+        out[i, 8 * y : 8 * y + 8, 8 * x : 8 * x + 8] = 1
+    return out
+
+
+def test_located_separates_a_map_that_finds_the_structure_from_one_that_marks_its_slices():
+    """The hit rate over the layout null counts presence too: a feature that fires on the slices
+    holding a structure, whatever its map, beats a null of slices that mostly do not. On the
+    slices that hold it, against other slices holding it, only a map that finds it stands out."""
+    rng = np.random.default_rng(0)
+    top = moving_structure(12, rng)  # the feature's top slices: all hold the structure
+    others = np.concatenate([moving_structure(10, rng), np.zeros((30, H, W), np.uint16)])
+    presence = gr.cell_presence(np.concatenate([top, others]), (4, 4), 2)
+    holds_P = presence[12:, :, 1].any(axis=1)
+    one_group = np.zeros(40, int)
+    layout = 12 + gr.draw_null(np.zeros(12, int), -np.ones(12, int), one_group, 20, rng)
+    holding = 12 + gr.draw_null(
+        np.zeros(12, int), -np.ones(12, int), np.where(holds_P, 0, -1), 20, rng
+    )
+    finds = gr.peak_cells(peaked_maps(top, 1))
+    marks = np.zeros(12, np.int64)  # always the usual cell, wherever the structure is
+    for cells, finds_it in ((finds, True), (marks, False)):
+        hit, null = gr.pointing(presence, np.arange(12), cells, layout, np.array([1]))
+        located, located_null = gr.pointing(presence, np.arange(12), cells, holding, np.array([1]))
+        assert hit >= 3 * null  # both pass the layout null: three quarters of its slices lack it
+        if finds_it:
+            assert hit == located == 1.0 and located >= 1.5 * located_null
+        else:  # presence alone: the holding null scores it as high
+            assert located <= 1.2 * located_null

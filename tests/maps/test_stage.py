@@ -15,7 +15,8 @@ from sail.errors import SailError
 from sail.evaluate.inputs import load_eval_data, load_sparse
 from sail.evaluate.top_slices import top_per_volume
 from sail.interpret.data import select_targets
-from sail.maps.stage import GROUNDING_COLUMNS, run_maps
+from sail.maps.labels import LabelMaps
+from sail.maps.stage import GROUNDING_COLUMNS, NullDraws, run_maps
 from sail.report.selection import paged_features, report_rows, unit_key
 from sail.report.site import build_site
 from sail.workspace import Workspace, manifest_path, write_parquet_atomic
@@ -38,6 +39,37 @@ def test_stage_writes_maps_provenance_and_grounding_per_contract(maps_ws):
         scored = rows[rows.structure != ""]
         assert scored.hit_rate.between(0, 1).all() and scored.null_hit_rate.between(0, 1).all()
         assert (rows.method == "exact").all() and (rows.n_slices <= cfg.report.top_slices).all()
+        for p in ("", "enrichment_"):  # the pointing game on the slices that hold the structure
+            named = rows[rows[f"{p}structure"].ne("")]
+            assert named[f"{p}n_holding"].le(named.n_slices).all()
+            held = named[named[f"{p}n_holding"] > 0]
+            assert held[f"{p}located_rate"].between(0, 1).all()
+            assert held[f"{p}located_null_rate"].between(0, 1).all()
+            assert named.loc[named[f"{p}n_holding"] == 0, f"{p}located_rate"].isna().all()
+            # every hit is on a slice that holds the structure
+            hits = held[f"{p}hit_rate"] * held.n_slices
+            np.testing.assert_allclose(hits, held[f"{p}located_rate"] * held[f"{p}n_holding"])
+
+
+def test_the_holding_null_draws_other_slices_of_the_group_that_hold_the_structure(maps_ws):
+    cfg, ws = maps_ws
+    data = load_eval_data(ws)
+    labels = LabelMaps.open(ws, data.slices)
+    pool = report_rows(data)
+    holds = data.slices.has_bright_body.to_numpy(dtype=bool)
+    assert 0 < holds[pool].sum() < len(pool)
+    rows_T = pool[: 2 * cfg.report.top_slices]
+    holding_T, draws_TR = NullDraws(cfg, data, labels).draw_holding(rows_T, "bright_body")
+    np.testing.assert_array_equal(holding_T, holds[rows_T])
+    assert (draws_TR[~holding_T] == -1).all()
+    drawn = draws_TR[holding_T]
+    own = rows_T[holding_T][:, None]
+    group = labels.groups(data.slices)
+    real = drawn >= 0
+    assert real.any() and holds[drawn[real]].all() and np.isin(drawn[real], pool).all()
+    assert (group[drawn] == group[own])[real].all() and not (drawn == own).any()
+    with pytest.raises(SailError, match="has_no_such_structure"):
+        NullDraws(cfg, data, labels).draw_holding(rows_T, "no_such_structure")
 
 
 def check_config(cfg, ws, data, target) -> int:

@@ -73,9 +73,15 @@ def write_contract_maps(ws: Workspace, method: str = "exact", top: int = 12) -> 
             "hit_rate": [0.9, 0.25, np.nan, 0.5, 0.75],
             "null_hit_rate": [0.1, 0.2, np.nan, 0.3, 0.05],
             "n_slices": [4, 3, 0, 2, 4],
+            "n_holding": [4, 3, 0, 2, 4],
+            "located_rate": [0.9, 0.25, np.nan, 0.5, 0.75],
+            "located_null_rate": [0.4, 0.3, np.nan, 0.5, 0.2],
             "enrichment_structure": ["liver", "brain", "", "", "kidney_left"],
             "enrichment_hit_rate": [0.9, 0.25, np.nan, np.nan, 0.75],
             "enrichment_null_hit_rate": [0.1, 0.2, np.nan, np.nan, 0.05],
+            "enrichment_n_holding": [4, 3, 0, 0, 4],
+            "enrichment_located_rate": [0.9, 0.25, np.nan, np.nan, 0.75],
+            "enrichment_located_null_rate": [0.4, 0.3, np.nan, np.nan, 0.2],
         }
     )
     ws.eval_dir.mkdir(parents=True, exist_ok=True)

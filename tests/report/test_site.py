@@ -311,8 +311,10 @@ def test_spatial_grounding_sits_beside_the_enrichment(site):
     page = _page(ws, 0)
     table = page.split('id="grounding">')[1].split("</table>")[0]
     rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
-    assert re.findall(r"<td[^>]*>([^<]*)</td>", rows[1]) == ["liver", "0.62", "0.90", "0.10"]
-    assert re.findall(r"<td[^>]*>([^<]*)</td>", rows[2]) == ["liver", "", "0.90", "0.10"]
+    located = ["4", "0.90", "0.40"]  # on the slices that hold it, against slices holding it
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", rows[1])
+    assert cells == ["liver", "0.62", "0.90", "0.10", *located]
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", rows[2]) == ["liver", "", "0.90", "0.10", *located]
     assert page.index("Enrichment against the base rate") < page.index("Spatial grounding")
     assert "pointing game on 4 top validation slices" in page
 

@@ -92,7 +92,8 @@ class LabelMaps:
 
     def load(self, rows: np.ndarray) -> LabelStore:
         """Read the label maps of ``rows`` (sorted, distinct); one shape for all of them."""
-        for row in track([r for r in rows if r not in self.cache], "label maps"):
+        unread = [r for r in rows if r not in self.cache]
+        for row in track(unread, "label maps") if unread else ():
             self.cache[row] = self._read(row)
         maps = [self.cache[row] for row in rows]
         shapes = {m.shape for m in maps}

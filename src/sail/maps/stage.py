@@ -68,9 +68,15 @@ GROUNDING_COLUMNS = [
     "hit_rate",
     "null_hit_rate",
     "n_slices",
+    "n_holding",
+    "located_rate",
+    "located_null_rate",
     "enrichment_structure",
     "enrichment_hit_rate",
     "enrichment_null_hit_rate",
+    "enrichment_n_holding",
+    "enrichment_located_rate",
+    "enrichment_located_null_rate",
 ]
 
 
@@ -146,6 +152,7 @@ def _record(cfg: SailConfig, ws: Workspace, target: Target, job, labels) -> Stag
             mode="json", include={"concept_split", "enrichment_top"}
         ),
         "planted": [cfg.evaluate.probe_structures, cfg.train.variants, cfg.evaluate.extra_tasks],
+        "grounding_columns": GROUNDING_COLUMNS,  # a table of other columns is recomputed
     }
     inputs = {
         "slices": fingerprint(ws.slices_table),
@@ -383,25 +390,41 @@ def _ground(
     if labels is None:
         return pd.DataFrame(columns=GROUNDING_COLUMNS)
     enrichment = _enrichment_structures(cfg, data, codes, top.features_K)
-    draws_KTR = _null_draws(cfg, data, top.valid_KT, labels)
-    everything = np.concatenate([top.valid_KT.ravel(), top.train_KT.ravel(), draws_KTR.ravel()])
-    store = labels.load(np.unique(everything[everything >= 0]))
+    nulls = NullDraws(cfg, data, labels)
+    draws_KTR = nulls.draw(top.valid_KT)
+    store = labels.load(_distinct(top.valid_KT, top.train_KT, draws_KTR))
+    chosen_K = [
+        _choose(store, top.train_KT[k], maps.train_KThw[k]) for k in range(len(top.features_K))
+    ]
+    named_K = [enrichment.get(int(f), "") for f in top.features_K]
+    # the pointing game on the slices that hold the structure, against other slices holding it
+    held = {
+        (k, name): nulls.draw_holding(top.valid_KT[k], name)
+        for k, (label, _) in enumerate(chosen_K)
+        for name in (labels.names[label], named_K[k])
+        if name
+    }
+    held_draws = [draws for _, draws in held.values()]
+    store = labels.load(_distinct(top.valid_KT, top.train_KT, draws_KTR, *held_draws))
     rows = []
     for k, feature in enumerate(top.features_K):
-        named = enrichment.get(int(feature), "")
-        scores = _ground_feature(
-            store,
-            (top.train_KT[k], maps.train_KThw[k]),
-            (top.valid_KT[k], maps.valid_KThw[k]),
-            draws_KTR[k],
-            labels.indices(named),
-        )
+        label, share = chosen_K[k]
+        valid = (top.valid_KT[k], maps.valid_KThw[k], draws_KTR[k])
+        chosen = labels.names[label]
         rows.append(
             {
                 "feature": int(feature),
-                "structure": labels.names[scores.pop("structure_index")],
-                "enrichment_structure": named,
-                **scores,
+                "structure": chosen,
+                "mass_share": share,
+                **_point(store, valid, labels.indices(chosen), held.get((k, chosen))),
+                "enrichment_structure": named_K[k],
+                **_point(
+                    store,
+                    valid,
+                    labels.indices(named_K[k]),
+                    held.get((k, named_K[k])),
+                    "enrichment_",
+                ),
             }
         )
     out = pd.DataFrame(rows).assign(
@@ -413,54 +436,102 @@ def _ground(
     return out[GROUNDING_COLUMNS]
 
 
-def _null_draws(
-    cfg: SailConfig, data: EvalData, valid_KT: np.ndarray, labels: LabelMaps
-) -> np.ndarray:
-    """(K, T, R) rows of other valid slices of the same modality x plane, drawn per top slice."""
-    pool = report_rows(data)
-    group = labels.groups(data.slices)
-    rng = np.random.default_rng(cfg.maps.seed)
-    ok = valid_KT >= 0
-    self_N = np.searchsorted(pool, valid_KT[ok])
-    self_N = np.where(pool[np.minimum(self_N, len(pool) - 1)] == valid_KT[ok], self_N, -1)
-    R = cfg.maps.null_permutations
-    draws_KTR = np.full((*valid_KT.shape, R), -1, dtype=np.int64)
-    local = gr.draw_null(group[valid_KT[ok]], self_N, group[pool], R, rng)
-    draws_KTR[ok] = np.where(local >= 0, pool[np.maximum(local, 0)], -1)
-    return draws_KTR
+def _distinct(*rows: np.ndarray) -> np.ndarray:
+    """The distinct real rows (-1 = padding) of several row arrays."""
+    every = np.concatenate([np.ravel(r) for r in rows])
+    return np.unique(every[every >= 0])
 
 
-def _ground_feature(
+class NullDraws:
+    """Seeded draws of other valid slices of the same modality x plane: the pointing game's null.
+
+    ``draw``: from every such slice (the layout alone). ``draw_holding``: only from those whose
+    ``has_<structure>`` flag is set, for the slices that hold it themselves: where the structure
+    lies once it is there, so a peak that merely sits where the structure usually is scores as
+    high on the null.
+    """
+
+    def __init__(self, cfg: SailConfig, data: EvalData, labels: LabelMaps):
+        self.slices = data.slices
+        self.pool = report_rows(data)
+        self.group = labels.groups(data.slices)
+        self.n_draws = cfg.maps.null_permutations
+        self.rng = np.random.default_rng(cfg.maps.seed)
+        self.rng_holding = np.random.default_rng([cfg.maps.seed, 1])
+
+    def draw(self, rows: np.ndarray, pool: np.ndarray | None = None, rng=None) -> np.ndarray:
+        """(*rows.shape, R) drawn pool rows per row (-1: a padding row, or none to draw)."""
+        pool = self.pool if pool is None else pool
+        ok = rows >= 0
+        self_N = np.searchsorted(pool, rows[ok])
+        self_N = np.where(pool[np.minimum(self_N, len(pool) - 1)] == rows[ok], self_N, -1)
+        draws = np.full((*rows.shape, self.n_draws), -1, dtype=np.int64)
+        if len(pool):
+            local = gr.draw_null(
+                self.group[rows[ok]], self_N, self.group[pool], self.n_draws, rng or self.rng
+            )
+            draws[ok] = np.where(local >= 0, pool[np.maximum(local, 0)], -1)
+        return draws
+
+    def holds(self, structure: str) -> np.ndarray:
+        column = f"has_{structure}"
+        if column not in self.slices.columns:
+            raise SailError(f"spatial grounding: the slices table has no column {column!r}")
+        return self.slices[column].fillna(False).to_numpy(dtype=bool)
+
+    def draw_holding(self, rows_T: np.ndarray, structure: str) -> tuple[np.ndarray, np.ndarray]:
+        """Which top slices hold ``structure`` (T,) and, for those, (T, R) draws among the pool
+        slices that hold it too (-1 elsewhere, and where the group holds no other)."""
+        holds = self.holds(structure)
+        holding_T = (rows_T >= 0) & holds[np.maximum(rows_T, 0)]
+        rows = np.where(holding_T, rows_T, -1)
+        return holding_T, self.draw(rows, self.pool[holds[self.pool]], self.rng_holding)
+
+
+def _choose(store: LabelStore, rows: np.ndarray, maps_Thw: np.ndarray) -> tuple[int, float]:
+    """The structure holding the most positive map mass over a feature's train top slices."""
+    ok = rows >= 0
+    if not ok.any():
+        return 0, float("nan")
+    labels_NHW = store.get(rows[ok])
+    up = gr.upsample(maps_Thw[ok], labels_NHW.shape[1:])
+    return gr.choose_structure(gr.positive_mass(up, labels_NHW, store.n_labels))
+
+
+def _point(
     store: LabelStore,
-    train: tuple[np.ndarray, np.ndarray],
-    valid: tuple[np.ndarray, np.ndarray],
-    draws_TR: np.ndarray,
-    enrichment_indices: np.ndarray,
+    valid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    indices: np.ndarray,
+    held: tuple[np.ndarray, np.ndarray] | None,
+    prefix: str = "",
 ) -> dict[str, Any]:
-    """One feature: structure chosen on its train maps, pointing game of its valid maps."""
-    rows, maps_Thw = train
+    """The pointing game of a feature's valid maps on one structure: on every top slice against
+    the layout null, and on the top slices that hold the structure against slices holding it."""
+    rows, maps_Thw, draws_TR = valid
     ok = rows >= 0
-    structure, share = 0, float("nan")
-    if ok.any():
-        labels_NHW = store.get(rows[ok])
-        up = gr.upsample(maps_Thw[ok], labels_NHW.shape[1:])
-        structure, share = gr.choose_structure(gr.positive_mass(up, labels_NHW, store.n_labels))
-    rows, maps_Thw = valid
-    ok = rows >= 0
-    cells_N = gr.peak_cells(maps_Thw[ok])
+    cells_T = np.full(len(rows), -1, dtype=np.int64)
+    cells_T[ok] = gr.peak_cells(maps_Thw[ok])
     presence = store.presence(maps_Thw.shape[1:])
-    args = (presence, store.positions(rows[ok]), cells_N, store.positions(draws_TR[ok]))
-    hit, null = gr.pointing(*args, np.array([structure]) if structure else np.array([], int))
-    e_hit, e_null = gr.pointing(*args, enrichment_indices)
-    return {
-        "structure_index": structure,
-        "mass_share": share,
-        "hit_rate": hit,
-        "null_hit_rate": null,
-        "n_slices": int(ok.sum()),
-        "enrichment_hit_rate": e_hit,
-        "enrichment_null_hit_rate": e_null,
+    hit, null = gr.pointing(
+        presence, store.positions(rows[ok]), cells_T[ok], store.positions(draws_TR[ok]), indices
+    )
+    out = {f"{prefix}hit_rate": hit, f"{prefix}null_hit_rate": null}
+    if not prefix:
+        out["n_slices"] = int(ok.sum())
+    holding_T, held_TR = held if held is not None else (np.zeros_like(ok), draws_TR)
+    located, located_null = gr.pointing(
+        presence,
+        store.positions(rows[holding_T]),
+        cells_T[holding_T],
+        store.positions(held_TR[holding_T]),
+        indices,
+    )
+    out |= {
+        f"{prefix}n_holding": int(holding_T.sum()),
+        f"{prefix}located_rate": located,
+        f"{prefix}located_null_rate": located_null,
     }
+    return out
 
 
 def _write(
