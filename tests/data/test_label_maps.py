@@ -1,6 +1,7 @@
 """prepare.label_maps: per-slice structure-id maps beside the PNGs (issue 17 item 1)."""
 
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -65,13 +66,25 @@ def test_large_structures_in_the_label_map_agree_with_their_flags(labelled):
         assert (np.array(in_map) == rows[f"has_{name}"].to_numpy(dtype=bool)).all(), name
 
 
-def test_structure_ids_follow_the_vocabulary(labelled):
+def test_structure_ids_are_totalsegmentators_class_ids(labelled):
+    """CT ids are TotalSegmentator's task "total" (1-117), MRI ids its "total_mr" (1-50): a few
+    checked by hand against its class map, across the table's breaks in order."""
     ws, table = labelled
     ids = read_structure_ids(ws.structure_ids)
     for modality in ("ct", "mri"):
         rows = ids[ids.modality == modality]
-        assert rows.structure.tolist() == VOCABULARY[modality]
+        assert sorted(rows.structure) == VOCABULARY[modality]
         assert rows.structure_id.tolist() == list(range(1, len(VOCABULARY[modality]) + 1))
+    hand = {
+        "ct": {"spleen": 1, "liver": 5, "vertebrae_S1": 26, "vertebrae_L5": 27, "vertebrae_C1": 50,
+               "heart": 51, "spinal_cord": 79, "brain": 90, "skull": 91, "rib_left_1": 92,
+               "rib_left_10": 101, "rib_right_1": 104, "rib_right_12": 115, "sternum": 116,
+               "costal_cartilages": 117},
+        "mri": {"spleen": 1, "liver": 5, "lung_left": 10, "lung_right": 11, "vertebrae": 19,
+                "intervertebral_discs": 20, "spinal_cord": 21, "brain": 50},
+    }  # fmt: skip
+    for modality, expected in hand.items():
+        assert {name: _ids(ws, modality)[name] for name in expected} == expected
     summary = json.loads(manifest_path(ws.slices_table).read_text())["summary"]
     assert summary["label_maps"] == len(table)
     assert summary["overlap_px"] == table.label_overlap_px.sum()
@@ -205,3 +218,11 @@ def test_interrupted_prepare_resumes_to_identical_label_maps(phantom_root, tmp_p
     assert not parts.exists()  # prepare used (and cleared) this part folder
     for rel in table.label_path:
         assert (full.root / rel).read_bytes() == (part.root / rel).read_bytes()
+
+
+def test_structures_outside_the_vocabulary_follow_its_class_ids(phantom_root):
+    """A manifest's own mask names get the ids after TotalSegmentator's, in string order."""
+    scans, _ = discover(phantom_root, ["ct"])
+    own = replace(scans[0], structures=(*scans[0].structures, "zz_lesion", "aa_implant"))
+    ids = structure_id_table([own, *scans[1:]])["ct"]
+    assert ids["liver"] == 5 and ids["aa_implant"] == 118 and ids["zz_lesion"] == 119

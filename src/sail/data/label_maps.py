@@ -1,10 +1,11 @@
 """Per-slice label maps (``prepare.label_maps``): one structure id per pixel, beside each PNG.
 
-Ids: within a modality, ``structure_id`` = 1 + the structure's position in TotalSegmentator's
-vocabulary of that modality (:data:`sail.data.labels.VOCABULARY`, Python string order, the order
-of the ``has_`` columns); mask names outside the vocabulary (a user manifest's own structures)
-follow in string order. 0 is background. The ids do not depend on which masks a data set holds, so
-a label map means the same thing across runs; ``data/structure_ids.csv`` lists them.
+Ids: within a modality, ``structure_id`` is TotalSegmentator's own class id of the structure
+(:data:`sail.data.labels.CLASS_IDS`: task "total" for CT, 1-117; "total_mr" for MRI, 1-50), so a
+label map opens with TotalSegmentator's label table in 3D Slicer or ITK-SNAP; mask names outside
+the vocabulary (a user manifest's own structures) follow in string order. 0 is background. The
+ids do not depend on which masks a data set holds, so a label map means the same thing across
+runs; ``data/structure_ids.csv`` lists them.
 
 Overlap: TotalSegmentator's masks may overlap (a structure inside another, resampling at the
 edges). Where several masks cover a voxel, the smallest structure, the one with the fewest voxels
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sail.data.labels import VOCABULARY
+from sail.data.labels import CLASS_IDS
 from sail.data.manifest import ScanRef
 from sail.errors import SailError
 
@@ -35,19 +36,18 @@ def structure_id_table(scans: list[ScanRef]) -> dict[str, dict[str, int]]:
     Raises when a modality has more structures than an 8-bit label map can hold."""
     table: dict[str, dict[str, int]] = {}
     for modality in sorted({ref.modality for ref in scans}):
-        vocabulary = list(VOCABULARY.get(modality, []))
-        known = set(vocabulary)
-        extra = sorted(
-            {s for ref in scans if ref.modality == modality for s in ref.structures} - known
-        )
-        names = vocabulary + extra
-        if len(names) > MAX_ID:
+        ids = dict(CLASS_IDS.get(modality, {}))
+        held = {s for ref in scans if ref.modality == modality for s in ref.structures}
+        extra = sorted(held - set(ids))
+        first = max(ids.values(), default=0) + 1
+        ids |= {name: first + i for i, name in enumerate(extra)}
+        if max(ids.values(), default=0) > MAX_ID:
             raise SailError(
-                f"prepare.label_maps: {modality} has {len(names)} structures "
+                f"prepare.label_maps: {modality} has {len(ids)} structures "
                 f"({len(extra)} outside TotalSegmentator's vocabulary); an 8-bit label map holds "
                 f"at most {MAX_ID}. Turn label_maps off or drop structures"
             )
-        table[modality] = {name: i + 1 for i, name in enumerate(names)}
+        table[modality] = ids
     return table
 
 

@@ -101,6 +101,45 @@ MRI_STRUCTURES: list[str] = sorted(_SHARED + _MRI_ONLY)
 ALL_STRUCTURES: list[str] = sorted(set(CT_STRUCTURES) | set(MRI_STRUCTURES))
 VOCABULARY = {"ct": CT_STRUCTURES, "mri": MRI_STRUCTURES}
 
+# TotalSegmentator's class ids (its multilabel output and label tables: map_to_binary.py's class_map
+# "total" for CT, "total_mr" for MRI, current releases): the name of id i is entry i - 1. Early v2
+# releases numbered ribs 92-115 in another order.
+_CT_CLASS_ORDER = [
+    "spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
+    "adrenal_gland_right", "adrenal_gland_left", "lung_upper_lobe_left", "lung_lower_lobe_left",
+    "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right", "esophagus",
+    "trachea", "thyroid_gland", "small_bowel", "duodenum", "colon", "urinary_bladder", "prostate",
+    "kidney_cyst_left", "kidney_cyst_right", "sacrum", "vertebrae_S1",
+    *reversed(_LUMBAR), *reversed(_THORACIC), *reversed(_CERVICAL),
+    "heart", "aorta", "pulmonary_vein", "brachiocephalic_trunk", "subclavian_artery_right",
+    "subclavian_artery_left", "common_carotid_artery_right", "common_carotid_artery_left",
+    "brachiocephalic_vein_left", "brachiocephalic_vein_right", "atrial_appendage_left",
+    "superior_vena_cava", "inferior_vena_cava", "portal_vein_and_splenic_vein",
+    "iliac_artery_left", "iliac_artery_right", "iliac_vena_left", "iliac_vena_right",
+    "humerus_left", "humerus_right", "scapula_left", "scapula_right", "clavicula_left",
+    "clavicula_right", "femur_left", "femur_right", "hip_left", "hip_right", "spinal_cord",
+    "gluteus_maximus_left", "gluteus_maximus_right", "gluteus_medius_left", "gluteus_medius_right",
+    "gluteus_minimus_left", "gluteus_minimus_right", "autochthon_left", "autochthon_right",
+    "iliopsoas_left", "iliopsoas_right", "brain", "skull",
+    *_RIBS, "sternum", "costal_cartilages",
+]  # fmt: skip
+_MRI_CLASS_ORDER = [
+    "spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
+    "adrenal_gland_right", "adrenal_gland_left", "lung_left", "lung_right", "esophagus",
+    "small_bowel", "duodenum", "colon", "urinary_bladder", "prostate", "sacrum", "vertebrae",
+    "intervertebral_discs", "spinal_cord", "heart", "aorta", "inferior_vena_cava",
+    "portal_vein_and_splenic_vein", "iliac_artery_left", "iliac_artery_right", "iliac_vena_left",
+    "iliac_vena_right", "humerus_left", "humerus_right", "scapula_left", "scapula_right",
+    "clavicula_left", "clavicula_right", "femur_left", "femur_right", "hip_left", "hip_right",
+    "gluteus_maximus_left", "gluteus_maximus_right", "gluteus_medius_left", "gluteus_medius_right",
+    "gluteus_minimus_left", "gluteus_minimus_right", "autochthon_left", "autochthon_right",
+    "iliopsoas_left", "iliopsoas_right", "brain",
+]  # fmt: skip
+CLASS_IDS: dict[str, dict[str, int]] = {
+    modality: {name: i + 1 for i, name in enumerate(order)}
+    for modality, order in (("ct", _CT_CLASS_ORDER), ("mri", _MRI_CLASS_ORDER))
+}
+
 # MRI names that CT splits into parts: the CT flag is the OR of its parts, so one column means
 # the same thing in both modalities.
 HARMONISED: dict[str, list[str]] = {
