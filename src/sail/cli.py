@@ -530,8 +530,9 @@ def maps(
     method: Annotated[
         str | None,
         typer.Option(
-            help="The stage's map method: auto (exact for mean-pooled encoders, approximate for "
-            "DINOv3), exact, approximate, or occlusion (any encoder, slower) [default: auto]."
+            help="The map method, for the stage and an export alike: auto (exact for mean-pooled "
+            "encoders, approximate for DINOv3), exact, approximate, or occlusion (any encoder, "
+            "slower) [default: auto]."
         ),
     ] = None,
     device: DeviceOpt = None,
@@ -556,12 +557,12 @@ def maps(
             raise SailError("--sae and --out belong to an export: give --volume and --feature")
         _run_stage("maps", force, config, workspace, maps={"method": method, "device": device})
         return
-    if method is not None:
-        raise SailError("--method belongs to the maps stage; an export is always exact")
     from sail.maps.nifti import export_volume_maps
     from sail.workspace import Workspace
 
-    cfg = _load(config, workspace, encode={"device": device})
+    cfg = _load(
+        config, workspace, encode={"device": device}, maps={"method": method} if method else None
+    )
     written = export_volume_maps(cfg, Workspace(cfg.workspace), volume, feature, sae=sae, out=out)
     for path in written:
         console.print(str(path))

@@ -184,18 +184,18 @@ def test_structure_read_off_the_pngs_lands_on_its_voxels(tmp_path, case):
 ENCODER_SIZE = 96  # a 3 x 3 grid
 
 
-def _tiny_sae(ws: Workspace) -> str:
+def _tiny_sae(ws: Workspace, encoder: str = "efficientnet-lite0", d_in: int = 1280) -> str:
     from sail.sae.checkpoint import save_sae
     from sail.sae.model import SAESpec, StackedSAE
 
-    stack = StackedSAE([SAESpec("sail", (8, 16), (2, 4))], 1280)
+    stack = StackedSAE([SAESpec("sail", (8, 16), (2, 4))], d_in)
     stack.initialize([3])
     with torch.no_grad():
         stack.b_enc.copy_(
             0.1 * torch.randn(stack.b_enc.shape, generator=torch.Generator().manual_seed(1))
         )
-    save_sae(ws.sae_dir("efficientnet-lite0", "sail", "tiny"), stack, 0, "tiny", {})
-    return "efficientnet-lite0/sail/tiny"
+    save_sae(ws.sae_dir(encoder, "sail", "tiny"), stack, 0, "tiny", {})
+    return f"{encoder}/sail/tiny"
 
 
 @pytest.fixture(scope="module")
@@ -384,30 +384,60 @@ def test_cli_exports_with_the_workspace_config_and_explains_its_options(exported
     ws.config_yaml.write_text(dump_config(cfg))
     try:
         r = runner.invoke(app, [*args, "-w", str(ws.root)])
+        # --method reaches the export: EfficientNet-Lite0 has no patch tokens
+        wrong = runner.invoke(app, [*args, "--method", "approximate", "-w", str(ws.root)])
     finally:
         ws.config_yaml.unlink()
     assert r.exit_code == 0, r.output
+    assert wrong.exit_code != 0 and "efficientnet-lite0 has no patch tokens" in wrong.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"ct_vol1_f00003_{p}{s}.nii.gz" for p in PLANES for s in ("", "_filled")]
         + ["ct_vol1_f00003.json"]
     )
 
 
-def test_an_encoder_without_an_exact_map_is_refused(exported, monkeypatch):
-    """DINOv3 pools by its CLS token: the export says so instead of exporting an approximation."""
+def test_dinov3_exports_approximate_maps_labelled_so(exported, monkeypatch, tmp_path):
+    """DINOv3 pools by its CLS token: the export writes its approximate maps (patch tokens
+    through the SAE, the maps stage's rule), says so in the sidecar and every NIfTI header, and
+    places the same values the method gives on the slice PNGs; an explicit maps.method exact is
+    refused, naming the pooling."""
     from types import SimpleNamespace
 
     from sail.encoders.random_init import build_random_dinov3
     from sail.maps import nifti
+    from sail.maps.methods import approximate_maps
+    from sail.sae.api import load_sae
 
     from ..encoders.conftest import TINY_DINOV3
 
-    cfg, ws, _, sae, _ = exported
+    cfg, ws, image, _, _ = exported
     dino = build_random_dinov3(image_size=64, config=TINY_DINOV3)
     job = SimpleNamespace(build=lambda: dino, device="cpu", batch_size=4)
     monkeypatch.setattr(nifti, "_encode_job", lambda *args: job)
-    with pytest.raises(SailError, match=r"random-dinov3 pools by its pooler output .* maps stage"):
-        nifti.export_volume_maps(cfg, ws, "vol1", 5, sae=sae)
+    sae = _tiny_sae(ws, "random-dinov3", TINY_DINOV3["hidden_size"])
+    written = nifti.export_volume_maps(cfg, ws, "vol1", 5, sae=sae, out=tmp_path)
+    sidecar = json.loads(written[-1].read_text())
+    assert sidecar["method"] == "approximate" and sidecar["approximate"] is True
+    for path in written[:-1]:
+        assert "approximate" in nib.load(str(path)).header["descrip"].tobytes().decode()
+
+    rows = pd.read_parquet(ws.slices_table).sort_values(["plane", "slice_idx"])
+    row = rows[rows.plane == "axial"].iloc[0]
+    png = torch.from_numpy(np.array(Image.open(ws.root / row.png_path)))[None, None]
+    grid = approximate_maps(dino, load_sae(ws.sae_dir(*sae.split("/"))), png, [5]).maps_BKhw
+    assert tuple(grid.shape[2:]) == (4, 4)  # 64 px / patch 16
+    src = nib.load(str(image))
+    axis = prepared_axes(src.affine, src.shape, "ct", PLANES.index("axial"), "canonical", 2.0)[2]
+    vol = nib.load(str(tmp_path / "ct_vol1_f00005_axial.nii.gz")).get_fdata()
+    placed = np.take(vol, int(np.flatnonzero(axis.coords == row.slice_idx)[0]), axis.source_axis)
+    expected = torch.nn.functional.interpolate(
+        grid[:, :1], size=placed.shape, mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    np.testing.assert_allclose(np.sort(placed.ravel()), np.sort(expected.ravel()), atol=1e-5)
+
+    exact = cfg.model_copy(update={"maps": cfg.maps.model_copy(update={"method": "exact"})})
+    with pytest.raises(SailError, match=r"maps.method exact: random-dinov3 pools by its pooler"):
+        nifti.export_volume_maps(exact, ws, "vol1", 5, sae=sae, out=tmp_path)
 
 
 def test_a_dicom_source_gets_a_header_from_its_affine(tmp_path):

@@ -441,12 +441,13 @@ def _png_batches(ws: Workspace, pngs: np.ndarray, preprocess, batch_size: int):
 
 
 def compute_slice_maps(cfg: SailConfig, ws: Workspace, target: SaeTarget, rows, feature: int):
-    """(maps_Thw float32, pre_T float32, method) of ``feature`` for every slice in ``rows``."""
+    """(maps_Thw float32, pre_T float32, method) of ``feature`` for every slice in ``rows``, by
+    the maps stage's method rule (``maps.method``: exact for a mean-pooled encoder, approximate
+    for DINOv3's patch tokens, occlusion only when asked)."""
     import torch
 
     from sail.console import progress
-    from sail.encoders.base import Encoder
-    from sail.maps.decompose import feature_maps
+    from sail.maps.methods import encoder_pass, maps_from_pass, resolve_method
     from sail.sae.api import load_sae
 
     sae = load_sae(ws.sae_dir(target.encoder, target.variant, target.config))
@@ -454,22 +455,22 @@ def compute_slice_maps(cfg: SailConfig, ws: Workspace, target: SaeTarget, rows, 
         raise SailError(f"--feature {feature}: SAE {target.key} has features 0..{sae.d_sae - 1}")
     job = _encode_job(cfg, ws, target.encoder)
     encoder = job.build()
-    if type(encoder).forward_grid is Encoder.forward_grid:
+    method = resolve_method(encoder, cfg.maps.method)
+    if method is None:
         raise SailError(
-            f"{encoder.name} pools by {encoder.pooled_by}: it has no exact spatial map to "
-            "export; approximate maps (patch tokens, occlusion) are the maps stage's "
-            "(`sail maps` without --volume), not this export's"
+            f"{encoder.name} pools by {encoder.pooled_by} and has no patch tokens: no exact or "
+            "approximate map to export; set maps.method: occlusion to export occlusion maps"
         )
     sae.to(job.device)
     pngs = rows["png_path"].to_numpy(dtype=str)
-    maps, pre, method = [], [], "exact"
+    maps, pre = [], []
     with progress() as bar:
-        task = bar.add_task(f"maps f{feature}", total=len(pngs))
+        task = bar.add_task(f"maps f{feature} ({method})", total=len(pngs))
         for images in _png_batches(ws, pngs, encoder.preprocess, job.batch_size):
-            result = feature_maps(encoder, sae, images, [feature])
+            run = encoder_pass(encoder, images, method, cfg.maps.occlusion_grid, job.batch_size)
+            result = maps_from_pass(run, sae, [feature])
             maps.append(result.maps_BKhw[:, 0].cpu())
             pre.append(result.pre_BK[:, 0].cpu())
-            method = result.method
             bar.advance(task, len(images))
     return torch.cat(maps).numpy(), torch.cat(pre).numpy(), method
 
