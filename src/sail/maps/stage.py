@@ -463,14 +463,15 @@ class NullDraws:
         """(*rows.shape, R) drawn pool rows per row (-1: a padding row, or none to draw)."""
         pool = self.pool if pool is None else pool
         ok = rows >= 0
-        self_N = np.searchsorted(pool, rows[ok])
-        self_N = np.where(pool[np.minimum(self_N, len(pool) - 1)] == rows[ok], self_N, -1)
         draws = np.full((*rows.shape, self.n_draws), -1, dtype=np.int64)
-        if len(pool):
-            local = gr.draw_null(
-                self.group[rows[ok]], self_N, self.group[pool], self.n_draws, rng or self.rng
-            )
-            draws[ok] = np.where(local >= 0, pool[np.maximum(local, 0)], -1)
+        if not len(pool) or not ok.any():
+            return draws
+        self_N = np.searchsorted(pool, rows[ok])  # the row's own place in the pool, if any
+        self_N = np.where(pool[np.minimum(self_N, len(pool) - 1)] == rows[ok], self_N, -1)
+        local = gr.draw_null(
+            self.group[rows[ok]], self_N, self.group[pool], self.n_draws, rng or self.rng
+        )
+        draws[ok] = np.where(local >= 0, pool[np.maximum(local, 0)], -1)
         return draws
 
     def holds(self, structure: str) -> np.ndarray:
