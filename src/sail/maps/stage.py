@@ -392,7 +392,7 @@ def _ground(
     enrichment = _enrichment_structures(cfg, data, codes, top.features_K)
     nulls = NullDraws(cfg, data, labels)
     draws_KTR = nulls.draw(top.valid_KT)
-    store = labels.load(_distinct(top.valid_KT, top.train_KT, draws_KTR))
+    store = labels.load(_distinct(top.train_KT))  # the train maps choose each structure
     chosen_K = [
         _choose(store, top.train_KT[k], maps.train_KThw[k]) for k in range(len(top.features_K))
     ]
@@ -458,6 +458,7 @@ class NullDraws:
         self.n_draws = cfg.maps.null_permutations
         self.rng = np.random.default_rng(cfg.maps.seed)
         self.rng_holding = np.random.default_rng([cfg.maps.seed, 1])
+        self._holds: dict[str, np.ndarray] = {}  # structure -> its has_ flag per row
 
     def draw(self, rows: np.ndarray, pool: np.ndarray | None = None, rng=None) -> np.ndarray:
         """(*rows.shape, R) drawn pool rows per row (-1: a padding row, or none to draw)."""
@@ -475,10 +476,12 @@ class NullDraws:
         return draws
 
     def holds(self, structure: str) -> np.ndarray:
-        column = f"has_{structure}"
-        if column not in self.slices.columns:
-            raise SailError(f"spatial grounding: the slices table has no column {column!r}")
-        return self.slices[column].fillna(False).to_numpy(dtype=bool)
+        if structure not in self._holds:
+            column = f"has_{structure}"
+            if column not in self.slices.columns:
+                raise SailError(f"spatial grounding: the slices table has no column {column!r}")
+            self._holds[structure] = self.slices[column].fillna(False).to_numpy(dtype=bool)
+        return self._holds[structure]
 
     def draw_holding(self, rows_T: np.ndarray, structure: str) -> tuple[np.ndarray, np.ndarray]:
         """Which top slices hold ``structure`` (T,) and, for those, (T, R) draws among the pool
